@@ -1,0 +1,194 @@
+//! The command line: `chronicle [--help|--version] <command> [flags]`.
+//!
+//! Parsing is pure (arguments and an environment snapshot in, a `Command` out), so it is
+//! tested without a database; objects that do I/O are built afterwards, in `run`.
+
+use std::ffi::OsString;
+
+use lexopt::prelude::*;
+
+use crate::cmd;
+use crate::config::{Env, Setting};
+use crate::error::{AppError, Result};
+
+/// What the user asked for.
+#[derive(Debug)]
+pub enum Command {
+    /// Print this text on stdout and exit 0.
+    Help(String),
+    Version,
+    Migrate(cmd::migrate::Args),
+    Append(cmd::append::Args),
+    Inject(cmd::inject::Args),
+}
+
+/// One subcommand: its name, a one-line summary and its full help.
+pub struct CommandInfo {
+    pub name: &'static str,
+    pub summary: &'static str,
+    pub help: fn() -> String,
+}
+
+pub const COMMANDS: &[CommandInfo] = &[
+    CommandInfo { name: "migrate", summary: cmd::migrate::SUMMARY, help: cmd::migrate::help },
+    CommandInfo { name: "append", summary: cmd::append::SUMMARY, help: cmd::append::help },
+    CommandInfo { name: "inject", summary: cmd::inject::SUMMARY, help: cmd::inject::help },
+];
+
+pub fn version_text() -> String {
+    format!("chronicle {}", env!("CARGO_PKG_VERSION"))
+}
+
+/// The top-level help: every command, then every command's flags with their variables
+/// and defaults, so one page answers "what can I set".
+pub fn main_help() -> String {
+    let mut s = format!(
+        "{}\nProjects a notes application's activity events (chronicle_events) into its read model \
+         (chronicle_entries)\nthrough a transactional outbox.\n\n\
+         USAGE:\n    chronicle <COMMAND> [FLAGS]\n    chronicle help <COMMAND>\n\n\
+         GLOBAL FLAGS:\n    -h, --help       Print help (of a command: chronicle <COMMAND> --help)\n    \
+         -V, --version    Print the version\n\nCOMMANDS:\n",
+        version_text()
+    );
+    for c in COMMANDS {
+        s.push_str(&format!("    {:<12} {}\n", c.name, c.summary));
+    }
+    s.push_str(
+        "\nEXIT CODES:\n    0 success, 1 failure, 2 usage or configuration error, \
+         3 database unreachable or refusing the connection\n\n\
+         Flags win over environment variables; durations take plain seconds (0.5) or 250ms, 90s, 15m, 2h, 7d.\n\
+         Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level.\n",
+    );
+    for c in COMMANDS {
+        s.push_str(&format!("\n──── chronicle {} ────\n{}", c.name, (c.help)()));
+    }
+    s
+}
+
+fn command_info(name: &str) -> Option<&'static CommandInfo> {
+    COMMANDS.iter().find(|c| c.name == name)
+}
+
+/// Parses the process arguments (without the program name).
+pub fn parse_from<I>(args: I, env: &Env) -> Result<Command>
+where
+    I: IntoIterator,
+    I::Item: Into<OsString>,
+{
+    let mut p = lexopt::Parser::from_args(args);
+    loop {
+        let arg = match p.next()? {
+            None => return Err(AppError::usage(format!("no command given\n\n{}", short_usage()))),
+            Some(a) => a,
+        };
+        match arg {
+            Short('h') | Long("help") => return Ok(Command::Help(main_help())),
+            Short('V') | Long("version") => return Ok(Command::Version),
+            Value(v) => {
+                let name = v.string()?;
+                return parse_command(&name, &mut p, env);
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+}
+
+fn short_usage() -> String {
+    let names: Vec<&str> = COMMANDS.iter().map(|c| c.name).collect();
+    format!("usage: chronicle <COMMAND> [FLAGS]   (commands: {}; see chronicle --help)", names.join(", "))
+}
+
+fn parse_command(name: &str, p: &mut lexopt::Parser, env: &Env) -> Result<Command> {
+    let wrap = |info: &str, parsed: Option<Command>| -> Command {
+        parsed.unwrap_or_else(|| Command::Help(command_info(info).map(|c| (c.help)()).unwrap_or_default()))
+    };
+    Ok(match name {
+        "help" => {
+            let topic = p.values().ok().and_then(|mut v| v.next());
+            match topic {
+                None => Command::Help(main_help()),
+                Some(t) => {
+                    let t = t.string()?;
+                    match command_info(&t) {
+                        Some(c) => Command::Help((c.help)()),
+                        None => return Err(AppError::usage(format!("unknown command {t:?}\n{}", short_usage()))),
+                    }
+                }
+            }
+        }
+        "migrate" => wrap(name, cmd::migrate::parse(p, env)?.map(Command::Migrate)),
+        "append" => wrap(name, cmd::append::parse(p, env)?.map(Command::Append)),
+        "inject" => wrap(name, cmd::inject::parse(p, env)?.map(Command::Inject)),
+        other => return Err(AppError::usage(format!("unknown command {other:?}\n{}", short_usage()))),
+    })
+}
+
+/// Runs a parsed command.
+pub fn run(command: Command) -> Result<()> {
+    match command {
+        Command::Help(text) => {
+            print!("{text}");
+            Ok(())
+        }
+        Command::Version => {
+            println!("{}", version_text());
+            Ok(())
+        }
+        Command::Migrate(a) => cmd::migrate::run(a),
+        Command::Append(a) => cmd::append::run(a),
+        Command::Inject(a) => cmd::inject::run(a),
+    }
+}
+
+/// The setting whose flag `arg` is, if any. Commands check this first in their loop,
+/// so every setting flag works the same way:
+/// `if let Some(s) = setting_flag(&arg, SETTINGS) { src.set_flag(s, string_value(p, s.flag)?); continue; }`
+pub fn setting_flag(arg: &lexopt::Arg, settings: &[&'static Setting]) -> Option<&'static Setting> {
+    match arg {
+        Long(name) => settings.iter().copied().find(|s| s.flag == *name),
+        _ => None,
+    }
+}
+
+/// Reads a flag's value as UTF-8 text, naming the flag when it is not.
+pub fn string_value(p: &mut lexopt::Parser, flag: &str) -> Result<String> {
+    p.value()?.into_string().map_err(|_| AppError::usage(format!("invalid --{flag}: not valid UTF-8")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Command> {
+        parse_from(args.iter().copied(), &Env::from_pairs([]))
+    }
+
+    #[test]
+    fn help_and_version() {
+        assert!(matches!(parse(&["--help"]), Ok(Command::Help(_))));
+        assert!(matches!(parse(&["-V"]), Ok(Command::Version)));
+        for c in COMMANDS {
+            assert!(matches!(parse(&[c.name, "--help"]), Ok(Command::Help(_))), "{}", c.name);
+            assert!(matches!(parse(&["help", c.name]), Ok(Command::Help(_))), "{}", c.name);
+        }
+    }
+
+    #[test]
+    fn main_help_lists_every_command_and_worker_variable() {
+        let h = main_help();
+        for c in COMMANDS {
+            assert!(h.contains(c.name));
+        }
+        assert!(h.contains("DATABASE_URL"));
+    }
+
+    #[test]
+    fn unknown_things_are_usage_errors() {
+        for args in [&[][..], &["frobnicate"], &["--frob"], &["help", "frob"], &["migrate", "--frob"]] {
+            match parse(args) {
+                Err(e) => assert_eq!(e.exit_code(), 2, "{args:?}"),
+                Ok(c) => panic!("{args:?} parsed as {c:?}"),
+            }
+        }
+    }
+}

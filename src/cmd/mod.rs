@@ -1,0 +1,5 @@
+//! One module per subcommand: its help text, `parse` (pure) and `run`.
+
+pub mod append;
+pub mod inject;
+pub mod migrate;

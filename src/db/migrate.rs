@@ -1,0 +1,385 @@
+//! The migration runner: applies the SQL files of `migrations/`, embedded in the binary.
+//!
+//! Like refinery, applied migrations are recorded with version, name and checksum, and a
+//! changed or missing one is refused; unlike it, runs hold an advisory lock, so two
+//! `migrate` started together (containers, CI) neither fail nor apply anything twice.
+
+use postgres::{Client, GenericClient};
+
+use crate::error::{AppError, Result};
+
+/// One embedded migration.
+#[derive(Debug)]
+pub struct Migration {
+    pub version: i32,
+    pub name: &'static str,
+    pub sql: &'static str,
+}
+
+macro_rules! migration {
+    ($version:literal, $name:literal, $file:literal) => {
+        Migration { version: $version, name: $name, sql: include_str!(concat!("../../migrations/", $file)) }
+    };
+}
+
+/// Every migration this binary knows, in order. Never edit a released one: add another.
+pub const MIGRATIONS: &[Migration] = &[
+    migration!(1, "events", "0001_events.sql"),
+    migration!(2, "outbox", "0002_outbox.sql"),
+    migration!(3, "entries", "0003_entries.sql"),
+];
+
+/// The schema version this binary expects.
+pub fn expected_version() -> i32 {
+    MIGRATIONS.last().map_or(0, |m| m.version)
+}
+
+/// Key of the advisory lock that serialises migration runs ("chronicl" in ASCII).
+const MIGRATION_LOCK_KEY: i64 = 0x6368_726f_6e69_636c;
+
+const CREATE_TRACKING_TABLE: &str = "
+    CREATE TABLE IF NOT EXISTS chronicle_schema_migrations (
+        version     integer     PRIMARY KEY,
+        name        text        NOT NULL,
+        checksum    text        NOT NULL,
+        applied_at  timestamptz NOT NULL DEFAULT now(),
+        duration_ms bigint      NOT NULL
+    )";
+
+const SELECT_APPLIED: &str =
+    "SELECT version, name, checksum, applied_at::text FROM chronicle_schema_migrations ORDER BY version";
+
+const RECORD_APPLIED: &str =
+    "INSERT INTO chronicle_schema_migrations (version, name, checksum, duration_ms) VALUES ($1, $2, $3, $4)";
+
+/// The checksum recorded for a migration: SHA-256 of its text with carriage returns
+/// removed, so a Windows checkout (CRLF) computes the same checksum as a Unix one.
+pub fn checksum(sql: &str) -> String {
+    let normalized: Vec<u8> = sql.bytes().filter(|&b| b != b'\r').collect();
+    sha256_hex(&normalized)
+}
+
+/// A migration recorded in the database.
+#[derive(Debug, Clone)]
+pub struct Applied {
+    pub version: i32,
+    pub name: String,
+    pub checksum: String,
+    pub applied_at: String,
+}
+
+/// Where a database stands relative to this binary.
+#[derive(Debug)]
+pub struct Status {
+    pub applied: Vec<Applied>,
+    pub pending: Vec<&'static Migration>,
+}
+
+/// Reads the applied migrations and checks them against the embedded ones: a changed or
+/// unknown applied migration is an error (exit 1), naming it.
+pub fn status(client: &mut impl GenericClient) -> Result<Status> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass('chronicle_schema_migrations') IS NOT NULL", &[])
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| AppError::db("while reading the migration table", &e))?;
+    let applied = if exists {
+        client
+            .query(SELECT_APPLIED, &[])
+            .map_err(|e| AppError::db("while reading applied migrations", &e))?
+            .iter()
+            .map(|r| {
+                Ok(Applied { version: r.try_get(0)?, name: r.try_get(1)?, checksum: r.try_get(2)?, applied_at: r.try_get(3)? })
+            })
+            .collect::<Result<Vec<_>, postgres::Error>>()
+            .map_err(|e| AppError::db("while reading applied migrations", &e))?
+    } else {
+        Vec::new()
+    };
+    for a in &applied {
+        match MIGRATIONS.iter().find(|m| m.version == a.version) {
+            None => {
+                return Err(AppError::failed(format!(
+                    "applied migration {} ({}) is not known to this chronicle {}: the database was \
+                     migrated by a newer version; upgrade chronicle",
+                    a.version, a.name, env!("CARGO_PKG_VERSION")
+                )))
+            }
+            Some(m) if checksum(m.sql) != a.checksum => {
+                return Err(AppError::failed(format!(
+                    "applied migration {} ({}) differs from the one in this binary (checksum {} in the \
+                     database, {} embedded): a released migration was edited; restore it and add a new one",
+                    a.version, a.name, a.checksum, checksum(m.sql)
+                )))
+            }
+            Some(_) => {}
+        }
+    }
+    let pending = MIGRATIONS.iter().filter(|m| applied.iter().all(|a| a.version != m.version)).collect();
+    Ok(Status { applied, pending })
+}
+
+/// What a migrate run did.
+#[derive(Debug, Default)]
+pub struct Report {
+    pub applied: Vec<(i32, &'static str)>,
+    pub adopted_events_table: bool,
+}
+
+/// Applies every pending migration, each in its own transaction, under an advisory lock.
+pub fn migrate(client: &mut Client) -> Result<Report> {
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
+        .map_err(|e| AppError::db("while taking the migration lock", &e))?;
+    let result = migrate_locked(client);
+    // The lock also ends with the session; unlocking explicitly lets a pooled or reused
+    // connection go on without it. A failure here changes nothing already done.
+    if let Err(e) = client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK_KEY]) {
+        log::warn!("could not release the migration lock: {}", super::describe_error(&e));
+    }
+    result
+}
+
+fn migrate_locked(client: &mut Client) -> Result<Report> {
+    client
+        .batch_execute(CREATE_TRACKING_TABLE)
+        .map_err(|e| AppError::db("while creating chronicle_schema_migrations", &e))?;
+    let st = status(client)?;
+    let mut report = Report::default();
+    for m in st.pending {
+        if m.version == 1 {
+            report.adopted_events_table = check_existing_events_table(client)?;
+        }
+        let started = std::time::Instant::now();
+        let mut tx = client.transaction().map_err(|e| AppError::db("while starting a migration", &e))?;
+        tx.batch_execute(m.sql)
+            .map_err(|e| AppError::db(&format!("while applying migration {} ({})", m.version, m.name), &e))?;
+        let ms = started.elapsed().as_millis() as i64;
+        tx.execute(RECORD_APPLIED, &[&m.version, &m.name, &checksum(m.sql), &ms])
+            .map_err(|e| AppError::db(&format!("while recording migration {}", m.version), &e))?;
+        tx.commit().map_err(|e| AppError::db(&format!("while committing migration {}", m.version), &e))?;
+        log::debug!("applied migration {} ({}) in {ms} ms", m.version, m.name);
+        report.applied.push((m.version, m.name));
+    }
+    Ok(report)
+}
+
+/// A column of `chronicle_events` as the contract fixes it (DESIGN.md §2).
+struct ContractColumn {
+    name: &'static str,
+    udt: &'static str,
+    not_null: bool,
+}
+
+const fn col(name: &'static str, udt: &'static str, not_null: bool) -> ContractColumn {
+    ContractColumn { name, udt, not_null }
+}
+
+const EVENTS_CONTRACT: &[ContractColumn] = &[
+    col("id", "uuid", true),
+    col("library_id", "uuid", true),
+    col("actor_user_id", "uuid", false),
+    col("entity_type", "text", true),
+    col("entity_id", "uuid", true),
+    col("event_type", "text", true),
+    col("before", "jsonb", false),
+    col("after", "jsonb", false),
+    col("diff", "jsonb", false),
+    col("occurred_at", "timestamptz", true),
+    col("created_at", "timestamptz", true),
+    col("request_id", "text", false),
+    col("client", "text", false),
+    col("reason", "text", false),
+    col("ip", "inet", false),
+];
+
+const SELECT_EVENTS_COLUMNS: &str = "
+    SELECT a.attname::text, t.typname::text, a.attnotnull, a.atthasdef
+    FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid
+    WHERE a.attrelid = to_regclass('chronicle_events') AND a.attnum > 0 AND NOT a.attisdropped
+    ORDER BY a.attnum";
+
+const SELECT_EVENTS_ID_IS_KEY: &str = "
+    SELECT EXISTS (
+        SELECT 1 FROM pg_index i
+        WHERE i.indrelid = to_regclass('chronicle_events') AND i.indisunique
+          AND i.indnkeyatts = 1
+          AND i.indkey[0] = (SELECT attnum FROM pg_attribute
+                             WHERE attrelid = to_regclass('chronicle_events') AND attname = 'id'))";
+
+/// When `chronicle_events` already exists (created by the application's own migrations),
+/// compares it with the contract column by column. Returns whether a table was adopted;
+/// refuses with every difference listed when it is not compatible.
+fn check_existing_events_table(client: &mut Client) -> Result<bool> {
+    let rows = client
+        .query(SELECT_EVENTS_COLUMNS, &[])
+        .map_err(|e| AppError::db("while inspecting an existing chronicle_events", &e))?;
+    if rows.is_empty() {
+        return Ok(false);
+    }
+    let mut existing = Vec::new();
+    for r in &rows {
+        let c: Result<(String, String, bool, bool), postgres::Error> =
+            (|| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))();
+        existing.push(c.map_err(|e| AppError::db("while inspecting an existing chronicle_events", &e))?);
+    }
+    let id_is_key: bool = client
+        .query_one(SELECT_EVENTS_ID_IS_KEY, &[])
+        .and_then(|r| r.try_get(0))
+        .map_err(|e| AppError::db("while inspecting an existing chronicle_events", &e))?;
+    let differences = events_table_differences(&existing, id_is_key);
+    if differences.is_empty() {
+        log::info!("adopting the existing chronicle_events table: it matches the contract");
+        Ok(true)
+    } else {
+        Err(AppError::failed(format!(
+            "chronicle_events already exists and does not match the contract (DESIGN.md §2):\n  - {}\n\
+             change the table (or its migrations in the application) and run migrate again",
+            differences.join("\n  - ")
+        )))
+    }
+}
+
+/// The differences between an existing table's columns `(name, type, not null, has
+/// default)` and the contract. Pure, so every rule is unit-tested.
+fn events_table_differences(existing: &[(String, String, bool, bool)], id_is_key: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    for c in EVENTS_CONTRACT {
+        match existing.iter().find(|e| e.0 == c.name) {
+            None => out.push(format!("column {} ({}) is missing", c.name, c.udt)),
+            Some((_, udt, not_null, _)) => {
+                if udt != c.udt {
+                    out.push(format!("column {} is {udt}, the contract says {}", c.name, c.udt));
+                }
+                if c.not_null && !not_null {
+                    out.push(format!("column {} allows NULL, the contract says NOT NULL", c.name));
+                }
+                if !c.not_null && *not_null {
+                    out.push(format!("column {} is NOT NULL, the contract allows NULL", c.name));
+                }
+            }
+        }
+    }
+    for (name, udt, not_null, has_default) in existing {
+        if EVENTS_CONTRACT.iter().all(|c| c.name != name) && *not_null && !has_default {
+            out.push(format!(
+                "extra column {name} ({udt}) is NOT NULL without a default: writers following the contract cannot insert"
+            ));
+        }
+    }
+    if !id_is_key && existing.iter().any(|e| e.0 == "id") {
+        out.push("column id is not a primary key or unique".to_string());
+    }
+    out
+}
+
+/// SHA-256 (FIPS 180-4), here so checksums need no dependency.
+fn sha256_hex(data: &[u8]) -> String {
+    const K: [u32; 64] = [
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+        0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+        0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+        0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+        0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+        0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+        0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+    ];
+    let mut h: [u32; 8] =
+        [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];
+    let mut msg = data.to_vec();
+    let bit_len = (data.len() as u64).wrapping_mul(8);
+    msg.push(0x80);
+    while msg.len() % 64 != 56 {
+        msg.push(0);
+    }
+    msg.extend_from_slice(&bit_len.to_be_bytes());
+    for chunk in msg.chunks_exact(64) {
+        let mut w = [0u32; 64];
+        for (i, word) in chunk.chunks_exact(4).enumerate() {
+            w[i] = u32::from_be_bytes([word[0], word[1], word[2], word[3]]);
+        }
+        for i in 16..64 {
+            let s0 = w[i - 15].rotate_right(7) ^ w[i - 15].rotate_right(18) ^ (w[i - 15] >> 3);
+            let s1 = w[i - 2].rotate_right(17) ^ w[i - 2].rotate_right(19) ^ (w[i - 2] >> 10);
+            w[i] = w[i - 16].wrapping_add(s0).wrapping_add(w[i - 7]).wrapping_add(s1);
+        }
+        let [mut a, mut b, mut c, mut d, mut e, mut f, mut g, mut hh] = h;
+        for i in 0..64 {
+            let s1 = e.rotate_right(6) ^ e.rotate_right(11) ^ e.rotate_right(25);
+            let ch = (e & f) ^ (!e & g);
+            let t1 = hh.wrapping_add(s1).wrapping_add(ch).wrapping_add(K[i]).wrapping_add(w[i]);
+            let s0 = a.rotate_right(2) ^ a.rotate_right(13) ^ a.rotate_right(22);
+            let maj = (a & b) ^ (a & c) ^ (b & c);
+            let t2 = s0.wrapping_add(maj);
+            hh = g;
+            g = f;
+            f = e;
+            e = d.wrapping_add(t1);
+            d = c;
+            c = b;
+            b = a;
+            a = t1.wrapping_add(t2);
+        }
+        for (x, y) in h.iter_mut().zip([a, b, c, d, e, f, g, hh]) {
+            *x = x.wrapping_add(y);
+        }
+    }
+    h.iter().map(|x| format!("{x:08x}")).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sha256_matches_known_vectors() {
+        assert_eq!(sha256_hex(b""), "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
+        assert_eq!(sha256_hex(b"abc"), "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad");
+        let long = b"abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq";
+        assert_eq!(sha256_hex(long), "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1");
+    }
+
+    #[test]
+    fn checksum_ignores_line_endings() {
+        assert_eq!(checksum("a;\r\nb;\r\n"), checksum("a;\nb;\n"));
+        assert_ne!(checksum("a;\n"), checksum("b;\n"));
+    }
+
+    #[test]
+    fn migrations_are_numbered_in_order() {
+        for (i, m) in MIGRATIONS.iter().enumerate() {
+            assert_eq!(m.version, i as i32 + 1, "{}", m.name);
+        }
+    }
+
+    fn contract_rows() -> Vec<(String, String, bool, bool)> {
+        EVENTS_CONTRACT.iter().map(|c| (c.name.to_string(), c.udt.to_string(), c.not_null, false)).collect()
+    }
+
+    #[test]
+    fn a_contract_table_has_no_differences() {
+        assert!(events_table_differences(&contract_rows(), true).is_empty());
+        let mut extra = contract_rows();
+        extra.push(("tenant_note".into(), "text".into(), false, false));
+        extra.push(("seq".into(), "int8".into(), true, true));
+        assert!(events_table_differences(&extra, true).is_empty());
+    }
+
+    #[test]
+    fn every_kind_of_difference_is_listed() {
+        let mut rows = contract_rows();
+        rows.retain(|r| r.0 != "ip");
+        rows.iter_mut().find(|r| r.0 == "occurred_at").unwrap().1 = "timestamp".into();
+        rows.iter_mut().find(|r| r.0 == "library_id").unwrap().2 = false;
+        rows.iter_mut().find(|r| r.0 == "reason").unwrap().2 = true;
+        rows.push(("tenant".into(), "text".into(), true, false));
+        let d = events_table_differences(&rows, false);
+        assert_eq!(d.len(), 6, "{d:#?}");
+        assert!(d.iter().any(|x| x.contains("ip (inet) is missing")));
+        assert!(d.iter().any(|x| x.contains("occurred_at is timestamp")));
+        assert!(d.iter().any(|x| x.contains("library_id allows NULL")));
+        assert!(d.iter().any(|x| x.contains("reason is NOT NULL")));
+        assert!(d.iter().any(|x| x.contains("extra column tenant")));
+        assert!(d.iter().any(|x| x.contains("not a primary key")));
+    }
+}

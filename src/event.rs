@@ -1,0 +1,184 @@
+//! The event model and the event catalog (DESIGN.md §2).
+//!
+//! The catalog is one table: for each event type, the entity types it may concern and
+//! the payload fields `before` and `after` must carry. `append` and `inject` validate
+//! against it, and the projector reads it, so there is one definition of what a
+//! well-formed event is.
+
+use std::net::IpAddr;
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use uuid::Uuid;
+
+/// The entity types an event may concern.
+pub const ENTITY_TYPES: &[&str] = &["library", "bookshelf", "book", "block", "tag"];
+
+/// The JSON type a required payload field must have.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FieldKind {
+    /// A JSON string.
+    Text,
+    /// A JSON string holding a UUID.
+    Uuid,
+    /// A JSON number that is an integer.
+    Integer,
+}
+
+impl FieldKind {
+    pub fn describe(self) -> &'static str {
+        match self {
+            FieldKind::Text => "a string",
+            FieldKind::Uuid => "a UUID string",
+            FieldKind::Integer => "an integer",
+        }
+    }
+
+    /// Whether `v` is of this kind.
+    pub fn accepts(self, v: &Value) -> bool {
+        match self {
+            FieldKind::Text => v.is_string(),
+            FieldKind::Uuid => v.as_str().is_some_and(|s| Uuid::parse_str(s).is_ok()),
+            FieldKind::Integer => v.is_i64() || v.is_u64(),
+        }
+    }
+}
+
+/// A required payload field.
+#[derive(Debug, Clone, Copy)]
+pub struct Field {
+    pub name: &'static str,
+    pub kind: FieldKind,
+}
+
+const fn text(name: &'static str) -> Field {
+    Field { name, kind: FieldKind::Text }
+}
+const fn uuid(name: &'static str) -> Field {
+    Field { name, kind: FieldKind::Uuid }
+}
+const fn integer(name: &'static str) -> Field {
+    Field { name, kind: FieldKind::Integer }
+}
+
+/// One row of the catalog.
+#[derive(Debug)]
+pub struct EventType {
+    pub name: &'static str,
+    pub entity_types: &'static [&'static str],
+    pub before: &'static [Field],
+    pub after: &'static [Field],
+}
+
+macro_rules! catalog {
+    ($( $name:literal : [$($et:literal),+] before [$($b:expr),*] after [$($a:expr),*] ;)*) => {
+        &[$( EventType { name: $name, entity_types: &[$($et),+], before: &[$($b),*], after: &[$($a),*] } ),*]
+    };
+}
+
+/// The event catalog of DESIGN.md §2. Add a type here (and to the projection) to
+/// support it; more payload fields than these are allowed and kept.
+pub const CATALOG: &[EventType] = catalog! {
+    "LibraryCreated":   ["library"]       before []                                    after [text("name")];
+    "LibraryRenamed":   ["library"]       before [text("name")]                        after [text("name")];
+    "BookshelfCreated": ["bookshelf"]     before []                                    after [text("name")];
+    "BookshelfRenamed": ["bookshelf"]     before [text("name")]                        after [text("name")];
+    "BookshelfDeleted": ["bookshelf"]     before [text("name")]                        after [];
+    "BookCreated":      ["book"]          before []                                    after [text("title"), uuid("bookshelf_id")];
+    "BookRenamed":      ["book"]          before [text("title")]                       after [text("title")];
+    "BookMoved":        ["book"]          before [uuid("bookshelf_id")]                after [uuid("bookshelf_id")];
+    "BookDeleted":      ["book"]          before [text("title")]                       after [];
+    "BookRestored":     ["book"]          before []                                    after [text("title")];
+    "BlockCreated":     ["block"]         before []                                    after [uuid("book_id"), text("kind"), text("text")];
+    "BlockUpdated":     ["block"]         before [text("text")]                        after [text("text")];
+    "BlockMoved":       ["block"]         before [integer("position")]                 after [integer("position")];
+    "BlockDeleted":     ["block"]         before [text("text")]                        after [];
+    "TagCreated":       ["tag"]           before []                                    after [text("name")];
+    "TagRenamed":       ["tag"]           before [text("name")]                        after [text("name")];
+    "TagDeleted":       ["tag"]           before [text("name")]                        after [];
+    "TagAdded":         ["book", "block"] before []                                    after [uuid("tag_id"), text("tag_name")];
+    "TagRemoved":       ["book", "block"] before [uuid("tag_id"), text("tag_name")]    after [];
+};
+
+/// The catalog entry of an event type, if we know it.
+pub fn lookup(event_type: &str) -> Option<&'static EventType> {
+    CATALOG.iter().find(|t| t.name == event_type)
+}
+
+/// One row of `chronicle_events`, as the projector and the writers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Event {
+    pub id: Uuid,
+    pub library_id: Uuid,
+    pub actor_user_id: Option<Uuid>,
+    pub entity_type: String,
+    pub entity_id: Uuid,
+    pub event_type: String,
+    pub before: Option<Value>,
+    pub after: Option<Value>,
+    pub diff: Option<Value>,
+    pub occurred_at: DateTime<Utc>,
+    pub created_at: DateTime<Utc>,
+    pub request_id: Option<String>,
+    pub client: Option<String>,
+    pub reason: Option<String>,
+    pub ip: Option<IpAddr>,
+}
+
+/// The columns of `chronicle_events` in the order `Event::from_row` reads them.
+pub const EVENT_COLUMNS: &str = "id, library_id, actor_user_id, entity_type, entity_id, event_type, \
+     before, after, diff, occurred_at, created_at, request_id, client, reason, ip";
+
+impl Event {
+    /// Reads an event from a row selected with `EVENT_COLUMNS` (possibly prefixed by
+    /// other columns: `offset` is the index of `id`).
+    pub fn from_row(row: &postgres::Row, offset: usize) -> Result<Event, postgres::Error> {
+        let o = offset;
+        Ok(Event {
+            id: row.try_get(o)?,
+            library_id: row.try_get(o + 1)?,
+            actor_user_id: row.try_get(o + 2)?,
+            entity_type: row.try_get(o + 3)?,
+            entity_id: row.try_get(o + 4)?,
+            event_type: row.try_get(o + 5)?,
+            before: row.try_get(o + 6)?,
+            after: row.try_get(o + 7)?,
+            diff: row.try_get(o + 8)?,
+            occurred_at: row.try_get(o + 9)?,
+            created_at: row.try_get(o + 10)?,
+            request_id: row.try_get(o + 11)?,
+            client: row.try_get(o + 12)?,
+            reason: row.try_get(o + 13)?,
+            ip: row.try_get(o + 14)?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn catalog_names_are_unique_and_entity_types_known() {
+        for (i, t) in CATALOG.iter().enumerate() {
+            assert!(CATALOG[i + 1..].iter().all(|o| o.name != t.name), "{} twice", t.name);
+            for et in t.entity_types {
+                assert!(ENTITY_TYPES.contains(et), "{}: unknown entity type {et}", t.name);
+            }
+        }
+        assert_eq!(CATALOG.len(), 19);
+        assert!(lookup("BookRenamed").is_some());
+        assert!(lookup("bookrenamed").is_none());
+    }
+
+    #[test]
+    fn field_kinds_check_json_types() {
+        assert!(FieldKind::Text.accepts(&Value::from("x")));
+        assert!(!FieldKind::Text.accepts(&Value::from(1)));
+        assert!(FieldKind::Uuid.accepts(&Value::from("0190a5c4-9a0e-7cc1-8a42-2f7e3f6c2d11")));
+        assert!(!FieldKind::Uuid.accepts(&Value::from("not-a-uuid")));
+        assert!(FieldKind::Integer.accepts(&Value::from(3)));
+        assert!(!FieldKind::Integer.accepts(&Value::from(3.5)));
+        assert!(!FieldKind::Integer.accepts(&Value::from("3")));
+    }
+}

@@ -1,0 +1,18 @@
+//! `chronicle`: turns the result of a command into an exit code, nothing more.
+
+use std::process::ExitCode;
+
+use chronicle::{cli, config::Env, logging};
+
+fn main() -> ExitCode {
+    let env = Env::from_process();
+    logging::init(&env);
+    let result = cli::parse_from(std::env::args_os().skip(1), &env).and_then(cli::run);
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("chronicle: error: {e}");
+            ExitCode::from(e.exit_code() as u8)
+        }
+    }
+}

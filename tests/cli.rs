@@ -1,0 +1,123 @@
+//! The binary's command line, configuration and exit codes, end to end.
+
+use crate::util::{chronicle_cmd, run, server, TestDb};
+
+#[test]
+fn help_of_every_command_exits_0() {
+    let r = run(&mut chronicle_cmd(&["--help"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    for c in chronicle::cli::COMMANDS {
+        assert!(r.stdout.contains(c.name), "--help does not list {}", c.name);
+        for args in [vec![c.name, "--help"], vec!["help", c.name], vec![c.name, "-h"]] {
+            let r = run(&mut chronicle_cmd(&args));
+            assert_eq!(r.code, Some(0), "{args:?}: {r}");
+            assert!(r.stdout.contains("USAGE"), "{args:?}: {r}");
+        }
+    }
+    for s in chronicle::config::WORKER_SETTINGS {
+        assert!(r.stdout.contains(s.var) || chronicle::cli::COMMANDS.iter().all(|c| !(c.help)().contains(s.flag)),
+            "{} missing from --help", s.var);
+    }
+    let r = run(&mut chronicle_cmd(&["--version"]));
+    assert_eq!(r.code, Some(0));
+    assert!(r.stdout.starts_with("chronicle "), "{r}");
+}
+
+#[test]
+fn usage_errors_exit_2() {
+    for args in [&["nonsense"][..], &[], &["migrate", "--bogus"], &["migrate", "--wait", "soon"]] {
+        let r = run(&mut chronicle_cmd(args));
+        assert_eq!(r.code, Some(2), "{args:?}: {r}");
+    }
+}
+
+#[test]
+fn every_database_url_form_connects() {
+    let db = TestDb::new();
+    let s = &db.server;
+    let mut forms = vec![
+        s.url_with_scheme("postgres", &db.name),
+        s.url_with_scheme("postgresql", &db.name),
+        s.url_with_scheme("postgresql+psycopg", &db.name),
+        s.url_with_scheme("postgresql+psycopg2", &db.name),
+        s.key_value(&db.name),
+    ];
+    // The unix-socket form, through the socket directory the server really has here.
+    let socket_dir = s.socket_dir.clone().unwrap_or_else(|| {
+        panic!("the test server ({}) has no unix socket on this machine to test the socket form with", s.origin)
+    });
+    forms.push(format!("host={socket_dir} port={} user={} dbname={}", s.port, s.user, db.name));
+    for url in forms {
+        let r = run(chronicle_cmd(&["migrate", "--status"]).env("DATABASE_URL", &url));
+        assert_eq!(r.code, Some(0), "{url}: {r}");
+        assert!(r.stdout.contains("up to date"), "{url}: {r}");
+        // The flag works too, and wins over the variable.
+        let r = run(chronicle_cmd(&["migrate", "--status", "--database-url", &url]).env("DATABASE_URL", "mysql://x"));
+        assert_eq!(r.code, Some(0), "{url}: {r}");
+    }
+}
+
+#[test]
+fn bad_or_missing_database_url_exits_2_before_connecting_and_hides_the_password() {
+    // None of these may reach the network: a listener on this port would see a connection.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = trap.local_addr().unwrap().port();
+    trap.set_nonblocking(true).unwrap();
+    for url in [
+        format!("mysql://root:s3cr3t-pw@127.0.0.1:{port}/db"),
+        format!("127.0.0.1:{port}"),
+        format!("postgres://u:s3cr3t-pw@127.0.0.1:{port}/db?sslmode=maybe"),
+        format!("host=127.0.0.1 port={port} password=s3cr3t-pw nonsense=1"),
+        format!("postgresql://u:s3cr3t-pw@127.0.0.1:notaport/db"),
+        String::new(),
+    ] {
+        let r = run(chronicle_cmd(&["migrate"]).env("DATABASE_URL", &url));
+        assert_eq!(r.code, Some(2), "{url}: {r}");
+        assert!(r.stderr.contains("DATABASE_URL"), "{url}: {r}");
+        assert!(!r.all().contains("s3cr3t-pw"), "password shown: {r}");
+    }
+    let r = run(&mut chronicle_cmd(&["migrate"]));
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("DATABASE_URL is not set"), "{r}");
+    assert!(trap.accept().is_err(), "a refused configuration still connected");
+}
+
+#[test]
+fn unreachable_database_exits_3_without_showing_the_password() {
+    let port = crate::util::free_port();
+    let url = format!("postgresql+psycopg://u:s3cr3t-pw@127.0.0.1:{port}/db");
+    let r = run(chronicle_cmd(&["migrate"]).env("DATABASE_URL", &url));
+    assert_eq!(r.code, Some(3), "{r}");
+    assert!(r.stderr.contains("cannot connect"), "{r}");
+    assert!(!r.all().contains("s3cr3t-pw"), "{r}");
+}
+
+#[test]
+fn wrong_credentials_or_missing_database_exit_3() {
+    let s = server();
+    let r = run(chronicle_cmd(&["migrate"]).env("DATABASE_URL", s.url("chronicle_no_such_database_here")));
+    assert_eq!(r.code, Some(3), "{r}");
+}
+
+#[test]
+fn migrate_wait_waits_for_a_database_that_comes_up_later() {
+    let port = crate::util::free_port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/postgres");
+    // Nothing comes up: --wait gives up after its duration with exit 3.
+    let started = std::time::Instant::now();
+    let r = run(chronicle_cmd(&["migrate", "--status", "--wait", "1s"]).env("DATABASE_URL", &url));
+    assert_eq!(r.code, Some(3), "{r}");
+    assert!(started.elapsed() >= std::time::Duration::from_millis(900), "gave up too early");
+    // Without --wait, it does not wait.
+    let r = run(chronicle_cmd(&["migrate", "--status"]).env("DATABASE_URL", &url));
+    assert_eq!(r.code, Some(3), "{r}");
+
+    // The database appears 1.5 s after migrate started: --wait 30s gets it.
+    let db = TestDb::empty();
+    let _proxy = crate::util::Proxy::start_later(port, std::time::Duration::from_millis(1500), &db.server);
+    let url = db.server.url(&db.name).replace(&format!(":{}/", db.server.port), &format!(":{port}/"));
+    let url = url.replace(&db.server.host, "127.0.0.1");
+    let r = run(chronicle_cmd(&["migrate", "--wait", "30s"]).env("DATABASE_URL", &url));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.contains("schema version"), "{r}");
+}

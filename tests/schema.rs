@@ -1,0 +1,246 @@
+//! Migrations, the outbox trigger and the append-only source of truth, on a real server.
+
+use std::thread;
+
+use postgres::fallible_iterator::FallibleIterator;
+
+use crate::util::{count, run, TestDb};
+
+#[test]
+fn migrate_twice_is_a_no_op() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    let before: Vec<(i32, String)> = c
+        .query("SELECT version, applied_at::text FROM chronicle_schema_migrations ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.contains("up to date"), "{r}");
+    let after: Vec<(i32, String)> = c
+        .query("SELECT version, applied_at::text FROM chronicle_schema_migrations ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(before, after);
+    assert_eq!(before.len(), chronicle::db::migrate::MIGRATIONS.len());
+}
+
+#[test]
+fn concurrent_migrates_all_succeed_and_apply_once() {
+    let db = TestDb::empty();
+    let handles: Vec<_> = (0..4)
+        .map(|_| {
+            let mut cmd = db.chronicle(&["migrate"]);
+            thread::spawn(move || run(&mut cmd))
+        })
+        .collect();
+    let mut applied_lines = 0;
+    for h in handles {
+        let r = h.join().unwrap();
+        assert_eq!(r.code, Some(0), "{r}");
+        applied_lines += r.stdout.lines().filter(|l| l.starts_with("applied ")).count();
+    }
+    assert_eq!(applied_lines, chronicle::db::migrate::MIGRATIONS.len(), "each migration applied exactly once");
+    let mut c = db.client();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_schema_migrations"), applied_lines as i64);
+}
+
+#[test]
+fn a_changed_applied_migration_is_refused() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    c.execute("UPDATE chronicle_schema_migrations SET checksum = 'edited' WHERE version = 2", &[]).unwrap();
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("migration 2 (outbox) differs"), "{r}");
+    let r = run(&mut db.chronicle(&["migrate", "--status"]));
+    assert_eq!(r.code, Some(1), "{r}");
+}
+
+#[test]
+fn an_unknown_applied_migration_is_refused() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    c.execute(
+        "INSERT INTO chronicle_schema_migrations (version, name, checksum, duration_ms) VALUES (999, 'future', 'x', 0)",
+        &[],
+    )
+    .unwrap();
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("999 (future) is not known"), "{r}");
+}
+
+#[test]
+fn status_lists_applied_and_pending() {
+    let db = TestDb::empty();
+    let r = run(&mut db.chronicle(&["migrate", "--status"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(r.stdout.lines().filter(|l| l.starts_with("pending")).count(), chronicle::db::migrate::MIGRATIONS.len(), "{r}");
+    run(&mut db.chronicle(&["migrate"]));
+    let r = run(&mut db.chronicle(&["migrate", "--status"]));
+    assert!(r.stdout.contains("applied     1  events"), "{r}");
+    assert!(r.stdout.contains("up to date"), "{r}");
+}
+
+const APP_EVENTS_TABLE: &str = "
+    CREATE TABLE chronicle_events (
+        id uuid PRIMARY KEY, library_id uuid NOT NULL, actor_user_id uuid, entity_type text NOT NULL,
+        entity_id uuid NOT NULL, event_type text NOT NULL, before jsonb, after jsonb, diff jsonb,
+        occurred_at timestamptz NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
+        request_id text, client text, reason text, ip inet, app_note text)";
+
+#[test]
+fn an_existing_compatible_events_table_is_adopted_and_its_events_enqueued() {
+    let db = TestDb::empty();
+    let mut c = db.client();
+    c.batch_execute(APP_EVENTS_TABLE).unwrap();
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at)
+         VALUES (gen_random_uuid(), gen_random_uuid(), 'tag', gen_random_uuid(), 'TagCreated', '{\"name\":\"x\"}', now())",
+    )
+    .unwrap();
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.contains("adopted"), "{r}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending'"), 1);
+    // The adopted table now has the trigger.
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at)
+         VALUES (gen_random_uuid(), gen_random_uuid(), 'tag', gen_random_uuid(), 'TagCreated', '{\"name\":\"y\"}', now())",
+    )
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events"), 2);
+}
+
+#[test]
+fn an_incompatible_events_table_is_refused_with_its_differences() {
+    let db = TestDb::empty();
+    let mut c = db.client();
+    c.batch_execute(
+        "CREATE TABLE chronicle_events (
+            id uuid PRIMARY KEY, library_id uuid, entity_type text NOT NULL, entity_id text NOT NULL,
+            event_type text NOT NULL, before jsonb, after jsonb, diff jsonb,
+            occurred_at timestamp NOT NULL, created_at timestamptz NOT NULL DEFAULT now(),
+            request_id text, client text, reason text, ip inet, tenant text NOT NULL)",
+    )
+    .unwrap();
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(1), "{r}");
+    for expected in [
+        "actor_user_id (uuid) is missing",
+        "library_id allows NULL",
+        "entity_id is text, the contract says uuid",
+        "occurred_at is timestamp, the contract says timestamptz",
+        "extra column tenant",
+    ] {
+        assert!(r.stderr.contains(expected), "missing {expected:?} in {r}");
+    }
+    // Nothing was applied.
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_schema_migrations"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_class WHERE relname = 'chronicle_outbox_events'"), 0);
+}
+
+const INSERT_ONE: &str = "
+    INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at)
+    VALUES (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRestored', '{\"title\":\"t\"}', now())";
+
+#[test]
+fn a_plain_sql_insert_enqueues_exactly_one_pending_row() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    c.batch_execute(INSERT_ONE).unwrap();
+    let row = c
+        .query_one(
+            "SELECT o.status, o.attempts, count(*) OVER () FROM chronicle_outbox_events o JOIN chronicle_events e ON e.id = o.event_id",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "pending");
+    assert_eq!(row.get::<_, i32>(1), 0);
+    assert_eq!(row.get::<_, i64>(2), 1);
+}
+
+#[test]
+fn a_multi_row_insert_enqueues_one_row_per_event() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at)
+         SELECT gen_random_uuid(), gen_random_uuid(), 'tag', gen_random_uuid(), 'TagCreated',
+                jsonb_build_object('name', 'tag ' || g), now() - g * interval '1 minute'
+         FROM generate_series(1, 250) g",
+    )
+    .unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events"), 250);
+    assert_eq!(count(&mut c, "SELECT count(DISTINCT event_id) FROM chronicle_outbox_events WHERE status = 'pending'"), 250);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_events e WHERE NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o WHERE o.event_id = e.id)"),
+        0
+    );
+}
+
+#[test]
+fn a_rolled_back_insert_enqueues_nothing() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute(INSERT_ONE).unwrap();
+    assert_eq!(count(&mut tx, "SELECT count(*) FROM chronicle_outbox_events"), 1);
+    tx.rollback().unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_events"), 0);
+}
+
+#[test]
+fn insert_notifies_listeners_once_per_statement_on_commit() {
+    let db = TestDb::new();
+    let mut listener = db.client();
+    listener.batch_execute("LISTEN chronicle_outbox").unwrap();
+    let mut c = db.client();
+    c.batch_execute(INSERT_ONE).unwrap();
+    let mut n = listener.notifications();
+    let got = n.timeout_iter(std::time::Duration::from_secs(5)).next().unwrap();
+    assert!(got.is_some(), "no notification after a committed insert");
+}
+
+#[test]
+fn events_cannot_be_updated_deleted_or_truncated() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    c.batch_execute(INSERT_ONE).unwrap();
+    for sql in [
+        "UPDATE chronicle_events SET reason = 'x'",
+        "DELETE FROM chronicle_events",
+        "TRUNCATE chronicle_events",
+    ] {
+        let err = c.batch_execute(sql).expect_err(sql);
+        let db_err = err.as_db_error().expect("a database error");
+        assert!(db_err.message().contains("append-only"), "{sql}: {db_err:?}");
+    }
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_events"), 1);
+    // The deliberate path for a legal erasure: DELETE only, only with the session setting.
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SET LOCAL chronicle.allow_erase = 'on'").unwrap();
+    assert!(tx.batch_execute("UPDATE chronicle_events SET reason = 'x'").is_err());
+    tx.rollback().unwrap();
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute("SET LOCAL chronicle.allow_erase = 'on'; DELETE FROM chronicle_events").unwrap();
+    tx.commit().unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_events"), 0);
+}
+
+#[test]
+fn at_most_one_live_delivery_per_event() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    c.batch_execute(INSERT_ONE).unwrap();
+    let err = c
+        .batch_execute("INSERT INTO chronicle_outbox_events (event_id) SELECT event_id FROM chronicle_outbox_events")
+        .expect_err("a second pending delivery must be refused");
+    assert_eq!(err.code(), Some(&postgres::error::SqlState::UNIQUE_VIOLATION));
+}

@@ -1,0 +1,6 @@
+//! All integration tests build as one binary (like ripgrep's), sharing one harness.
+
+mod util;
+
+mod cli;
+mod schema;

@@ -1,0 +1,469 @@
+//! The test harness: a real PostgreSQL server, and a fresh migrated database per test.
+//!
+//! The server comes from `CHRONICLE_TEST_DATABASE_URL` or `DATABASE_URL` when set, else
+//! the local default (127.0.0.1:5432, user `postgres`), else a throwaway cluster started
+//! from the installed PostgreSQL binaries for this test run; else the run fails saying
+//! what to install. No database test is ever skipped.
+
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::OnceLock;
+
+use chronicle::config::DbUrl;
+use postgres::config::Host;
+use postgres::{Client, NoTls};
+
+/// How to reach the test server.
+#[derive(Debug, Clone)]
+pub struct Server {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    /// A unix-socket directory on this machine where the server also listens, if any.
+    pub socket_dir: Option<String>,
+    /// Where the server came from, for messages.
+    pub origin: String,
+    /// The data directory when this run started the cluster itself.
+    pub cluster_dir: Option<PathBuf>,
+    /// The server binaries, when known (used by tests that restart a server).
+    pub bin_dir: Option<PathBuf>,
+}
+
+impl Server {
+    /// A libpq key=value connection string for `dbname`.
+    pub fn key_value(&self, dbname: &str) -> String {
+        let mut s = format!("host={} port={} user={} dbname={}", self.host, self.port, self.user, dbname);
+        if let Some(p) = &self.password {
+            s.push_str(&format!(" password='{}'", p.replace('\\', "\\\\").replace('\'', "\\'")));
+        }
+        s
+    }
+
+    /// A `postgresql://` URL for `dbname` with the given scheme.
+    pub fn url_with_scheme(&self, scheme: &str, dbname: &str) -> String {
+        let auth = match &self.password {
+            Some(p) => format!("{}:{}", pct(&self.user), pct(p)),
+            None => pct(&self.user),
+        };
+        let host = if self.host.starts_with('/') { pct(&self.host) } else { self.host.clone() };
+        format!("{scheme}://{auth}@{host}:{}/{dbname}", self.port)
+    }
+
+    pub fn url(&self, dbname: &str) -> String {
+        self.url_with_scheme("postgresql", dbname)
+    }
+
+    pub fn connect(&self, dbname: &str) -> Client {
+        let cfg: postgres::Config = self.key_value(dbname).parse().expect("harness connection string");
+        cfg.connect(NoTls).unwrap_or_else(|e| panic!("connecting to the test server ({}) failed: {e}", self.origin))
+    }
+}
+
+fn pct(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => (b as char).to_string(),
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+static SERVER: OnceLock<Server> = OnceLock::new();
+
+/// The test server, found or started once per test binary.
+pub fn server() -> &'static Server {
+    SERVER.get_or_init(find_or_start_server)
+}
+
+fn find_or_start_server() -> Server {
+    for var in ["CHRONICLE_TEST_DATABASE_URL", "DATABASE_URL"] {
+        if let Ok(url) = std::env::var(var) {
+            let parsed = DbUrl::parse(&url).unwrap_or_else(|e| panic!("{var} {e}"));
+            let s = server_from_config(&parsed.config, &format!("{var} ({parsed})"));
+            try_connect(&s).unwrap_or_else(|e| panic!("{var} is set but its server does not answer: {e}"));
+            return s;
+        }
+    }
+    let local = Server {
+        host: "127.0.0.1".into(),
+        port: 5432,
+        user: "postgres".into(),
+        password: None,
+        socket_dir: None,
+        origin: "the local server at 127.0.0.1:5432".into(),
+        cluster_dir: None,
+        bin_dir: find_bin_dir(),
+    };
+    if try_connect(&local).is_ok() {
+        return with_socket_dir(local);
+    }
+    match start_cluster() {
+        Ok(s) => s,
+        Err(why) => panic!(
+            "no PostgreSQL server for the tests: CHRONICLE_TEST_DATABASE_URL and DATABASE_URL are unset, \
+             nothing answers at 127.0.0.1:5432 as user postgres, and a throwaway cluster could not be \
+             started ({why}). Install the PostgreSQL server (e.g. `apt-get install postgresql`, \
+             `brew install postgresql`) or point CHRONICLE_TEST_DATABASE_URL at a server where the user \
+             may create databases."
+        ),
+    }
+}
+
+fn server_from_config(cfg: &postgres::Config, origin: &str) -> Server {
+    let host = match cfg.get_hosts().first() {
+        Some(Host::Tcp(h)) => h.clone(),
+        #[cfg(unix)]
+        Some(Host::Unix(p)) => p.to_string_lossy().into_owned(),
+        None => "127.0.0.1".into(),
+    };
+    let s = Server {
+        host,
+        port: cfg.get_ports().first().copied().unwrap_or(5432),
+        user: cfg.get_user().unwrap_or("postgres").to_string(),
+        password: cfg.get_password().map(|p| String::from_utf8_lossy(p).into_owned()),
+        socket_dir: None,
+        origin: origin.to_string(),
+        cluster_dir: None,
+        bin_dir: find_bin_dir(),
+    };
+    with_socket_dir(s)
+}
+
+fn try_connect(s: &Server) -> Result<(), String> {
+    let mut cfg: postgres::Config = s.key_value("postgres").parse().map_err(|e| format!("{e}"))?;
+    cfg.connect_timeout(std::time::Duration::from_secs(5));
+    let mut c = cfg.connect(NoTls).map_err(|e| format!("{e}"))?;
+    c.simple_query("SELECT 1").map_err(|e| format!("{e}"))?;
+    Ok(())
+}
+
+/// Finds a unix-socket directory of the server on this machine, if it has one.
+fn with_socket_dir(mut s: Server) -> Server {
+    if s.host.starts_with('/') {
+        s.socket_dir = Some(s.host.clone());
+        return s;
+    }
+    let Ok(mut c) = s.key_value("postgres").parse::<postgres::Config>().and_then(|c| c.connect(NoTls)) else {
+        return s;
+    };
+    if let Ok(row) = c.query_one("SELECT current_setting('unix_socket_directories')", &[]) {
+        let dirs: String = row.get(0);
+        for d in dirs.split(',').map(str::trim) {
+            if Path::new(d).join(format!(".s.PGSQL.{}", s.port)).exists() {
+                s.socket_dir = Some(d.to_string());
+                break;
+            }
+        }
+    }
+    s
+}
+
+/// The directory of the installed server binaries (initdb, pg_ctl, postgres).
+pub fn find_bin_dir() -> Option<PathBuf> {
+    if let Ok(out) = Command::new("pg_config").arg("--bindir").output() {
+        let dir = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+        if dir.join("initdb").exists() {
+            return Some(dir);
+        }
+    }
+    let mut candidates: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .map(|rd| rd.filter_map(|e| e.ok()).map(|e| e.path().join("bin")).collect())
+        .unwrap_or_default();
+    candidates.sort_by_key(|p| {
+        p.parent().and_then(|v| v.file_name()).and_then(|v| v.to_str()).and_then(|v| v.parse::<u32>().ok())
+    });
+    candidates.into_iter().rev().find(|p| p.join("initdb").exists())
+}
+
+fn is_root() -> bool {
+    Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
+}
+
+/// Runs a server binary, as the `postgres` OS user when we are root (initdb and
+/// postgres refuse to run as root).
+pub fn pg_command(bin_dir: &Path, program: &str) -> Command {
+    let path = bin_dir.join(program);
+    if is_root() {
+        let mut c = Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(path);
+        c
+    } else {
+        Command::new(path)
+    }
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
+}
+
+/// A throwaway cluster owned by the caller: started here, stopped by `stop` or when the
+/// test process exits (a watchdog shell waits for our pid, then stops it and removes it).
+pub struct Cluster {
+    pub server: Server,
+    pub dir: PathBuf,
+    pub bin_dir: PathBuf,
+}
+
+impl Cluster {
+    pub fn start(extra_conf: &[&str]) -> Result<Cluster, String> {
+        let bin_dir = find_bin_dir().ok_or("no PostgreSQL server binaries (initdb) found")?;
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("chronicle-test-pg-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        if is_root() {
+            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status();
+            if !ok.map(|s| s.success()).unwrap_or(false) {
+                return Err("cannot chown the cluster folder to the postgres user".into());
+            }
+        }
+        let data = dir.join("data");
+        let out = pg_command(&bin_dir, "initdb")
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "postgres", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C"])
+            .output()
+            .map_err(|e| format!("running initdb: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        let mut opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200", dir.display());
+        for c in extra_conf {
+            opts.push_str(&format!(" -c {c}"));
+        }
+        let out = pg_command(&bin_dir, "pg_ctl")
+            .arg("-D")
+            .arg(&data)
+            .args(["-o", &opts, "-l"])
+            .arg(dir.join("log"))
+            .args(["-w", "start"])
+            .stdout(Stdio::null())
+            .output()
+            .map_err(|e| format!("running pg_ctl: {e}"))?;
+        if !out.status.success() {
+            let log = std::fs::read_to_string(dir.join("log")).unwrap_or_default();
+            return Err(format!("pg_ctl start failed: {}{log}", String::from_utf8_lossy(&out.stderr)));
+        }
+        // The watchdog: when this test process ends, stop the cluster and remove it.
+        let stop = pg_command(&bin_dir, "pg_ctl").get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        let runner = pg_command(&bin_dir, "pg_ctl").get_program().to_string_lossy().into_owned();
+        let script = format!(
+            "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {runner} {} -D '{}' -m immediate stop >/dev/null 2>&1; rm -rf '{}'",
+            stop.join(" "),
+            data.display(),
+            dir.display(),
+            pid = std::process::id()
+        );
+        Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("starting the cluster watchdog: {e}"))?;
+        let server = Server {
+            host: "127.0.0.1".into(),
+            port,
+            user: "postgres".into(),
+            password: None,
+            socket_dir: Some(dir.display().to_string()),
+            origin: format!("a throwaway cluster in {}", dir.display()),
+            cluster_dir: Some(data.clone()),
+            bin_dir: Some(bin_dir.clone()),
+        };
+        Ok(Cluster { server, dir, bin_dir })
+    }
+
+    /// Runs `pg_ctl` on this cluster with extra arguments (restart, stop, start).
+    pub fn pg_ctl(&self, args: &[&str]) -> Output {
+        pg_command(&self.bin_dir, "pg_ctl")
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .args(args)
+            .stdout(Stdio::null())
+            .output()
+            .expect("running pg_ctl")
+    }
+}
+
+fn start_cluster() -> Result<Server, String> {
+    let c = Cluster::start(&["fsync=off"])?;
+    eprintln!("test harness: started {}", c.server.origin);
+    Ok(c.server)
+}
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A fresh database for one test, dropped when the test ends (pass or fail).
+pub struct TestDb {
+    pub name: String,
+    pub server: Server,
+}
+
+impl TestDb {
+    /// A fresh, migrated database.
+    pub fn new() -> TestDb {
+        let db = TestDb::empty();
+        let out = db.chronicle(&["migrate"]).output().expect("running chronicle migrate");
+        assert!(out.status.success(), "migrate failed: {}", String::from_utf8_lossy(&out.stderr));
+        db
+    }
+
+    /// A fresh database with no schema.
+    pub fn empty() -> TestDb {
+        TestDb::empty_on(server())
+    }
+
+    pub fn empty_on(server: &Server) -> TestDb {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let name = format!("chronicle_test_{}_{}_{}", std::process::id(), n, &uuid::Uuid::now_v7().simple().to_string()[24..]);
+        let mut admin = server.connect("postgres");
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|e| panic!("creating test database {name} on {}: {e}", server.origin));
+        TestDb { name, server: server.clone() }
+    }
+
+    pub fn url(&self) -> String {
+        self.server.url(&self.name)
+    }
+
+    pub fn client(&self) -> Client {
+        self.server.connect(&self.name)
+    }
+
+    /// The `chronicle` binary with this database as DATABASE_URL and a clean environment
+    /// of chronicle variables.
+    pub fn chronicle(&self, args: &[&str]) -> Command {
+        let mut c = chronicle_cmd(args);
+        c.env("DATABASE_URL", self.url());
+        c
+    }
+}
+
+impl Drop for TestDb {
+    fn drop(&mut self) {
+        if let Ok(mut cfg) = self.server.key_value("postgres").parse::<postgres::Config>() {
+            cfg.connect_timeout(std::time::Duration::from_secs(5));
+            if let Ok(mut admin) = cfg.connect(NoTls) {
+                let _ = admin.batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name));
+            }
+        }
+    }
+}
+
+/// The `chronicle` binary with every chronicle variable removed from its environment.
+pub fn chronicle_cmd(args: &[&str]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_chronicle"));
+    c.args(args);
+    for (k, _) in std::env::vars_os() {
+        let k = k.to_string_lossy();
+        if k == "DATABASE_URL" || k.starts_with("OUTBOX_") || k.starts_with("CHRONICLE_") || k == "RUST_LOG" {
+            c.env_remove(k.as_ref());
+        }
+    }
+    c.stdin(Stdio::null());
+    c
+}
+
+/// Output as text, for assertions with context.
+pub struct Ran {
+    pub code: Option<i32>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Ran {
+    pub fn all(&self) -> String {
+        format!("{}{}", self.stdout, self.stderr)
+    }
+}
+
+impl std::fmt::Display for Ran {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "exit {:?}\n--- stdout\n{}--- stderr\n{}", self.code, self.stdout, self.stderr)
+    }
+}
+
+pub fn run(cmd: &mut Command) -> Ran {
+    let out = cmd.output().expect("running chronicle");
+    Ran {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// Runs with `input` on stdin.
+pub fn run_with_input(cmd: &mut Command, input: &[u8]) -> Ran {
+    use std::io::Write;
+    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawning chronicle");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_vec();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("waiting for chronicle");
+    let _ = writer.join();
+    Ran {
+        code: out.status.code(),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// A count from a query returning one bigint.
+pub fn count(c: &mut impl postgres::GenericClient, sql: &str) -> i64 {
+    c.query_one(sql, &[]).unwrap_or_else(|e| panic!("{sql}: {e}")).get(0)
+}
+
+/// A TCP proxy on loopback in front of the test server: lets a test make "the database"
+/// appear late, or cut every connection through it at once.
+pub struct Proxy {
+    pub port: u16,
+    conns: std::sync::Arc<std::sync::Mutex<Vec<std::net::TcpStream>>>,
+}
+
+impl Proxy {
+    /// Starts listening on `port` after `delay`, forwarding to the test server.
+    pub fn start_later(port: u16, delay: std::time::Duration, target: &Server) -> Proxy {
+        let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let target = format!("{}:{}", if target.host.starts_with('/') { "127.0.0.1" } else { &target.host }, target.port);
+        let list = conns.clone();
+        std::thread::spawn(move || {
+            std::thread::sleep(delay);
+            let listener = std::net::TcpListener::bind(("127.0.0.1", port)).expect("proxy port");
+            for client in listener.incoming().flatten() {
+                let Ok(upstream) = std::net::TcpStream::connect(&target) else { continue };
+                for s in [&client, &upstream] {
+                    if let Ok(c) = s.try_clone() {
+                        list.lock().unwrap().push(c);
+                    }
+                }
+                let (mut c_r, mut u_w) = (client.try_clone().unwrap(), upstream.try_clone().unwrap());
+                let (mut u_r, mut c_w) = (upstream, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut c_r, &mut u_w);
+                    let _ = u_w.shutdown(std::net::Shutdown::Both);
+                });
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut u_r, &mut c_w);
+                    let _ = c_w.shutdown(std::net::Shutdown::Both);
+                });
+            }
+        });
+        Proxy { port, conns }
+    }
+
+    /// Cuts every connection made through the proxy so far.
+    pub fn cut_all(&self) {
+        for s in self.conns.lock().unwrap().drain(..) {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
