@@ -9,3 +9,5 @@ pub mod db;
 pub mod error;
 pub mod event;
 pub mod logging;
+pub mod projection;
+pub mod search;
