@@ -20,6 +20,7 @@ pub enum Command {
     Migrate(cmd::migrate::Args),
     Append(cmd::append::Args),
     Inject(cmd::inject::Args),
+    Worker(cmd::worker::Args),
 }
 
 /// One subcommand: its name, a one-line summary and its full help.
@@ -33,6 +34,7 @@ pub const COMMANDS: &[CommandInfo] = &[
     CommandInfo { name: "migrate", summary: cmd::migrate::SUMMARY, help: cmd::migrate::help },
     CommandInfo { name: "append", summary: cmd::append::SUMMARY, help: cmd::append::help },
     CommandInfo { name: "inject", summary: cmd::inject::SUMMARY, help: cmd::inject::help },
+    CommandInfo { name: "worker", summary: cmd::worker::SUMMARY, help: cmd::worker::help },
 ];
 
 pub fn version_text() -> String {
@@ -119,6 +121,7 @@ fn parse_command(name: &str, p: &mut lexopt::Parser, env: &Env) -> Result<Comman
         "migrate" => wrap(name, cmd::migrate::parse(p, env)?.map(Command::Migrate)),
         "append" => wrap(name, cmd::append::parse(p, env)?.map(Command::Append)),
         "inject" => wrap(name, cmd::inject::parse(p, env)?.map(Command::Inject)),
+        "worker" => wrap(name, cmd::worker::parse(p, env)?.map(Command::Worker)),
         other => return Err(AppError::usage(format!("unknown command {other:?}\n{}", short_usage()))),
     })
 }
@@ -137,6 +140,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Migrate(a) => cmd::migrate::run(a),
         Command::Append(a) => cmd::append::run(a),
         Command::Inject(a) => cmd::inject::run(a),
+        Command::Worker(a) => cmd::worker::run(a),
     }
 }
 

@@ -3,4 +3,6 @@
 mod util;
 
 mod cli;
+mod outbox;
+mod worker;
 mod schema;

@@ -467,3 +467,64 @@ impl Proxy {
         }
     }
 }
+
+/// Inserts `n` valid events (BookRenamed, with Chinese and English titles) into one
+/// library by plain SQL, as the application would. Returns the library id.
+pub fn insert_events(c: &mut Client, n: i64) -> uuid::Uuid {
+    let library = uuid::Uuid::now_v7();
+    c.execute(
+        "INSERT INTO chronicle_events (id, library_id, actor_user_id, entity_type, entity_id, event_type, before, after, occurred_at)
+         SELECT gen_random_uuid(), $1, gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed',
+                jsonb_build_object('title', '旧标题 ' || g), jsonb_build_object('title', 'Title ' || g),
+                now() - (g || ' seconds')::interval
+         FROM generate_series(1, $2::bigint) g",
+        &[&library, &n],
+    )
+    .expect("inserting events");
+    library
+}
+
+/// `chronicle worker` for this database with fast test settings (metrics off, short
+/// poll); callers add what they test.
+pub fn worker_cmd(db: &TestDb, extra: &[&str]) -> Command {
+    let mut args = vec!["worker"];
+    args.extend_from_slice(extra);
+    let mut c = db.chronicle(&args);
+    c.env("OUTBOX_METRICS_PORT", "0").env("OUTBOX_POLL_INTERVAL_SECONDS", "0.05");
+    c
+}
+
+/// Waits until `cond` holds, polling, or panics with `what` after `timeout`.
+pub fn wait_until(timeout: std::time::Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + timeout;
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// Sends a signal by name to a process.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill");
+    assert!(ok.success(), "kill -{sig} {pid} failed");
+}
+
+/// The outbox summarised: (status, error_reason) → count.
+pub fn outbox_by_status(c: &mut Client) -> std::collections::BTreeMap<String, i64> {
+    c.query("SELECT status || coalesce('/' || error_reason, ''), count(*) FROM chronicle_outbox_events GROUP BY 1", &[])
+        .expect("outbox summary")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
+
+/// Asserts the end state of a drain: every event has exactly one entry, no entry
+/// lacks its event, and every outbox row is done.
+pub fn assert_fully_projected(c: &mut Client) {
+    let events = count(c, "SELECT count(*) FROM chronicle_events");
+    let entries = count(c, "SELECT count(*) FROM chronicle_entries");
+    let missing = count(c, "SELECT count(*) FROM chronicle_events e WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = e.id)");
+    let orphans = count(c, "SELECT count(*) FROM chronicle_entries n WHERE NOT EXISTS (SELECT 1 FROM chronicle_events e WHERE e.id = n.id)");
+    let not_done = count(c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'");
+    assert_eq!((entries, missing, orphans, not_done), (events, 0, 0, 0), "outbox: {:?}", outbox_by_status(c));
+}

@@ -1,0 +1,62 @@
+//! `chronicle worker`: the projector (the runbook's chronicle_outbox_worker.py).
+
+use lexopt::prelude::*;
+
+use crate::cli::{setting_flag, string_value};
+use crate::config::{self, Env, Sources, WorkerConfig};
+use crate::error::Result;
+
+pub const SUMMARY: &str = "Run the projector: claim outbox rows, project them into chronicle_entries";
+
+pub fn help() -> String {
+    format!(
+        "Run the projector worker. It claims ready outbox rows under a lease (FOR UPDATE SKIP LOCKED),
+projects their events into chronicle_entries and marks them done, in one transaction per
+batch. Transient failures retry with exponential backoff and jitter; deterministic ones end
+failed with an error_reason (see `chronicle replay-failed`). A reclaim loop returns rows of
+crashed workers to pending. Idle threads wake on NOTIFY; polling is the fallback.
+Ctrl+C / SIGTERM: stop claiming, finish or release the current batch, exit 0. A second
+signal exits at once. An unreachable database is waited for, never fatal.
+
+USAGE:
+    chronicle worker [FLAGS]
+
+FLAGS (each also read from its environment variable; the flag wins):
+{}  --until-empty
+      Stop once nothing is ready to claim (batch jobs, tests).
+
+EXAMPLES:
+    DATABASE_URL=postgresql+psycopg://wordloom:wordloom@localhost:5435/wordloom_test chronicle worker
+    OUTBOX_RUN_SECONDS=2 chronicle worker          # smoke run: about 2 s, then exit 0
+    chronicle worker --concurrency 4 --batch-size 500 --until-empty
+",
+        config::settings_help(config::WORKER_SETTINGS)
+    )
+}
+
+#[derive(Debug)]
+pub struct Args {
+    pub config: WorkerConfig,
+    pub until_empty: bool,
+}
+
+pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
+    let mut src = Sources::new(env);
+    let mut until_empty = false;
+    while let Some(arg) = p.next()? {
+        if let Some(s) = setting_flag(&arg, config::WORKER_SETTINGS) {
+            src.set_flag(s, string_value(p, s.flag)?);
+            continue;
+        }
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("until-empty") => until_empty = true,
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    Ok(Some(Args { config: WorkerConfig::resolve(&src)?, until_empty }))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    crate::worker::run(args.config, args.until_empty)
+}

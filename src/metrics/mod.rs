@@ -1,0 +1,247 @@
+//! In-process metrics (DESIGN.md §6): atomics updated by the worker threads, rendered to
+//! Prometheus text by a pure function. Names and labels are a contract with dashboards
+//! and alert rules; every series carries `worker_id`.
+
+pub mod http;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use crate::outbox::Gauges;
+
+/// The closed list of `error_reason` values (DESIGN.md §3).
+pub const ERROR_REASONS: &[&str] =
+    &["unknown_event_type", "invalid_payload", "rejected_by_read_model", "max_attempts_exceeded"];
+
+/// A histogram with fixed buckets (seconds).
+pub struct Histogram {
+    bounds: &'static [f64],
+    counts: Vec<AtomicU64>,
+    sum_micros: AtomicU64,
+    count: AtomicU64,
+}
+
+impl Histogram {
+    pub fn new(bounds: &'static [f64]) -> Histogram {
+        Histogram {
+            bounds,
+            counts: bounds.iter().map(|_| AtomicU64::new(0)).collect(),
+            sum_micros: AtomicU64::new(0),
+            count: AtomicU64::new(0),
+        }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        let s = if seconds.is_finite() && seconds > 0.0 { seconds } else { 0.0 };
+        if let Some(i) = self.bounds.iter().position(|b| s <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.sum_micros.fetch_add((s * 1e6) as u64, Ordering::Relaxed);
+        self.count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn count(&self) -> u64 {
+        self.count.load(Ordering::Relaxed)
+    }
+}
+
+const BATCH_BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0];
+const LATENCY_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0];
+const REBUILD_BUCKETS: &[f64] = &[1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0];
+
+/// Everything one process counts.
+pub struct Metrics {
+    pub worker_id: String,
+    pub processed: AtomicU64,
+    pub retry_scheduled: AtomicU64,
+    pub terminal_failed: [AtomicU64; 4],
+    pub reclaimed: AtomicU64,
+    pub lease_lost: AtomicU64,
+    pub db_errors: AtomicU64,
+    pub batch_duration: Histogram,
+    pub projection_latency: Histogram,
+    pub rebuild_duration: Histogram,
+    /// Sampled from the database by one background query; `None` until the first sample.
+    pub gauges: Mutex<Option<Gauges>>,
+    /// Rebuild timestamps (seconds since the epoch) as last read from the database.
+    pub rebuild_last_finished: Mutex<Option<f64>>,
+    pub rebuild_last_success: Mutex<Option<f64>>,
+}
+
+impl Metrics {
+    pub fn new(worker_id: &str) -> Metrics {
+        Metrics {
+            worker_id: worker_id.to_string(),
+            processed: AtomicU64::new(0),
+            retry_scheduled: AtomicU64::new(0),
+            terminal_failed: Default::default(),
+            reclaimed: AtomicU64::new(0),
+            lease_lost: AtomicU64::new(0),
+            db_errors: AtomicU64::new(0),
+            batch_duration: Histogram::new(BATCH_BUCKETS),
+            projection_latency: Histogram::new(LATENCY_BUCKETS),
+            rebuild_duration: Histogram::new(REBUILD_BUCKETS),
+            gauges: Mutex::new(None),
+            rebuild_last_finished: Mutex::new(None),
+            rebuild_last_success: Mutex::new(None),
+        }
+    }
+
+    pub fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts a terminal failure by its reason (an unknown reason is a bug: counted as
+    /// the closest, `rejected_by_read_model`, rather than lost).
+    pub fn terminal_failure(&self, reason: &str) {
+        let i = ERROR_REASONS.iter().position(|r| *r == reason).unwrap_or(2);
+        self.terminal_failed[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn terminal_failed_total(&self) -> u64 {
+        self.terminal_failed.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    pub fn get(counter: &AtomicU64) -> u64 {
+        counter.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus text exposition (format 0.0.4).
+    pub fn render(&self) -> String {
+        let mut out = String::with_capacity(8 * 1024);
+        let w = escape_label(&self.worker_id);
+        let lbl = format!("worker_id=\"{w}\"");
+        let gauges = self.gauges.lock().map(|g| *g).unwrap_or(None);
+
+        family(&mut out, "chronicle_build_info", "gauge", "Build information; always 1.");
+        out.push_str(&format!("chronicle_build_info{{{lbl},version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION")));
+
+        let gauge_rows: [(&str, &str, Option<f64>); 5] = [
+            ("chronicle_outbox_pending_events", "Outbox rows waiting to be projected (backlog).", gauges.map(|g| g.pending as f64)),
+            ("chronicle_outbox_oldest_pending_age_seconds", "Age of the oldest pending outbox row.", gauges.map(|g| g.oldest_pending_age_seconds)),
+            ("chronicle_outbox_inflight_events", "Outbox rows being processed (claimed under a lease).", gauges.map(|g| g.inflight as f64)),
+            ("chronicle_outbox_stuck_processing_events", "Processing rows past their lease or the maximum processing time.", gauges.map(|g| g.stuck as f64)),
+            ("chronicle_outbox_failed_events", "Outbox rows in the terminal failed state.", gauges.map(|g| g.failed as f64)),
+        ];
+        for (name, help, value) in gauge_rows {
+            family(&mut out, name, "gauge", help);
+            if let Some(v) = value {
+                out.push_str(&format!("{name}{{{lbl}}} {}\n", fmt_f64(v)));
+            }
+        }
+
+        let counters: [(&str, &str, &AtomicU64); 5] = [
+            ("chronicle_outbox_processed_total", "Events projected into entries and marked done.", &self.processed),
+            ("chronicle_outbox_retry_scheduled_total", "Rows sent back to pending after a transient failure.", &self.retry_scheduled),
+            ("chronicle_outbox_reclaimed_total", "Stuck rows returned to pending (or failed) by the reclaim loop.", &self.reclaimed),
+            ("chronicle_outbox_lease_lost_total", "Rows this worker could not complete because its claim was lost.", &self.lease_lost),
+            ("chronicle_outbox_db_errors_total", "Database errors met by this process.", &self.db_errors),
+        ];
+        for (name, help, c) in counters {
+            family(&mut out, name, "counter", help);
+            out.push_str(&format!("{name}{{{lbl}}} {}\n", Self::get(c)));
+        }
+        family(&mut out, "chronicle_outbox_terminal_failed_total", "counter", "Rows that ended failed, by error_reason.");
+        for (reason, c) in ERROR_REASONS.iter().zip(&self.terminal_failed) {
+            out.push_str(&format!(
+                "chronicle_outbox_terminal_failed_total{{{lbl},error_reason=\"{reason}\"}} {}\n",
+                Self::get(c)
+            ));
+        }
+
+        histogram(&mut out, "chronicle_outbox_batch_duration_seconds", "Time to claim, project and complete one batch.", &lbl, &self.batch_duration);
+        histogram(&mut out, "chronicle_projection_latency_seconds", "Time from an event's insert to its entry's commit.", &lbl, &self.projection_latency);
+        histogram(&mut out, "chronicle_rebuild_duration_seconds", "Duration of rebuild runs.", &lbl, &self.rebuild_duration);
+        for (name, help, v) in [
+            ("chronicle_rebuild_last_finished_timestamp_seconds", "When the last rebuild finished (seconds since the epoch).", &self.rebuild_last_finished),
+            ("chronicle_rebuild_last_success_timestamp_seconds", "When the last successful rebuild finished (seconds since the epoch).", &self.rebuild_last_success),
+        ] {
+            family(&mut out, name, "gauge", help);
+            if let Some(t) = v.lock().map(|g| *g).unwrap_or(None) {
+                out.push_str(&format!("{name}{{{lbl}}} {}\n", fmt_f64(t)));
+            }
+        }
+        out
+    }
+}
+
+fn family(out: &mut String, name: &str, kind: &str, help: &str) {
+    out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
+}
+
+fn histogram(out: &mut String, name: &str, help: &str, lbl: &str, h: &Histogram) {
+    family(out, name, "histogram", help);
+    let mut cumulative = 0;
+    for (b, c) in h.bounds.iter().zip(&h.counts) {
+        cumulative += c.load(Ordering::Relaxed);
+        out.push_str(&format!("{name}_bucket{{{lbl},le=\"{}\"}} {cumulative}\n", fmt_f64(*b)));
+    }
+    let count = h.count.load(Ordering::Relaxed);
+    out.push_str(&format!("{name}_bucket{{{lbl},le=\"+Inf\"}} {count}\n"));
+    out.push_str(&format!("{name}_sum{{{lbl}}} {}\n", fmt_f64(h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6)));
+    out.push_str(&format!("{name}_count{{{lbl}}} {count}\n"));
+}
+
+fn fmt_f64(v: f64) -> String {
+    if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else {
+        format!("{v}")
+    }
+}
+
+/// Escapes a label value as the text format requires.
+pub fn escape_label(v: &str) -> String {
+    v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_every_family_with_help_type_and_worker_id() {
+        let m = Metrics::new("c\"1");
+        m.processed.fetch_add(3, Ordering::Relaxed);
+        m.terminal_failure("invalid_payload");
+        m.batch_duration.observe(0.003);
+        *m.gauges.lock().unwrap() = Some(Gauges { pending: 5, oldest_pending_age_seconds: 1.5, inflight: 2, stuck: 0, failed: 1 });
+        let text = m.render();
+        for name in [
+            "chronicle_outbox_pending_events", "chronicle_outbox_oldest_pending_age_seconds",
+            "chronicle_outbox_inflight_events", "chronicle_outbox_stuck_processing_events",
+            "chronicle_outbox_failed_events", "chronicle_outbox_processed_total",
+            "chronicle_outbox_retry_scheduled_total", "chronicle_outbox_terminal_failed_total",
+            "chronicle_outbox_reclaimed_total", "chronicle_outbox_lease_lost_total",
+            "chronicle_outbox_db_errors_total", "chronicle_outbox_batch_duration_seconds",
+            "chronicle_projection_latency_seconds", "chronicle_rebuild_duration_seconds",
+            "chronicle_rebuild_last_finished_timestamp_seconds",
+            "chronicle_rebuild_last_success_timestamp_seconds", "chronicle_build_info",
+        ] {
+            assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
+        }
+        assert!(text.contains("chronicle_outbox_processed_total{worker_id=\"c\\\"1\"} 3\n"), "{text}");
+        assert!(text.contains("error_reason=\"invalid_payload\"} 1\n"));
+        assert!(text.contains("chronicle_outbox_pending_events{worker_id=\"c\\\"1\"} 5\n"));
+        assert!(text.contains("chronicle_outbox_batch_duration_seconds_bucket{worker_id=\"c\\\"1\",le=\"0.005\"} 1\n"), "{text}");
+        assert!(text.contains("chronicle_outbox_batch_duration_seconds_count{worker_id=\"c\\\"1\"} 1\n"));
+        for line in text.lines().filter(|l| !l.starts_with('#')) {
+            assert!(line.contains("worker_id="), "{line}");
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative() {
+        let h = Histogram::new(&[0.1, 1.0]);
+        for s in [0.05, 0.5, 0.5, 5.0] {
+            h.observe(s);
+        }
+        let mut out = String::new();
+        histogram(&mut out, "x", "h", "a=\"b\"", &h);
+        assert!(out.contains("x_bucket{a=\"b\",le=\"0.1\"} 1\n"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"1\"} 3\n"));
+        assert!(out.contains("x_bucket{a=\"b\",le=\"+Inf\"} 4\n"));
+        assert!(out.contains("x_sum{a=\"b\"} 6.05\n"), "{out}");
+    }
+}

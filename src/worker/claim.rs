@@ -1,0 +1,260 @@
+//! One claim thread: claim a batch, project it, complete it in one transaction.
+//!
+//! The path of one event reads straight through `run_once`: claim (outbox) → project
+//! (pure) → upsert entries + mark done (one transaction) → count (metrics).
+
+use std::time::{Duration, Instant};
+
+use postgres::Client;
+use uuid::Uuid;
+
+use crate::db;
+use crate::entries;
+use crate::metrics::Metrics;
+use crate::outbox::{self, Claimed, Failure};
+use crate::projection::{self, Entry};
+use crate::retry::{backoff, Jitter};
+
+use super::{pooled, Reconnect, Shared};
+
+/// What one turn did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct BatchReport {
+    pub claimed: usize,
+    pub done: u64,
+    pub failed: u64,
+    pub retried: u64,
+    pub lease_lost: u64,
+    pub released: u64,
+}
+
+/// The loop of one claim thread: a turn, then sleep when idle (woken by the listener).
+pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
+    let mut jitter = Jitter::from_entropy();
+    let mut reconnect = Reconnect::new();
+    while !shared.stopping() {
+        let Some(mut conn) = pooled(shared, pool, "claim") else {
+            reconnect.wait(shared);
+            continue;
+        };
+        shared.register_cancel(conn.cancel_token());
+        // Keep this connection while it works; a broken one goes back to the pool, which
+        // discards it, and the next turn gets a fresh one.
+        while !shared.stopping() {
+            match run_once(shared, &mut conn, &mut jitter) {
+                Ok(r) => {
+                    shared.db_ok();
+                    reconnect.reset();
+                    if r.claimed == 0 {
+                        if until_empty {
+                            return;
+                        }
+                        shared.idle_wait(shared.cfg.poll_interval);
+                    }
+                }
+                Err(e) => {
+                    shared.db_error("while claiming a batch", &e);
+                    if conn.is_closed() || db::is_connection_error(&e) {
+                        break;
+                    }
+                    reconnect.wait(shared);
+                }
+            }
+        }
+        drop(conn);
+        if !shared.stopping() {
+            reconnect.wait(shared);
+        }
+    }
+}
+
+/// One turn: claim up to a batch, project, complete. A database error before anything
+/// was claimed is returned; once rows are claimed, every outcome is handled here (done,
+/// failed, retried, released, or left for the reclaim loop if the connection is gone).
+pub fn run_once(shared: &Shared, conn: &mut Client, jitter: &mut Jitter) -> Result<BatchReport, postgres::Error> {
+    let cfg = &shared.cfg;
+    let started = Instant::now();
+    let token = Uuid::now_v7();
+    hold(shared, token, true);
+    let claimed = match outbox::claim_batch(conn, cfg.batch_size, &cfg.worker_id, token, cfg.lease) {
+        Ok(c) => c,
+        Err(e) => {
+            hold(shared, token, false);
+            return Err(e);
+        }
+    };
+    let mut report = BatchReport { claimed: claimed.len(), ..Default::default() };
+    if claimed.is_empty() {
+        hold(shared, token, false);
+        return Ok(report);
+    }
+
+    let (ok, failures) = project_batch(&claimed);
+    let result = complete(conn, &ok, &failures, token).or_else(|e| {
+        if db::is_transient(&e) {
+            Err(e)
+        } else {
+            // A deterministic database error on the batch: find the entries the read
+            // model refuses, one savepoint each, and fail only those.
+            complete_isolating(conn, &ok, &failures, token)
+        }
+    });
+    match result {
+        Ok(c) => {
+            let now = chrono::Utc::now();
+            for (_, entry) in ok.iter().filter(|(id, _)| c.done_ids.contains(id)) {
+                let latency = (now - entry.created_at).to_std().unwrap_or_default();
+                shared.metrics.projection_latency.observe(latency.as_secs_f64());
+            }
+            report.done = c.done_ids.len() as u64;
+            report.failed = c.failed_reasons.len() as u64;
+            for r in &c.failed_reasons {
+                shared.metrics.terminal_failure(r);
+            }
+            for f in failures.iter().chain(&c.rejected) {
+                log::warn!("outbox row {} failed ({}): {}", f.outbox_id, f.error_reason, f.error);
+            }
+            report.lease_lost = (ok.len() + failures.len()) as u64 - report.done - report.failed;
+        }
+        Err(e) => {
+            shared.db_error("while completing a batch", &e);
+            let ids: Vec<i64> = claimed.iter().map(|c| c.outbox_id).collect();
+            if shared.stopping() {
+                // Interrupted by shutdown: the rows were not tried; give them back.
+                match outbox::release_claim(conn, &ids, token) {
+                    Ok(n) => report.released = n,
+                    Err(e) => log::warn!("could not release rows on shutdown (the reclaim loop will): {}", db::describe_error(&e)),
+                }
+            } else {
+                let delays: Vec<(i64, Duration)> = claimed
+                    .iter()
+                    .map(|c| (c.outbox_id, backoff(c.attempts.max(1) as u32, cfg.base_backoff, cfg.max_backoff, jitter.next_f64())))
+                    .collect();
+                let msg = format!("transient: {}", db::describe_error(&e));
+                match outbox::schedule_retry(conn, &delays, cfg.max_attempts, &msg, token) {
+                    Ok(o) => {
+                        report.retried = o.retried;
+                        report.failed = o.exhausted;
+                        for _ in 0..o.exhausted {
+                            shared.metrics.terminal_failure("max_attempts_exceeded");
+                        }
+                        report.lease_lost = ids.len() as u64 - o.retried - o.exhausted;
+                    }
+                    Err(e2) => {
+                        // The connection is gone too: the lease expires and the reclaim
+                        // loop returns the rows, keeping their attempt.
+                        log::debug!("could not schedule a retry: {}", db::describe_error(&e2));
+                        hold(shared, token, false);
+                        return Err(e2);
+                    }
+                }
+            }
+        }
+    }
+    hold(shared, token, false);
+    let m = &shared.metrics;
+    Metrics::add(&m.processed, report.done);
+    Metrics::add(&m.retry_scheduled, report.retried);
+    Metrics::add(&m.lease_lost, report.lease_lost);
+    if report.lease_lost > 0 {
+        log::warn!("lost the claim on {} row(s) (reclaimed by another worker); changed nothing for them", report.lease_lost);
+    }
+    m.batch_duration.observe(started.elapsed().as_secs_f64());
+    Ok(report)
+}
+
+fn hold(shared: &Shared, token: Uuid, held: bool) {
+    if let Ok(mut h) = shared.held_claims.lock() {
+        if held {
+            h.insert(token);
+        } else {
+            h.remove(&token);
+        }
+    }
+}
+
+/// Projects every claimed row: entries to write, or deterministic failures.
+fn project_batch(claimed: &[Claimed]) -> (Vec<(i64, Entry)>, Vec<Failure>) {
+    let mut ok = Vec::with_capacity(claimed.len());
+    let mut failures = Vec::new();
+    for c in claimed {
+        match &c.event {
+            None => failures.push(Failure {
+                outbox_id: c.outbox_id,
+                error_reason: "invalid_payload",
+                error: format!("event {} does not exist in chronicle_events", c.event_id),
+            }),
+            Some(ev) => match projection::project(ev) {
+                Ok(entry) => ok.push((c.outbox_id, entry)),
+                Err(e) => failures.push(Failure { outbox_id: c.outbox_id, error_reason: e.error_reason(), error: e.to_string() }),
+            },
+        }
+    }
+    (ok, failures)
+}
+
+/// What a completion committed.
+struct Completed {
+    done_ids: Vec<i64>,
+    failed_reasons: Vec<String>,
+    /// Entries the read model refused (isolated path only).
+    rejected: Vec<Failure>,
+}
+
+/// The normal completion, one transaction: mark done the rows this claim still holds
+/// (locking them, so no reclaim can take them now), upsert their entries, mark the
+/// deterministic failures failed.
+fn complete(conn: &mut Client, ok: &[(i64, Entry)], failures: &[Failure], token: Uuid) -> Result<Completed, postgres::Error> {
+    let mut tx = conn.transaction()?;
+    let ids: Vec<i64> = ok.iter().map(|(id, _)| *id).collect();
+    let done_ids = outbox::mark_done(&mut tx, &ids, token)?;
+    let held: Vec<&Entry> = ok.iter().filter(|(id, _)| done_ids.contains(id)).map(|(_, e)| e).collect();
+    entries::upsert_entries(&mut tx, &held)?;
+    let failed_reasons = outbox::mark_failed(&mut tx, failures, token)?;
+    tx.commit()?;
+    Ok(Completed { done_ids, failed_reasons, rejected: Vec::new() })
+}
+
+/// The completion after a deterministic database error: each entry in its own savepoint;
+/// those the read model refuses fail with `rejected_by_read_model`, the rest are done.
+/// Costs a round trip per entry, only on this rare path.
+fn complete_isolating(
+    conn: &mut Client,
+    ok: &[(i64, Entry)],
+    failures: &[Failure],
+    token: Uuid,
+) -> Result<Completed, postgres::Error> {
+    let mut tx = conn.transaction()?;
+    let mut written = Vec::new();
+    let mut rejected = Vec::new();
+    for (id, entry) in ok {
+        let mut sp = tx.savepoint("entry")?;
+        match entries::upsert_entries(&mut sp, &[entry]) {
+            Ok(_) => {
+                sp.commit()?;
+                written.push(*id);
+            }
+            Err(e) if !db::is_transient(&e) => {
+                drop(sp);
+                rejected.push(Failure {
+                    outbox_id: *id,
+                    error_reason: "rejected_by_read_model",
+                    error: format!("the read model refused the entry: {}", db::describe_error(&e)),
+                });
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    let done_ids = outbox::mark_done(&mut tx, &written, token)?;
+    if done_ids.len() != written.len() {
+        // Some rows were lost meanwhile: undo everything and let the next turn or the
+        // new holder handle them. Rolled back on drop.
+        let lost: Vec<i64> = written.iter().filter(|id| !done_ids.contains(id)).copied().collect();
+        log::warn!("claim lost on rows {lost:?} while isolating a failure; nothing written for this batch");
+        return Ok(Completed { done_ids: Vec::new(), failed_reasons: Vec::new(), rejected: Vec::new() });
+    }
+    let all_failures: Vec<Failure> = failures.iter().chain(&rejected).cloned().collect();
+    let failed_reasons = outbox::mark_failed(&mut tx, &all_failures, token)?;
+    tx.commit()?;
+    Ok(Completed { done_ids, failed_reasons, rejected })
+}

@@ -1,0 +1,430 @@
+//! The projector worker: claim threads, the reclaim loop, the lease keeper, the gauge
+//! sampler and the listener, started and stopped together.
+//!
+//! Each background service has one job and is a `run_once` inside a dumb loop (River's
+//! shape), so tests and benchmarks can call one turn directly. Database trouble never
+//! ends the process: every loop logs the change of state once, waits with backoff and
+//! resumes by itself.
+
+pub mod claim;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::CancelToken;
+use uuid::Uuid;
+
+use crate::config::WorkerConfig;
+use crate::db::{self, migrate};
+use crate::error::{AppError, Result};
+use crate::metrics::{http, Metrics};
+use crate::outbox;
+
+/// State shared by the threads of one worker process.
+pub struct Shared {
+    pub cfg: WorkerConfig,
+    pub metrics: Arc<Metrics>,
+    /// Set once: stop claiming, finish or release, exit.
+    pub stop: AtomicBool,
+    /// Bumped by the listener (and on stop) to wake idle claim threads at once.
+    wake: (Mutex<u64>, Condvar),
+    /// Claim tokens currently held by this process, for the lease keeper.
+    pub held_claims: Mutex<HashSet<Uuid>>,
+    /// Cancel tokens of the claim threads' connections, to interrupt them on shutdown.
+    cancel_tokens: Mutex<Vec<CancelToken>>,
+    /// Whether the database answers and has our schema (for /readyz).
+    pub ready: Arc<AtomicBool>,
+    /// Whether the database was last seen unreachable, so it is logged once per change.
+    db_down: AtomicBool,
+}
+
+impl Shared {
+    pub fn new(cfg: WorkerConfig) -> Arc<Shared> {
+        let metrics = Arc::new(Metrics::new(&cfg.worker_id));
+        Arc::new(Shared {
+            cfg,
+            metrics,
+            stop: AtomicBool::new(false),
+            wake: (Mutex::new(0), Condvar::new()),
+            held_claims: Mutex::new(HashSet::new()),
+            cancel_tokens: Mutex::new(Vec::new()),
+            ready: Arc::new(AtomicBool::new(false)),
+            db_down: AtomicBool::new(false),
+        })
+    }
+
+    pub fn stopping(&self) -> bool {
+        self.stop.load(Ordering::SeqCst)
+    }
+
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    pub fn wake_all(&self) {
+        if let Ok(mut g) = self.wake.0.lock() {
+            *g = g.wrapping_add(1);
+        }
+        self.wake.1.notify_all();
+    }
+
+    /// Sleeps up to `timeout`, or less if woken (a notification, or stop).
+    pub fn idle_wait(&self, timeout: Duration) {
+        let Ok(g) = self.wake.0.lock() else { return };
+        let seen = *g;
+        let _ = self.wake.1.wait_timeout_while(g, timeout, |v| *v == seen && !self.stopping());
+    }
+
+    /// Records a database error: counted, and logged once when the database goes away.
+    pub fn db_error(&self, context: &str, err: &postgres::Error) {
+        Metrics::add(&self.metrics.db_errors, 1);
+        if db::is_connection_error(err) {
+            self.ready.store(false, Ordering::Relaxed);
+            if !self.db_down.swap(true, Ordering::SeqCst) {
+                log::warn!("database unreachable ({context}): {}; retrying with backoff", db::describe_error(err));
+            }
+        } else {
+            log::warn!("{context}: {}", db::describe_error(err));
+        }
+    }
+
+    /// Records that the database answered again.
+    pub fn db_ok(&self) {
+        if self.db_down.swap(false, Ordering::SeqCst) {
+            log::info!("database reachable again; resuming");
+        }
+    }
+
+    pub fn register_cancel(&self, t: CancelToken) {
+        if let Ok(mut v) = self.cancel_tokens.lock() {
+            v.push(t);
+        }
+    }
+}
+
+/// Backoff for reconnect loops: 100 ms doubling to 5 s.
+pub struct Reconnect(Duration);
+
+impl Reconnect {
+    pub fn new() -> Reconnect {
+        Reconnect(Duration::from_millis(100))
+    }
+    pub fn wait(&mut self, shared: &Shared) {
+        shared.idle_wait(self.0);
+        self.0 = (self.0 * 2).min(Duration::from_secs(5));
+    }
+    pub fn reset(&mut self) {
+        self.0 = Duration::from_millis(100);
+    }
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// How long shutdown waits for in-flight batches before cancelling them and releasing
+/// their rows: well within the lease.
+fn shutdown_grace(lease: Duration) -> Duration {
+    (lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(5))
+}
+
+/// Runs the worker until stopped (signal, `OUTBOX_RUN_SECONDS`, or `until_empty`).
+pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
+    let shared = Shared::new(cfg);
+    install_signal_handler(&shared)?;
+    let cfg = &shared.cfg;
+    if cfg.metrics_port != 0 {
+        http::serve(&cfg.metrics_bind, cfg.metrics_port, shared.metrics.clone(), shared.ready.clone())?;
+    }
+    if !wait_for_schema(&shared)? {
+        log::info!("stopped before the database was reachable");
+        return Ok(());
+    }
+    log::info!(
+        "worker {} started: concurrency {}, batch {}, lease {:?}, max attempts {}{}",
+        cfg.worker_id,
+        cfg.concurrency,
+        cfg.batch_size,
+        cfg.lease,
+        cfg.max_attempts,
+        cfg.run_for.map(|d| format!(", running for {d:?}")).unwrap_or_default()
+    );
+
+    let pool = db::pool(&session_url(cfg), cfg.concurrency + 3)?;
+    let active_claimers = Arc::new(AtomicUsize::new(cfg.concurrency as usize));
+    let mut claimers = Vec::new();
+    for i in 0..cfg.concurrency {
+        let (s, p, active) = (shared.clone(), pool.clone(), active_claimers.clone());
+        claimers.push(spawn(&format!("claim-{i}"), move || {
+            claim::claim_loop(&s, &p, until_empty);
+            active.fetch_sub(1, Ordering::SeqCst);
+        })?);
+    }
+    let mut services = Vec::new();
+    {
+        let (s, p) = (shared.clone(), pool.clone());
+        services.push(spawn("reclaim", move || every(&s, s.cfg.reclaim_interval, || reclaim_once(&s, &p)))?);
+        let (s, p) = (shared.clone(), pool.clone());
+        let tick = (s.cfg.lease / 3).min(s.cfg.reclaim_interval);
+        services.push(spawn("lease-keeper", move || every(&s, tick, || extend_leases_once(&s, &p)))?);
+        let (s, p) = (shared.clone(), pool.clone());
+        services.push(spawn("gauges", move || every(&s, Duration::from_secs(1), || sample_gauges_once(&s, &p)))?);
+        let s = shared.clone();
+        services.push(spawn("listener", move || listen_loop(&s))?);
+    }
+
+    supervise(&shared, &active_claimers);
+    shutdown(&shared, claimers, services);
+    log_progress(&shared, None);
+    log::info!("worker {} stopped", shared.cfg.worker_id);
+    Ok(())
+}
+
+/// The worker's sessions carry a statement timeout, so nothing waits forever on a lock.
+fn session_url(cfg: &WorkerConfig) -> crate::config::DbUrl {
+    let mut url = cfg.database_url.clone();
+    let ms = cfg.statement_timeout.as_millis().max(1);
+    let options = format!("{} -c statement_timeout={ms}", url.config.get_options().unwrap_or("")).trim().to_string();
+    url.config.options(&options);
+    url.config.application_name(&format!("chronicle worker {}", cfg.worker_id));
+    url
+}
+
+fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(f)
+        .map_err(|e| AppError::failed(format!("cannot start thread {name}: {e}")))
+}
+
+/// Ctrl+C, SIGTERM (and Windows console events): the first stops cleanly, a second
+/// exits at once.
+fn install_signal_handler(shared: &Arc<Shared>) -> Result<()> {
+    let s = shared.clone();
+    ctrlc::set_handler(move || {
+        if s.stopping() {
+            eprintln!("chronicle: second signal, exiting now");
+            std::process::exit(130);
+        }
+        log::info!("stop requested: finishing or releasing the current batches");
+        s.request_stop();
+    })
+    .map_err(|e| AppError::failed(format!("cannot install the signal handler: {e}")))
+}
+
+/// Waits (forever, with backoff, until stopped) for the database, then checks the schema:
+/// behind or ahead of this binary is an error. Returns false if stopped while waiting.
+fn wait_for_schema(shared: &Shared) -> Result<bool> {
+    let mut backoff = Reconnect::new();
+    loop {
+        if shared.stopping() {
+            return Ok(false);
+        }
+        match db::connect(&shared.cfg.database_url) {
+            Ok(mut client) => {
+                shared.db_ok();
+                let st = migrate::status(&mut client)?;
+                if !st.pending.is_empty() {
+                    return Err(AppError::failed(format!(
+                        "the database schema is behind this chronicle ({} migration(s) pending, first: {} {}): \
+                         run `chronicle migrate` first",
+                        st.pending.len(),
+                        st.pending[0].version,
+                        st.pending[0].name
+                    )));
+                }
+                shared.ready.store(true, Ordering::Relaxed);
+                return Ok(true);
+            }
+            Err(e) if db::is_connection_error(&e) => {
+                shared.db_error("at start", &e);
+                backoff.wait(shared);
+            }
+            Err(e) => return Err(AppError::db("while connecting at start", &e)),
+        }
+    }
+}
+
+/// Runs `f` now and then every `interval` until stop.
+fn every(shared: &Shared, interval: Duration, mut f: impl FnMut()) {
+    while !shared.stopping() {
+        f();
+        shared.idle_wait(interval);
+    }
+}
+
+/// One turn of the reclaim loop: stuck rows back to pending (or failed when out of
+/// attempts), counted.
+pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
+    let Some(mut c) = pooled(shared, pool, "reclaim") else { return };
+    match outbox::reclaim_stuck(&mut *c, shared.cfg.max_processing, shared.cfg.max_attempts) {
+        Ok(o) => {
+            shared.db_ok();
+            let n = o.retried + o.exhausted;
+            if n > 0 {
+                log::warn!("reclaimed {n} stuck row(s): {} back to pending, {} failed (max_attempts_exceeded)", o.retried, o.exhausted);
+                Metrics::add(&shared.metrics.reclaimed, n);
+                for _ in 0..o.exhausted {
+                    shared.metrics.terminal_failure("max_attempts_exceeded");
+                }
+            }
+        }
+        Err(e) => shared.db_error("while reclaiming stuck rows", &e),
+    }
+}
+
+fn extend_leases_once(shared: &Shared, pool: &db::Pool) {
+    let tokens: Vec<Uuid> = shared.held_claims.lock().map(|h| h.iter().copied().collect()).unwrap_or_default();
+    if tokens.is_empty() {
+        return;
+    }
+    let Some(mut c) = pooled(shared, pool, "lease keeper") else { return };
+    match outbox::extend_lease(&mut *c, &tokens, shared.cfg.lease, shared.cfg.max_processing) {
+        Ok(n) if n > 0 => log::debug!("extended the lease of {n} row(s)"),
+        Ok(_) => {}
+        Err(e) => shared.db_error("while extending leases", &e),
+    }
+}
+
+fn sample_gauges_once(shared: &Shared, pool: &db::Pool) {
+    let Some(mut c) = pooled(shared, pool, "gauges") else { return };
+    match outbox::sample_gauges(&mut *c, shared.cfg.max_processing) {
+        Ok(g) => {
+            shared.ready.store(true, Ordering::Relaxed);
+            if let Ok(mut slot) = shared.metrics.gauges.lock() {
+                *slot = Some(g);
+            }
+        }
+        Err(e) => shared.db_error("while sampling gauges", &e),
+    }
+}
+
+/// A pooled connection, or None (logged) when the database is not reachable.
+pub fn pooled(shared: &Shared, pool: &db::Pool, what: &str) -> Option<db::PooledClient> {
+    match pool.get() {
+        Ok(c) => Some(c),
+        Err(e) => {
+            Metrics::add(&shared.metrics.db_errors, 1);
+            shared.ready.store(false, Ordering::Relaxed);
+            if !shared.db_down.swap(true, Ordering::SeqCst) {
+                log::warn!("database unreachable ({what}): {e}; retrying with backoff");
+            }
+            None
+        }
+    }
+}
+
+/// Keeps one connection listening on `chronicle_outbox` and wakes idle claim threads
+/// when the enqueue trigger notifies. Polling stays the fallback.
+fn listen_loop(shared: &Shared) {
+    let mut backoff = Reconnect::new();
+    while !shared.stopping() {
+        let mut client = match db::connect(&shared.cfg.database_url) {
+            Ok(c) => c,
+            Err(e) => {
+                log::debug!("listener cannot connect: {}", db::describe_error(&e));
+                backoff.wait(shared);
+                continue;
+            }
+        };
+        if let Err(e) = client.batch_execute("LISTEN chronicle_outbox") {
+            log::debug!("listener cannot LISTEN: {}", db::describe_error(&e));
+            backoff.wait(shared);
+            continue;
+        }
+        backoff.reset();
+        // Anything written while we were not listening is found by this wake-up.
+        shared.wake_all();
+        let mut notifications = client.notifications();
+        let mut iter = notifications.timeout_iter(Duration::from_millis(250));
+        loop {
+            if shared.stopping() {
+                return;
+            }
+            match iter.next() {
+                Ok(Some(_)) => shared.wake_all(),
+                Ok(None) => {}
+                Err(e) => {
+                    log::debug!("listener connection lost: {}", db::describe_error(&e));
+                    break;
+                }
+            }
+        }
+    }
+}
+
+/// Waits until stop is requested, `OUTBOX_RUN_SECONDS` have passed, or (with
+/// `--until-empty`) every claim thread found nothing ready; logs progress meanwhile.
+fn supervise(shared: &Shared, active_claimers: &AtomicUsize) {
+    let started = Instant::now();
+    let mut last_log = (Instant::now(), 0u64);
+    while !shared.stopping() {
+        if shared.cfg.run_for.is_some_and(|d| started.elapsed() >= d) {
+            log::info!("OUTBOX_RUN_SECONDS reached: stopping");
+            shared.request_stop();
+            break;
+        }
+        if active_claimers.load(Ordering::SeqCst) == 0 {
+            log::info!("nothing left to claim: stopping (--until-empty)");
+            shared.request_stop();
+            break;
+        }
+        shared.idle_wait(Duration::from_millis(100));
+        if last_log.0.elapsed() >= Duration::from_secs(5) {
+            last_log = (Instant::now(), log_progress(shared, Some(last_log)));
+        }
+    }
+}
+
+/// One info line: processed, failed, retries, backlog, events/s. Returns processed.
+fn log_progress(shared: &Shared, since: Option<(Instant, u64)>) -> u64 {
+    let m = &shared.metrics;
+    let processed = Metrics::get(&m.processed);
+    let backlog = m.gauges.lock().ok().and_then(|g| *g).map(|g| g.pending.to_string()).unwrap_or_else(|| "?".into());
+    let rate = since
+        .map(|(t, p)| (processed.saturating_sub(p)) as f64 / t.elapsed().as_secs_f64().max(1e-3))
+        .map(|r| format!(", {r:.0} events/s"))
+        .unwrap_or_default();
+    log::info!(
+        "processed {processed}, failed {}, retries {}, reclaimed {}, backlog {backlog}{rate}",
+        m.terminal_failed_total(),
+        Metrics::get(&m.retry_scheduled),
+        Metrics::get(&m.reclaimed)
+    );
+    processed
+}
+
+/// Stops the threads: claim threads finish their batch within the grace period, or are
+/// interrupted (their rows released with the attempt given back).
+fn shutdown(shared: &Shared, claimers: Vec<JoinHandle<()>>, services: Vec<JoinHandle<()>>) {
+    shared.request_stop();
+    let grace = shutdown_grace(shared.cfg.lease);
+    let deadline = Instant::now() + grace;
+    while claimers.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if claimers.iter().any(|h| !h.is_finished()) {
+        log::warn!("in-flight batches did not finish within {grace:?}: interrupting them and releasing their rows");
+        if let Ok(tokens) = shared.cancel_tokens.lock() {
+            for t in tokens.iter() {
+                let _ = t.cancel_query(postgres::NoTls);
+            }
+        }
+    }
+    let hard_deadline = Instant::now() + grace + Duration::from_secs(2);
+    for h in claimers.into_iter().chain(services) {
+        while !h.is_finished() && Instant::now() < hard_deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if h.is_finished() {
+            let _ = h.join();
+        }
+    }
+}

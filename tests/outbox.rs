@@ -1,0 +1,101 @@
+//! The outbox transitions as statements: fencing on the claim token, reclaim keeping
+//! attempts, release giving them back.
+
+use std::time::Duration;
+
+use chronicle::outbox;
+use uuid::Uuid;
+
+use crate::util::{count, insert_events, TestDb};
+
+const LEASE: Duration = Duration::from_secs(30);
+
+#[test]
+fn a_worker_whose_claim_was_reclaimed_and_reclaimed_again_changes_nothing() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 5);
+    let old = Uuid::now_v7();
+    let claimed = outbox::claim_batch(&mut c, 10, "w1", old, LEASE).unwrap();
+    assert_eq!(claimed.len(), 5);
+    assert!(claimed.iter().all(|r| r.event.is_some() && r.attempts == 1));
+    let ids: Vec<i64> = claimed.iter().map(|r| r.outbox_id).collect();
+    // The lease expires; the reclaim loop takes the rows back, keeping the attempt.
+    c.execute("UPDATE chronicle_outbox_events SET lease_until = now() - interval '1 second'", &[]).unwrap();
+    let o = outbox::reclaim_stuck(&mut c, Duration::from_secs(600), 10).unwrap();
+    assert_eq!(o.retried, 5);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending' AND attempts = 1"), 5);
+    // Another claim (here by the same worker id) takes them.
+    let new = Uuid::now_v7();
+    assert_eq!(outbox::claim_batch(&mut c, 10, "w1", new, LEASE).unwrap().len(), 5);
+    // The old claim can complete, fail, retry or release nothing.
+    assert!(outbox::mark_done(&mut c, &ids, old).unwrap().is_empty());
+    let f: Vec<outbox::Failure> =
+        ids.iter().map(|id| outbox::Failure { outbox_id: *id, error_reason: "invalid_payload", error: "x".into() }).collect();
+    assert!(outbox::mark_failed(&mut c, &f, old).unwrap().is_empty());
+    let delays: Vec<(i64, Duration)> = ids.iter().map(|id| (*id, Duration::from_secs(1))).collect();
+    assert_eq!(outbox::schedule_retry(&mut c, &delays, 10, "x", old).unwrap(), outbox::RetryOutcome::default());
+    assert_eq!(outbox::release_claim(&mut c, &ids, old).unwrap(), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing' AND attempts = 2"), 5);
+    // The new claim completes.
+    assert_eq!(outbox::mark_done(&mut c, &ids, new).unwrap().len(), 5);
+}
+
+#[test]
+fn reclaim_of_a_row_out_of_attempts_fails_it() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 2);
+    outbox::claim_batch(&mut c, 10, "w", Uuid::now_v7(), LEASE).unwrap();
+    c.execute("UPDATE chronicle_outbox_events SET lease_until = now() - interval '1 second'", &[]).unwrap();
+    let o = outbox::reclaim_stuck(&mut c, Duration::from_secs(600), 1).unwrap();
+    assert_eq!((o.retried, o.exhausted), (0, 2));
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed' AND error_reason = 'max_attempts_exceeded'"), 2);
+}
+
+#[test]
+fn a_row_processing_past_max_processing_is_reclaimed_even_with_a_live_lease() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 1);
+    outbox::claim_batch(&mut c, 10, "w", Uuid::now_v7(), LEASE).unwrap();
+    assert_eq!(outbox::reclaim_stuck(&mut c, Duration::from_secs(600), 10).unwrap().retried, 0);
+    c.execute("UPDATE chronicle_outbox_events SET claimed_at = now() - interval '11 minutes'", &[]).unwrap();
+    let g = outbox::sample_gauges(&mut c, Duration::from_secs(600)).unwrap();
+    assert_eq!((g.inflight, g.stuck), (1, 1));
+    assert_eq!(outbox::reclaim_stuck(&mut c, Duration::from_secs(600), 10).unwrap().retried, 1);
+}
+
+#[test]
+fn release_gives_the_attempt_back_and_retry_waits_for_its_time() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 3);
+    let t = Uuid::now_v7();
+    let ids: Vec<i64> = outbox::claim_batch(&mut c, 10, "w", t, LEASE).unwrap().iter().map(|r| r.outbox_id).collect();
+    assert_eq!(outbox::release_claim(&mut c, &ids, t).unwrap(), 3);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending' AND attempts = 0 AND claim_token IS NULL"), 3);
+    let t = Uuid::now_v7();
+    outbox::claim_batch(&mut c, 10, "w", t, LEASE).unwrap();
+    let delays: Vec<(i64, Duration)> = ids.iter().map(|id| (*id, Duration::from_secs(60))).collect();
+    let o = outbox::schedule_retry(&mut c, &delays, 10, "transient: boom", t).unwrap();
+    assert_eq!(o.retried, 3);
+    // Not ready yet: nothing to claim until next_retry_at.
+    assert!(outbox::claim_batch(&mut c, 10, "w", Uuid::now_v7(), LEASE).unwrap().is_empty());
+    c.execute("UPDATE chronicle_outbox_events SET next_retry_at = now() - interval '1 second'", &[]).unwrap();
+    assert_eq!(outbox::claim_batch(&mut c, 10, "w", Uuid::now_v7(), LEASE).unwrap().len(), 3);
+}
+
+#[test]
+fn the_lease_keeper_extends_only_held_rows_and_never_past_max_processing() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 2);
+    let t = Uuid::now_v7();
+    outbox::claim_batch(&mut c, 1, "w", t, Duration::from_secs(1)).unwrap();
+    outbox::claim_batch(&mut c, 1, "w", Uuid::now_v7(), Duration::from_secs(1)).unwrap();
+    assert_eq!(outbox::extend_lease(&mut c, &[t], Duration::from_secs(30), Duration::from_secs(600)).unwrap(), 1);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE lease_until > now() + interval '20 seconds'"), 1);
+    c.execute("UPDATE chronicle_outbox_events SET claimed_at = now() - interval '11 minutes' WHERE claim_token = $1", &[&t]).unwrap();
+    assert_eq!(outbox::extend_lease(&mut c, &[t], Duration::from_secs(30), Duration::from_secs(600)).unwrap(), 0);
+}

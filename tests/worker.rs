@@ -1,0 +1,280 @@
+//! The projector worker, through the real binary against a real server.
+
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::util::{assert_fully_projected, count, insert_events, outbox_by_status, run, signal, wait_until, worker_cmd, TestDb};
+
+#[test]
+fn a_drain_leaves_one_entry_per_event_and_every_row_done() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    let library = insert_events(&mut c, 1234);
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_fully_projected(&mut c);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts <> 1"), 0);
+    let row = c
+        .query_one(
+            "SELECT n.summary, n.changed_fields, n.projection_version, n.library_id, n.search @@ to_tsquery('simple', '标题')
+             FROM chronicle_entries n JOIN chronicle_events e USING (id) WHERE e.after->>'title' = 'Title 7'",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(row.get::<_, String>(0), "Renamed book \"旧标题 7\" → \"Title 7\"");
+    assert_eq!(row.get::<_, Vec<String>>(1), vec!["title".to_string()]);
+    assert_eq!(row.get::<_, i32>(2), chronicle::projection::PROJECTION_VERSION);
+    assert_eq!(row.get::<_, uuid::Uuid>(3), library);
+    assert!(row.get::<_, bool>(4), "the Chinese word 标题 is searchable");
+}
+
+#[test]
+fn a_poison_event_of_each_class_fails_alone_and_the_rest_is_projected() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    // The read model refuses entries whose summary mentions "REFUSE" (a constraint this
+    // test adds): rejected_by_read_model.
+    c.batch_execute("ALTER TABLE chronicle_entries ADD CONSTRAINT no_refuse CHECK (summary NOT LIKE '%REFUSE%')").unwrap();
+    insert_events(&mut c, 60);
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at) VALUES
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookVanished', NULL, '{}', now()),
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed', '{\"title\": 5}', '{\"title\": \"x\"}', now()),
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed', '{\"title\": \"a\"}', '{\"title\": \"REFUSE\"}', now())",
+    )
+    .unwrap();
+    insert_events(&mut c, 60);
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "50"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let by = outbox_by_status(&mut c);
+    assert_eq!(by.get("done"), Some(&120), "{by:?}");
+    assert_eq!(by.get("failed/unknown_event_type"), Some(&1), "{by:?}");
+    assert_eq!(by.get("failed/invalid_payload"), Some(&1), "{by:?}");
+    assert_eq!(by.get("failed/rejected_by_read_model"), Some(&1), "{by:?}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 120);
+    let errors: Vec<String> = c
+        .query("SELECT error FROM chronicle_outbox_events WHERE status = 'failed' ORDER BY error_reason", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(errors[0].contains("before.title"), "{errors:?}");
+    assert!(errors[1].contains("no_refuse"), "{errors:?}");
+    assert!(errors[2].contains("BookVanished"), "{errors:?}");
+}
+
+#[test]
+fn a_lock_held_past_the_statement_timeout_retries_then_succeeds() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 20);
+    let mut locker = db.client();
+    let mut tx = locker.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE").unwrap();
+    let mut child = worker_cmd(&db, &[])
+        .env("OUTBOX_STATEMENT_TIMEOUT_SECONDS", "0.2")
+        .env("OUTBOX_BASE_BACKOFF_SECONDS", "0.1")
+        .env("OUTBOX_MAX_BACKOFF_SECONDS", "0.2")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "a retry to be scheduled", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending' AND attempts >= 1 AND error LIKE 'transient%'") > 0
+    });
+    tx.rollback().unwrap();
+    wait_until(Duration::from_secs(20), "the drain after the lock is gone", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'") == 20
+    });
+    signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    assert_fully_projected(&mut c);
+    assert!(count(&mut c, "SELECT max(attempts)::bigint FROM chronicle_outbox_events") >= 2);
+}
+
+#[test]
+fn a_lock_that_never_clears_ends_in_max_attempts_exceeded() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 5);
+    let mut locker = db.client();
+    let mut tx = locker.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE").unwrap();
+    let mut child = worker_cmd(&db, &[])
+        .env("OUTBOX_STATEMENT_TIMEOUT_SECONDS", "0.1")
+        .env("OUTBOX_BASE_BACKOFF_SECONDS", "0.05")
+        .env("OUTBOX_MAX_BACKOFF_SECONDS", "0.1")
+        .env("OUTBOX_MAX_ATTEMPTS", "3")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(30), "every row to fail", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed'") == 5
+    });
+    signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    let by = outbox_by_status(&mut c);
+    assert_eq!(by.get("failed/max_attempts_exceeded"), Some(&5), "{by:?}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts <> 3"), 0);
+    assert!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE error LIKE '%statement timeout%'") == 5);
+    tx.rollback().unwrap();
+}
+
+#[test]
+fn after_kill_9_mid_drain_another_worker_finishes_exactly_once() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 20_000);
+    let mut first = worker_cmd(&db, &["--batch-size", "200"]).env("OUTBOX_LEASE_SECONDS", "1").stderr(Stdio::null()).spawn().unwrap();
+    wait_until(Duration::from_secs(60), "the first worker to be mid-drain", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'") > 1000
+    });
+    first.kill().unwrap(); // SIGKILL
+    first.wait().unwrap();
+    let left = count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'");
+    assert!(left > 0, "the kill came too late to test anything");
+    let r = run(worker_cmd(&db, &["--until-empty", "--batch-size", "200"])
+        .env("OUTBOX_LEASE_SECONDS", "1")
+        .env("OUTBOX_RECLAIM_INTERVAL_SECONDS", "0.2"));
+    assert_eq!(r.code, Some(0), "{r}");
+    // Rows held by the killed worker are reclaimed once their lease expires; wait for
+    // them with a second pass if the first ended before the lease did.
+    wait_until(Duration::from_secs(20), "the killed worker's rows to be reclaimed", || {
+        let r = run(worker_cmd(&db, &["--until-empty"]).env("OUTBOX_RECLAIM_INTERVAL_SECONDS", "0.2"));
+        assert_eq!(r.code, Some(0), "{r}");
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'") == 0
+    });
+    assert_fully_projected(&mut c);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events"), 20_000, "one delivery per event");
+}
+
+#[test]
+fn two_processes_sharing_a_worker_id_never_process_a_row_twice() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 20_000);
+    let spawn = || {
+        worker_cmd(&db, &["--until-empty", "--concurrency", "4", "--batch-size", "25"])
+            .env("OUTBOX_WORKER_ID", "same")
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let (mut a, mut b) = (spawn(), spawn());
+    assert!(a.wait().unwrap().success());
+    assert!(b.wait().unwrap().success());
+    assert_fully_projected(&mut c);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts <> 1"), 0);
+}
+
+#[test]
+fn outbox_run_seconds_exits_0_in_time() {
+    let db = TestDb::new();
+    let started = Instant::now();
+    let r = run(worker_cmd(&db, &[]).env("OUTBOX_RUN_SECONDS", "2"));
+    let took = started.elapsed();
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(6), "took {took:?}");
+}
+
+#[test]
+fn sigterm_releases_claimed_rows_and_gives_their_attempt_back() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 30);
+    let mut locker = db.client();
+    let mut tx = locker.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE").unwrap();
+    let mut child = worker_cmd(&db, &["--batch-size", "10"]).stderr(Stdio::piped()).spawn().unwrap();
+    wait_until(Duration::from_secs(20), "a batch to be claimed", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing'") == 10
+    });
+    let signalled = Instant::now();
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(signalled.elapsed() < Duration::from_secs(15), "took {:?}, more than the lease", signalled.elapsed());
+    tx.rollback().unwrap();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending' AND attempts = 0"), 30);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 0);
+}
+
+#[test]
+fn the_worker_survives_its_connections_being_terminated() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 30_000);
+    let mut child = worker_cmd(&db, &["--batch-size", "100", "--concurrency", "2"]).stderr(Stdio::null()).spawn().unwrap();
+    let mut killed = 0;
+    for _ in 0..6 {
+        std::thread::sleep(Duration::from_millis(300));
+        killed += count(
+            &mut c,
+            &format!(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity
+                 WHERE datname = '{}' AND application_name LIKE 'chronicle worker%'",
+                db.name
+            ),
+        );
+    }
+    assert!(killed >= 3, "only {killed} connections were cut");
+    wait_until(Duration::from_secs(90), "the drain to finish", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'") == 0
+    });
+    signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    assert_fully_projected(&mut c);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed'"), 0);
+}
+
+#[test]
+fn a_worker_started_before_the_database_is_reachable_starts_working_when_it_is() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 100);
+    let port = crate::util::free_port();
+    let _proxy = crate::util::Proxy::start_later(port, Duration::from_secs(2), &db.server);
+    let url = format!("postgresql://{}@127.0.0.1:{port}/{}", db.server.user, db.name);
+    let mut child = worker_cmd(&db, &[]).env("DATABASE_URL", &url).stderr(Stdio::null()).spawn().unwrap();
+    wait_until(Duration::from_secs(30), "the drain through the late database", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'") == 100
+    });
+    assert!(child.try_wait().unwrap().is_none(), "the worker exited");
+    signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+}
+
+#[test]
+fn an_older_projection_version_does_not_overwrite_a_newer_entry() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 3);
+    // A newer projector already wrote one of these entries.
+    c.batch_execute(
+        "INSERT INTO chronicle_entries (id, library_id, entity_type, entity_id, event_type, occurred_at, created_at,
+                                        summary, search, projection_version)
+         SELECT id, library_id, entity_type, entity_id, event_type, occurred_at, created_at,
+                'written by v99', to_tsvector('simple', 'x'), 99
+         FROM chronicle_events ORDER BY id LIMIT 1",
+    )
+    .unwrap();
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_fully_projected(&mut c);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries WHERE summary = 'written by v99' AND projection_version = 99"), 1);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries WHERE projection_version = 1"), 2);
+}
+
+#[test]
+fn a_worker_refuses_an_unmigrated_or_newer_schema() {
+    let db = TestDb::empty();
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("chronicle migrate"), "{r}");
+    let db = TestDb::new();
+    db.client()
+        .batch_execute("INSERT INTO chronicle_schema_migrations (version, name, checksum, duration_ms) VALUES (99, 'future', 'x', 0)")
+        .unwrap();
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("upgrade chronicle"), "{r}");
+}
