@@ -1,0 +1,490 @@
+# chronicle developer tasks for Windows PowerShell 5.1 and PowerShell 7 (Windows, Linux, macOS).
+# run.sh is the line-by-line bash mirror: same verbs, same order, same messages.
+# Usage: .\run.ps1 <verb> [args...]     (.\run.ps1 help lists the verbs)
+param(
+  [Parameter(Position = 0)][string]$Verb = 'help',
+  [Parameter(Position = 1, ValueFromRemainingArguments = $true)][string[]]$Rest
+)
+$ErrorActionPreference = 'Stop'
+$Rest = @($Rest | Where-Object { $null -ne $_ })
+
+$Root = $PSScriptRoot
+$OnWindows = ($PSVersionTable.PSEdition -eq 'Desktop') -or ($IsWindows -eq $true)
+$ExeSuffix = if ($OnWindows) { '.exe' } else { '' }
+$IsRoot = (-not $OnWindows) -and ((& id -u) -eq '0')
+
+# The runbook's devtest database (section 6.2): port 5435, user/password wordloom, database wordloom_test.
+$DevDbPort = 5435
+$DevDbName = 'wordloom_test'
+$DevDbUser = 'wordloom'
+$DevDbPassword = 'wordloom'
+$DevDatabaseUrl = "postgresql+psycopg://${DevDbUser}:${DevDbPassword}@localhost:${DevDbPort}/${DevDbName}"
+$DemoDatabaseUrl = 'postgres://postgres@127.0.0.1:5432/chronicle_demo'
+$DockerName = 'wordloom-devtest-db'
+$TargetDir = if ($env:CARGO_TARGET_DIR) { $env:CARGO_TARGET_DIR } else { 'target' }
+$Bin = Join-Path (Join-Path $TargetDir 'release') "chronicle$ExeSuffix"
+if (-not [IO.Path]::IsPathRooted($Bin)) { $Bin = Join-Path '.' $Bin }
+
+function Show-Usage {
+  Write-Host @'
+usage: .\run.ps1 <verb> [args...]
+
+verbs:
+  help       show this list
+  build      cargo build --release
+  test       cargo test --all-targets [args...] (the tests find or start a PostgreSQL themselves)
+  migrate    build, then chronicle migrate [args...] on DATABASE_URL (unset: the dev database)
+  worker     build, then chronicle worker [args...] with the runbook's OUTBOX_* values as defaults
+  db-start   start the dev PostgreSQL: 127.0.0.1:5435, user/password wordloom, database wordloom_test
+  db-stop    stop the dev PostgreSQL
+  demo       migrate, inject 5000 events, run the worker for 5 s, show the results
+
+PowerShell keeps a bare -- and short words like -v for itself: quote them, e.g. .\run.ps1 test '--' '--nocapture'
+'@
+}
+
+# ---------------------------------------------------------------- helpers
+
+function Die([string]$Message) {
+  [Console]::Error.WriteLine("error: $Message")
+  exit 1
+}
+
+# Environment changes would outlive the script in this PowerShell session (bash runs in a child
+# process): remember every variable we set and put it back at the end.
+$SavedEnv = @{}
+function Set-Env([string]$Name, $Value) {
+  if (-not $SavedEnv.ContainsKey($Name)) { $SavedEnv[$Name] = [Environment]::GetEnvironmentVariable($Name) }
+  [Environment]::SetEnvironmentVariable($Name, $Value)
+}
+function Restore-Env {
+  foreach ($k in @($SavedEnv.Keys)) { [Environment]::SetEnvironmentVariable($k, $SavedEnv[$k]) }
+}
+
+# Hide the password of any URL in what we print: scheme://user:***@host
+function Hide-Password([string]$Text) { return ($Text -replace '(://[^:/@]*:)[^@/]*@', '$1***@') }
+
+# Print a command as one could paste it: plain words bare, anything else in single quotes.
+function Show-Command([string]$Exe, [string[]]$Arguments) {
+  $words = foreach ($a in @($Exe) + @($Arguments)) {
+    if ($a -match '^[A-Za-z0-9_./:=@+,%\\-]+$') { $a } else { "'" + ($a -replace "'", "''") + "'" }
+  }
+  Write-Host ('==> ' + (Hide-Password ($words -join ' ')))
+}
+
+function Test-Command([string]$Exe) {
+  return [bool](Get-Command $Exe -CommandType Application -ErrorAction SilentlyContinue)
+}
+
+# Native commands run with ErrorActionPreference 'Continue' (Windows PowerShell turns their stderr
+# into errors when it is redirected); their exit code decides, as in bash.
+
+# Print a command, then run it; stop the script with its exit code if it fails.
+function Step([string]$Exe, [string[]]$Arguments = @()) {
+  $Arguments = @($Arguments | Where-Object { $null -ne $_ })
+  Show-Command $Exe $Arguments
+  if (-not (Test-Command $Exe)) { Die "command not found: $Exe" }
+  $ErrorActionPreference = 'Continue'
+  & $Exe @Arguments | Out-Host
+  if ($LASTEXITCODE -ne 0) { exit $LASTEXITCODE }
+}
+
+# Run a command without output; only its exit status counts.
+function Test-Quiet([string]$Exe, [string[]]$Arguments = @()) {
+  if (-not (Test-Command $Exe)) { return $false }
+  $ErrorActionPreference = 'Continue'
+  & $Exe @Arguments *> $null
+  return ($LASTEXITCODE -eq 0)
+}
+
+# A command's standard output, trimmed; like bash's $(...) under set -e it stops the script on
+# failure, unless -Optional (then $null).
+function Get-Output([string]$Exe, [string[]]$Arguments = @(), [switch]$Optional) {
+  if (-not (Test-Command $Exe)) { if ($Optional) { return $null }; Die "command not found: $Exe" }
+  $ErrorActionPreference = 'Continue'
+  $out = & $Exe @Arguments
+  if ($LASTEXITCODE -ne 0) { if ($Optional) { return $null }; exit $LASTEXITCODE }
+  return (($out | Out-String).Trim())
+}
+
+# SQLAlchemy URLs (postgresql+psycopg://...) -> libpq URLs that psql understands.
+function ConvertTo-LibpqUrl([string]$Url) { return ($Url -replace '^postgresql\+[A-Za-z0-9_]+://', 'postgresql://') }
+
+# Does anything listen on host:port?
+function Test-TcpOpen([string]$HostName, [int]$Port) {
+  $client = New-Object System.Net.Sockets.TcpClient
+  try { return $client.ConnectAsync($HostName, $Port).Wait(2000) } catch { return $false } finally { $client.Close() }
+}
+
+# Does a PostgreSQL accept connections on host:port?
+function Test-PgReady([string]$HostName, [int]$Port) {
+  if (Get-Command pg_isready -ErrorAction SilentlyContinue) {
+    return (Test-Quiet 'pg_isready' @('-q', '-h', $HostName, '-p', "$Port"))
+  }
+  return (Test-TcpOpen $HostName $Port)
+}
+
+function Test-PgBinDir([string]$Dir) {
+  return ($Dir -and (Test-Path (Join-Path $Dir "initdb$ExeSuffix")) -and (Test-Path (Join-Path $Dir "pg_ctl$ExeSuffix")))
+}
+
+# Directory holding initdb and pg_ctl: the version matching an existing cluster ($Want),
+# else pg_config --bindir, else the newest installed version, else PATH.
+function Find-PgBinDir([string]$Want = '') {
+  $roots = @('/usr/lib/postgresql')
+  if ($env:ProgramFiles) { $roots += (Join-Path $env:ProgramFiles 'PostgreSQL') }
+  if ($Want) {
+    foreach ($r in $roots) { $d = Join-Path (Join-Path $r $Want) 'bin'; if (Test-PgBinDir $d) { return $d } }
+  }
+  if (Get-Command pg_config -ErrorAction SilentlyContinue) {
+    $d = Get-Output 'pg_config' @('--bindir') -Optional
+    if (Test-PgBinDir $d) { return $d }
+  }
+  $cands = foreach ($r in $roots) { Get-Item -Path (Join-Path (Join-Path $r '*') 'bin') -ErrorAction SilentlyContinue }
+  $newest = @($cands | Where-Object { Test-PgBinDir $_.FullName } |
+    Sort-Object { [double]($_.Parent.Name -replace '[^0-9.].*$', '') + 0 }) | Select-Object -Last 1
+  if ($newest) { return $newest.FullName }
+  $pgctl = Get-Command "pg_ctl$ExeSuffix" -CommandType Application -ErrorAction SilentlyContinue | Select-Object -First 1
+  if ($pgctl -and (Get-Command "initdb$ExeSuffix" -CommandType Application -ErrorAction SilentlyContinue)) {
+    return (Split-Path -Parent $pgctl.Path)
+  }
+  return $null
+}
+
+# psql from PATH, else from the server binaries.
+function Find-Psql {
+  $p = Get-Command "psql$ExeSuffix" -CommandType Application -ErrorAction SilentlyContinue | Select-Object -First 1
+  if ($p) { return $p.Path }
+  $d = Find-PgBinDir
+  if ($d -and (Test-Path (Join-Path $d "psql$ExeSuffix"))) { return (Join-Path $d "psql$ExeSuffix") }
+  return $null
+}
+
+# initdb refuses to run as root: then the cluster belongs to the postgres OS user,
+# in a folder it can reach (one per checkout, the same one run.sh uses), instead of .devdb in the repository.
+function Get-DevDbDir {
+  if ($IsRoot) {
+    $sum = Get-Output 'sh' @('-c', 'set -f; IFS=; printf %s $1 | cksum', 'sh', $Root)
+    return ('/tmp/chronicle-devdb-' + $sum.Split(' ')[0])
+  }
+  return (Join-Path $Root '.devdb')
+}
+
+# Run a server command as the cluster's owner (the postgres OS user when we are root).
+function Step-AsOwner([string]$Exe, [string[]]$Arguments = @()) {
+  if (-not $IsRoot) { Step $Exe $Arguments; return }
+  Push-Location '/'
+  try { Step 'runuser' (@('-u', 'postgres', '--', $Exe) + $Arguments) } finally { Pop-Location }
+}
+function Test-QuietAsOwner([string]$Exe, [string[]]$Arguments = @()) {
+  if (-not $IsRoot) { return (Test-Quiet $Exe $Arguments) }
+  Push-Location '/'
+  try { return (Test-Quiet 'runuser' (@('-u', 'postgres', '--', $Exe) + $Arguments)) } finally { Pop-Location }
+}
+
+# pg_ctl start leaves a server running that inherits pg_ctl's handles: started through a pipe
+# (as Step does), PowerShell would wait for that server to exit. Start it on the console instead.
+function Start-AsOwner([string]$Exe, [string[]]$Arguments = @()) {
+  if ($IsRoot) { $Arguments = @('-u', 'postgres', '--', $Exe) + $Arguments; $Exe = 'runuser' }
+  Show-Command $Exe $Arguments
+  $quoted = foreach ($a in $Arguments) { if ($a -match '[\s"]') { '"' + ($a -replace '"', '\"') + '"' } else { $a } }
+  $wd = if ($IsRoot) { '/' } else { $Root }
+  $p = Start-Process -FilePath $Exe -ArgumentList ($quoted -join ' ') -NoNewWindow -PassThru -WorkingDirectory $wd
+  $null = $p.Handle  # keeps ExitCode readable after the exit (Windows PowerShell quirk)
+  $p.WaitForExit()
+  return ($p.ExitCode -eq 0)
+}
+
+function Build-Release { Step 'cargo' @('build', '--release') }
+
+# DATABASE_URL from the environment, else the dev database (.\run.ps1 db-start).
+function Use-DatabaseUrl {
+  if ($env:DATABASE_URL) {
+    Write-Host ('    DATABASE_URL from the environment: ' + (Hide-Password $env:DATABASE_URL))
+  } else {
+    Set-Env 'DATABASE_URL' $DevDatabaseUrl
+    Write-Host "    DATABASE_URL is not set; using the dev database (.\run.ps1 db-start): $DevDatabaseUrl"
+  }
+}
+
+# The runbook's worker variables; each one is set only when not already set.
+# $MetricsPort: the metrics port default (9110; the demo uses 0 to avoid port clashes).
+function Set-WorkerDefaults([string]$MetricsPort) {
+  $defaults = [ordered]@{
+    OUTBOX_WORKER_ID                = 'c1'
+    OUTBOX_METRICS_PORT             = $MetricsPort
+    OUTBOX_BATCH_SIZE               = '50'
+    OUTBOX_POLL_INTERVAL_SECONDS    = '0.2'
+    OUTBOX_LEASE_SECONDS            = '30'
+    OUTBOX_MAX_ATTEMPTS             = '10'
+    OUTBOX_BASE_BACKOFF_SECONDS     = '0.5'
+    OUTBOX_MAX_BACKOFF_SECONDS      = '30'
+    OUTBOX_RECLAIM_INTERVAL_SECONDS = '5'
+    OUTBOX_MAX_PROCESSING_SECONDS   = '600'
+  }
+  foreach ($k in @($defaults.Keys)) {
+    if (-not [Environment]::GetEnvironmentVariable($k)) { Set-Env $k $defaults[$k] }
+  }
+  $line = '   '
+  foreach ($k in @($defaults.Keys) + @('OUTBOX_RUN_SECONDS')) {
+    $v = [Environment]::GetEnvironmentVariable($k)
+    if ($v) { $line += " $k=$v" }
+  }
+  Write-Host $line
+}
+
+# ---------------------------------------------------------------- verbs
+
+function Verb-Build([string[]]$Arguments) { Step 'cargo' (@('build', '--release') + $Arguments) }
+
+function Verb-Test([string[]]$Arguments) { Step 'cargo' (@('test', '--all-targets') + $Arguments) }
+
+function Verb-Migrate([string[]]$Arguments) {
+  Build-Release
+  Use-DatabaseUrl
+  Step $Bin (@('migrate') + $Arguments)
+}
+
+function Verb-Worker([string[]]$Arguments) {
+  Build-Release
+  Use-DatabaseUrl
+  Set-WorkerDefaults '9110'
+  Step $Bin (@('worker') + $Arguments)
+}
+
+# Docker available and running: the runbook's devtest container.
+function Test-Docker {
+  return ((Get-Command docker -ErrorAction SilentlyContinue) -and (Test-Quiet 'docker' @('info')))
+}
+function Get-DockerState {
+  return (Get-Output 'docker' @('ps', '-a', '--filter', ('name=^' + $DockerName + '$'), '--format', '{{.State}}') -Optional)
+}
+
+function Start-DockerDb {
+  Write-Host "    docker is available: using the runbook's container $DockerName"
+  $state = Get-DockerState
+  if ($state -eq 'running') {
+    Write-Host "dev database already running (docker container $DockerName)"
+    Write-Host "DATABASE_URL=$DevDatabaseUrl"
+    return
+  }
+  if ($state) {
+    Step 'docker' @('start', $DockerName)
+  } else {
+    if (Test-TcpOpen '127.0.0.1' $DevDbPort) { Die "port $DevDbPort on 127.0.0.1 is taken by another program; stop it first" }
+    Step 'docker' @('run', '-d', '--name', $DockerName, '-e', "POSTGRES_USER=$DevDbUser", '-e', "POSTGRES_PASSWORD=$DevDbPassword",
+      '-e', "POSTGRES_DB=$DevDbName", '-p', "${DevDbPort}:5432", 'postgres:15')
+  }
+  Write-Host '==> waiting for the container to accept connections'
+  # Over TCP inside the container: the image's first-start initialisation listens on the socket only.
+  $ready = $false
+  for ($i = 0; $i -lt 60 -and -not $ready; $i++) {
+    $ready = Test-Quiet 'docker' @('exec', $DockerName, 'pg_isready', '-q', '-h', '127.0.0.1', '-p', '5432', '-U', $DevDbUser, '-d', $DevDbName)
+    if (-not $ready) { Start-Sleep -Seconds 1 }
+  }
+  if (-not $ready) {
+    Step 'docker' @('logs', '--tail', '20', $DockerName)
+    Die "the dev database did not start (docker logs $DockerName)"
+  }
+  Write-Host "dev database running (docker container $DockerName)"
+  Write-Host "DATABASE_URL=$DevDatabaseUrl"
+  Write-Host "    `$env:DATABASE_URL='$DevDatabaseUrl'"
+}
+
+function Verb-DbStart {
+  if (Test-Docker) { Start-DockerDb; return }
+  $devdb = Get-DevDbDir
+  $data = Join-Path $devdb 'data'
+  $log = Join-Path $devdb 'postgres.log'
+  $version = ''
+  if (Test-Path (Join-Path $data 'PG_VERSION')) { $version = (Get-Content (Join-Path $data 'PG_VERSION') -TotalCount 1).Trim() }
+  $bindir = Find-PgBinDir $version
+  if (-not $bindir) { Die 'no PostgreSQL server binaries (initdb, pg_ctl) found; install PostgreSQL server binaries (https://www.postgresql.org/download/), or Docker' }
+  Write-Host "    PostgreSQL server binaries: $bindir"
+  $pgctl = Join-Path $bindir "pg_ctl$ExeSuffix"
+  $psql = Join-Path $bindir "psql$ExeSuffix"
+  if ($version -and (Test-QuietAsOwner $pgctl @('status', '-D', $data))) {
+    Write-Host "dev database already running (data: $data)"
+    Write-Host "DATABASE_URL=$DevDatabaseUrl"
+    return
+  }
+  Set-Env 'PGPASSWORD' $DevDbPassword
+  if (Test-TcpOpen '127.0.0.1' $DevDbPort) {
+    if (Test-Quiet $psql @('-X', '-w', '-h', '127.0.0.1', '-p', "$DevDbPort", '-U', $DevDbUser, '-d', $DevDbName, '-c', 'select 1')) {
+      Write-Host "a devtest database already answers on 127.0.0.1:$DevDbPort (not started by run.ps1); using it"
+      Write-Host "DATABASE_URL=$DevDatabaseUrl"
+      return
+    }
+    Die "port $DevDbPort on 127.0.0.1 is taken by another program; stop it first"
+  }
+  if ($IsRoot) {
+    if (-not (Test-Quiet 'id' @('postgres'))) { Die "running as root: initdb refuses root and there is no 'postgres' OS user; run as a normal user" }
+    if ((Test-Path $devdb) -and (Get-Item $devdb -Force).LinkType) { Die "$devdb is a symbolic link; remove it" }
+    if (-not (Test-Path $devdb)) {
+      Step '/bin/mkdir' @('-m', '700', $devdb)  # not PowerShell's mkdir function
+      Step 'chown' @('postgres:', $devdb)
+    }
+    if ((Get-Output 'stat' @('-c', '%U', $devdb)) -ne 'postgres') { Die "$devdb is not owned by the postgres user; remove it" }
+  } else {
+    if (-not (Test-Path $devdb)) { Write-Host "==> mkdir $devdb"; New-Item -ItemType Directory -Path $devdb | Out-Null }
+  }
+  if (-not $version) {
+    # The superuser is wordloom with the runbook's password; every connection needs it (scram-sha-256).
+    $pwfile = Join-Path $devdb 'pwfile'
+    try {
+      Set-Content -Path $pwfile -Value $DevDbPassword -Encoding Ascii -NoNewline
+      if ($IsRoot) { Step 'chown' @('postgres:', $pwfile) }
+      # UTF-8 ctype so that words in Chinese titles are letters, not separators.
+      # (Windows: the system locale; UTF8 encoding goes with any locale there.)
+      $initdbArgs = @('-D', $data, '-U', $DevDbUser, "--pwfile=$pwfile", '--auth=scram-sha-256', '--encoding=UTF8')
+      if (-not $OnWindows) {
+        $locale = 'C'
+        if ((Get-Output 'locale' @('-a') -Optional) -match '(?im)^c\.utf-?8$') {
+          $locale = 'C.UTF-8'
+        } else {
+          Write-Host '    warning: no C.UTF-8 locale here; the cluster uses locale C (Chinese search may be weaker)'
+        }
+        $initdbArgs += "--locale=$locale"
+      }
+      Step-AsOwner (Join-Path $bindir "initdb$ExeSuffix") $initdbArgs
+    } finally {
+      Remove-Item -Path $pwfile -Force -ErrorAction SilentlyContinue
+    }
+    Write-Host "==> configure $(Join-Path $data 'postgresql.conf'): port $DevDbPort, listen 127.0.0.1, socket in $devdb"
+    $conf = @('', '# --- chronicle dev cluster (.\run.ps1 db-start) ---', "port = $DevDbPort", "listen_addresses = '127.0.0.1'")
+    # Windows: TCP only (no Unix-domain socket by default).
+    if (-not $OnWindows) { $conf += "unix_socket_directories = '$devdb'" }
+    Add-Content -Path (Join-Path $data 'postgresql.conf') -Value $conf -Encoding Ascii
+  }
+  if (-not (Start-AsOwner $pgctl @('-D', $data, '-l', $log, '-w', '-t', '60', 'start'))) {
+    if (Test-Path $log) { Get-Content $log -Tail 20 | ForEach-Object { [Console]::Error.WriteLine($_) } }
+    Die "the dev database did not start (log: $log)"
+  }
+  $exists = Get-Output $psql @('-X', '-w', '-h', '127.0.0.1', '-p', "$DevDbPort", '-U', $DevDbUser,
+    '-d', 'postgres', '-Atqc', "select 1 from pg_database where datname = '$DevDbName'")
+  if ($exists -ne '1') {
+    Step (Join-Path $bindir "createdb$ExeSuffix") @('-h', '127.0.0.1', '-p', "$DevDbPort", '-U', $DevDbUser, $DevDbName)
+  }
+  Write-Host "dev database running (data: $data, log: $log)"
+  Write-Host "DATABASE_URL=$DevDatabaseUrl"
+  Write-Host "    `$env:DATABASE_URL='$DevDatabaseUrl'"
+}
+
+function Verb-DbStop {
+  if (Test-Docker) {
+    $state = Get-DockerState
+    if ($state -eq 'running') { Step 'docker' @('stop', $DockerName); return }
+    if ($state) { Write-Host "dev database is not running (docker container ${DockerName}: $state)"; return }
+  }
+  $devdb = Get-DevDbDir
+  $data = Join-Path $devdb 'data'
+  if (-not (Test-Path (Join-Path $data 'PG_VERSION'))) {
+    Write-Host "no dev database at $data; nothing to stop"
+    return
+  }
+  $bindir = Find-PgBinDir (Get-Content (Join-Path $data 'PG_VERSION') -TotalCount 1).Trim()
+  if (-not $bindir) { Die 'no PostgreSQL server binaries (pg_ctl) found; install PostgreSQL server binaries (https://www.postgresql.org/download/)' }
+  $pgctl = Join-Path $bindir "pg_ctl$ExeSuffix"
+  if (-not (Test-QuietAsOwner $pgctl @('status', '-D', $data))) {
+    Write-Host 'dev database is not running'
+    return
+  }
+  Step-AsOwner $pgctl @('-D', $data, '-m', 'fast', '-w', 'stop')
+}
+
+# DATABASE_URL, else user postgres on 127.0.0.1:5432 (database chronicle_demo), else the dev database.
+function Use-DemoDatabase {
+  if ($env:DATABASE_URL) {
+    Write-Host ('    DATABASE_URL from the environment: ' + (Hide-Password $env:DATABASE_URL))
+    return
+  }
+  if (Test-PgReady '127.0.0.1' 5432) {
+    $psql = Find-Psql
+    if ($psql) {
+      # Probe without a password, as the chronicle binary will connect (it reads no PGPASSWORD or pgpass file).
+      Set-Env 'PGPASSWORD' $null
+      Set-Env 'PGPASSFILE' (Join-Path $Root '.devdb-no-pgpass')
+      $admin = @('-X', '-w', '-h', '127.0.0.1', '-p', '5432', '-U', 'postgres', '-d', 'postgres')
+      if (Test-Quiet $psql ($admin + @('-c', 'select 1'))) {
+        $exists = Get-Output $psql ($admin + @('-Atqc', "select 1 from pg_database where datname = 'chronicle_demo'"))
+        if ($exists -ne '1') {
+          Step $psql ($admin + @('-c', 'create database chronicle_demo'))
+        } else {
+          Write-Host '    database chronicle_demo already exists on 127.0.0.1:5432'
+        }
+        Set-Env 'DATABASE_URL' $DemoDatabaseUrl
+        Write-Host "    using $env:DATABASE_URL"
+        return
+      }
+      Write-Host '    127.0.0.1:5432 does not accept user postgres without a password; using the dev database'
+    } else {
+      Write-Host '    psql is not installed, so no database can be created on 127.0.0.1:5432; using the dev database'
+    }
+  } else {
+    Write-Host '    no PostgreSQL on 127.0.0.1:5432; using the dev database'
+  }
+  Verb-DbStart
+  Set-Env 'DATABASE_URL' $DevDatabaseUrl
+}
+
+function Verb-Demo {
+  $lib = ''
+  Use-DemoDatabase
+  Build-Release
+  Step $Bin @('migrate')
+  Step $Bin @('inject', '--count', '5000', '--seed', '42')
+  if (Test-Quiet $Bin @('help', 'worker')) {
+    if (-not $env:OUTBOX_RUN_SECONDS) { Set-Env 'OUTBOX_RUN_SECONDS' '5' }
+    Set-WorkerDefaults '0'
+    Step $Bin @('worker')
+  } else {
+    Write-Host 'the worker is not built yet; events are queued in the outbox'
+  }
+  $psql = Find-Psql
+  $url = ConvertTo-LibpqUrl $env:DATABASE_URL
+  if (Test-Quiet $Bin @('help', 'status')) {
+    Step $Bin @('status')
+  } elseif ($psql) {
+    Write-Host '    chronicle status is not available yet; asking psql'
+    Step $psql @('-X', '-v', 'ON_ERROR_STOP=1', '-d', $url,
+      '-c', 'select status, count(*) from chronicle_outbox_events group by 1 order by 1',
+      '-c', 'select count(*) from chronicle_entries')
+  } else {
+    Write-Host 'chronicle status is not available yet, and psql is not installed to look instead'
+  }
+  if ($psql) {
+    $lib = Get-Output $psql @('-X', '-w', '-d', $url, '-Atqc', 'select library_id from chronicle_events order by occurred_at, id limit 1')
+  }
+  if ($lib -notmatch '^[0-9a-fA-F-]{36}$') {
+    Write-Host "no library id to show (psql is missing or chronicle_events is empty); try: $Bin entries --library-id <id> --limit 10"
+  } elseif (Test-Quiet $Bin @('help', 'entries')) {
+    Step $Bin @('entries', '--library-id', $lib, '--limit', '10')
+  } elseif ($psql) {
+    Write-Host '    chronicle entries is not available yet; asking psql'
+    Step $psql @('-X', '-v', 'ON_ERROR_STOP=1', '-d', $url,
+      '-c', "select occurred_at, summary from chronicle_entries where library_id = '$lib' order by occurred_at desc, id desc limit 10")
+  } else {
+    Write-Host 'chronicle entries is not available yet, and psql is not installed to look instead'
+  }
+}
+
+# ---------------------------------------------------------------- dispatch
+# One verb per arm, in the same order as the case in run.sh (a test compares them).
+
+Push-Location $Root
+try {
+switch ($Verb) {
+  'help' { Show-Usage }
+  'build' { Verb-Build $Rest }
+  'test' { Verb-Test $Rest }
+  'migrate' { Verb-Migrate $Rest }
+  'worker' { Verb-Worker $Rest }
+  'db-start' { Verb-DbStart }
+  'db-stop' { Verb-DbStop }
+  'demo' { Verb-Demo }
+  default { Show-Usage; [Console]::Error.WriteLine("error: unknown verb '$Verb'"); exit 2 }
+}
+} finally {
+  Restore-Env
+  Pop-Location
+}
