@@ -432,7 +432,7 @@ function Verb-Demo {
   Use-DemoDatabase
   Build-Release
   Step $Bin @('migrate')
-  Step $Bin @('inject', '--count', '5000', '--seed', '42')
+  Step $Bin @('inject', '--count', '5000')
   if (Test-Quiet $Bin @('help', 'worker')) {
     if (-not $env:OUTBOX_RUN_SECONDS) { Set-Env 'OUTBOX_RUN_SECONDS' '5' }
     Set-WorkerDefaults '0'

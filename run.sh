@@ -307,7 +307,7 @@ verb_demo() {
   demo_database
   build_release
   step "$BIN" migrate
-  step "$BIN" inject --count 5000 --seed 42
+  step "$BIN" inject --count 5000
   if quiet "$BIN" help worker; then
     export OUTBOX_RUN_SECONDS="${OUTBOX_RUN_SECONDS:-5}"
     worker_defaults 0

@@ -78,20 +78,17 @@ where
     I::Item: Into<OsString>,
 {
     let mut p = lexopt::Parser::from_args(args);
-    loop {
-        let arg = match p.next()? {
-            None => return Err(AppError::usage(format!("no command given\n\n{}", short_usage()))),
-            Some(a) => a,
-        };
-        match arg {
-            Short('h') | Long("help") => return Ok(Command::Help(main_help())),
-            Short('V') | Long("version") => return Ok(Command::Version),
-            Value(v) => {
-                let name = v.string()?;
-                return parse_command(&name, &mut p, env);
-            }
-            _ => return Err(arg.unexpected().into()),
+    let Some(arg) = p.next()? else {
+        return Err(AppError::usage(format!("no command given\n\n{}", short_usage())));
+    };
+    match arg {
+        Short('h') | Long("help") => Ok(Command::Help(main_help())),
+        Short('V') | Long("version") => Ok(Command::Version),
+        Value(v) => {
+            let name = v.string()?;
+            parse_command(&name, &mut p, env)
         }
+        _ => Err(arg.unexpected().into()),
     }
 }
 

@@ -68,7 +68,7 @@ fn bad_or_missing_database_url_exits_2_before_connecting_and_hides_the_password(
         format!("127.0.0.1:{port}"),
         format!("postgres://u:s3cr3t-pw@127.0.0.1:{port}/db?sslmode=maybe"),
         format!("host=127.0.0.1 port={port} password=s3cr3t-pw nonsense=1"),
-        format!("postgresql://u:s3cr3t-pw@127.0.0.1:notaport/db"),
+        "postgresql://u:s3cr3t-pw@127.0.0.1:notaport/db".to_string(),
         String::new(),
     ] {
         let r = run(chronicle_cmd(&["migrate"]).env("DATABASE_URL", &url));
@@ -120,4 +120,39 @@ fn migrate_wait_waits_for_a_database_that_comes_up_later() {
     let r = run(chronicle_cmd(&["migrate", "--wait", "30s"]).env("DATABASE_URL", &url));
     assert_eq!(r.code, Some(0), "{r}");
     assert!(r.stdout.contains("schema version"), "{r}");
+}
+
+/// The verbs of a dispatch: run.sh's `case` arms (`  verb) ...`) or run.ps1's `switch`
+/// arms (`  'verb' { ... }`), in order.
+fn verbs(text: &str, powershell: bool) -> Vec<String> {
+    text.lines()
+        .map(|l| l.trim_end_matches('\r'))
+        .filter_map(|l| {
+            let t = l.trim_start();
+            if l.len() - t.len() != 2 {
+                return None;
+            }
+            if powershell {
+                let rest = t.strip_prefix('\'')?;
+                let (verb, after) = rest.split_once('\'')?;
+                after.trim_start().starts_with('{').then(|| verb.to_string())
+            } else {
+                let (verb, _) = t.split_once(") ")?;
+                verb.chars().all(|c| c.is_ascii_lowercase() || c == '-').then(|| verb.to_string())
+            }
+        })
+        .collect()
+}
+
+#[test]
+fn run_sh_and_run_ps1_have_the_same_verbs() {
+    let root = env!("CARGO_MANIFEST_DIR");
+    let sh = std::fs::read_to_string(format!("{root}/run.sh")).unwrap();
+    let ps = std::fs::read_to_string(format!("{root}/run.ps1")).unwrap();
+    let (a, b) = (verbs(&sh, false), verbs(&ps, true));
+    assert!(a.len() >= 8, "run.sh verbs: {a:?}");
+    for required in ["test", "demo", "migrate", "db-start", "db-stop", "worker"] {
+        assert!(a.iter().any(|v| v == required), "run.sh lacks {required}");
+    }
+    assert_eq!(a, b, "run.sh and run.ps1 differ");
 }

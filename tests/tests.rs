@@ -3,6 +3,7 @@
 mod util;
 
 mod cli;
+mod events;
 mod outbox;
 mod worker;
 mod schema;
