@@ -21,6 +21,14 @@ pub enum Command {
     Append(cmd::append::Args),
     Inject(cmd::inject::Args),
     Worker(cmd::worker::Args),
+    Entries(cmd::entries::Args),
+    Verify(cmd::verify::Args),
+    Rebuild(cmd::rebuild::Args),
+    ReplayFailed(cmd::replay_failed::Args),
+    Status(cmd::status::Args),
+    Show(cmd::show::Args),
+    Prune(cmd::prune::Args),
+    Erase(cmd::erase::Args),
 }
 
 /// One subcommand: its name, a one-line summary and its full help.
@@ -35,6 +43,14 @@ pub const COMMANDS: &[CommandInfo] = &[
     CommandInfo { name: "append", summary: cmd::append::SUMMARY, help: cmd::append::help },
     CommandInfo { name: "inject", summary: cmd::inject::SUMMARY, help: cmd::inject::help },
     CommandInfo { name: "worker", summary: cmd::worker::SUMMARY, help: cmd::worker::help },
+    CommandInfo { name: "entries", summary: cmd::entries::SUMMARY, help: cmd::entries::help },
+    CommandInfo { name: "verify", summary: cmd::verify::SUMMARY, help: cmd::verify::help },
+    CommandInfo { name: "rebuild", summary: cmd::rebuild::SUMMARY, help: cmd::rebuild::help },
+    CommandInfo { name: "replay-failed", summary: cmd::replay_failed::SUMMARY, help: cmd::replay_failed::help },
+    CommandInfo { name: "status", summary: cmd::status::SUMMARY, help: cmd::status::help },
+    CommandInfo { name: "show", summary: cmd::show::SUMMARY, help: cmd::show::help },
+    CommandInfo { name: "prune", summary: cmd::prune::SUMMARY, help: cmd::prune::help },
+    CommandInfo { name: "erase", summary: cmd::erase::SUMMARY, help: cmd::erase::help },
 ];
 
 pub fn version_text() -> String {
@@ -49,11 +65,13 @@ pub fn main_help() -> String {
          (chronicle_entries)\nthrough a transactional outbox.\n\n\
          USAGE:\n    chronicle <COMMAND> [FLAGS]\n    chronicle help <COMMAND>\n\n\
          GLOBAL FLAGS:\n    -h, --help       Print help (of a command: chronicle <COMMAND> --help)\n    \
-         -V, --version    Print the version\n\nCOMMANDS:\n",
+         -V, --version    Print the version\n    \
+         --log-format WORD  [CHRONICLE_LOG_FORMAT; default text] text, or json: one JSON object per log line\n\n\
+         COMMANDS:\n",
         version_text()
     );
     for c in COMMANDS {
-        s.push_str(&format!("    {:<12} {}\n", c.name, c.summary));
+        s.push_str(&format!("    {:<14} {}\n", c.name, c.summary));
     }
     s.push_str(
         "\nEXIT CODES:\n    0 success, 1 failure, 2 usage or configuration error, \
@@ -78,7 +96,13 @@ where
     I::Item: Into<OsString>,
 {
     let mut p = lexopt::Parser::from_args(args);
-    let Some(arg) = p.next()? else {
+    let mut arg = p.next()?;
+    // Read by logging before parsing (see logging::format_from); validated there.
+    while matches!(arg, Some(Long("log-format"))) {
+        p.value()?;
+        arg = p.next()?;
+    }
+    let Some(arg) = arg else {
         return Err(AppError::usage(format!("no command given\n\n{}", short_usage())));
     };
     match arg {
@@ -119,6 +143,14 @@ fn parse_command(name: &str, p: &mut lexopt::Parser, env: &Env) -> Result<Comman
         "append" => wrap(name, cmd::append::parse(p, env)?.map(Command::Append)),
         "inject" => wrap(name, cmd::inject::parse(p, env)?.map(Command::Inject)),
         "worker" => wrap(name, cmd::worker::parse(p, env)?.map(Command::Worker)),
+        "entries" => wrap(name, cmd::entries::parse(p, env)?.map(Command::Entries)),
+        "verify" => wrap(name, cmd::verify::parse(p, env)?.map(Command::Verify)),
+        "rebuild" => wrap(name, cmd::rebuild::parse(p, env)?.map(Command::Rebuild)),
+        "replay-failed" => wrap(name, cmd::replay_failed::parse(p, env)?.map(Command::ReplayFailed)),
+        "status" => wrap(name, cmd::status::parse(p, env)?.map(Command::Status)),
+        "show" => wrap(name, cmd::show::parse(p, env)?.map(Command::Show)),
+        "prune" => wrap(name, cmd::prune::parse(p, env)?.map(Command::Prune)),
+        "erase" => wrap(name, cmd::erase::parse(p, env)?.map(Command::Erase)),
         other => return Err(AppError::usage(format!("unknown command {other:?}\n{}", short_usage()))),
     })
 }
@@ -138,6 +170,14 @@ pub fn run(command: Command) -> Result<()> {
         Command::Append(a) => cmd::append::run(a),
         Command::Inject(a) => cmd::inject::run(a),
         Command::Worker(a) => cmd::worker::run(a),
+        Command::Entries(a) => cmd::entries::run(a),
+        Command::Verify(a) => cmd::verify::run(a),
+        Command::Rebuild(a) => cmd::rebuild::run(a),
+        Command::ReplayFailed(a) => cmd::replay_failed::run(a),
+        Command::Status(a) => cmd::status::run(a),
+        Command::Show(a) => cmd::show::run(a),
+        Command::Prune(a) => cmd::prune::run(a),
+        Command::Erase(a) => cmd::erase::run(a),
     }
 }
 

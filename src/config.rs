@@ -121,11 +121,15 @@ setting!(STATEMENT_TIMEOUT, "OUTBOX_STATEMENT_TIMEOUT_SECONDS", "statement-timeo
 setting!(LOG_FORMAT, "CHRONICLE_LOG_FORMAT", "log-format", Some("text"), Kind::Choice(&["text", "json"]),
     "Log line format on stderr: text, or json (one object per line).");
 
+setting!(DONE_RETENTION, "OUTBOX_DONE_RETENTION_SECONDS", "done-retention-seconds", None,
+    Kind::Seconds { allow_zero: false },
+    "Delete done outbox rows processed longer ago than this (in small batches). Unset: keep them.");
+
 /// Every setting the worker reads, in help order.
 pub const WORKER_SETTINGS: &[&Setting] = &[
     &DATABASE_URL, &WORKER_ID, &METRICS_PORT, &METRICS_BIND, &BATCH_SIZE, &POLL_INTERVAL, &LEASE,
     &MAX_ATTEMPTS, &BASE_BACKOFF, &MAX_BACKOFF, &RECLAIM_INTERVAL, &MAX_PROCESSING, &RUN_SECONDS,
-    &CONCURRENCY, &STATEMENT_TIMEOUT,
+    &CONCURRENCY, &STATEMENT_TIMEOUT, &DONE_RETENTION,
 ];
 
 /// Where a value came from, so an error can name exactly what the user set.
@@ -596,6 +600,8 @@ pub struct WorkerConfig {
     pub run_for: Option<Duration>,
     pub concurrency: u32,
     pub statement_timeout: Duration,
+    /// `OUTBOX_DONE_RETENTION_SECONDS`: when set, the worker prunes older done rows.
+    pub done_retention: Option<Duration>,
 }
 
 /// Reads a setting that has a default, so it is always present.
@@ -621,6 +627,7 @@ impl WorkerConfig {
             run_for: src.seconds(&RUN_SECONDS)?,
             concurrency: required(src.count(&CONCURRENCY), &CONCURRENCY)? as u32,
             statement_timeout: required(src.seconds(&STATEMENT_TIMEOUT), &STATEMENT_TIMEOUT)?,
+            done_retention: src.seconds(&DONE_RETENTION)?,
         };
         if cfg.worker_id.chars().count() > 200 {
             return Err(AppError::Usage(format!("invalid {}: longer than 200 characters", WORKER_ID.var)));
@@ -697,6 +704,7 @@ mod tests {
         assert_eq!(c.concurrency, 1);
         assert_eq!(c.statement_timeout, Duration::from_secs(30));
         assert_eq!(c.run_for, None);
+        assert_eq!(c.done_retention, None);
     }
 
     #[test]
@@ -726,6 +734,7 @@ mod tests {
             ("OUTBOX_MAX_PROCESSING_SECONDS", &["", "x", "0"]),
             ("OUTBOX_RUN_SECONDS", &["", "soon", "0"]),
             ("OUTBOX_STATEMENT_TIMEOUT_SECONDS", &["", "x", "0"]),
+            ("OUTBOX_DONE_RETENTION_SECONDS", &["", "x", "0"]),
             ("OUTBOX_WORKER_ID", &["", "   "]),
         ];
         for (var, values) in cases {

@@ -1,8 +1,31 @@
-//! Logging setup: `env_logger` on stderr, level from `RUST_LOG` (default `info`).
+//! Logging setup: `env_logger` on stderr, level from `RUST_LOG` (default `info`), as
+//! text or, with `CHRONICLE_LOG_FORMAT=json` (or `--log-format json`), one JSON object
+//! per line for container log pipelines.
 
-use crate::config::Env;
+use std::io::Write;
 
-pub fn init(env: &Env) {
+use crate::config::{Env, Sources, LOG_FORMAT};
+use crate::error::Result;
+
+/// The log format asked for: the `--log-format` flag (given before the command) wins
+/// over `CHRONICLE_LOG_FORMAT`. Validated like every other setting.
+pub fn format_from(env: &Env, args: &[String]) -> Result<String> {
+    let mut src = Sources::new(env);
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if !a.starts_with('-') {
+            break; // the command: global flags come before it
+        }
+        if let Some(v) = a.strip_prefix("--log-format=") {
+            src.set_flag(&LOG_FORMAT, v.to_string());
+        } else if a == "--log-format" {
+            src.set_flag(&LOG_FORMAT, it.next().cloned().unwrap_or_default());
+        }
+    }
+    Ok(src.choice(&LOG_FORMAT)?.unwrap_or_else(|| "text".to_string()))
+}
+
+pub fn init(env: &Env, format: &str) {
     let mut b = env_logger::Builder::new();
     b.filter_level(log::LevelFilter::Info);
     // The driver logs every server NOTICE at info; only its warnings interest operators.
@@ -11,7 +34,19 @@ pub fn init(env: &Env) {
     if let Some(spec) = env.get("RUST_LOG") {
         b.parse_filters(spec);
     }
-    b.format_timestamp_millis();
+    if format == "json" {
+        b.format(|buf, record| {
+            let line = serde_json::json!({
+                "ts": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                "level": record.level().as_str(),
+                "target": record.target(),
+                "msg": record.args().to_string(),
+            });
+            writeln!(buf, "{line}")
+        });
+    } else {
+        b.format_timestamp_millis();
+    }
     b.target(env_logger::Target::Stderr);
     // A second init (tests calling main-like code twice) is harmless.
     let _ = b.try_init();

@@ -6,8 +6,11 @@ use chronicle::{cli, config::Env, logging};
 
 fn main() -> ExitCode {
     let env = Env::from_process();
-    logging::init(&env);
-    let result = cli::parse_from(std::env::args_os().skip(1), &env).and_then(cli::run);
+    let args: Vec<String> = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
+    let result = logging::format_from(&env, &args).and_then(|format| {
+        logging::init(&env, &format);
+        cli::parse_from(std::env::args_os().skip(1), &env).and_then(cli::run)
+    });
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

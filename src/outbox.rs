@@ -272,3 +272,212 @@ pub fn sample_gauges(client: &mut impl GenericClient, max_processing: Duration) 
         failed: r.try_get(4)?,
     })
 }
+
+/// Which `failed` rows a replay takes (`chronicle replay-failed`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplayFilter {
+    /// Only rows failed with this `error_reason`.
+    pub error_reason: Option<String>,
+    /// Only deliveries of these events.
+    pub event_ids: Option<Vec<Uuid>>,
+    /// Only rows whose last change (`updated_at`: when they failed) is at least this old.
+    pub older_than: Option<Duration>,
+    /// At most this many rows replayed, oldest first.
+    pub limit: u32,
+}
+
+/// One row a replay moved to `pending`, or left alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplayRow {
+    pub outbox_id: i64,
+    pub event_id: Uuid,
+    pub error_reason: Option<String>,
+    pub replay_count: i32,
+}
+
+/// What one replay did.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReplayOutcome {
+    /// Rows moved to `pending`, with their new `replay_count`.
+    pub replayed: Vec<ReplayRow>,
+    /// Matching failed rows left `failed` because their event already has a pending or
+    /// processing delivery, or gets one from this very replay (an older failed delivery
+    /// of an event whose newest one is replayed). At most `limit` of them are listed.
+    pub skipped_live_delivery: Vec<ReplayRow>,
+}
+
+/// The replay filters over the alias given, with $1 error_reason, $2 event ids and $3
+/// minimum age in seconds (each NULL when not filtering).
+#[rustfmt::skip]
+macro_rules! replay_filter {
+    ($t:literal) => {
+        concat!(
+            "($1::text IS NULL OR ", $t, ".error_reason = $1)
+             AND ($2::uuid[] IS NULL OR ", $t, ".event_id = ANY($2))
+             AND ($3::float8 IS NULL OR ", $t, ".updated_at <= now() - make_interval(secs => $3))"
+        )
+    };
+}
+
+/// failed → pending (ops), set-based, for the oldest matching rows not held by anyone
+/// else (SKIP LOCKED, so it is safe while workers and other replays run). Each row gets
+/// a fresh start (attempts 0, no retry time, no claim) and the replay audit (count, when,
+/// who, why); `error` and `error_reason` stay readable until the row succeeds
+/// (`MARK_DONE` clears them). A row whose event already has a pending or processing
+/// delivery is not touched (the partial unique index allows one live delivery per
+/// event), and of several matching failed rows of one event only the newest is
+/// replayed. Those left alone come back as `replayed = false`.
+/// $4 limit, $5 by, $6 reason.
+pub const REPLAY_FAILED: &str = concat!(
+    "
+    WITH picked AS (
+        SELECT o.id FROM chronicle_outbox_events o
+        WHERE o.status = 'failed' AND ",
+    replay_filter!("o"),
+    "
+          AND NOT EXISTS (SELECT 1 FROM chronicle_outbox_events l
+                          WHERE l.event_id = o.event_id AND l.status IN ('pending', 'processing'))
+          AND NOT EXISTS (SELECT 1 FROM chronicle_outbox_events n
+                          WHERE n.event_id = o.event_id AND n.status = 'failed' AND n.id > o.id AND ",
+    replay_filter!("n"),
+    ")
+        ORDER BY o.id
+        LIMIT $4
+        FOR UPDATE OF o SKIP LOCKED
+    ), replayed AS (
+        UPDATE chronicle_outbox_events o
+        SET status = 'pending', attempts = 0, next_retry_at = NULL, claimed_by = NULL,
+            claim_token = NULL, claimed_at = NULL, lease_until = NULL,
+            replay_count = o.replay_count + 1, last_replayed_at = now(),
+            last_replayed_by = $5, last_replayed_reason = $6, updated_at = now()
+        FROM picked
+        WHERE o.id = picked.id AND o.status = 'failed'
+        RETURNING o.id, o.event_id, o.error_reason, o.replay_count
+    ), skipped AS (
+        SELECT o.id, o.event_id, o.error_reason, o.replay_count FROM chronicle_outbox_events o
+        WHERE o.status = 'failed' AND ",
+    replay_filter!("o"),
+    "
+          AND o.id NOT IN (SELECT id FROM replayed)
+          AND (o.event_id IN (SELECT event_id FROM replayed)
+               OR EXISTS (SELECT 1 FROM chronicle_outbox_events l
+                          WHERE l.event_id = o.event_id AND l.status IN ('pending', 'processing')))
+        ORDER BY o.id
+        LIMIT $4
+    )
+    SELECT true AS replayed, id, event_id, error_reason, replay_count FROM replayed
+    UNION ALL
+    SELECT false, id, event_id, error_reason, replay_count FROM skipped
+    ORDER BY 1 DESC, 2"
+);
+
+pub fn replay_failed(
+    client: &mut impl GenericClient,
+    filter: &ReplayFilter,
+    by: &str,
+    reason: &str,
+) -> Result<ReplayOutcome, postgres::Error> {
+    let older_than = filter.older_than.map(|d| d.as_secs_f64());
+    let rows = client.query(
+        REPLAY_FAILED,
+        &[&filter.error_reason, &filter.event_ids, &older_than, &(filter.limit as i64), &by, &reason],
+    )?;
+    let mut out = ReplayOutcome::default();
+    for r in &rows {
+        let row = ReplayRow {
+            outbox_id: r.try_get(1)?,
+            event_id: r.try_get(2)?,
+            error_reason: r.try_get(3)?,
+            replay_count: r.try_get(4)?,
+        };
+        if r.try_get(0)? {
+            out.replayed.push(row);
+        } else {
+            out.skipped_live_delivery.push(row);
+        }
+    }
+    Ok(out)
+}
+
+/// The cutoff of a prune, read once from the database's clock so every batch (and a dry
+/// run's count) uses the same one.
+pub const PRUNE_CUTOFF: &str = "SELECT now() - make_interval(secs => $1)";
+
+/// How many `done` rows a prune with this cutoff would delete (dry run).
+pub const COUNT_PRUNABLE: &str =
+    "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done' AND processed_at < $1";
+
+/// done → deleted: one small batch of `done` rows processed before the cutoff, walking
+/// the primary key from `$2` (keyset), so a prune is one pass over the table and each
+/// statement is its own short transaction holding few locks. Rows locked by anyone are
+/// skipped. Returns the rows deleted and the last id examined (the next batch's start).
+pub const PRUNE_DONE: &str = "
+    WITH doomed AS (
+        SELECT id FROM chronicle_outbox_events
+        WHERE status = 'done' AND processed_at < $1 AND id > $2
+        ORDER BY id
+        LIMIT $3
+        FOR UPDATE SKIP LOCKED
+    ), gone AS (
+        DELETE FROM chronicle_outbox_events o USING doomed
+        WHERE o.id = doomed.id AND o.status = 'done'
+        RETURNING o.id
+    )
+    SELECT (SELECT count(*) FROM gone), (SELECT count(*) FROM doomed), (SELECT max(id) FROM doomed)";
+
+/// What a prune did (or, dry, would do).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneReport {
+    pub deleted: u64,
+    pub batches: u64,
+}
+
+pub fn prune_cutoff(
+    client: &mut impl GenericClient,
+    older_than: Duration,
+) -> Result<chrono::DateTime<chrono::Utc>, postgres::Error> {
+    client.query_one(PRUNE_CUTOFF, &[&older_than.as_secs_f64()])?.try_get(0)
+}
+
+pub fn count_prunable(
+    client: &mut impl GenericClient,
+    cutoff: chrono::DateTime<chrono::Utc>,
+) -> Result<u64, postgres::Error> {
+    let n: i64 = client.query_one(COUNT_PRUNABLE, &[&cutoff])?.try_get(0)?;
+    Ok(n.max(0) as u64)
+}
+
+/// Deletes `done` rows processed before `cutoff`, `batch_size` rows per statement (each
+/// autocommitted: call it outside a transaction), until none is left or `keep_going`
+/// says stop (checked before each batch). Pending, processing and failed rows are never
+/// touched.
+pub fn prune_done(
+    client: &mut impl GenericClient,
+    cutoff: chrono::DateTime<chrono::Utc>,
+    batch_size: u32,
+    mut keep_going: impl FnMut() -> bool,
+) -> Result<PruneReport, postgres::Error> {
+    let mut report = PruneReport::default();
+    let mut after: i64 = 0;
+    while keep_going() {
+        let r = client.query_one(PRUNE_DONE, &[&cutoff, &after, &(batch_size as i64)])?;
+        let deleted: i64 = r.try_get(0)?;
+        let examined: i64 = r.try_get(1)?;
+        let last: Option<i64> = r.try_get(2)?;
+        report.batches += 1;
+        report.deleted += deleted.max(0) as u64;
+        match last {
+            Some(last) if examined >= batch_size as i64 => after = last,
+            _ => break,
+        }
+    }
+    Ok(report)
+}
+
+/// Wakes idle workers (their listener) when the transaction commits, as the enqueue
+/// trigger does for new events: replayed rows are picked up at once, not at the next poll.
+pub const NOTIFY_WORKERS: &str = "SELECT pg_notify('chronicle_outbox', '')";
+
+pub fn notify_workers(client: &mut impl GenericClient) -> Result<(), postgres::Error> {
+    client.execute(NOTIFY_WORKERS, &[]).map(|_| ())
+}

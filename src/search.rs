@@ -130,7 +130,7 @@ fn class(c: char) -> Class {
 
 /// Whether `c` (a letter or digit) is written without spaces between words: Han,
 /// Hiragana, Katakana or Hangul.
-fn is_cjk(c: char) -> bool {
+pub fn is_cjk(c: char) -> bool {
     matches!(c as u32,
         0x1100..=0x11FF       // Hangul Jamo
         | 0x3005..=0x3007     // 々 〆 〇

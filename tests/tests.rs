@@ -4,6 +4,9 @@ mod util;
 
 mod cli;
 mod events;
+mod ops;
 mod outbox;
+mod read_model;
+mod rebuild;
 mod worker;
 mod schema;

@@ -528,3 +528,15 @@ pub fn assert_fully_projected(c: &mut Client) {
     let not_done = count(c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'");
     assert_eq!((entries, missing, orphans, not_done), (events, 0, 0, 0), "outbox: {:?}", outbox_by_status(c));
 }
+
+/// Inserts `n` valid events into `library`; returns `n`.
+pub fn insert_events_into(c: &mut Client, library: uuid::Uuid, n: i64) -> i64 {
+    c.execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at)
+         SELECT gen_random_uuid(), $1, 'tag', gen_random_uuid(), 'TagCreated', jsonb_build_object('name', '标签 ' || g), now()
+         FROM generate_series(1, $2::bigint) g",
+        &[&library, &n],
+    )
+    .expect("inserting events");
+    n
+}

@@ -27,6 +27,9 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(1, "events", "0001_events.sql"),
     migration!(2, "outbox", "0002_outbox.sql"),
     migration!(3, "entries", "0003_entries.sql"),
+    migration!(4, "rebuild_runs", "0004_rebuild_runs.sql"),
+    migration!(5, "erasures", "0005_erasures.sql"),
+    migration!(6, "row_level_security", "0006_row_level_security.sql"),
 ];
 
 /// The schema version this binary expects.

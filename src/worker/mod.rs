@@ -157,7 +157,7 @@ pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
         cfg.run_for.map(|d| format!(", running for {d:?}")).unwrap_or_default()
     );
 
-    let pool = db::pool(&session_url(cfg), cfg.concurrency + 3)?;
+    let pool = db::pool(&session_url(cfg), cfg.concurrency + 3 + u32::from(cfg.done_retention.is_some()))?;
     let active_claimers = Arc::new(AtomicUsize::new(cfg.concurrency as usize));
     let mut claimers = Vec::new();
     for i in 0..cfg.concurrency {
@@ -175,9 +175,17 @@ pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
         let tick = (s.cfg.lease / 3).min(s.cfg.reclaim_interval);
         services.push(spawn("lease-keeper", move || every(&s, tick, || extend_leases_once(&s, &p)))?);
         let (s, p) = (shared.clone(), pool.clone());
-        services.push(spawn("gauges", move || every(&s, Duration::from_secs(1), || sample_gauges_once(&s, &p)))?);
+        services.push(spawn("gauges", move || {
+            let mut last_run_seen = 0;
+            every(&s, Duration::from_secs(1), || sample_gauges_once(&s, &p, &mut last_run_seen))
+        })?);
         let s = shared.clone();
         services.push(spawn("listener", move || listen_loop(&s))?);
+        if let Some(retention) = cfg.done_retention {
+            let (s, p) = (shared.clone(), pool.clone());
+            let tick = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
+            services.push(spawn("prune", move || every(&s, tick, || prune_once(&s, &p, retention)))?);
+        }
     }
 
     supervise(&shared, &active_claimers);
@@ -293,7 +301,26 @@ fn extend_leases_once(shared: &Shared, pool: &db::Pool) {
     }
 }
 
-fn sample_gauges_once(shared: &Shared, pool: &db::Pool) {
+/// Rows deleted per statement by the worker's prune: small, so no statement holds many
+/// locks or runs long.
+const PRUNE_BATCH: u32 = 1000;
+
+/// One turn of the prune service (`OUTBOX_DONE_RETENTION_SECONDS`): `done` rows older
+/// than the retention are deleted in small batches, stopping early on shutdown.
+pub fn prune_once(shared: &Shared, pool: &db::Pool, retention: Duration) {
+    let Some(mut c) = pooled(shared, pool, "prune") else { return };
+    let result = outbox::prune_cutoff(&mut *c, retention)
+        .and_then(|cutoff| outbox::prune_done(&mut *c, cutoff, PRUNE_BATCH, || !shared.stopping()));
+    match result {
+        Ok(r) if r.deleted > 0 => log::info!("pruned {} done row(s) older than {retention:?}", r.deleted),
+        Ok(_) => {}
+        Err(e) => shared.db_error("while pruning done rows", &e),
+    }
+}
+
+/// Samples the outbox gauges, and the rebuild runs finished since the last sample (each
+/// observed once in the rebuild histogram; the newest set the timestamps).
+fn sample_gauges_once(shared: &Shared, pool: &db::Pool, last_run_seen: &mut i64) {
     let Some(mut c) = pooled(shared, pool, "gauges") else { return };
     match outbox::sample_gauges(&mut *c, shared.cfg.max_processing) {
         Ok(g) => {
@@ -302,7 +329,25 @@ fn sample_gauges_once(shared: &Shared, pool: &db::Pool) {
                 *slot = Some(g);
             }
         }
-        Err(e) => shared.db_error("while sampling gauges", &e),
+        Err(e) => return shared.db_error("while sampling gauges", &e),
+    }
+    match crate::rebuild::finished_runs_after(&mut *c, *last_run_seen) {
+        Ok(runs) => {
+            let m = &shared.metrics;
+            for run in runs {
+                *last_run_seen = run.id;
+                m.rebuild_duration.observe(run.seconds);
+                if let Ok(mut t) = m.rebuild_last_finished.lock() {
+                    *t = Some(t.map_or(run.finished_at, |prev: f64| prev.max(run.finished_at)));
+                }
+                if run.success {
+                    if let Ok(mut t) = m.rebuild_last_success.lock() {
+                        *t = Some(t.map_or(run.finished_at, |prev: f64| prev.max(run.finished_at)));
+                    }
+                }
+            }
+        }
+        Err(e) => shared.db_error("while sampling rebuild runs", &e),
     }
 }
 

@@ -1,0 +1,334 @@
+//! `chronicle entries`: one page of a library's timeline, as the UI reads it.
+//!
+//! A thin shell over `timeline::page`, so operators see exactly what the application's
+//! query returns, with the same filters, search and cursors.
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use lexopt::prelude::*;
+use uuid::Uuid;
+
+use crate::cli::{setting_flag, string_value};
+use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
+use crate::db;
+use crate::error::{AppError, Result};
+use crate::event::ENTITY_TYPES;
+use crate::timeline::{self, Cursor, EntryQuery, Page, DEFAULT_LIMIT, MAX_LIMIT};
+
+pub const SUMMARY: &str = "Show one page of a library's timeline (filters, search, cursor)";
+
+const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
+
+/// The most characters of a summary shown in the table (--json has it whole).
+const TABLE_SUMMARY_CHARS: usize = 100;
+
+pub fn help() -> String {
+    format!(
+        "Show one page of a library's timeline from chronicle_entries, newest first on
+(occurred_at, id), as the application reads it. Filters combine with AND. A search matches
+entries containing every word of TEXT: English words as prefixes (\"distrib\" finds
+\"distributed\"), Chinese (and Japanese, Korean) text by its two-character words (\"系统\"
+finds \"分布式系统设计\"); results stay newest first (no relevance ranking).
+When more rows follow, the page ends with a cursor: pass it as --cursor for the next page.
+Pages are stable while events arrive: no row is skipped or repeated.
+
+USAGE:
+    chronicle entries --library-id ID [FLAGS]
+
+FLAGS:
+{}  --library-id ID
+      The library (UUID) whose timeline to read. Required: every read is scoped.
+  --entity-type TYPE
+      Only entries about one kind of object: {}.
+  --entity-id ID
+      Only one object's history (UUID).
+  --actor ID
+      Only what one user (UUID) did.
+  --event-type TYPE
+      Only one event type (e.g. BookRenamed).
+  --since TIME
+      Only entries that occurred at or after TIME (RFC 3339, e.g. 2025-03-01T09:00:00Z).
+  --until TIME
+      Only entries that occurred before TIME (RFC 3339; exclusive).
+  --search TEXT
+      Only entries whose summary, titles, names, tags or reason contain every word of TEXT.
+  --limit N
+      Entries per page, 1-{MAX_LIMIT} (default {DEFAULT_LIMIT}).
+  --cursor CURSOR
+      Continue after the page that printed CURSOR (same filters).
+  --json
+      Print {{\"entries\": [...], \"next_cursor\": \"...\" or null}}; each entry has every column of
+      chronicle_entries but the search vector.
+
+EXAMPLES:
+    chronicle entries --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01
+    chronicle entries --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 --search 系统 --limit 20
+    chronicle entries --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 --entity-type book \\
+        --since 2025-03-01T00:00:00Z --json --cursor AAYPRrzP0EABlfOgHCt9Po9AWmt8jZ4Q
+",
+        config::settings_help(SETTINGS),
+        ENTITY_TYPES.join(", ")
+    )
+}
+
+#[derive(Debug)]
+pub struct Args {
+    pub database_url: DbUrl,
+    pub query: EntryQuery,
+    pub json: bool,
+}
+
+/// Parses a UUID flag value, naming the flag.
+pub fn uuid_value(p: &mut lexopt::Parser, flag: &str) -> Result<Uuid> {
+    let v = string_value(p, flag)?;
+    Uuid::parse_str(v.trim()).map_err(|_| AppError::usage(format!("invalid --{flag} {v:?}: not a UUID")))
+}
+
+/// Parses an RFC 3339 time flag value, naming the flag.
+pub fn time_value(p: &mut lexopt::Parser, flag: &str) -> Result<DateTime<Utc>> {
+    let v = string_value(p, flag)?;
+    DateTime::parse_from_rfc3339(v.trim()).map(|t| t.with_timezone(&Utc)).map_err(|e| {
+        AppError::usage(format!("invalid --{flag} {v:?}: not an RFC 3339 time such as 2025-03-01T09:30:00Z ({e})"))
+    })
+}
+
+fn text_value(p: &mut lexopt::Parser, flag: &str) -> Result<String> {
+    let v = string_value(p, flag)?;
+    if v.trim().is_empty() {
+        return Err(AppError::usage(format!("invalid --{flag} {v:?}: is empty")));
+    }
+    Ok(v.trim().to_string())
+}
+
+pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
+    let mut src = Sources::new(env);
+    let mut library_id = None;
+    let mut q = EntryQuery::new(Uuid::nil());
+    let mut json = false;
+    while let Some(arg) = p.next()? {
+        if let Some(s) = setting_flag(&arg, SETTINGS) {
+            src.set_flag(s, string_value(p, s.flag)?);
+            continue;
+        }
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("library-id") => library_id = Some(uuid_value(p, "library-id")?),
+            Long("entity-type") => {
+                let v = text_value(p, "entity-type")?;
+                if !ENTITY_TYPES.contains(&v.as_str()) {
+                    return Err(AppError::usage(format!(
+                        "invalid --entity-type {v:?}: must be one of {}",
+                        ENTITY_TYPES.join(", ")
+                    )));
+                }
+                q.entity_type = Some(v);
+            }
+            Long("entity-id") => q.entity_id = Some(uuid_value(p, "entity-id")?),
+            Long("actor") => q.actor = Some(uuid_value(p, "actor")?),
+            Long("event-type") => q.event_type = Some(text_value(p, "event-type")?),
+            Long("since") => q.since = Some(time_value(p, "since")?),
+            Long("until") => q.until = Some(time_value(p, "until")?),
+            Long("search") => {
+                let v = string_value(p, "search")?;
+                if timeline::search_tsquery(&v).is_none() {
+                    return Err(AppError::usage(format!(
+                        "--search has no searchable words: {v:?} (give letters, digits or CJK text)"
+                    )));
+                }
+                q.search = Some(v);
+            }
+            Long("limit") => {
+                let v = string_value(p, "limit")?;
+                q.limit = parse_count(v.trim(), 1, u64::from(MAX_LIMIT))
+                    .map_err(|why| AppError::usage(format!("invalid --limit {v:?}: {why}")))? as u32;
+            }
+            Long("cursor") => {
+                let v = string_value(p, "cursor")?;
+                q.cursor = Some(Cursor::decode(&v).map_err(|why| AppError::usage(format!("invalid --cursor {v:?}: {why}")))?);
+            }
+            Long("json") => json = true,
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let Some(library_id) = library_id else {
+        return Err(AppError::usage(
+            "--library-id is required: every read of the timeline is scoped to one library",
+        ));
+    };
+    q.library_id = library_id;
+    if let (Some(since), Some(until)) = (q.since, q.until) {
+        if since >= until {
+            return Err(AppError::usage(format!(
+                "--since ({}) must be before --until ({})",
+                rfc3339(since),
+                rfc3339(until)
+            )));
+        }
+    }
+    Ok(Some(Args { database_url: src.database_url()?, query: q, json }))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut client = db::connect_for_command(&args.database_url)?;
+    // Names the library for row-level security, so the command also works when run as
+    // the application's role; the table owner is not subject to the policies anyway.
+    client
+        .execute("SELECT set_config('chronicle.library_id', $1, false)", &[&args.query.library_id.to_string()])
+        .map_err(|e| AppError::db("while setting chronicle.library_id", &e))?;
+    let page = timeline::page(&mut client, &args.query).map_err(|e| AppError::db("while reading the timeline", &e))?;
+    if args.json {
+        println!("{}", page_json(&page)?);
+    } else {
+        print!("{}", page_table(&page));
+    }
+    Ok(())
+}
+
+/// `{"entries": [...], "next_cursor": ... }`.
+pub fn page_json(page: &Page) -> Result<serde_json::Value> {
+    let entries = serde_json::to_value(&page.entries)
+        .map_err(|e| AppError::failed(format!("while writing the entries as JSON: {e}")))?;
+    Ok(serde_json::json!({ "entries": entries, "next_cursor": page.next_cursor }))
+}
+
+fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
+}
+
+/// The page as an aligned table, then the next cursor when there is one.
+pub fn page_table(page: &Page) -> String {
+    let rows: Vec<[String; 4]> = page
+        .entries
+        .iter()
+        .map(|e| {
+            let summary: String = if e.summary.chars().count() > TABLE_SUMMARY_CHARS {
+                e.summary.chars().take(TABLE_SUMMARY_CHARS - 1).chain(['…']).collect()
+            } else {
+                e.summary.clone()
+            };
+            // One line per entry, whatever the summary holds.
+            let summary = summary.replace(['\n', '\r', '\t'], " ");
+            let actor = e.actor_user_id.map_or_else(|| "system".to_string(), |a| a.to_string());
+            [rfc3339(e.occurred_at), e.event_type.clone(), summary, actor]
+        })
+        .collect();
+    let header = ["OCCURRED_AT", "EVENT_TYPE", "SUMMARY", "ACTOR"].map(String::from);
+    let width = |i: usize| {
+        std::iter::once(&header).chain(&rows).map(|r| r[i].chars().count()).max().unwrap_or(0)
+    };
+    let widths = [width(0), width(1), width(2)];
+    let mut out = String::new();
+    for r in std::iter::once(&header).chain(&rows) {
+        let pad = |i: usize| format!("{}{}", r[i], " ".repeat(widths[i] - r[i].chars().count()));
+        out.push_str(&format!("{}  {}  {}  {}\n", pad(0), pad(1), pad(2), r[3]));
+    }
+    if page.entries.is_empty() {
+        out.push_str("(no entries)\n");
+    }
+    if let Some(c) = &page.next_cursor {
+        out.push_str(&format!("more: --cursor {c}\n"));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LIB: &str = "0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01";
+
+    fn parse_args(args: &[&str]) -> Result<Option<Args>> {
+        let mut p = lexopt::Parser::from_args(args.iter().copied());
+        parse(&mut p, &Env::from_pairs([("DATABASE_URL", "postgres://u@localhost/db")]))
+    }
+
+    fn usage(args: &[&str]) -> String {
+        match parse_args(args) {
+            Err(AppError::Usage(m)) => m,
+            other => panic!("{args:?}: expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn every_flag_parses() {
+        // Microseconds: PostgreSQL's precision, the cursor's.
+        let at = DateTime::from_timestamp_micros(1_740_821_400_123_456).unwrap();
+        let cursor = Cursor { occurred_at: at, id: Uuid::now_v7() };
+        let encoded = cursor.encode();
+        let a = parse_args(&[
+            "--library-id", LIB, "--entity-type", "book", "--entity-id", LIB, "--actor", LIB,
+            "--event-type", "BookRenamed", "--since", "2025-03-01T00:00:00Z", "--until",
+            "2025-03-02T00:00:00+08:00", "--search", "系统 design", "--limit", "1000", "--cursor", &encoded, "--json",
+        ])
+        .unwrap()
+        .unwrap();
+        assert_eq!(a.query.library_id.to_string(), LIB);
+        assert_eq!(a.query.entity_type.as_deref(), Some("book"));
+        assert_eq!(a.query.event_type.as_deref(), Some("BookRenamed"));
+        assert_eq!(a.query.until.map(|t| t.to_rfc3339()), Some("2025-03-01T16:00:00+00:00".into()));
+        assert_eq!(a.query.limit, 1000);
+        assert_eq!(a.query.cursor, Some(cursor));
+        assert!(a.json);
+        let a = parse_args(&["--library-id", LIB]).unwrap().unwrap();
+        assert_eq!(a.query.limit, DEFAULT_LIMIT);
+        assert!(parse_args(&["--help"]).unwrap().is_none());
+    }
+
+    #[test]
+    fn scope_is_mandatory() {
+        assert!(usage(&[]).contains("--library-id is required"));
+        assert!(usage(&["--search", "x"]).contains("--library-id is required"));
+    }
+
+    #[test]
+    fn bad_values_are_usage_errors_naming_the_flag() {
+        for (args, needle) in [
+            (&["--library-id", "nope"][..], "--library-id"),
+            (&["--library-id", LIB, "--limit", "0"], "--limit"),
+            (&["--library-id", LIB, "--limit", "1001"], "--limit"),
+            (&["--library-id", LIB, "--limit", "ten"], "--limit"),
+            (&["--library-id", LIB, "--cursor", "abc"], "invalid --cursor"),
+            (&["--library-id", LIB, "--since", "yesterday"], "--since"),
+            (&["--library-id", LIB, "--until", "2025-03-01"], "--until"),
+            (&["--library-id", LIB, "--entity-type", "shelf"], "--entity-type"),
+            (&["--library-id", LIB, "--event-type", " "], "--event-type"),
+            (&["--library-id", LIB, "--actor", "me"], "--actor"),
+            (&["--library-id", LIB, "--search", "!!! ——"], "--search has no searchable words"),
+            (&["--library-id", LIB, "--since", "2025-03-02T00:00:00Z", "--until", "2025-03-01T00:00:00Z"], "--since"),
+            (&["--library-id", LIB, "--frob"], "frob"),
+        ] {
+            let m = usage(args);
+            assert!(m.contains(needle), "{args:?}: {m}");
+        }
+    }
+
+    #[test]
+    fn table_shows_system_actor_and_the_cursor() {
+        let now = Utc::now();
+        let row = timeline::EntryRow {
+            id: Uuid::now_v7(),
+            library_id: Uuid::now_v7(),
+            actor_user_id: None,
+            entity_type: "tag".into(),
+            entity_id: Uuid::now_v7(),
+            event_type: "TagDeleted".into(),
+            occurred_at: now,
+            created_at: now,
+            request_id: None,
+            client: None,
+            ip: None,
+            reason: None,
+            summary: format!("Deleted tag \"{}\"\nsecond line", "x".repeat(200)),
+            changed_fields: vec![],
+            details: serde_json::json!({}),
+            projection_version: 1,
+            projected_at: now,
+        };
+        let t = page_table(&Page { entries: vec![row], next_cursor: Some("CUR".into()) });
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 3, "{t}");
+        assert!(lines[0].starts_with("OCCURRED_AT"));
+        assert!(lines[1].ends_with("system") && lines[1].contains('…'));
+        assert_eq!(lines[2], "more: --cursor CUR");
+        assert!(page_table(&Page { entries: vec![], next_cursor: None }).contains("(no entries)"));
+    }
+}

@@ -1,0 +1,193 @@
+//! `chronicle rebuild`: the read model rebuilt from the source of truth.
+
+use std::io::{IsTerminal, Write};
+use std::time::{Duration, Instant};
+
+use lexopt::prelude::*;
+use uuid::Uuid;
+
+use crate::cli::{setting_flag, string_value};
+use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
+use crate::db;
+use crate::error::{AppError, Result};
+use crate::rebuild::{self, Mode, Options, Progress};
+
+pub const SUMMARY: &str = "Rebuild chronicle_entries from chronicle_events (--truncate, --emit-outbox, --swap)";
+
+const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
+
+pub fn help() -> String {
+    format!(
+        "Rebuild the read model from the source of truth, with the worker's projection.
+
+  (no mode flag)   re-project every event over the existing entries (upsert)
+  --truncate       empty chronicle_entries first, then re-project
+  --emit-outbox    enqueue one pending delivery per event (not for events that already have
+                   a pending or processing one) for the workers, instead of projecting here;
+                   with --truncate, the read model is emptied first (the runbook's pair)
+  --swap           zero downtime: build a shadow table while the old one keeps serving,
+                   catch up with events written meanwhile, then swap the two in one short
+                   transaction, keeping indexes, constraints, row-level security, policies
+                   and grants. Readers never see an empty or half-built timeline.
+
+Events that cannot be projected are counted by error_reason and recorded as failed
+deliveries (see `chronicle status`, `chronicle replay-failed`); the rebuild goes on and
+exits 1 at the end. Every run is recorded in chronicle_rebuild_runs. Progress goes to
+stderr. Only one rebuild runs at a time per database.
+
+USAGE:
+    chronicle rebuild [--truncate] [--emit-outbox | --swap] [--library-id ID] [--batch-size N] [--json]
+
+FLAGS:
+{}  --library-id ID
+      Rebuild one library (scope) only; other libraries are not touched. Not with --swap.
+  --batch-size N
+      Events read, projected and written per statement (default 1000, 1-50000).
+  --json
+      Print the report as JSON: {{\"run_id\", \"mode\", \"library_id\", \"events_total\",
+      \"rows_written\", \"failures\", \"failures_by_reason\", \"seconds\", \"swap_lock_held_ms\"}}.
+
+EXAMPLES:
+    chronicle rebuild --truncate
+    chronicle rebuild --truncate --emit-outbox && chronicle worker --until-empty
+    chronicle rebuild --swap
+    chronicle rebuild --library-id 0190a5c4-9a0e-7cc1-8a42-2f7e3f6c2d11
+",
+        config::settings_help(SETTINGS)
+    )
+}
+
+#[derive(Debug)]
+pub struct Args {
+    pub database_url: DbUrl,
+    pub mode: Mode,
+    pub library_id: Option<Uuid>,
+    pub batch_size: usize,
+    pub json: bool,
+    pub started_by: String,
+}
+
+pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
+    let mut src = Sources::new(env);
+    let (mut truncate, mut emit, mut swap, mut json) = (false, false, false, false);
+    let mut library_id = None;
+    let mut batch_size = 1000;
+    while let Some(arg) = p.next()? {
+        if let Some(s) = setting_flag(&arg, SETTINGS) {
+            src.set_flag(s, string_value(p, s.flag)?);
+            continue;
+        }
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("truncate") => truncate = true,
+            Long("emit-outbox") => emit = true,
+            Long("swap") => swap = true,
+            Long("json") => json = true,
+            Long("library-id") => {
+                let v = string_value(p, "library-id")?;
+                library_id = Some(Uuid::parse_str(v.trim()).map_err(|_| AppError::usage(format!("invalid --library-id {v:?}: not a UUID")))?);
+            }
+            Long("batch-size") => {
+                let v = string_value(p, "batch-size")?;
+                batch_size = parse_count(v.trim(), 1, 50_000).map_err(|why| AppError::usage(format!("invalid --batch-size {v:?}: {why}")))? as usize;
+            }
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let mode = match (truncate, emit, swap) {
+        (_, true, true) => return Err(AppError::usage("--swap and --emit-outbox cannot be combined")),
+        (true, _, true) => return Err(AppError::usage("--swap replaces the table; --truncate is not needed with it")),
+        (false, false, false) => Mode::Direct,
+        (true, false, false) => Mode::Truncate,
+        (false, true, false) => Mode::EmitOutbox,
+        (true, true, false) => Mode::TruncateEmitOutbox,
+        (false, false, true) => Mode::Swap,
+    };
+    if mode == Mode::Swap && library_id.is_some() {
+        return Err(AppError::usage("--swap rebuilds the whole read model; it cannot be combined with --library-id"));
+    }
+    let started_by = env.get("USER").or_else(|| env.get("USERNAME")).unwrap_or("unknown").to_string();
+    Ok(Some(Args { database_url: src.database_url()?, mode, library_id, batch_size, json, started_by }))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut client = db::connect_for_command(&args.database_url)?;
+    let opts = Options { mode: args.mode, library_id: args.library_id, batch_size: args.batch_size, started_by: args.started_by };
+    let mut reporter = ProgressLine::new();
+    let report = rebuild::rebuild(&mut client, &opts, &mut |p| reporter.show(p))?;
+    reporter.finish();
+    if args.json {
+        let out = serde_json::json!({
+            "run_id": report.run_id,
+            "mode": report.mode,
+            "library_id": args.library_id,
+            "events_total": report.events_total,
+            "rows_written": report.rows_written,
+            "failures": report.failures(),
+            "failures_by_reason": report.failures_by_reason,
+            "seconds": report.seconds,
+            "swap_lock_held_ms": report.swap_lock_held.map(|d| d.as_secs_f64() * 1000.0),
+        });
+        println!("{out}");
+    } else {
+        let what = if matches!(args.mode, Mode::EmitOutbox | Mode::TruncateEmitOutbox) { "deliveries enqueued" } else { "entries written" };
+        println!(
+            "rebuild {} (run {}): {} events, {} {what}, {} failed, {:.2} s",
+            report.mode,
+            report.run_id,
+            report.events_total,
+            report.rows_written,
+            report.failures(),
+            report.seconds
+        );
+        if let Some(held) = report.swap_lock_held {
+            println!("swap: the read model was locked for {:.1} ms", held.as_secs_f64() * 1000.0);
+        }
+        for (reason, n) in &report.failures_by_reason {
+            println!("  failed {reason}: {n} (recorded as failed deliveries; see chronicle status, replay-failed)");
+        }
+    }
+    if report.failures() > 0 {
+        return Err(AppError::failed(format!(
+            "{} event(s) could not be projected; the rest of the rebuild was done",
+            report.failures()
+        )));
+    }
+    Ok(())
+}
+
+/// Progress on stderr: a line rewritten in place on a terminal, a line every few
+/// seconds otherwise (logs, CI).
+struct ProgressLine {
+    tty: bool,
+    last: Option<Instant>,
+    shown: bool,
+}
+
+impl ProgressLine {
+    fn new() -> ProgressLine {
+        ProgressLine { tty: std::io::stderr().is_terminal(), last: None, shown: false }
+    }
+
+    fn show(&mut self, p: Progress) {
+        let every = if self.tty { Duration::from_millis(200) } else { Duration::from_secs(5) };
+        if self.last.is_some_and(|t| t.elapsed() < every) && p.done < p.total {
+            return;
+        }
+        self.last = Some(Instant::now());
+        let secs = p.elapsed.as_secs_f64().max(1e-3);
+        let rate = p.done as f64 / secs;
+        let eta = if rate > 0.0 && p.total > p.done { (p.total - p.done) as f64 / rate } else { 0.0 };
+        let pct = if p.total > 0 { 100.0 * p.done as f64 / p.total as f64 } else { 100.0 };
+        let line = format!("rebuild: {}/{} events ({pct:.1}%), {rate:.0} events/s, ETA {eta:.0} s", p.done, p.total);
+        let mut err = std::io::stderr().lock();
+        let _ = if self.tty { write!(err, "\r{line}\x1b[K") } else { writeln!(err, "{line}") };
+        self.shown = true;
+    }
+
+    fn finish(&mut self) {
+        if self.tty && self.shown {
+            eprintln!();
+        }
+    }
+}

@@ -1,0 +1,134 @@
+//! `chronicle status`: the runbook's acceptance queries, without psql.
+
+use lexopt::prelude::*;
+
+use crate::cli::{setting_flag, string_value};
+use crate::config::{self, DbUrl, Env, Setting, Sources};
+use crate::db;
+use crate::error::{AppError, Result};
+use crate::ops::{self, Status};
+
+pub const SUMMARY: &str = "Show the outbox by state, failures by reason, read-model coverage and the last rebuild";
+
+const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::MAX_PROCESSING];
+
+pub fn help() -> String {
+    format!(
+        "Answer \"is the projector healthy?\" in one read-only snapshot: the outbox by state (with
+the age of the oldest pending row and the stuck rows), failed rows by error_reason with an
+example event each, events against entries (and events that have no entry), and the last
+rebuild run. Informational: exits 0 whatever it finds (3 if the database is unreachable).
+Counting events without an entry reads both tables whole: on a very large database it
+takes a while, like the runbook's query it replaces.
+
+USAGE:
+    chronicle status [--json]
+
+FLAGS:
+{}  --json
+      Print one JSON object: outbox, failed_by_reason, events, entries, events_without_entry,
+      last_rebuild (see README.md).
+
+EXAMPLES:
+    chronicle status
+    chronicle status --json | jq '.outbox.failed'
+    chronicle status --max-processing-seconds 120     # count rows processing > 2 min as stuck
+",
+        config::settings_help(SETTINGS)
+    )
+}
+
+#[derive(Debug)]
+pub struct Args {
+    pub database_url: DbUrl,
+    pub max_processing: std::time::Duration,
+    pub json: bool,
+}
+
+pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
+    let mut src = Sources::new(env);
+    let mut json = false;
+    while let Some(arg) = p.next()? {
+        if let Some(s) = setting_flag(&arg, SETTINGS) {
+            src.set_flag(s, string_value(p, s.flag)?);
+            continue;
+        }
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("json") => json = true,
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    let max_processing = src
+        .seconds(&config::MAX_PROCESSING)?
+        .ok_or_else(|| AppError::usage(format!("{} is required", config::MAX_PROCESSING.var)))?;
+    Ok(Some(Args { database_url: src.database_url()?, max_processing, json }))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut client = db::connect_for_command(&args.database_url)?;
+    let st = ops::status(&mut client, args.max_processing).map_err(|e| AppError::db("while reading the status", &e))?;
+    if args.json {
+        let v = serde_json::to_value(&st).map_err(|e| AppError::failed(format!("cannot render the status: {e}")))?;
+        println!("{v}");
+    } else {
+        print!("{}", render_text(&st));
+    }
+    Ok(())
+}
+
+/// The status as a readable table.
+pub fn render_text(st: &Status) -> String {
+    let o = &st.outbox;
+    let mut s = String::from("OUTBOX (chronicle_outbox_events)\n");
+    s.push_str(&format!("  pending     {:>12}   oldest pending: {:.1} s\n", o.pending, o.oldest_pending_age_seconds));
+    s.push_str(&format!("  processing  {:>12}   stuck: {}\n", o.processing, o.stuck));
+    s.push_str(&format!("  done        {:>12}\n", o.done));
+    s.push_str(&format!("  failed      {:>12}\n", o.failed));
+    s.push_str("\nFAILED BY REASON\n");
+    if st.failed_by_reason.is_empty() {
+        s.push_str("  (none)\n");
+    } else {
+        s.push_str(&format!("  {:<24} {:>10}  {}\n", "error_reason", "count", "example event"));
+        for f in &st.failed_by_reason {
+            s.push_str(&format!(
+                "  {:<24} {:>10}  {}\n",
+                f.error_reason.as_deref().unwrap_or("none"),
+                f.count,
+                f.example_event_id
+            ));
+        }
+        s.push_str("  (chronicle show EVENT_ID for one; chronicle replay-failed once fixed)\n");
+    }
+    s.push_str("\nREAD MODEL\n");
+    s.push_str(&format!("  events                {:>12}\n", st.events));
+    s.push_str(&format!("  entries               {:>12}\n", st.entries));
+    s.push_str(&format!("  events without entry  {:>12}\n", st.events_without_entry));
+    s.push_str("\nLAST REBUILD\n");
+    match &st.last_rebuild {
+        None => s.push_str("  (never)\n"),
+        Some(r) => {
+            let scope = r.library_id.map(|l| format!("library {l}")).unwrap_or_else(|| "all libraries".into());
+            let outcome = match r.success {
+                None if r.finished_at.is_none() => "running (or died)".to_string(),
+                None => "unknown".to_string(),
+                Some(true) => "success".to_string(),
+                Some(false) => format!("FAILED: {}", r.error.as_deref().unwrap_or("(no message)")),
+            };
+            s.push_str(&format!("  run #{} {} ({scope}): {outcome}\n", r.id, r.mode));
+            s.push_str(&format!(
+                "  started {}  finished {}\n",
+                r.started_at.to_rfc3339(),
+                r.finished_at.map(|t| t.to_rfc3339()).unwrap_or_else(|| "-".into())
+            ));
+            s.push_str(&format!(
+                "  events {}  rows written {}  failures {} {}\n",
+                r.events_total.map(|n| n.to_string()).unwrap_or_else(|| "?".into()),
+                r.rows_written,
+                r.failures,
+                if r.failures > 0 { r.failures_by_reason.to_string() } else { String::new() }
+            ));
+        }
+    }
+    s
+}

@@ -1,0 +1,279 @@
+//! What operators read: the runbook's acceptance queries (`chronicle status`) and
+//! everything about one event (`chronicle show`), so nobody needs psql to answer "is the
+//! projector healthy?" or "why is this event wrong?".
+//!
+//! Read-only. Each report is read in one REPEATABLE READ snapshot, so its numbers agree
+//! with each other even while workers run.
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use postgres::{Client, GenericClient, IsolationLevel};
+use serde::Serialize;
+use serde_json::Value;
+use uuid::Uuid;
+
+use crate::error::{AppError, Result};
+
+/// The outbox by state (DESIGN.md §3), with the backlog's age and the stuck rows.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct OutboxCounts {
+    pub pending: i64,
+    pub processing: i64,
+    pub done: i64,
+    pub failed: i64,
+    /// Age of the oldest pending row; 0 when nothing is pending (as the gauge).
+    pub oldest_pending_age_seconds: f64,
+    /// Processing past its lease, or past `OUTBOX_MAX_PROCESSING_SECONDS` since its claim.
+    pub stuck: i64,
+}
+
+/// Failed rows of one `error_reason`, with the event of the latest such failure.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct FailedReason {
+    pub error_reason: Option<String>,
+    pub count: i64,
+    pub example_event_id: Uuid,
+}
+
+/// One row of `chronicle_rebuild_runs`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RebuildRun {
+    pub id: i64,
+    pub mode: String,
+    pub library_id: Option<Uuid>,
+    pub started_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub events_total: Option<i64>,
+    pub rows_written: i64,
+    pub failures: i64,
+    pub failures_by_reason: Value,
+    pub success: Option<bool>,
+    pub error: Option<String>,
+}
+
+/// `chronicle status`: its JSON form is this struct (keys documented in README.md).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Status {
+    pub outbox: OutboxCounts,
+    pub failed_by_reason: Vec<FailedReason>,
+    pub events: i64,
+    pub entries: i64,
+    pub events_without_entry: i64,
+    pub last_rebuild: Option<RebuildRun>,
+}
+
+/// Every state counted in one scan; stuck as the reclaim loop defines it ($1: max processing seconds).
+pub const STATUS_OUTBOX: &str = "
+    SELECT
+        count(*) FILTER (WHERE status = 'pending'),
+        count(*) FILTER (WHERE status = 'processing'),
+        count(*) FILTER (WHERE status = 'done'),
+        count(*) FILTER (WHERE status = 'failed'),
+        coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')), 0)::float8,
+        count(*) FILTER (WHERE status = 'processing'
+                         AND (lease_until < now() OR claimed_at < now() - make_interval(secs => $1)))
+    FROM chronicle_outbox_events";
+
+/// Failures by reason, most frequent first, each with the event of its latest failure
+/// (served by the partial index on failed rows).
+pub const STATUS_FAILED_BY_REASON: &str = "
+    SELECT r.error_reason, r.n,
+           (SELECT o.event_id FROM chronicle_outbox_events o
+            WHERE o.status = 'failed' AND o.error_reason IS NOT DISTINCT FROM r.error_reason
+            ORDER BY o.updated_at DESC, o.id DESC LIMIT 1)
+    FROM (SELECT error_reason, count(*) AS n FROM chronicle_outbox_events
+          WHERE status = 'failed' GROUP BY error_reason) r
+    ORDER BY r.n DESC, r.error_reason";
+
+/// The read model against its source: events, entries, and events that have no entry.
+pub const STATUS_READ_MODEL: &str = "
+    SELECT (SELECT count(*) FROM chronicle_events),
+           (SELECT count(*) FROM chronicle_entries),
+           (SELECT count(*) FROM chronicle_events e
+            WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = e.id))";
+
+/// The latest rebuild run (running or finished).
+pub const STATUS_LAST_REBUILD: &str = "
+    SELECT id, mode, library_id, started_at, finished_at, events_total, rows_written, failures,
+           failures_by_reason, success, error
+    FROM chronicle_rebuild_runs
+    ORDER BY started_at DESC, id DESC
+    LIMIT 1";
+
+/// Reads the whole status in one snapshot.
+pub fn status(client: &mut Client, max_processing: Duration) -> Result<Status, postgres::Error> {
+    let mut tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?;
+    let r = tx.query_one(STATUS_OUTBOX, &[&max_processing.as_secs_f64()])?;
+    let outbox = OutboxCounts {
+        pending: r.try_get(0)?,
+        processing: r.try_get(1)?,
+        done: r.try_get(2)?,
+        failed: r.try_get(3)?,
+        oldest_pending_age_seconds: r.try_get(4)?,
+        stuck: r.try_get(5)?,
+    };
+    let failed_by_reason = tx
+        .query(STATUS_FAILED_BY_REASON, &[])?
+        .iter()
+        .map(|r| {
+            Ok(FailedReason { error_reason: r.try_get(0)?, count: r.try_get(1)?, example_event_id: r.try_get(2)? })
+        })
+        .collect::<Result<Vec<_>, postgres::Error>>()?;
+    let r = tx.query_one(STATUS_READ_MODEL, &[])?;
+    let (events, entries, events_without_entry) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
+    let last_rebuild = match tx.query_opt(STATUS_LAST_REBUILD, &[])? {
+        None => None,
+        Some(r) => Some(RebuildRun {
+            id: r.try_get(0)?,
+            mode: r.try_get(1)?,
+            library_id: r.try_get(2)?,
+            started_at: r.try_get(3)?,
+            finished_at: r.try_get(4)?,
+            events_total: r.try_get(5)?,
+            rows_written: r.try_get(6)?,
+            failures: r.try_get(7)?,
+            failures_by_reason: r.try_get(8)?,
+            success: r.try_get(9)?,
+            error: r.try_get(10)?,
+        }),
+    };
+    tx.commit()?;
+    Ok(Status { outbox, failed_by_reason, events, entries, events_without_entry, last_rebuild })
+}
+
+/// A row as (column, value) pairs in the table's column order, every column included
+/// (read through `row_to_json`, so a column added later shows up without a code change).
+pub type Columns = Vec<(String, Value)>;
+
+/// `chronicle show`: an event, its deliveries and its entry.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Shown {
+    pub event: Option<Columns>,
+    pub deliveries: Vec<Columns>,
+    pub entry: Option<Columns>,
+}
+
+impl Shown {
+    pub fn is_empty(&self) -> bool {
+        self.event.is_none() && self.deliveries.is_empty() && self.entry.is_none()
+    }
+}
+
+/// The event's columns ($1 the event id).
+pub const SHOW_EVENT: &str = "
+    SELECT 0::bigint, j.key, j.value
+    FROM chronicle_events t, json_each(row_to_json(t)) WITH ORDINALITY AS j(key, value, n)
+    WHERE t.id = $1
+    ORDER BY j.n";
+
+/// Every delivery of the event, oldest first.
+pub const SHOW_DELIVERIES: &str = "
+    SELECT t.id, j.key, j.value
+    FROM chronicle_outbox_events t, json_each(row_to_json(t)) WITH ORDINALITY AS j(key, value, n)
+    WHERE t.event_id = $1
+    ORDER BY t.id, j.n";
+
+/// The event's entry (entry id = event id).
+pub const SHOW_ENTRY: &str = "
+    SELECT 0::bigint, j.key, j.value
+    FROM chronicle_entries t, json_each(row_to_json(t)) WITH ORDINALITY AS j(key, value, n)
+    WHERE t.id = $1
+    ORDER BY j.n";
+
+/// Reads one event, its deliveries and its entry in one snapshot.
+pub fn show(client: &mut Client, event_id: Uuid) -> Result<Shown, postgres::Error> {
+    let mut tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?;
+    let event = rows_as_columns(&mut tx, SHOW_EVENT, event_id)?.into_iter().next();
+    let deliveries = rows_as_columns(&mut tx, SHOW_DELIVERIES, event_id)?;
+    let entry = rows_as_columns(&mut tx, SHOW_ENTRY, event_id)?.into_iter().next();
+    tx.commit()?;
+    Ok(Shown { event, deliveries, entry })
+}
+
+/// Groups (row key, column, value) rows into one `Columns` per row key, in order.
+fn rows_as_columns(client: &mut impl GenericClient, sql: &str, id: Uuid) -> Result<Vec<Columns>, postgres::Error> {
+    let mut out: Vec<(i64, Columns)> = Vec::new();
+    for r in client.query(sql, &[&id])? {
+        let key: i64 = r.try_get(0)?;
+        let pair = (r.try_get::<_, String>(1)?, r.try_get::<_, Value>(2)?);
+        match out.last_mut() {
+            Some((k, cols)) if *k == key => cols.push(pair),
+            _ => out.push((key, vec![pair])),
+        }
+    }
+    Ok(out.into_iter().map(|(_, cols)| cols).collect())
+}
+
+/// Columns as one JSON object (for `--json`).
+pub fn columns_json(cols: &Columns) -> Value {
+    Value::Object(cols.iter().cloned().collect())
+}
+
+/// A value for text output: strings bare, `null` as `null`, anything else as compact JSON.
+pub fn value_text(v: &Value) -> String {
+    match v {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+/// Validates the `--by` / `--reason` of an audited operation: required and not blank,
+/// both named when missing, so the audit trail always says who and why.
+pub fn audit_fields(by: Option<String>, reason: Option<String>) -> Result<(String, String)> {
+    let missing: Vec<&str> = [("--by", &by), ("--reason", &reason)]
+        .iter()
+        .filter(|(_, v)| v.as_deref().is_none_or(|s| s.trim().is_empty()))
+        .map(|(n, _)| *n)
+        .collect();
+    match (by, reason) {
+        (Some(by), Some(reason)) if missing.is_empty() => Ok((by, reason)),
+        _ => Err(AppError::usage(format!(
+            "{} {} required and must not be empty: the audit trail records who did this (--by) and why (--reason)",
+            missing.join(" and "),
+            if missing.len() == 1 { "is" } else { "are" }
+        ))),
+    }
+}
+
+/// Parses an event id given on the command line, naming the flag when it is not a UUID.
+pub fn parse_event_id(flag: &str, v: &str) -> Result<Uuid> {
+    Uuid::parse_str(v.trim()).map_err(|_| AppError::usage(format!("invalid {flag} {v:?}: not a UUID")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_fields_name_what_is_missing() {
+        let s = |v: &str| Some(v.to_string());
+        assert_eq!(audit_fields(s("ana"), s("fixed")).unwrap(), ("ana".into(), "fixed".into()));
+        for (by, reason, expect) in [
+            (None, None, "--by and --reason are"),
+            (s("ana"), None, "--reason is"),
+            (None, s("x"), "--by is"),
+            (s("  "), s("x"), "--by is"),
+            (s("ana"), s(""), "--reason is"),
+        ] {
+            let e = audit_fields(by, reason).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains(expect), "{e}");
+        }
+    }
+
+    #[test]
+    fn event_ids_must_be_uuids() {
+        assert!(parse_event_id("--event-id", "0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10").is_ok());
+        let e = parse_event_id("--event-id", "42").unwrap_err();
+        assert_eq!(e.exit_code(), 2);
+        assert!(e.to_string().contains("--event-id") && e.to_string().contains("\"42\""), "{e}");
+    }
+
+    #[test]
+    fn text_values_are_bare_strings_or_json() {
+        assert_eq!(value_text(&Value::from("a\"b")), "a\"b");
+        assert_eq!(value_text(&Value::Null), "null");
+        assert_eq!(value_text(&serde_json::json!({"title": "x"})), "{\"title\":\"x\"}");
+    }
+}

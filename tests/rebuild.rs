@@ -1,0 +1,223 @@
+//! `chronicle rebuild` in each mode, through the binary, against a real server.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use postgres::Client;
+use serde_json::Value;
+
+use crate::util::{assert_fully_projected, count, outbox_by_status, run, worker_cmd, TestDb};
+
+/// Every entry as JSON, `projected_at` aside, ordered by id.
+fn entries_snapshot(c: &mut Client, filter: &str) -> Vec<Value> {
+    c.query(&format!("SELECT to_jsonb(e) - 'projected_at' FROM chronicle_entries e {filter} ORDER BY id"), &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+fn injected_and_drained(count: &str) -> TestDb {
+    let db = TestDb::new();
+    let r = run(&mut db.chronicle(&["inject", "--count", count, "--libraries", "3", "--seed", "11"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "500"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    db
+}
+
+#[test]
+fn rebuild_truncate_gives_the_entries_the_worker_produced() {
+    let db = injected_and_drained("3000");
+    let mut c = db.client();
+    let by_worker = entries_snapshot(&mut c, "");
+    assert_eq!(by_worker.len(), 3000);
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--batch-size", "700", "--json"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert_eq!((report["events_total"].as_i64(), report["rows_written"].as_i64()), (Some(3000), Some(3000)), "{report}");
+    assert_eq!(report["mode"], "truncate");
+    assert!(r.stderr.contains("3000/3000 events"), "progress on stderr: {r}");
+    assert_eq!(entries_snapshot(&mut c, ""), by_worker);
+    // Without --truncate: re-projected over the existing rows, same result.
+    let r = run(&mut db.chronicle(&["rebuild"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(entries_snapshot(&mut c, ""), by_worker);
+    let runs: Vec<(String, bool, i64)> = c
+        .query("SELECT mode, success, rows_written FROM chronicle_rebuild_runs ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(runs, vec![("truncate".into(), true, 3000), ("direct".into(), true, 3000)]);
+}
+
+#[test]
+fn truncate_emit_outbox_then_a_drain_gives_the_same_entries() {
+    let db = injected_and_drained("2000");
+    let mut c = db.client();
+    let by_worker = entries_snapshot(&mut c, "");
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--emit-outbox"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending'"), 2000);
+    // Emitting again enqueues nothing twice: every event already has a live delivery.
+    let r = run(&mut db.chronicle(&["rebuild", "--emit-outbox", "--json"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.contains("\"rows_written\":0"), "{r}");
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "500"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(entries_snapshot(&mut c, ""), by_worker);
+}
+
+#[test]
+fn rebuild_library_id_touches_no_other_library() {
+    let db = injected_and_drained("3000");
+    let mut c = db.client();
+    let lib: uuid::Uuid = c.query_one("SELECT library_id FROM chronicle_events GROUP BY 1 ORDER BY count(*) DESC LIMIT 1", &[]).unwrap().get(0);
+    let others = |c: &mut Client| -> Vec<Value> {
+        c.query("SELECT to_jsonb(e) FROM chronicle_entries e WHERE library_id <> $1 ORDER BY id", &[&lib])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let before_others = others(&mut c); // projected_at included: not even rewritten
+    let before_lib = entries_snapshot(&mut c, &format!("WHERE library_id = '{lib}'"));
+    c.execute("DELETE FROM chronicle_entries WHERE library_id = $1", &[&lib]).unwrap();
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--library-id", &lib.to_string()]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(others(&mut c), before_others);
+    assert_eq!(entries_snapshot(&mut c, &format!("WHERE library_id = '{lib}'")), before_lib);
+    let r = run(&mut db.chronicle(&["rebuild", "--swap", "--library-id", &lib.to_string()]));
+    assert_eq!(r.code, Some(2), "{r}");
+}
+
+#[test]
+fn events_that_cannot_be_projected_are_failed_deliveries_and_the_rebuild_goes_on() {
+    let db = injected_and_drained("500");
+    let mut c = db.client();
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at) VALUES
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookTeleported', '{}', now()),
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookCreated', '{\"title\": 1}', now())",
+    )
+    .unwrap();
+    for args in [&["rebuild", "--truncate", "--json"][..], &["rebuild", "--swap", "--json"]] {
+        let r = run(&mut db.chronicle(args));
+        assert_eq!(r.code, Some(1), "{args:?}: {r}");
+        let report: Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(report["failures"], 2, "{report}");
+        assert_eq!(report["failures_by_reason"]["unknown_event_type"], 1, "{report}");
+        assert_eq!(report["failures_by_reason"]["invalid_payload"], 1, "{report}");
+        assert_eq!(report["rows_written"], 500, "{report}");
+        assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 500);
+    }
+    // Recorded once each as failed deliveries, whatever the number of runs.
+    let by = outbox_by_status(&mut c);
+    assert_eq!(by.get("failed/unknown_event_type"), Some(&1), "{by:?}");
+    assert_eq!(by.get("failed/invalid_payload"), Some(&1), "{by:?}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_rebuild_runs WHERE success = false AND failures = 2"), 2);
+}
+
+/// A role for one test, dropped when the test ends.
+struct TestRole {
+    name: String,
+    db: String,
+    server: crate::util::Server,
+}
+
+impl TestRole {
+    fn new(db: &TestDb) -> TestRole {
+        let name = format!("chronicle_reader_{}", &uuid::Uuid::now_v7().simple().to_string()[20..]);
+        db.client().batch_execute(&format!("CREATE ROLE {name}")).unwrap();
+        TestRole { name, db: db.name.clone(), server: db.server.clone() }
+    }
+}
+
+impl Drop for TestRole {
+    fn drop(&mut self) {
+        let mut c = self.server.connect(&self.db);
+        let _ = c.batch_execute(&format!("DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}", self.name));
+    }
+}
+
+#[test]
+fn swap_under_readers_writers_and_a_worker_keeps_the_timeline_whole() {
+    let db = injected_and_drained("20000");
+    let mut c = db.client();
+    let role = TestRole::new(&db);
+    c.batch_execute(&format!("GRANT SELECT ON chronicle_entries TO {}", role.name)).unwrap();
+    let lib: uuid::Uuid = c.query_one("SELECT library_id FROM chronicle_events LIMIT 1", &[]).unwrap().get(0);
+    let policies_before = count(&mut c, "SELECT count(*) FROM pg_policies WHERE tablename = 'chronicle_entries'");
+
+    let stop = Arc::new(AtomicBool::new(false));
+    // A reader paging the library's timeline, newest first, as the UI does.
+    let reader = {
+        let (stop, mut rc) = (stop.clone(), db.client());
+        std::thread::spawn(move || {
+            let (mut pages, mut empty, mut slowest) = (0u64, 0u64, Duration::ZERO);
+            while !stop.load(Ordering::Relaxed) {
+                let t = std::time::Instant::now();
+                let rows = rc
+                    .query(
+                        "SELECT id FROM chronicle_entries WHERE library_id = $1 ORDER BY occurred_at DESC, id DESC LIMIT 50",
+                        &[&lib],
+                    )
+                    .expect("a reader query failed during the swap");
+                slowest = slowest.max(t.elapsed());
+                pages += 1;
+                if rows.is_empty() {
+                    empty += 1;
+                }
+            }
+            (pages, empty, slowest)
+        })
+    };
+    // A writer inserting events, as the application does.
+    let writer = {
+        let (stop, mut wc) = (stop.clone(), db.client());
+        std::thread::spawn(move || {
+            let mut n = 0;
+            while !stop.load(Ordering::Relaxed) {
+                n += crate::util::insert_events_into(&mut wc, lib, 20);
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            n
+        })
+    };
+    let mut worker = worker_cmd(&db, &[]).stderr(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let r = run(&mut db.chronicle(&["rebuild", "--swap", "--json"]));
+    std::thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::Relaxed);
+    let (pages, empty, slowest) = reader.join().unwrap();
+    let written = writer.join().unwrap();
+    assert_eq!(r.code, Some(0), "{r}");
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    assert!(report["swap_lock_held_ms"].as_f64().is_some(), "{report}");
+    assert!(pages > 10 && written > 0, "the reader ({pages} pages) and writer ({written} events) did not run");
+    assert_eq!(empty, 0, "the reader saw {empty} empty pages of {pages}");
+    eprintln!("swap: {pages} reader pages, slowest {slowest:?}, {written} events written meanwhile, {report}");
+
+    crate::util::wait_until(Duration::from_secs(60), "the worker to drain", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'") == 0
+    });
+    crate::util::signal(worker.id(), "TERM");
+    assert!(worker.wait().unwrap().success());
+    assert_fully_projected(&mut c);
+    // The swapped-in table kept indexes, policies, row-level security and grants.
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_indexes WHERE tablename = 'chronicle_entries'"), 6);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_policies WHERE tablename = 'chronicle_entries'"), policies_before);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pg_class WHERE relname = 'chronicle_entries' AND relrowsecurity"),
+        if policies_before > 0 { 1 } else { 0 }
+    );
+    let granted: bool = c
+        .query_one("SELECT has_table_privilege($1, 'chronicle_entries', 'SELECT')", &[&role.name])
+        .unwrap()
+        .get(0);
+    assert!(granted, "the grant was lost in the swap");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_class WHERE relname LIKE 'chronicle_entries_re%'"), 0, "leftover tables");
+}
