@@ -5,7 +5,7 @@
 --
 -- ENABLE, not FORCE: the table owner (the role that ran `chronicle migrate`, which the
 -- worker and the ops commands use) and superusers are not subject to the policies and
--- keep seeing every library. No role is created here: docs/read_model.md has the
+-- keep seeing every library. No role is created here: the README has the
 -- statements an operator runs for the application's role.
 --
 -- Unset or empty setting: NULL, which matches no row, so a session that forgot to name

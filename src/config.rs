@@ -124,12 +124,14 @@ setting!(LOG_FORMAT, "CHRONICLE_LOG_FORMAT", "log-format", Some("text"), Kind::C
 setting!(DONE_RETENTION, "OUTBOX_DONE_RETENTION_SECONDS", "done-retention-seconds", None,
     Kind::Seconds { allow_zero: false },
     "Delete done outbox rows processed longer ago than this (in small batches). Unset: keep them.");
+setting!(LISTEN, "OUTBOX_LISTEN", "listen", Some("on"), Kind::Choice(&["on", "off"]),
+    "Wake idle claim threads on NOTIFY (on), or rely on polling alone (off).");
 
 /// Every setting the worker reads, in help order.
 pub const WORKER_SETTINGS: &[&Setting] = &[
     &DATABASE_URL, &WORKER_ID, &METRICS_PORT, &METRICS_BIND, &BATCH_SIZE, &POLL_INTERVAL, &LEASE,
     &MAX_ATTEMPTS, &BASE_BACKOFF, &MAX_BACKOFF, &RECLAIM_INTERVAL, &MAX_PROCESSING, &RUN_SECONDS,
-    &CONCURRENCY, &STATEMENT_TIMEOUT, &DONE_RETENTION,
+    &CONCURRENCY, &STATEMENT_TIMEOUT, &DONE_RETENTION, &LISTEN,
 ];
 
 /// Where a value came from, so an error can name exactly what the user set.
@@ -602,6 +604,8 @@ pub struct WorkerConfig {
     pub statement_timeout: Duration,
     /// `OUTBOX_DONE_RETENTION_SECONDS`: when set, the worker prunes older done rows.
     pub done_retention: Option<Duration>,
+    /// `OUTBOX_LISTEN`: whether a listener connection wakes idle claim threads.
+    pub listen: bool,
 }
 
 /// Reads a setting that has a default, so it is always present.
@@ -628,6 +632,7 @@ impl WorkerConfig {
             concurrency: required(src.count(&CONCURRENCY), &CONCURRENCY)? as u32,
             statement_timeout: required(src.seconds(&STATEMENT_TIMEOUT), &STATEMENT_TIMEOUT)?,
             done_retention: src.seconds(&DONE_RETENTION)?,
+            listen: required(src.choice(&LISTEN), &LISTEN)? == "on",
         };
         if cfg.worker_id.chars().count() > 200 {
             return Err(AppError::Usage(format!("invalid {}: longer than 200 characters", WORKER_ID.var)));
@@ -705,6 +710,7 @@ mod tests {
         assert_eq!(c.statement_timeout, Duration::from_secs(30));
         assert_eq!(c.run_for, None);
         assert_eq!(c.done_retention, None);
+        assert!(c.listen);
     }
 
     #[test]
@@ -735,6 +741,7 @@ mod tests {
             ("OUTBOX_RUN_SECONDS", &["", "soon", "0"]),
             ("OUTBOX_STATEMENT_TIMEOUT_SECONDS", &["", "x", "0"]),
             ("OUTBOX_DONE_RETENTION_SECONDS", &["", "x", "0"]),
+            ("OUTBOX_LISTEN", &["", "yes", "1"]),
             ("OUTBOX_WORKER_ID", &["", "   "]),
         ];
         for (var, values) in cases {

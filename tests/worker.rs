@@ -278,3 +278,27 @@ fn a_worker_refuses_an_unmigrated_or_newer_schema() {
     assert_eq!(r.code, Some(1), "{r}");
     assert!(r.stderr.contains("upgrade chronicle"), "{r}");
 }
+
+#[test]
+fn an_idle_worker_wakes_on_notify_and_not_only_by_polling() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    for (listen, expect_done_quickly) in [("on", true), ("off", false)] {
+        let mut child = worker_cmd(&db, &[])
+            .env("OUTBOX_POLL_INTERVAL_SECONDS", "30")
+            .env("OUTBOX_LISTEN", listen)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        // Let it start, find nothing and go idle.
+        std::thread::sleep(Duration::from_millis(1500));
+        insert_events(&mut c, 5);
+        std::thread::sleep(Duration::from_millis(1500));
+        let pending = count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'");
+        signal(child.id(), "TERM");
+        assert!(child.wait().unwrap().success());
+        assert_eq!(pending == 0, expect_done_quickly, "OUTBOX_LISTEN={listen}: {pending} rows not done after 1.5 s");
+        // Leave nothing for the next round.
+        run(&mut worker_cmd(&db, &["--until-empty"]));
+    }
+}

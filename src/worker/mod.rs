@@ -179,8 +179,10 @@ pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
             let mut last_run_seen = 0;
             every(&s, Duration::from_secs(1), || sample_gauges_once(&s, &p, &mut last_run_seen))
         })?);
-        let s = shared.clone();
-        services.push(spawn("listener", move || listen_loop(&s))?);
+        if shared.cfg.listen {
+            let s = shared.clone();
+            services.push(spawn("listener", move || listen_loop(&s))?);
+        }
         if let Some(retention) = cfg.done_retention {
             let (s, p) = (shared.clone(), pool.clone());
             let tick = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
@@ -388,13 +390,18 @@ fn listen_loop(shared: &Shared) {
         // Anything written while we were not listening is found by this wake-up.
         shared.wake_all();
         let mut notifications = client.notifications();
-        let mut iter = notifications.timeout_iter(Duration::from_millis(250));
         loop {
             if shared.stopping() {
                 return;
             }
-            match iter.next() {
-                Ok(Some(_)) => shared.wake_all(),
+            // A fresh iterator each turn: the driver's timeout is not re-armed after it
+            // fires once, and a spent one returns at once without ever waiting on the
+            // socket again (a busy loop that never sees a notification).
+            match notifications.timeout_iter(Duration::from_millis(250)).next() {
+                Ok(Some(_)) => {
+                    log::debug!("notified: waking idle claim threads");
+                    shared.wake_all()
+                }
                 Ok(None) => {}
                 Err(e) => {
                     log::debug!("listener connection lost: {}", db::describe_error(&e));
