@@ -138,6 +138,22 @@ pub struct RetryOutcome {
     pub exhausted: u64,
 }
 
+impl RetryOutcome {
+    /// Counts rows returned as `RETURNING status`: failed ones used their last attempt.
+    fn from_statuses(rows: &[postgres::Row]) -> Result<RetryOutcome, postgres::Error> {
+        let mut out = RetryOutcome::default();
+        for r in rows {
+            let status: String = r.try_get(0)?;
+            if status == "failed" {
+                out.exhausted += 1;
+            } else {
+                out.retried += 1;
+            }
+        }
+        Ok(out)
+    }
+}
+
 pub fn schedule_retry(
     client: &mut impl GenericClient,
     ids_and_delays: &[(i64, Duration)],
@@ -148,16 +164,7 @@ pub fn schedule_retry(
     let ids: Vec<i64> = ids_and_delays.iter().map(|(id, _)| *id).collect();
     let delays: Vec<f64> = ids_and_delays.iter().map(|(_, d)| d.as_secs_f64()).collect();
     let rows = client.query(SCHEDULE_RETRY, &[&ids, &delays, &(max_attempts as i32), &error, &token])?;
-    let mut out = RetryOutcome::default();
-    for r in &rows {
-        let status: String = r.try_get(0)?;
-        if status == "failed" {
-            out.exhausted += 1;
-        } else {
-            out.retried += 1;
-        }
-    }
-    Ok(out)
+    RetryOutcome::from_statuses(&rows)
 }
 
 /// processing → pending on a clean shutdown: the attempt is given back, since the row
@@ -229,16 +236,7 @@ pub fn reclaim_stuck(
     max_attempts: u32,
 ) -> Result<RetryOutcome, postgres::Error> {
     let rows = client.query(RECLAIM_STUCK, &[&max_processing.as_secs_f64(), &(max_attempts as i32)])?;
-    let mut out = RetryOutcome::default();
-    for r in &rows {
-        let status: String = r.try_get(0)?;
-        if status == "failed" {
-            out.exhausted += 1;
-        } else {
-            out.retried += 1;
-        }
-    }
-    Ok(out)
+    RetryOutcome::from_statuses(&rows)
 }
 
 /// The gauges an operator watches, sampled in one query (DESIGN.md §6).

@@ -194,6 +194,11 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
+/// Terminal columns a text takes: CJK characters are two wide.
+fn columns(s: &str) -> usize {
+    s.chars().map(|c| if crate::search::is_cjk(c) || ('\u{3000}'..='\u{303F}').contains(&c) || ('\u{FF01}'..='\u{FF60}').contains(&c) { 2 } else { 1 }).sum()
+}
+
 /// The page as an aligned table, then the next cursor when there is one.
 pub fn page_table(page: &Page) -> String {
     let rows: Vec<[String; 4]> = page
@@ -212,13 +217,11 @@ pub fn page_table(page: &Page) -> String {
         })
         .collect();
     let header = ["OCCURRED_AT", "EVENT_TYPE", "SUMMARY", "ACTOR"].map(String::from);
-    let width = |i: usize| {
-        std::iter::once(&header).chain(&rows).map(|r| r[i].chars().count()).max().unwrap_or(0)
-    };
+    let width = |i: usize| std::iter::once(&header).chain(&rows).map(|r| columns(&r[i])).max().unwrap_or(0);
     let widths = [width(0), width(1), width(2)];
     let mut out = String::new();
     for r in std::iter::once(&header).chain(&rows) {
-        let pad = |i: usize| format!("{}{}", r[i], " ".repeat(widths[i] - r[i].chars().count()));
+        let pad = |i: usize| format!("{}{}", r[i], " ".repeat(widths[i].saturating_sub(columns(&r[i]))));
         out.push_str(&format!("{}  {}  {}  {}\n", pad(0), pad(1), pad(2), r[3]));
     }
     if page.entries.is_empty() {
