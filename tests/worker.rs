@@ -302,3 +302,25 @@ fn an_idle_worker_wakes_on_notify_and_not_only_by_polling() {
         run(&mut worker_cmd(&db, &["--until-empty"]));
     }
 }
+
+#[test]
+fn healthcheck_probes_a_running_worker() {
+    let db = TestDb::new();
+    let port = crate::util::free_port().to_string();
+    let probe = |extra: &[&str]| {
+        let mut args = vec!["healthcheck"];
+        args.extend_from_slice(extra);
+        run(crate::util::chronicle_cmd(&args).env("OUTBOX_METRICS_PORT", &port))
+    };
+    let r = probe(&["--timeout", "1s"]);
+    assert_eq!(r.code, Some(1), "nothing listens yet: {r}");
+    let mut child = worker_cmd(&db, &[]).env("OUTBOX_METRICS_PORT", &port).stderr(Stdio::null()).spawn().unwrap();
+    wait_until(Duration::from_secs(20), "the worker's /healthz", || probe(&[]).code == Some(0));
+    wait_until(Duration::from_secs(20), "the worker's /readyz", || probe(&["--ready"]).code == Some(0));
+    assert!(probe(&[]).stdout.contains("healthy"));
+    signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    assert_eq!(probe(&["--timeout", "1s"]).code, Some(1));
+    let r = run(crate::util::chronicle_cmd(&["healthcheck"]).env("OUTBOX_METRICS_PORT", "0"));
+    assert_eq!(r.code, Some(2), "{r}");
+}

@@ -4,6 +4,7 @@ pub mod append;
 pub mod entries;
 pub mod erase;
 pub mod events_input;
+pub mod healthcheck;
 pub mod inject;
 pub mod migrate;
 pub mod prune;
