@@ -428,18 +428,16 @@ impl DbUrl {
         if config.get_application_name().is_none() {
             config.application_name("chronicle");
         }
-        if !matches!(ssl_mode, SslMode::Disable | SslMode::Prefer) {
-            return Err(format!(
-                "asks for sslmode={}, but this build of chronicle has no TLS support yet; \
-                 use sslmode=disable or prefer",
-                match ssl_mode {
-                    SslMode::Require => "require",
-                    SslMode::VerifyCa => "verify-ca",
-                    _ => "verify-full",
-                }
-            ));
-        }
-        config.ssl_mode(postgres::config::SslMode::Disable);
+        // The driver's mode says whether to ask the server for TLS; what is checked of
+        // its certificate is the connector's part (db::tls). Unix sockets never use TLS
+        // (the server does not offer it there), as with libpq.
+        let socket_only = config.get_hostaddrs().is_empty() && config.get_hosts().iter().all(is_unix_socket);
+        config.ssl_mode(match ssl_mode {
+            _ if socket_only => postgres::config::SslMode::Disable,
+            SslMode::Disable => postgres::config::SslMode::Disable,
+            SslMode::Prefer => postgres::config::SslMode::Prefer,
+            SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => postgres::config::SslMode::Require,
+        });
         Ok(DbUrl { config, ssl_mode, ssl_root_cert, masked: mask_password(raw) })
     }
 
@@ -450,6 +448,10 @@ impl DbUrl {
         other.masked = format!("{} (database {dbname})", self.masked);
         other
     }
+}
+
+fn is_unix_socket(host: &postgres::config::Host) -> bool {
+    !matches!(host, postgres::config::Host::Tcp(_))
 }
 
 /// Splits a libpq `key=value` string; values may be single-quoted with `\` escapes.
@@ -801,6 +803,35 @@ mod tests {
         assert_eq!(sa.config.get_ports(), &[5435]);
         assert_eq!(sa.config.get_dbname(), Some("wordloom_test"));
         assert_eq!(sa.config.get_password(), Some(&b"wordloom"[..]));
+    }
+
+    #[test]
+    fn tls_settings_are_taken_from_both_forms() {
+        use postgres::config::SslMode as Driver;
+        let cases: &[(&str, SslMode, Option<&str>, Driver)] = &[
+            ("postgres://u@db.example/x", SslMode::Prefer, None, Driver::Prefer),
+            ("postgres://u@db.example/x?sslmode=allow", SslMode::Prefer, None, Driver::Prefer),
+            ("postgres://u@db.example/x?sslmode=disable", SslMode::Disable, None, Driver::Disable),
+            ("postgres://u@db.example/x?sslmode=require", SslMode::Require, None, Driver::Require),
+            (
+                "postgresql+psycopg://u@db.example/x?sslmode=verify-ca&sslrootcert=%2Fetc%2Fca%20x.crt",
+                SslMode::VerifyCa,
+                Some("/etc/ca x.crt"),
+                Driver::Require,
+            ),
+            (
+                "host=db.example user=u dbname=x sslmode=verify-full sslrootcert='/etc/ca x.crt'",
+                SslMode::VerifyFull,
+                Some("/etc/ca x.crt"),
+                Driver::Require,
+            ),
+            // The server offers no TLS on a unix socket; libpq does not ask there.
+            ("host=/var/run/postgresql user=u dbname=x sslmode=require", SslMode::Require, None, Driver::Disable),
+        ];
+        for (raw, mode, root, driver) in cases {
+            let u = DbUrl::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            assert_eq!((u.ssl_mode, u.ssl_root_cert.as_deref(), u.config.get_ssl_mode()), (*mode, *root, *driver), "{raw}");
+        }
     }
 
     #[test]

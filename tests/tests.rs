@@ -10,3 +10,4 @@ mod read_model;
 mod rebuild;
 mod worker;
 mod schema;
+mod tls;

@@ -5,12 +5,13 @@
 //! "the world is temporarily wrong" (transient: retry) is decided here, once.
 
 pub mod migrate;
+pub mod tls;
 
 use std::error::Error as _;
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
-use postgres::{Client, NoTls};
+use postgres::{CancelToken, Client};
 
 use crate::config::DbUrl;
 use crate::error::{AppError, Result};
@@ -18,22 +19,54 @@ use crate::error::{AppError, Result};
 /// How long a connection attempt may take before we call the database unreachable.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// Opens one connection.
+/// Opens one connection, with TLS as the URL's `sslmode` says. Callers check the TLS
+/// settings first (`tls::connector`, exit 2 when they are unusable).
 pub fn connect(url: &DbUrl) -> Result<Client, postgres::Error> {
     let mut config = url.config.clone();
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    config.connect(NoTls)
+    match tls::connector(url) {
+        Ok(connector) => config.connect(connector),
+        Err(e) => config.connect(tls::Unusable(tls::SetupError(e.to_string()))),
+    }
 }
 
-/// Opens one connection for a one-shot command, mapping failure to exit code 3.
+/// Opens one connection for a one-shot command: unusable TLS settings are exit 2, a
+/// connection that cannot be made or is refused exit 3.
 pub fn connect_for_command(url: &DbUrl) -> Result<Client> {
-    connect(url).map_err(|e| AppError::db(&format!("cannot connect to {url}"), &e))
+    tls::connector(url)?;
+    connect(url).map_err(|e| connect_failure(url, &e))
+}
+
+/// What a failed connection attempt means for a command. A failure that is not the
+/// server's error response (network, TLS negotiation or certificate, authentication
+/// exchange) means we could not get a connection: exit 3. The server's errors keep
+/// their SQLSTATE classification.
+fn connect_failure(url: &DbUrl, err: &postgres::Error) -> AppError {
+    let context = format!("cannot connect to {url}");
+    match err.source().and_then(|s| s.downcast_ref::<tls::SetupError>()) {
+        Some(setup) => AppError::Usage(format!("{context}: {setup}")),
+        None if err.as_db_error().is_none() => {
+            let hint = tls::refusal_hint(err).map(|h| format!("; hint: {h}")).unwrap_or_default();
+            AppError::Unreachable(format!("{context}: {}{hint}", describe_error(err)))
+        }
+        None => AppError::db(&context, err),
+    }
+}
+
+/// Sends a cancel request for the query running on the token's connection, over TLS
+/// when the connection used it.
+pub fn cancel_query(url: &DbUrl, token: &CancelToken) -> Result<(), postgres::Error> {
+    match tls::connector(url) {
+        Ok(connector) => token.cancel_query(connector),
+        Err(e) => token.cancel_query(tls::Unusable(tls::SetupError(e.to_string()))),
+    }
 }
 
 /// Connects, retrying until `wait` has passed (for containers started in any order).
 pub fn connect_waiting(url: &DbUrl, wait: Duration) -> Result<Client> {
+    tls::connector(url)?;
     let deadline = Instant::now() + wait;
     let mut delay = Duration::from_millis(100);
     let mut logged = false;
@@ -48,22 +81,24 @@ pub fn connect_waiting(url: &DbUrl, wait: Duration) -> Result<Client> {
                 std::thread::sleep(delay.min(deadline.saturating_duration_since(Instant::now())));
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(e) => return Err(AppError::db(&format!("cannot connect to {url}"), &e)),
+            Err(e) => return Err(connect_failure(url, &e)),
         }
     }
 }
 
-pub type Pool = r2d2::Pool<r2d2_postgres::PostgresConnectionManager<NoTls>>;
-pub type PooledClient = r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<NoTls>>;
+pub type Pool = r2d2::Pool<r2d2_postgres::PostgresConnectionManager<tls::Connector>>;
+pub type PooledClient = r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<tls::Connector>>;
 
-/// Builds a pool of `size` connections. It does not connect until first used, so a
-/// worker can start before the database does.
+/// Builds a pool of `size` connections, with TLS as the URL's `sslmode` says (unusable
+/// TLS settings are exit 2). It does not connect until first used, so a worker can
+/// start before the database does.
 pub fn pool(url: &DbUrl, size: u32) -> Result<Pool> {
+    let connector = tls::connector(url)?;
     let mut config = url.config.clone();
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    let manager = r2d2_postgres::PostgresConnectionManager::new(config, NoTls);
+    let manager = r2d2_postgres::PostgresConnectionManager::new(config, connector);
     Ok(r2d2::Pool::builder()
         .max_size(size)
         .min_idle(Some(0))

@@ -140,6 +140,9 @@ pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
     let shared = Shared::new(cfg);
     install_signal_handler(&shared)?;
     let cfg = &shared.cfg;
+    // Unusable TLS settings (an unreadable sslrootcert) are a configuration error, found
+    // before anything connects.
+    db::tls::connector(&cfg.database_url)?;
     if cfg.metrics_port != 0 {
         http::serve(&cfg.metrics_bind, cfg.metrics_port, shared.metrics.clone(), shared.ready.clone())?;
     }
@@ -466,7 +469,7 @@ fn shutdown(shared: &Shared, claimers: Vec<JoinHandle<()>>, services: Vec<JoinHa
         log::warn!("in-flight batches did not finish within {grace:?}: interrupting them and releasing their rows");
         if let Ok(tokens) = shared.cancel_tokens.lock() {
             for t in tokens.iter() {
-                let _ = t.cancel_query(postgres::NoTls);
+                let _ = db::cancel_query(&shared.cfg.database_url, t);
             }
         }
     }
