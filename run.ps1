@@ -33,6 +33,8 @@ verbs:
   help       show this list
   build      cargo build --release
   test       cargo test --all-targets [args...] (the tests find or start a PostgreSQL themselves)
+  check-all  install promtool and prometheus if missing, then cargo test --test external [args...]
+             (alert rules, dashboard, a live scrape by a real Prometheus; see monitoring/README.md)
   migrate    build, then chronicle migrate [args...] on DATABASE_URL (unset: the dev database)
   worker     build, then chronicle worker [args...] with the runbook's OUTBOX_* values as defaults
   db-start   start the dev PostgreSQL: 127.0.0.1:5435, user/password wordloom, database wordloom_test
@@ -238,6 +240,48 @@ function Set-WorkerDefaults([string]$MetricsPort) {
 function Verb-Build([string[]]$Arguments) { Step 'cargo' (@('build', '--release') + $Arguments) }
 
 function Verb-Test([string[]]$Arguments) { Step 'cargo' (@('test', '--all-targets') + $Arguments) }
+
+# Print a command, then run it; $true when it succeeded (bash: step ... || die ...).
+function Test-Step([string]$Exe, [string[]]$Arguments = @()) {
+  Show-Command $Exe $Arguments
+  if (-not (Test-Command $Exe)) { return $false }
+  $ErrorActionPreference = 'Continue'
+  & $Exe @Arguments | Out-Host
+  return ($LASTEXITCODE -eq 0)
+}
+
+# The checks that need promtool and prometheus (tests/external.rs): installed when missing
+# (Debian's package prometheus gives both), else the run fails saying what to install.
+function Verb-CheckAll([string[]]$Arguments) {
+  $missing = @()
+  foreach ($tool in @('promtool', 'prometheus')) {
+    $found = Get-Command $tool -CommandType Application -ErrorAction SilentlyContinue | Select-Object -First 1
+    if ($found) { Write-Host "    ${tool}: $($found.Path)" } else { $missing += $tool }
+  }
+  if ($missing.Count -gt 0) {
+    Write-Host "    missing: $($missing -join ' '); installing the Debian package prometheus (it gives promtool and prometheus)"
+    if (-not (Test-Command 'apt-get')) {
+      Die "$($missing -join ' ') not installed and no apt-get here: install Prometheus (https://prometheus.io/download/) so that promtool and prometheus are on PATH"
+    }
+    $exe = 'env'
+    $pre = @('DEBIAN_FRONTEND=noninteractive')
+    if (-not $IsRoot) {
+      if (-not (Test-Command 'sudo')) { Die 'installing prometheus needs root or sudo: run as root, or install it yourself (apt-get install prometheus)' }
+      $exe = 'sudo'
+      $pre = @('env', 'DEBIAN_FRONTEND=noninteractive')
+    }
+    if (-not (Test-Step $exe ($pre + @('apt-get', 'update')))) {
+      Die 'apt-get update failed; install prometheus yourself (apt-get install prometheus)'
+    }
+    if (-not (Test-Step $exe ($pre + @('apt-get', 'install', '-y', '--no-install-recommends', 'prometheus')))) {
+      Die 'apt-get install prometheus failed; install it yourself (https://prometheus.io/download/)'
+    }
+    foreach ($tool in @('promtool', 'prometheus')) {
+      if (-not (Test-Command $tool)) { Die "$tool is still missing after installing the package prometheus" }
+    }
+  }
+  Step 'cargo' (@('test', '--test', 'external') + $Arguments)
+}
 
 function Verb-Migrate([string[]]$Arguments) {
   Build-Release
@@ -477,6 +521,7 @@ switch ($Verb) {
   'help' { Show-Usage }
   'build' { Verb-Build $Rest }
   'test' { Verb-Test $Rest }
+  'check-all' { Verb-CheckAll $Rest }
   'migrate' { Verb-Migrate $Rest }
   'worker' { Verb-Worker $Rest }
   'db-start' { Verb-DbStart }

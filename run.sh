@@ -24,6 +24,8 @@ verbs:
   help       show this list
   build      cargo build --release
   test       cargo test --all-targets [args...] (the tests find or start a PostgreSQL themselves)
+  check-all  install promtool and prometheus if missing, then cargo test --test external [args...]
+             (alert rules, dashboard, a live scrape by a real Prometheus; see monitoring/README.md)
   migrate    build, then chronicle migrate [args...] on DATABASE_URL (unset: the dev database)
   worker     build, then chronicle worker [args...] with the runbook's OUTBOX_* values as defaults
   db-start   start the dev PostgreSQL: 127.0.0.1:5435, user/password wordloom, database wordloom_test
@@ -163,6 +165,36 @@ worker_defaults() {
 verb_build() { step cargo build --release "$@"; }
 
 verb_test() { step cargo test --all-targets "$@"; }
+
+# The checks that need promtool and prometheus (tests/external.rs): installed when missing
+# (Debian's package prometheus gives both), else the run fails saying what to install.
+verb_check_all() {
+  local tool missing=() sudo=()
+  for tool in promtool prometheus; do
+    if command -v "$tool" >/dev/null 2>&1; then
+      echo "    $tool: $(command -v "$tool")"
+    else
+      missing+=("$tool")
+    fi
+  done
+  if (( ${#missing[@]} > 0 )); then
+    echo "    missing: ${missing[*]}; installing the Debian package prometheus (it gives promtool and prometheus)"
+    command -v apt-get >/dev/null 2>&1 ||
+      die "${missing[*]} not installed and no apt-get here: install Prometheus (https://prometheus.io/download/) so that promtool and prometheus are on PATH"
+    if (( EUID != 0 )); then
+      command -v sudo >/dev/null 2>&1 || die "installing prometheus needs root or sudo: run as root, or install it yourself (apt-get install prometheus)"
+      sudo=(sudo)
+    fi
+    step ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get update ||
+      die "apt-get update failed; install prometheus yourself (apt-get install prometheus)"
+    step ${sudo[@]+"${sudo[@]}"} env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends prometheus ||
+      die "apt-get install prometheus failed; install it yourself (https://prometheus.io/download/)"
+    for tool in promtool prometheus; do
+      command -v "$tool" >/dev/null 2>&1 || die "$tool is still missing after installing the package prometheus"
+    done
+  fi
+  step cargo test --test external "$@"
+}
 
 verb_migrate() {
   build_release
@@ -352,6 +384,7 @@ case "$verb" in
   help) usage ;;
   build) verb_build "$@" ;;
   test) verb_test "$@" ;;
+  check-all) verb_check_all "$@" ;;
   migrate) verb_migrate "$@" ;;
   worker) verb_worker "$@" ;;
   db-start) verb_db_start ;;
