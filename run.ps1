@@ -33,7 +33,7 @@ verbs:
   help       show this list
   build      cargo build --release
   test       cargo test --all-targets [args...] (the tests find or start a PostgreSQL themselves)
-  check-all  install promtool and prometheus if missing, then cargo test --test external [args...]
+  check-all  the external checks: promtool + Prometheus tests (installed if missing), chronicle.exe under Wine, the container image
              (alert rules, dashboard, a live scrape by a real Prometheus; see monitoring/README.md)
   migrate    build, then chronicle migrate [args...] on DATABASE_URL (unset: the dev database)
   worker     build, then chronicle worker [args...] with the runbook's OUTBOX_* values as defaults
@@ -281,6 +281,14 @@ function Verb-CheckAll([string[]]$Arguments) {
     }
   }
   Step 'cargo' (@('test', '--test', 'external') + $Arguments)
+  # Packaging, for real: chronicle.exe under Wine, and the container image (Linux
+  # tools; on Windows the exe runs natively and the image is built with podman/docker).
+  if ($IsLinux) {
+    Step 'bash' @('packaging/check-wine.sh')
+    Step 'bash' @('packaging/check-container.sh')
+  } else {
+    Write-Host '    the Wine and container checks run on Linux (packaging/check-wine.sh, packaging/check-container.sh)'
+  }
 }
 
 function Verb-Migrate([string[]]$Arguments) {

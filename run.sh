@@ -24,7 +24,7 @@ verbs:
   help       show this list
   build      cargo build --release
   test       cargo test --all-targets [args...] (the tests find or start a PostgreSQL themselves)
-  check-all  install promtool and prometheus if missing, then cargo test --test external [args...]
+  check-all  the external checks: promtool + Prometheus tests (installed if missing), chronicle.exe under Wine, the container image
              (alert rules, dashboard, a live scrape by a real Prometheus; see monitoring/README.md)
   migrate    build, then chronicle migrate [args...] on DATABASE_URL (unset: the dev database)
   worker     build, then chronicle worker [args...] with the runbook's OUTBOX_* values as defaults
@@ -194,6 +194,9 @@ verb_check_all() {
     done
   fi
   step cargo test --test external "$@"
+  # Packaging, for real: chronicle.exe under Wine, and the container image.
+  step bash packaging/check-wine.sh
+  step bash packaging/check-container.sh
 }
 
 verb_migrate() {
