@@ -1,8 +1,14 @@
 //! The metrics endpoint: one tiny_http thread serving `/metrics`, `/healthz` and
 //! `/readyz`. A request never touches the database: gauges are sampled elsewhere.
+//!
+//! The accepting thread never writes to a client itself: each connection's answers are
+//! written by a thread of its own, so a client that pipelines requests and never reads
+//! its answers blocks only its own writer, not other scrapes.
 
+use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{mpsc, Arc};
 use std::time::Duration;
 
 use crate::error::{AppError, Result};
@@ -25,16 +31,69 @@ pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool
         .ok_or_else(|| AppError::failed("the metrics server has no IP address"))?;
     std::thread::Builder::new()
         .name("metrics-http".into())
-        .spawn(move || loop {
-            match server.recv_timeout(Duration::from_secs(1)) {
-                Ok(Some(req)) => respond(req, &metrics, &ready),
-                Ok(None) => {}
-                Err(e) => log::warn!("metrics endpoint: {e}"),
+        .spawn(move || {
+            let mut writers = Writers::new();
+            loop {
+                match server.recv_timeout(Duration::from_secs(1)) {
+                    Ok(Some(req)) => writers.answer(req, &metrics, &ready),
+                    Ok(None) => {}
+                    Err(e) => log::warn!("metrics endpoint: {e}"),
+                }
             }
         })
         .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")))?;
     log::info!("serving metrics on http://{addr}/metrics");
     Ok(MetricsServer { addr })
+}
+
+/// Answers in the background: one writer thread per client connection, fed in order
+/// (answers on one connection must keep the order of its requests). A connection that
+/// does not read its answers blocks only its own writer. A writer ends after a few idle
+/// seconds and is then forgotten.
+struct Writers {
+    by_peer: HashMap<Option<SocketAddr>, Writer>,
+}
+
+struct Writer {
+    tx: mpsc::Sender<tiny_http::Request>,
+    alive: Arc<AtomicBool>,
+}
+
+const WRITER_IDLE: Duration = Duration::from_secs(5);
+
+impl Writers {
+    fn new() -> Writers {
+        Writers { by_peer: HashMap::new() }
+    }
+
+    fn answer(&mut self, req: tiny_http::Request, metrics: &Arc<Metrics>, ready: &Arc<AtomicBool>) {
+        self.by_peer.retain(|_, w| w.alive.load(Ordering::SeqCst));
+        let peer = req.remote_addr().copied();
+        let req = match self.by_peer.get(&peer) {
+            Some(w) => match w.tx.send(req) {
+                Ok(()) => return,
+                Err(mpsc::SendError(req)) => req, // it just went idle and ended
+            },
+            None => req,
+        };
+        let (tx, rx) = mpsc::channel::<tiny_http::Request>();
+        let alive = Arc::new(AtomicBool::new(true));
+        let (m, r, a) = (metrics.clone(), ready.clone(), alive.clone());
+        let spawned = std::thread::Builder::new().name("metrics-answer".into()).spawn(move || {
+            while let Ok(req) = rx.recv_timeout(WRITER_IDLE) {
+                respond(req, &m, &r);
+            }
+            a.store(false, Ordering::SeqCst);
+        });
+        match spawned {
+            Ok(_) => {
+                if tx.send(req).is_ok() {
+                    self.by_peer.insert(peer, Writer { tx, alive });
+                }
+            }
+            Err(e) => log::warn!("metrics endpoint: cannot start a writer thread: {e}"),
+        }
+    }
 }
 
 fn respond(req: tiny_http::Request, metrics: &Metrics, ready: &AtomicBool) {

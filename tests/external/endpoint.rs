@@ -250,3 +250,29 @@ fn silent_garbage_and_huge_header_clients_delay_neither_scrapes_nor_the_drain() 
     assert!(worker_sample(&worker, "chronicle_outbox_db_errors_total", &[]) == 0.0);
     drop(bad);
 }
+
+#[test]
+fn a_client_that_pipelines_requests_and_never_reads_does_not_stall_other_scrapes() {
+    let db = TestDb::new();
+    let worker = Worker::start(&db, &[]);
+    // One connection sends thousands of requests and reads nothing: its answers fill
+    // the socket buffers and block the writer of that connection only.
+    let mut hog = TcpStream::connect(worker.addr).unwrap();
+    let flood = std::thread::spawn(move || {
+        for _ in 0..5000 {
+            if hog.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").is_err() {
+                break;
+            }
+        }
+        hog // kept open until the test ends
+    });
+    std::thread::sleep(Duration::from_millis(1000));
+    for i in 0..5 {
+        let t = Instant::now();
+        let r = request(worker.addr, b"GET /metrics HTTP/1.0\r\n\r\n", Duration::from_secs(3))
+            .unwrap_or_else(|e| panic!("scrape {i} failed while a client does not read: {e}"));
+        assert_eq!(r.status, 200);
+        assert!(t.elapsed() < Duration::from_secs(1), "scrape {i} took {:?}", t.elapsed());
+    }
+    drop(flood);
+}
