@@ -32,7 +32,7 @@ usage: .\run.ps1 <verb> [args...]
 verbs:
   help       show this list
   build      cargo build --release
-  test       cargo test --all-targets [args...] (the tests find or start a PostgreSQL themselves)
+  test       cargo test --lib --bins --tests [args...] (the tests find or start a PostgreSQL themselves)
   check-all  the external checks: promtool + Prometheus tests (installed if missing), chronicle.exe under Wine, the container image
              (alert rules, dashboard, a live scrape by a real Prometheus; see monitoring/README.md)
   migrate    build, then chronicle migrate [args...] on DATABASE_URL (unset: the dev database)
@@ -239,7 +239,9 @@ function Set-WorkerDefaults([string]$MetricsPort) {
 
 function Verb-Build([string[]]$Arguments) { Step 'cargo' (@('build', '--release') + $Arguments) }
 
-function Verb-Test([string[]]$Arguments) { Step 'cargo' (@('test', '--all-targets') + $Arguments) }
+# The library, the binary and the integration tests. Not the benchmark (benches/: a
+# program that runs for minutes, `cargo bench`) nor tests/external (`check-all`).
+function Verb-Test([string[]]$Arguments) { Step 'cargo' (@('test', '--lib', '--bins', '--tests') + $Arguments) }
 
 # Print a command, then run it; $true when it succeeded (bash: step ... || die ...).
 function Test-Step([string]$Exe, [string[]]$Arguments = @()) {
