@@ -99,9 +99,9 @@ pub fn connector(url: &DbUrl) -> Result<Connector> {
         .map_err(AppError::Usage)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = match &check {
-        Check::Nothing => Arc::new(AnyCertificate { algorithms: provider.signature_verification_algorithms }),
-        Check::Chain(path) => Arc::new(ChainOnly {
-            roots: Arc::new(load_roots(path)?),
+        Check::Nothing => Arc::new(NameUnchecked { roots: None, algorithms: provider.signature_verification_algorithms }),
+        Check::Chain(path) => Arc::new(NameUnchecked {
+            roots: Some(Arc::new(load_roots(path)?)),
             algorithms: provider.signature_verification_algorithms,
         }),
         Check::ChainAndName(path) => {
@@ -143,58 +143,18 @@ fn load_roots(path: &Path) -> Result<RootCertStore> {
     Ok(roots)
 }
 
-/// Accepts any certificate: the connection is encrypted but the server is not
-/// authenticated (`prefer`, and `require` without a root certificate). The handshake
-/// signatures are still checked, so the server holds the key of what it presented.
+/// Verifies the server's certificate without its host name. With `roots`, the chain must
+/// lead to one of them (libpq's `verify-ca`); without, any certificate is accepted: the
+/// connection is encrypted but the server is not authenticated (`prefer`, and `require`
+/// without a root certificate). The handshake signatures are checked either way, so the
+/// server holds the key of what it presented.
 #[derive(Debug)]
-struct AnyCertificate {
+struct NameUnchecked {
+    roots: Option<Arc<RootCertStore>>,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _server_name: &ServerName<'_>,
-        _ocsp_response: &[u8],
-        _now: UnixTime,
-    ) -> Result<ServerCertVerified, rustls::Error> {
-        Ok(ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.algorithms.supported_schemes()
-    }
-}
-
-/// Checks that the certificate chains to a trusted root (and is in its validity period),
-/// not which host it names: libpq's `verify-ca`.
-#[derive(Debug)]
-struct ChainOnly {
-    roots: Arc<RootCertStore>,
-    algorithms: WebPkiSupportedAlgorithms,
-}
-
-impl ServerCertVerifier for ChainOnly {
+impl ServerCertVerifier for NameUnchecked {
     fn verify_server_cert(
         &self,
         end_entity: &CertificateDer<'_>,
@@ -203,8 +163,10 @@ impl ServerCertVerifier for ChainOnly {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let cert = ParsedCertificate::try_from(end_entity)?;
-        rustls::client::verify_server_cert_signed_by_trust_anchor(&cert, &self.roots, intermediates, now, self.algorithms.all)?;
+        if let Some(roots) = &self.roots {
+            let cert = ParsedCertificate::try_from(end_entity)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(&cert, roots, intermediates, now, self.algorithms.all)?;
+        }
         Ok(ServerCertVerified::assertion())
     }
 
