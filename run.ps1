@@ -286,6 +286,7 @@ function Verb-CheckAll([string[]]$Arguments) {
   # Packaging, for real: chronicle.exe under Wine, and the container image (Linux
   # tools; on Windows the exe runs natively and the image is built with podman/docker).
   if ($IsLinux) {
+    Step 'bash' @('packaging/check-run-ps1.sh')
     Step 'bash' @('packaging/check-wine.sh')
     Step 'bash' @('packaging/check-container.sh')
   } else {

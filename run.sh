@@ -197,6 +197,7 @@ verb_check_all() {
   fi
   step cargo test --test external "$@"
   # Packaging, for real: chronicle.exe under Wine, and the container image.
+  step bash packaging/check-run-ps1.sh
   step bash packaging/check-wine.sh
   step bash packaging/check-container.sh
 }
