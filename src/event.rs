@@ -154,6 +154,29 @@ impl Event {
     }
 }
 
+/// An event row the driver cannot read although PostgreSQL stored it: jsonb nested past
+/// serde_json's 128 levels, a jsonb number beyond f64, an `infinity` timestamp. It can
+/// never be projected by this version: a deterministic `invalid_payload`, for that event
+/// alone.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unreadable {
+    pub id: Uuid,
+    pub error: String,
+}
+
+impl Unreadable {
+    pub fn message(&self) -> String {
+        format!("event {} cannot be read by this version: {}", self.id, self.error)
+    }
+}
+
+/// Reads an event from a row (see `Event::from_row`), or says why it cannot be read.
+/// Only an unreadable `id` (the primary key: never) is an error of the query itself.
+pub fn read_event(row: &postgres::Row, offset: usize) -> Result<Result<Event, Unreadable>, postgres::Error> {
+    let id: Uuid = row.try_get(offset)?;
+    Ok(Event::from_row(row, offset).map_err(|e| Unreadable { id, error: crate::db::describe_error(&e) }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,15 +13,16 @@ use std::time::Duration;
 use postgres::GenericClient;
 use uuid::Uuid;
 
-use crate::event::{Event, EVENT_COLUMNS};
+use crate::event::{read_event, Event, Unreadable, EVENT_COLUMNS};
 
-/// A row claimed for projection, with its event (None if the event no longer exists).
+/// A row claimed for projection, with its event: None if the event no longer exists,
+/// `Err` if it exists but cannot be read (it fails alone, not its batch).
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub outbox_id: i64,
     pub attempts: i32,
     pub event_id: Uuid,
-    pub event: Option<Event>,
+    pub event: Option<Result<Event, Unreadable>>,
 }
 
 /// pending → processing: the oldest ready rows, skipping rows other workers hold, each
@@ -62,7 +63,7 @@ pub fn claim_batch(
                 outbox_id: r.try_get(0)?,
                 attempts: r.try_get(1)?,
                 event_id: r.try_get(2)?,
-                event: if found { Some(Event::from_row(r, 4)?) } else { None },
+                event: if found { Some(read_event(r, 4)?) } else { None },
             })
         })
         .collect()

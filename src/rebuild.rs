@@ -18,7 +18,7 @@ use uuid::Uuid;
 use crate::db;
 use crate::entries;
 use crate::error::{AppError, Result};
-use crate::event::{Event, EVENT_COLUMNS};
+use crate::event::{read_event, Event, Unreadable, EVENT_COLUMNS};
 use crate::projection::{self, Entry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -208,42 +208,48 @@ fn run_mode(
     }
 }
 
+/// A batch of events as read: each one readable, or not (it then fails alone).
+type EventBatch = [Result<Event, Unreadable>];
+
 /// Walks the events of the scope in batches (keyset on the primary key, or on the
 /// library's `(occurred_at, id)` index), calling `f` with each batch.
 fn scan_events(
     client: &mut Client,
     library: Option<Uuid>,
     batch: usize,
-    f: &mut dyn FnMut(&mut Client, &[Event]) -> Result<()>,
+    f: &mut dyn FnMut(&mut Client, &EventBatch) -> Result<()>,
 ) -> Result<()> {
-    let by_id = format!("SELECT {EVENT_COLUMNS} FROM chronicle_events WHERE id > $1 ORDER BY id LIMIT $2");
+    // The keyset time travels as text: an event may hold a time chrono cannot
+    // (`infinity`), and the walk must go past it.
+    let by_id = format!("SELECT {EVENT_COLUMNS}, occurred_at::text FROM chronicle_events WHERE id > $1 ORDER BY id LIMIT $2");
     let by_library = format!(
-        "SELECT {EVENT_COLUMNS} FROM chronicle_events WHERE library_id = $1 AND (occurred_at, id) > ($2, $3)
+        "SELECT {EVENT_COLUMNS}, occurred_at::text FROM chronicle_events
+         WHERE library_id = $1 AND (occurred_at, id) > ($2::text::timestamptz, $3)
          ORDER BY occurred_at, id LIMIT $4"
     );
-    let first_of_library =
-        format!("SELECT {EVENT_COLUMNS} FROM chronicle_events WHERE library_id = $1 ORDER BY occurred_at, id LIMIT $2");
+    let first_of_library = format!(
+        "SELECT {EVENT_COLUMNS}, occurred_at::text FROM chronicle_events WHERE library_id = $1
+         ORDER BY occurred_at, id LIMIT $2"
+    );
     let limit = batch as i64;
-    let mut last: Option<(chrono::DateTime<chrono::Utc>, Uuid)> = None;
+    let keyset_at = EVENT_COLUMNS.split(", ").count();
+    let mut last: Option<(String, Uuid)> = None;
     loop {
-        let rows = match library {
-            None => {
-                let after = last.map(|l| l.1).unwrap_or(Uuid::nil());
+        let rows = match (library, &last) {
+            (None, _) => {
+                let after = last.as_ref().map(|l| l.1).unwrap_or(Uuid::nil());
                 client.query(&by_id, &[&after, &limit])
             }
-            Some(lib) => match last {
-                Some((t, id)) => client.query(&by_library, &[&lib, &t, &id, &limit]),
-                None => client.query(&first_of_library, &[&lib, &limit]),
-            },
+            (Some(lib), Some((t, id))) => client.query(&by_library, &[&lib, t, id, &limit]),
+            (Some(lib), None) => client.query(&first_of_library, &[&lib, &limit]),
         }
         .map_err(|e| AppError::db("while reading events", &e))?;
-        let events = rows
-            .iter()
-            .map(|r| Event::from_row(r, 0))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| AppError::db("while reading events", &e))?;
-        let Some(tail) = events.last() else { return Ok(()) };
-        last = Some((tail.occurred_at, tail.id));
+        let Some(tail) = rows.last() else { return Ok(()) };
+        last = Some((
+            tail.try_get(keyset_at).map_err(|e| AppError::db("while reading events", &e))?,
+            tail.try_get(0).map_err(|e| AppError::db("while reading events", &e))?,
+        ));
+        let events = read_events(&rows)?;
         f(client, &events)?;
         if events.len() < batch {
             return Ok(());
@@ -251,26 +257,37 @@ fn scan_events(
     }
 }
 
+/// Reads a batch of event rows (selected with `EVENT_COLUMNS` first).
+fn read_events(rows: &[postgres::Row]) -> Result<Vec<Result<Event, Unreadable>>> {
+    rows.iter()
+        .map(|r| read_event(r, 0))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| AppError::db("while reading events", &e))
+}
+
 /// Projects a batch and writes it with `statement`; failures are recorded as failed
 /// deliveries and counted by reason. Returns the entries written.
 fn project_and_write(
     client: &mut impl GenericClient,
-    events: &[Event],
+    events: &EventBatch,
     statement: &str,
     failures: &mut BTreeMap<String, u64>,
 ) -> Result<u64> {
     let mut ok: Vec<Entry> = Vec::with_capacity(events.len());
     let (mut ids, mut reasons, mut errors) = (Vec::new(), Vec::new(), Vec::new());
     for ev in events {
-        match projection::project(ev) {
-            Ok(entry) => ok.push(entry),
-            Err(e) => {
-                *failures.entry(e.error_reason().to_string()).or_default() += 1;
-                ids.push(ev.id);
-                reasons.push(e.error_reason());
-                errors.push(e.to_string());
+        let (id, reason, error) = match ev.as_ref().map(|ev| (ev.id, projection::project(ev))) {
+            Ok((_, Ok(entry))) => {
+                ok.push(entry);
+                continue;
             }
-        }
+            Ok((id, Err(e))) => (id, e.error_reason(), e.to_string()),
+            Err(unreadable) => (unreadable.id, "invalid_payload", unreadable.message()),
+        };
+        *failures.entry(reason.to_string()).or_default() += 1;
+        ids.push(id);
+        reasons.push(reason);
+        errors.push(error);
     }
     let refs: Vec<&Entry> = ok.iter().collect();
     // In its own transaction (a savepoint inside the swap's), so a refused batch leaves

@@ -15,10 +15,10 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, GenericClient};
 
-use super::{project_and_write, scan_events, Options, Progress, Report};
+use super::{project_and_write, read_events, scan_events, Options, Progress, Report};
 use crate::entries::INSERT_SHADOW_ENTRIES;
 use crate::error::{AppError, Result};
-use crate::event::{Event, EVENT_COLUMNS};
+use crate::event::EVENT_COLUMNS;
 
 const SHADOW: &str = "chronicle_entries_rebuild";
 
@@ -135,11 +135,7 @@ fn load_and_swap(
 /// Projects the events that have no shadow entry yet.
 fn catch_up(client: &mut impl GenericClient, report: &mut Report) -> Result<u64> {
     let rows = client.query(&select_missing(), &[]).map_err(|e| AppError::db("while catching up", &e))?;
-    let events = rows
-        .iter()
-        .map(|r| Event::from_row(r, 0))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| AppError::db("while catching up", &e))?;
+    let events = read_events(&rows)?;
     if events.is_empty() {
         return Ok(0);
     }

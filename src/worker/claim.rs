@@ -184,7 +184,12 @@ fn project_batch(claimed: &[Claimed]) -> (Vec<(i64, Entry)>, Vec<Failure>) {
                 error_reason: "invalid_payload",
                 error: format!("event {} does not exist in chronicle_events", c.event_id),
             }),
-            Some(ev) => match projection::project(ev) {
+            Some(Err(unreadable)) => failures.push(Failure {
+                outbox_id: c.outbox_id,
+                error_reason: "invalid_payload",
+                error: unreadable.message(),
+            }),
+            Some(Ok(ev)) => match projection::project(ev) {
                 Ok(entry) => ok.push((c.outbox_id, entry)),
                 Err(e) => failures.push(Failure { outbox_id: c.outbox_id, error_reason: e.error_reason(), error: e.to_string() }),
             },

@@ -146,7 +146,10 @@ pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
     if cfg.metrics_port != 0 {
         http::serve(&cfg.metrics_bind, cfg.metrics_port, shared.metrics.clone(), shared.ready.clone())?;
     }
-    if !wait_for_schema(&shared)? {
+    // OUTBOX_RUN_SECONDS counts from here: a smoke run ends on time even when the
+    // database never answers.
+    let started = Instant::now();
+    if !wait_for_schema(&shared, started)? {
         log::info!("stopped before the database was reachable");
         return Ok(());
     }
@@ -193,7 +196,7 @@ pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
         }
     }
 
-    supervise(&shared, &active_claimers);
+    supervise(&shared, &active_claimers, started);
     shutdown(&shared, claimers, services);
     log_progress(&shared, None);
     log::info!("worker {} stopped", shared.cfg.worker_id);
@@ -234,10 +237,14 @@ fn install_signal_handler(shared: &Arc<Shared>) -> Result<()> {
 
 /// Waits (forever, with backoff, until stopped) for the database, then checks the schema:
 /// behind or ahead of this binary is an error. Returns false if stopped while waiting.
-fn wait_for_schema(shared: &Shared) -> Result<bool> {
+fn wait_for_schema(shared: &Shared, started: Instant) -> Result<bool> {
     let mut backoff = Reconnect::new();
     loop {
         if shared.stopping() {
+            return Ok(false);
+        }
+        if shared.cfg.run_for.is_some_and(|d| started.elapsed() >= d) {
+            log::warn!("OUTBOX_RUN_SECONDS reached while waiting for the database: stopping");
             return Ok(false);
         }
         match db::connect(&shared.cfg.database_url) {
@@ -417,8 +424,7 @@ fn listen_loop(shared: &Shared) {
 
 /// Waits until stop is requested, `OUTBOX_RUN_SECONDS` have passed, or (with
 /// `--until-empty`) every claim thread found nothing ready; logs progress meanwhile.
-fn supervise(shared: &Shared, active_claimers: &AtomicUsize) {
-    let started = Instant::now();
+fn supervise(shared: &Shared, active_claimers: &AtomicUsize, started: Instant) {
     let mut last_log = (Instant::now(), 0u64);
     while !shared.stopping() {
         if shared.cfg.run_for.is_some_and(|d| started.elapsed() >= d) {
