@@ -221,14 +221,14 @@ fn scan_events(
 ) -> Result<()> {
     // The keyset time travels as text: an event may hold a time chrono cannot
     // (`infinity`), and the walk must go past it.
-    let by_id = format!("SELECT {EVENT_COLUMNS}, occurred_at::text FROM chronicle_events WHERE id > $1 ORDER BY id LIMIT $2");
+    let by_id = format!("SELECT {EVENT_COLUMNS}, occurred_at::text AS keyset_at FROM chronicle_events WHERE id > $1 ORDER BY id LIMIT $2");
     let by_library = format!(
-        "SELECT {EVENT_COLUMNS}, occurred_at::text FROM chronicle_events
+        "SELECT {EVENT_COLUMNS}, occurred_at::text AS keyset_at FROM chronicle_events
          WHERE library_id = $1 AND (occurred_at, id) > ($2::text::timestamptz, $3)
          ORDER BY occurred_at, id LIMIT $4"
     );
     let first_of_library = format!(
-        "SELECT {EVENT_COLUMNS}, occurred_at::text FROM chronicle_events WHERE library_id = $1
+        "SELECT {EVENT_COLUMNS}, occurred_at::text AS keyset_at FROM chronicle_events WHERE library_id = $1
          ORDER BY occurred_at, id LIMIT $2"
     );
     let limit = batch as i64;

@@ -1935,6 +1935,11 @@ fn chaos_events_the_driver_cannot_decode_fail_alone_not_their_batch() {
     if !rebuilt_good {
         problems.push(format!("rebuild stops at the first undecodable event instead of counting it and going on: {}", r.all().trim()));
     }
+    // The library's walk (keyset on occurred_at, id) must get past the 'infinity' time too.
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--library-id", &lib.to_string(), "--batch-size", "2", "--json"]));
+    if !(r.code == Some(1) && r.stdout.contains("\"rows_written\":6") && r.stdout.contains("\"failures\":3")) {
+        problems.push(format!("rebuild --library-id does not get past the undecodable events: {}", r.all().trim()));
+    }
     eprintln!(
         "chaos undecodable events: 6 valid events and 3 legal-but-undecodable ones ({}) in batches of 4, {passes} worker \
          passes (lease 1 s, OUTBOX_MAX_ATTEMPTS=3): {} problem(s). Run time {}",
