@@ -21,7 +21,7 @@ use postgres::{Client, NoTls};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::util::{
+use crate::util::{sql_state, AppRole, 
     chronicle_cmd, count, free_port, insert_events, outbox_by_status, run, run_with_input, signal, wait_until,
     worker_cmd, Cluster, Ran, Server, TestDb,
 };
@@ -982,39 +982,6 @@ fn chaos_replay_storm_during_drains_and_rebuilds_keeps_the_audit_exact() {
 
 // ---------------------------------------------------------------------------------
 // 6. Scope under attack
-
-/// An application role for one test, dropped (with what it owns and was granted) when
-/// the test ends, even when it fails: roles outlive test databases.
-struct AppRole {
-    name: String,
-    db: String,
-    server: Server,
-}
-
-impl AppRole {
-    fn create(db: &TestDb) -> AppRole {
-        let name = format!("{}_attacker", db.name);
-        db.client()
-            .batch_execute(&format!(
-                "CREATE ROLE {name} NOLOGIN;
-                 GRANT SELECT, INSERT ON chronicle_events TO {name};
-                 GRANT SELECT ON chronicle_entries TO {name};"
-            ))
-            .expect("creating the application role");
-        AppRole { name, db: db.name.clone(), server: db.server.clone() }
-    }
-}
-
-impl Drop for AppRole {
-    fn drop(&mut self) {
-        let mut c = self.server.connect(&self.db);
-        let _ = c.batch_execute(&format!("DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}", self.name));
-    }
-}
-
-fn sql_state(e: &postgres::Error) -> String {
-    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("{e}"))
-}
 
 #[test]
 fn chaos_scope_under_attack_never_reaches_another_library() {

@@ -8,7 +8,7 @@ use postgres::Client;
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::util::{count, insert_events, run, worker_cmd, TestDb};
+use crate::util::{count, insert_events, run, sql_state, worker_cmd, AppRole, TestDb};
 
 /// Projects everything pending, asserting the worker succeeded.
 fn drain(db: &TestDb) {
@@ -328,39 +328,6 @@ fn entries_refuses_bad_usage_and_prints_the_documented_json() {
     let empty = Uuid::now_v7().to_string();
     let r = run(&mut db.chronicle(&["entries", "--library-id", &empty, "--json"]));
     assert_eq!(json_of(&r), json!({"entries": [], "next_cursor": null}));
-}
-
-/// A role of the cluster for one test, dropped with everything granted to it (roles
-/// outlive test databases, so this runs even when the test fails).
-struct AppRole {
-    name: String,
-    db: String,
-    server: crate::util::Server,
-}
-
-impl AppRole {
-    fn create(db: &TestDb) -> AppRole {
-        let name = format!("{}_app", db.name);
-        let mut c = db.client();
-        c.batch_execute(&format!(
-            "CREATE ROLE {name} NOLOGIN;
-             GRANT SELECT, INSERT ON chronicle_events TO {name};
-             GRANT SELECT ON chronicle_entries TO {name};"
-        ))
-        .expect("creating the application role");
-        AppRole { name, db: db.name.clone(), server: db.server.clone() }
-    }
-}
-
-impl Drop for AppRole {
-    fn drop(&mut self) {
-        let mut c = self.server.connect(&self.db);
-        let _ = c.batch_execute(&format!("DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}", self.name));
-    }
-}
-
-fn sql_state(e: &postgres::Error) -> String {
-    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("{e}"))
 }
 
 #[test]

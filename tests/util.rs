@@ -540,3 +540,38 @@ pub fn insert_events_into(c: &mut Client, library: uuid::Uuid, n: i64) -> i64 {
     .expect("inserting events");
     n
 }
+
+/// The application's role for one test (row-level security: it sees only the library its
+/// session names), dropped with what it owns and was granted when the test ends, even
+/// when it fails: roles outlive test databases.
+pub struct AppRole {
+    pub name: String,
+    db: String,
+    server: Server,
+}
+
+impl AppRole {
+    pub fn create(db: &TestDb) -> AppRole {
+        let name = format!("{}_app", db.name);
+        db.client()
+            .batch_execute(&format!(
+                "CREATE ROLE {name} NOLOGIN;
+                 GRANT SELECT, INSERT ON chronicle_events TO {name};
+                 GRANT SELECT ON chronicle_entries TO {name};"
+            ))
+            .expect("creating the application role");
+        AppRole { name, db: db.name.clone(), server: db.server.clone() }
+    }
+}
+
+impl Drop for AppRole {
+    fn drop(&mut self) {
+        let mut c = self.server.connect(&self.db);
+        let _ = c.batch_execute(&format!("DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}", self.name));
+    }
+}
+
+/// The SQLSTATE of a database error (or its text when it has none).
+pub fn sql_state(e: &postgres::Error) -> String {
+    e.code().map(|c| c.code().to_string()).unwrap_or_else(|| format!("{e}"))
+}
