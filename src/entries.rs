@@ -4,6 +4,7 @@
 //! crashed after committing) updates it instead of duplicating it; an entry built by a
 //! newer projection version is never overwritten by an older one (rolling deploys).
 
+use postgres::ToStatement;
 use postgres::GenericClient;
 use serde_json::Value;
 
@@ -18,19 +19,25 @@ macro_rules! entry_columns {
     };
 }
 
-/// A batch of projected entries as rows, from one array parameter per column. The search
-/// column is built here from the projector's search text with the `simple`
-/// configuration (no stemming: the text is English and Chinese, and CJK was already
-/// split into bigrams).
+/// A batch of projected entries as rows, from one array parameter per column.
+///
+/// - `search` is the projector's tokens taken as they are (`array_to_tsvector`): the
+///   document is already tokenized (`search::document`: words lowercased, CJK split into
+///   bigrams), and queries are tsquery lexemes made by the same tokenizer, so Postgres'
+///   parser has nothing to add. It used to be `to_tsvector('simple', …)`, which parsed
+///   the text a second time (4 µs of the server's time per entry, BENCHMARKS.md) and could
+///   split a token the query keeps whole; positions are not stored (no query uses them).
+/// - `changed_fields` arrives as one array literal per entry (`text_array_literal`),
+///   which the cast reads without a jsonb parse and sub-select per row.
 macro_rules! entry_rows {
     () => {
         "SELECT x.id, x.library_id, x.actor_user_id, x.entity_type, x.entity_id, x.event_type,
                 x.occurred_at, x.created_at, x.request_id, x.client, x.ip, x.reason, x.summary,
-                ARRAY(SELECT jsonb_array_elements_text(x.changed_fields)), x.details,
-                to_tsvector('simple', x.search_text), x.projection_version, now()
+                x.changed_fields::text[], x.details,
+                array_to_tsvector(array_remove(string_to_array(x.search_text, ' '), '')), x.projection_version, now()
          FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::uuid[], $6::text[],
                      $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::inet[],
-                     $12::text[], $13::text[], $14::jsonb[], $15::jsonb[], $16::text[], $17::int[])
+                     $12::text[], $13::text[], $14::text[], $15::jsonb[], $16::text[], $17::int[])
               AS x(id, library_id, actor_user_id, entity_type, entity_id, event_type, occurred_at,
                    created_at, request_id, client, ip, reason, summary, changed_fields, details,
                    search_text, projection_version)"
@@ -68,8 +75,13 @@ pub fn upsert_entries(client: &mut impl GenericClient, entries: &[&Entry]) -> Re
     write_entries(client, UPSERT_ENTRIES, entries)
 }
 
-/// Runs one of the statements above with `entries` as its array parameters.
-pub fn write_entries(client: &mut impl GenericClient, statement: &str, entries: &[&Entry]) -> Result<u64, postgres::Error> {
+/// Runs one of the statements above (its text, or the same statement prepared on this
+/// connection) with `entries` as its array parameters.
+pub fn write_entries<S: ToStatement + ?Sized>(
+    client: &mut impl GenericClient,
+    statement: &S,
+    entries: &[&Entry],
+) -> Result<u64, postgres::Error> {
     if entries.is_empty() {
         return Ok(0);
     }
@@ -86,7 +98,7 @@ pub fn write_entries(client: &mut impl GenericClient, statement: &str, entries: 
     let ips: Vec<_> = entries.iter().map(|e| e.ip).collect();
     let reasons: Vec<Option<&str>> = entries.iter().map(|e| e.reason.as_deref()).collect();
     let summaries: Vec<&str> = entries.iter().map(|e| e.summary.as_str()).collect();
-    let changed: Vec<Value> = entries.iter().map(|e| Value::from(e.changed_fields.clone())).collect();
+    let changed: Vec<String> = entries.iter().map(|e| text_array_literal(&e.changed_fields)).collect();
     let details: Vec<&Value> = entries.iter().map(|e| &e.details).collect();
     let search: Vec<&str> = entries.iter().map(|e| e.search_text.as_str()).collect();
     let versions: Vec<i32> = entries.iter().map(|e| e.projection_version).collect();
@@ -97,4 +109,40 @@ pub fn write_entries(client: &mut impl GenericClient, statement: &str, entries: 
             &request_ids, &clients, &ips, &reasons, &summaries, &changed, &details, &search, &versions,
         ],
     )
+}
+
+/// A Postgres array literal of `items` (`{"a","b\"c"}`): every element quoted, with
+/// backslashes and double quotes escaped, so any text reads back exactly.
+pub fn text_array_literal(items: &[String]) -> String {
+    let mut out = String::with_capacity(2 + items.iter().map(|i| i.len() + 3).sum::<usize>());
+    out.push('{');
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
+        }
+        out.push('"');
+        for c in item.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
+    }
+    out.push('}');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn array_literals_quote_every_element() {
+        let items = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(text_array_literal(&[]), "{}");
+        assert_eq!(text_array_literal(&items(&["title"])), r#"{"title"}"#);
+        assert_eq!(text_array_literal(&items(&["a b", "", "NULL"])), r#"{"a b","","NULL"}"#);
+        assert_eq!(text_array_literal(&items(&[r#"q"u\o{t},e"#])), r#"{"q\"u\\o{t},e"}"#);
+    }
 }

@@ -19,7 +19,11 @@ use crate::search;
 
 /// The version of the projection rules, stored in each entry. Bump it when an entry
 /// built from the same event would differ, so a rebuild can find the stale entries.
-pub const PROJECTION_VERSION: i32 = 1;
+///
+/// - 1: the first rules.
+/// - 2: the search column holds the projector's tokens as they are (`array_to_tsvector`,
+///   no positions) instead of Postgres' parse of them; same lexemes for ordinary text.
+pub const PROJECTION_VERSION: i32 = 2;
 
 /// The most characters of a value quoted in a summary.
 const MAX_QUOTED_CHARS: usize = 120;

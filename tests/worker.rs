@@ -261,7 +261,48 @@ fn an_older_projection_version_does_not_overwrite_a_newer_entry() {
     assert_eq!(r.code, Some(0), "{r}");
     assert_fully_projected(&mut c);
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries WHERE summary = 'written by v99' AND projection_version = 99"), 1);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries WHERE projection_version = 1"), 2);
+    let ours = format!("SELECT count(*) FROM chronicle_entries WHERE projection_version = {}", chronicle::projection::PROJECTION_VERSION);
+    assert_eq!(count(&mut c, &ours), 2);
+}
+
+#[test]
+fn changed_field_names_and_search_tokens_reach_the_entry_exactly() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    // Payload keys are free text: quotes, backslashes, braces, commas, spaces, the word
+    // NULL, an empty key and non-ASCII must come back as the projector listed them.
+    let keys = ["", " spaced ", "NULL", "a,b", "q\"uote", "back\\slash", "{brace}", "标题", "x²"];
+    let diff: serde_json::Map<String, serde_json::Value> = keys.iter().map(|k| (k.to_string(), serde_json::json!(1))).collect();
+    let title = "Ünïcode x² naïve 分布式系统 v1.2 e-mail\u{301}";
+    c.execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, diff, occurred_at)
+         VALUES (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed',
+                 '{\"title\": \"Old\"}', $1, $2, now())",
+        &[&serde_json::json!({ "title": title }), &serde_json::Value::Object(diff)],
+    )
+    .unwrap();
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_fully_projected(&mut c);
+    let event = c.query_one(&format!("SELECT {} FROM chronicle_events", chronicle::event::EVENT_COLUMNS), &[]).unwrap();
+    let event = chronicle::event::read_event(&event, 0).unwrap().unwrap();
+    let expected = chronicle::projection::project(&event).unwrap();
+    let row = c
+        .query_one("SELECT changed_fields, array_to_string(tsvector_to_array(search), ' ') FROM chronicle_entries", &[])
+        .unwrap();
+    assert_eq!(row.get::<_, Vec<String>>(0), expected.changed_fields);
+    let mut tokens: Vec<&str> = expected.search_text.split(' ').filter(|t| !t.is_empty()).collect();
+    tokens.sort_unstable();
+    tokens.dedup();
+    let stored_text: String = row.get(1);
+    let mut stored: Vec<&str> = stored_text.split(' ').collect();
+    stored.sort_unstable();
+    assert_eq!(stored, tokens, "the search column holds the projector's tokens, no more, no less");
+    for term in ["x²", "naïve", "分布", "系统", "ÜNÏCODE", "V1"] {
+        let q = chronicle::timeline::search_tsquery(term).unwrap();
+        let sql = format!("SELECT count(*) FROM chronicle_entries WHERE search @@ '{}'::tsquery", q.replace('\'', "''"));
+        assert_eq!(count(&mut c, &sql), 1, "{term} as {q}");
+    }
 }
 
 #[test]
