@@ -10,7 +10,9 @@
 
 use std::time::Duration;
 
-use postgres::GenericClient;
+use postgres::fallible_iterator::FallibleIterator;
+use postgres::types::ToSql;
+use postgres::{GenericClient, ToStatement};
 use uuid::Uuid;
 
 use crate::event::{read_event, Event, Unreadable, EVENT_COLUMNS};
@@ -47,6 +49,11 @@ pub const CLAIM_BATCH: &str = "
     LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM chronicle_events WHERE id = c.event_id) e ON true
     ORDER BY c.id";
 
+/// `CLAIM_BATCH` with the event columns filled in: the text that is prepared or run.
+pub fn claim_batch_sql() -> String {
+    CLAIM_BATCH.replace("{EVENT_COLUMNS}", EVENT_COLUMNS)
+}
+
 pub fn claim_batch(
     client: &mut impl GenericClient,
     limit: u32,
@@ -54,19 +61,36 @@ pub fn claim_batch(
     token: Uuid,
     lease: Duration,
 ) -> Result<Vec<Claimed>, postgres::Error> {
-    let sql = CLAIM_BATCH.replace("{EVENT_COLUMNS}", EVENT_COLUMNS);
-    let rows = client.query(&sql, &[&(limit as i64), &worker_id, &token, &lease.as_secs_f64()])?;
-    rows.iter()
-        .map(|r| {
-            let found: bool = r.try_get(3)?;
-            Ok(Claimed {
-                outbox_id: r.try_get(0)?,
-                attempts: r.try_get(1)?,
-                event_id: r.try_get(2)?,
-                event: if found { Some(read_event(r, 4)?) } else { None },
-            })
-        })
-        .collect()
+    claim_batch_with(client, claim_batch_sql().as_str(), limit, worker_id, token, lease)
+}
+
+/// `claim_batch` with the statement given: its text, or the same text prepared once on
+/// this connection (the worker's hot path: no parse and plan per batch).
+pub fn claim_batch_with<S: ToStatement + ?Sized>(
+    client: &mut impl GenericClient,
+    statement: &S,
+    limit: u32,
+    worker_id: &str,
+    token: Uuid,
+    lease: Duration,
+) -> Result<Vec<Claimed>, postgres::Error> {
+    let limit = limit as i64;
+    let lease = lease.as_secs_f64();
+    let params: [&(dyn ToSql + Sync); 4] = [&limit, &worker_id, &token, &lease];
+    // Each row is read as it arrives, so a batch's raw rows and its events are never in
+    // memory at once.
+    let mut rows = client.query_raw(statement, params)?;
+    let mut claimed = Vec::with_capacity(limit.clamp(0, 10_000) as usize);
+    while let Some(r) = rows.next()? {
+        let found: bool = r.try_get(3)?;
+        claimed.push(Claimed {
+            outbox_id: r.try_get(0)?,
+            attempts: r.try_get(1)?,
+            event_id: r.try_get(2)?,
+            event: if found { Some(read_event(&r, 4)?) } else { None },
+        });
+    }
+    Ok(claimed)
 }
 
 /// processing → done, for the rows this claim still holds. Returns the ids marked and
@@ -79,10 +103,20 @@ pub const MARK_DONE: &str = "
     RETURNING id";
 
 pub fn mark_done(client: &mut impl GenericClient, ids: &[i64], token: Uuid) -> Result<Vec<i64>, postgres::Error> {
+    mark_done_with(client, MARK_DONE, ids, token)
+}
+
+/// `mark_done` with the statement given (its text, or `MARK_DONE` prepared).
+pub fn mark_done_with<S: ToStatement + ?Sized>(
+    client: &mut impl GenericClient,
+    statement: &S,
+    ids: &[i64],
+    token: Uuid,
+) -> Result<Vec<i64>, postgres::Error> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
-    let rows = client.query(MARK_DONE, &[&ids, &token])?;
+    let rows = client.query(statement, &[&ids, &token])?;
     rows.iter().map(|r| r.try_get(0)).collect()
 }
 

@@ -3,9 +3,10 @@
 //! The path of one event reads straight through `run_once`: claim (outbox) → project
 //! (pure) → upsert entries + mark done (one transaction) → count (metrics).
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
-use postgres::Client;
+use postgres::{Client, Statement};
 use uuid::Uuid;
 
 use crate::db;
@@ -28,6 +29,39 @@ pub struct BatchReport {
     pub released: u64,
 }
 
+/// The statements of the hot path, prepared once per connection: a batch then costs no
+/// parse or plan and one round trip less per statement. The text of each is the named
+/// statement in `outbox` / `entries`.
+pub struct Prepared {
+    claim_batch: Statement,
+    mark_done: Statement,
+    /// Prepared at its first use, inside a completing transaction: preparing it needs a
+    /// lock on the read model, and a read model locked by someone else must show up as a
+    /// failed completion (retried with backoff), never as a worker that cannot claim.
+    upsert_entries: Option<Statement>,
+}
+
+impl Prepared {
+    pub fn new(conn: &mut Client) -> Result<Prepared, postgres::Error> {
+        Ok(Prepared {
+            claim_batch: conn.prepare(&outbox::claim_batch_sql())?,
+            mark_done: conn.prepare(outbox::MARK_DONE)?,
+            upsert_entries: None,
+        })
+    }
+
+    fn upsert_entries(&mut self, tx: &mut postgres::Transaction<'_>) -> Result<Statement, postgres::Error> {
+        match &self.upsert_entries {
+            Some(s) => Ok(s.clone()),
+            None => {
+                let s = tx.prepare(entries::UPSERT_ENTRIES)?;
+                self.upsert_entries = Some(s.clone());
+                Ok(s)
+            }
+        }
+    }
+}
+
 /// The loop of one claim thread: a turn, then sleep when idle (woken by the listener).
 pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
     let mut jitter = Jitter::from_entropy();
@@ -37,11 +71,24 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             reconnect.wait(shared);
             continue;
         };
+        let mut prepared = match Prepared::new(&mut conn) {
+            Ok(p) => p,
+            Err(e) => {
+                shared.db_error("while preparing the claim statements", &e);
+                drop(conn);
+                reconnect.wait(shared);
+                continue;
+            }
+        };
         shared.register_cancel(conn.cancel_token());
         // Keep this connection while it works; a broken one goes back to the pool, which
         // discards it, and the next turn gets a fresh one.
         while !shared.stopping() {
-            match run_once(shared, &mut conn, &mut jitter) {
+            // Read before the claim, so a notification that arrives while it runs (for
+            // rows committed just after its snapshot) ends the idle wait at once instead
+            // of being missed until the next poll.
+            let wakeups = shared.wakeups();
+            match run_once(shared, &mut conn, &mut prepared, &mut jitter) {
                 Ok(r) => {
                     shared.db_ok();
                     reconnect.reset();
@@ -49,7 +96,7 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
                         if until_empty {
                             return;
                         }
-                        shared.idle_wait(shared.cfg.poll_interval);
+                        shared.idle_wait_since(wakeups, shared.cfg.poll_interval);
                     }
                 }
                 Err(e) => {
@@ -71,12 +118,17 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
 /// One turn: claim up to a batch, project, complete. A database error before anything
 /// was claimed is returned; once rows are claimed, every outcome is handled here (done,
 /// failed, retried, released, or left for the reclaim loop if the connection is gone).
-pub fn run_once(shared: &Shared, conn: &mut Client, jitter: &mut Jitter) -> Result<BatchReport, postgres::Error> {
+pub fn run_once(
+    shared: &Shared,
+    conn: &mut Client,
+    prepared: &mut Prepared,
+    jitter: &mut Jitter,
+) -> Result<BatchReport, postgres::Error> {
     let cfg = &shared.cfg;
     let started = Instant::now();
     let token = Uuid::now_v7();
     hold(shared, token, true);
-    let claimed = match outbox::claim_batch(conn, cfg.batch_size, &cfg.worker_id, token, cfg.lease) {
+    let claimed = match outbox::claim_batch_with(conn, &prepared.claim_batch, cfg.batch_size, &cfg.worker_id, token, cfg.lease) {
         Ok(c) => c,
         Err(e) => {
             hold(shared, token, false);
@@ -89,8 +141,10 @@ pub fn run_once(shared: &Shared, conn: &mut Client, jitter: &mut Jitter) -> Resu
         return Ok(report);
     }
 
-    let (ok, failures) = project_batch(&claimed);
-    let result = complete(conn, &ok, &failures, token).or_else(|e| {
+    // Each event is dropped once projected: what stays in memory is the entries.
+    let held: Vec<(i64, i32)> = claimed.iter().map(|c| (c.outbox_id, c.attempts)).collect();
+    let (ok, failures) = project_batch(claimed);
+    let result = complete(conn, prepared, &ok, &failures, token).or_else(|e| {
         if db::is_transient(&e) {
             Err(e)
         } else {
@@ -102,7 +156,8 @@ pub fn run_once(shared: &Shared, conn: &mut Client, jitter: &mut Jitter) -> Resu
     match result {
         Ok(c) => {
             let now = chrono::Utc::now();
-            for (_, entry) in ok.iter().filter(|(id, _)| c.done_ids.contains(id)) {
+            let done: HashSet<i64> = c.done_ids.iter().copied().collect();
+            for (_, entry) in ok.iter().filter(|(id, _)| done.contains(id)) {
                 let latency = (now - entry.created_at).to_std().unwrap_or_default();
                 shared.metrics.projection_latency.observe(latency.as_secs_f64());
             }
@@ -118,7 +173,7 @@ pub fn run_once(shared: &Shared, conn: &mut Client, jitter: &mut Jitter) -> Resu
         }
         Err(e) => {
             shared.db_error("while completing a batch", &e);
-            let ids: Vec<i64> = claimed.iter().map(|c| c.outbox_id).collect();
+            let ids: Vec<i64> = held.iter().map(|(id, _)| *id).collect();
             if shared.stopping() {
                 // Interrupted by shutdown: the rows were not tried; give them back.
                 match outbox::release_claim(conn, &ids, token) {
@@ -126,9 +181,9 @@ pub fn run_once(shared: &Shared, conn: &mut Client, jitter: &mut Jitter) -> Resu
                     Err(e) => log::warn!("could not release rows on shutdown (the reclaim loop will): {}", db::describe_error(&e)),
                 }
             } else {
-                let delays: Vec<(i64, Duration)> = claimed
+                let delays: Vec<(i64, Duration)> = held
                     .iter()
-                    .map(|c| (c.outbox_id, backoff(c.attempts.max(1) as u32, cfg.base_backoff, cfg.max_backoff, jitter.next_f64())))
+                    .map(|&(id, attempts)| (id, backoff(attempts.max(1) as u32, cfg.base_backoff, cfg.max_backoff, jitter.next_f64())))
                     .collect();
                 let msg = format!("transient: {}", db::describe_error(&e));
                 match outbox::schedule_retry(conn, &delays, cfg.max_attempts, &msg, token) {
@@ -173,8 +228,9 @@ fn hold(shared: &Shared, token: Uuid, held: bool) {
     }
 }
 
-/// Projects every claimed row: entries to write, or deterministic failures.
-fn project_batch(claimed: &[Claimed]) -> (Vec<(i64, Entry)>, Vec<Failure>) {
+/// Projects every claimed row: entries to write, or deterministic failures. Takes the
+/// rows, so each event is freed as soon as its entry exists.
+fn project_batch(claimed: Vec<Claimed>) -> (Vec<(i64, Entry)>, Vec<Failure>) {
     let mut ok = Vec::with_capacity(claimed.len());
     let mut failures = Vec::new();
     for c in claimed {
@@ -209,12 +265,22 @@ struct Completed {
 /// The normal completion, one transaction: mark done the rows this claim still holds
 /// (locking them, so no reclaim can take them now), upsert their entries, mark the
 /// deterministic failures failed.
-fn complete(conn: &mut Client, ok: &[(i64, Entry)], failures: &[Failure], token: Uuid) -> Result<Completed, postgres::Error> {
+fn complete(
+    conn: &mut Client,
+    prepared: &mut Prepared,
+    ok: &[(i64, Entry)],
+    failures: &[Failure],
+    token: Uuid,
+) -> Result<Completed, postgres::Error> {
     let mut tx = conn.transaction()?;
     let ids: Vec<i64> = ok.iter().map(|(id, _)| *id).collect();
-    let done_ids = outbox::mark_done(&mut tx, &ids, token)?;
-    let held: Vec<&Entry> = ok.iter().filter(|(id, _)| done_ids.contains(id)).map(|(_, e)| e).collect();
-    entries::upsert_entries(&mut tx, &held)?;
+    let done_ids = outbox::mark_done_with(&mut tx, &prepared.mark_done, &ids, token)?;
+    let done: HashSet<i64> = done_ids.iter().copied().collect();
+    let held: Vec<&Entry> = ok.iter().filter(|(id, _)| done.contains(id)).map(|(_, e)| e).collect();
+    if !held.is_empty() {
+        let upsert = prepared.upsert_entries(&mut tx)?;
+        entries::write_entries(&mut tx, &upsert, &held)?;
+    }
     let failed_reasons = outbox::mark_failed(&mut tx, failures, token)?;
     tx.commit()?;
     Ok(Completed { done_ids, failed_reasons, rejected: Vec::new() })

@@ -75,8 +75,19 @@ impl Shared {
 
     /// Sleeps up to `timeout`, or less if woken (a notification, or stop).
     pub fn idle_wait(&self, timeout: Duration) {
+        self.idle_wait_since(self.wakeups(), timeout);
+    }
+
+    /// How many wake-ups there have been: read it before looking for work, then pass it
+    /// to `idle_wait_since`, so a wake-up in between is not lost.
+    pub fn wakeups(&self) -> u64 {
+        self.wake.0.lock().map(|g| *g).unwrap_or(0)
+    }
+
+    /// Sleeps up to `timeout`, or not at all if woken since `seen` was read, or less if
+    /// woken meanwhile (a notification, or stop).
+    pub fn idle_wait_since(&self, seen: u64, timeout: Duration) {
         let Ok(g) = self.wake.0.lock() else { return };
-        let seen = *g;
         let _ = self.wake.1.wait_timeout_while(g, timeout, |v| *v == seen && !self.stopping());
     }
 
