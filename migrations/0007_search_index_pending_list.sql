@@ -1,0 +1,12 @@
+-- The search index's pending list: 256 kB instead of the server's default 4 MB.
+--
+-- A GIN index with fastupdate (the default) first appends new entries to a pending list
+-- and merges the list into the index when it grows past gin_pending_list_limit. That merge
+-- runs inside whichever insert crosses the limit: here, a worker's completing transaction.
+-- At 4 MB it stalled one batch for 55–70 ms every few seconds at 1,000 events/s (the
+-- benchmark's latency maximum, BENCHMARKS.md); at 256 kB the maximum was 10–30 ms.
+-- fastupdate = off removes the stall but costs about 3 times as much per row in bulk loads
+-- (rebuild, a drained backlog); a small list costs 10–20 % more GIN work than 4 MB.
+-- The storage parameter travels with the index definition, so `rebuild --swap`'s new
+-- index gets it too.
+ALTER INDEX chronicle_entries_search_idx SET (gin_pending_list_limit = 256);
