@@ -8,13 +8,23 @@
 //! Events written while a rebuild runs get their delivery from the enqueue trigger as
 //! always, so the workers project them in every mode; `--swap` also catches up with
 //! them itself before swapping, since the workers write to the table being replaced.
+//!
+//! The modes that write entries load them through a pipeline: this connection reads the
+//! events in batches (keyset scan) and hands each batch to exactly one of `writers`
+//! threads, each with its own connection, which projects it and writes it in its own
+//! transaction while the next batches are read. One writer means no threads: read,
+//! project and write one after the other on this connection.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
-use postgres::{Client, GenericClient};
+use postgres::{Client, GenericClient, ToStatement};
 use uuid::Uuid;
 
+use crate::config::DbUrl;
 use crate::db;
 use crate::entries;
 use crate::error::{AppError, Result};
@@ -52,8 +62,16 @@ pub struct Options {
     pub mode: Mode,
     pub library_id: Option<Uuid>,
     pub batch_size: usize,
+    /// Threads projecting and writing entries, each on its own connection, while the
+    /// main connection reads the next batches; 1: all on the main connection, in turn.
+    pub writers: usize,
+    /// Where the writers connect: the database of the main connection.
+    pub database_url: DbUrl,
     pub started_by: String,
 }
+
+/// The most writer connections a rebuild opens (`--writers`).
+pub const MAX_WRITERS: usize = 16;
 
 /// What a run did.
 #[derive(Debug, Clone, Default)]
@@ -194,15 +212,7 @@ fn run_mode(
             Ok(())
         }
         Mode::Direct | Mode::Truncate => {
-            let total = report.events_total as u64;
-            let mut done = 0u64;
-            scan_events(client, opts.library_id, opts.batch_size, &mut |c, batch| {
-                let written = project_and_write(c, batch, entries::UPSERT_ENTRIES, &mut report.failures_by_reason)?;
-                report.rows_written += written;
-                done += batch.len() as u64;
-                progress(Progress { done, total, elapsed: started.elapsed() });
-                Ok(())
-            })
+            load(client, opts, opts.library_id, entries::UPSERT_ENTRIES, report, started, progress)
         }
         Mode::Swap => swap::run(client, opts, report, started, progress),
     }
@@ -210,6 +220,191 @@ fn run_mode(
 
 /// A batch of events as read: each one readable, or not (it then fails alone).
 type EventBatch = [Result<Event, Unreadable>];
+/// The same, owned: what the reader hands to a writer.
+type Batch = Vec<Result<Event, Unreadable>>;
+
+/// Projects every event of the scope and writes the entries with `statement`, counting
+/// them and their failures in `report`; `progress` after every batch written.
+fn load(
+    client: &mut Client,
+    opts: &Options,
+    library: Option<Uuid>,
+    statement: &str,
+    report: &mut Report,
+    started: Instant,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<()> {
+    // No more writers than batches to write (a small scope needs no extra connections).
+    let batches = usize::try_from(report.events_total).unwrap_or(usize::MAX).div_ceil(opts.batch_size.max(1));
+    let writers = opts.writers.min(batches);
+    let mut tally = Tally { report, progress, started, done: 0, error: None };
+    if writers > 1 {
+        return load_in_parallel(client, opts, writers, library, statement, &mut tally);
+    }
+    let prepared = client.prepare(statement).map_err(|e| AppError::db("while preparing the entries' statement", &e))?;
+    scan_events(client, library, opts.batch_size, &mut |c, batch| {
+        let mut failures = BTreeMap::new();
+        let rows = project_and_write(c, &batch, &prepared, &mut failures)?;
+        tally.add(Written { events: batch.len() as u64, rows, failures });
+        Ok(())
+    })
+}
+
+/// What a writer did with one batch.
+struct Written {
+    events: u64,
+    rows: u64,
+    failures: BTreeMap<String, u64>,
+}
+
+/// The load's results as they come back, into the report; the first writer error.
+struct Tally<'a> {
+    report: &'a mut Report,
+    progress: &'a mut dyn FnMut(Progress),
+    started: Instant,
+    done: u64,
+    error: Option<AppError>,
+}
+
+impl Tally<'_> {
+    fn add(&mut self, w: Written) {
+        self.report.rows_written += w.rows;
+        for (reason, n) in w.failures {
+            *self.report.failures_by_reason.entry(reason).or_default() += n;
+        }
+        self.done += w.events;
+        let total = self.report.events_total as u64;
+        (self.progress)(Progress { done: self.done, total, elapsed: self.started.elapsed() });
+    }
+
+    fn take(&mut self, outcome: Result<Written>) {
+        match outcome {
+            Ok(w) => self.add(w),
+            Err(e) if self.error.is_none() => self.error = Some(e),
+            Err(e) => log::debug!("rebuild: another writer failed too: {e}"),
+        }
+    }
+}
+
+/// The pipeline: this connection reads batches and sends each one over a bounded
+/// channel (so memory stays bounded) to whichever of the writers takes it first; each
+/// writer projects it and writes it on its own connection. Results come back over a
+/// second channel. The first error stops the reader and every writer (each finishes
+/// the statement it is running), and is returned once all of them have stopped.
+fn load_in_parallel(
+    client: &mut Client,
+    opts: &Options,
+    n_writers: usize,
+    library: Option<Uuid>,
+    statement: &str,
+    tally: &mut Tally<'_>,
+) -> Result<()> {
+    let mut writers = Vec::with_capacity(n_writers);
+    for _ in 0..n_writers {
+        let mut c = db::connect_for_command(&opts.database_url)?;
+        let prepared = c.prepare(statement).map_err(|e| AppError::db("while preparing a rebuild writer's statement", &e))?;
+        writers.push((c, prepared));
+    }
+    log::debug!("rebuild: {} writer connections, batches of {}", writers.len(), opts.batch_size);
+    let stop = AtomicBool::new(false);
+    let (batch_tx, batch_rx) = mpsc::sync_channel::<Batch>(2 * n_writers);
+    // Each writer holds the receiver: when the last one stops, the reader's send fails
+    // instead of waiting for room forever.
+    let batch_rx = Arc::new(Mutex::new(batch_rx));
+    let (result_tx, result_rx) = mpsc::channel::<Result<Written>>();
+    std::thread::scope(|scope| {
+        let mut handles = Vec::with_capacity(writers.len());
+        for (n, (c, prepared)) in writers.into_iter().enumerate() {
+            let (batches, results, stop) = (Arc::clone(&batch_rx), result_tx.clone(), &stop);
+            let spawned = std::thread::Builder::new()
+                .name(format!("rebuild-writer-{n}"))
+                .spawn_scoped(scope, move || write_batches(c, &prepared, &batches, &results, stop));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    tally.error = Some(AppError::failed(format!("cannot start a rebuild writer thread: {e}")));
+                    break;
+                }
+            }
+        }
+        drop(batch_rx);
+        drop(result_tx);
+
+        let scanned = match tally.error.take() {
+            Some(e) => Err(e),
+            None => scan_events(client, library, opts.batch_size, &mut |_, batch| {
+                for outcome in result_rx.try_iter() {
+                    tally.take(outcome);
+                }
+                // A writer failed (its error is returned below) or every writer is gone.
+                if tally.error.is_some() || stop.load(Ordering::SeqCst) || batch_tx.send(batch).is_err() {
+                    return Err(AppError::failed("the rebuild's writers stopped"));
+                }
+                Ok(())
+            }),
+        };
+        if scanned.is_err() {
+            stop.store(true, Ordering::SeqCst);
+        }
+        // No more batches: the writers finish what is queued (or stop), then hang up.
+        drop(batch_tx);
+        for outcome in result_rx.iter() {
+            tally.take(outcome);
+        }
+        let mut panicked = false;
+        for h in handles {
+            panicked |= h.join().is_err();
+        }
+        // A writer's error first: the reader may have stopped only because of it.
+        if let Some(e) = tally.error.take() {
+            return Err(e);
+        }
+        if panicked {
+            return Err(AppError::failed("a rebuild writer thread panicked"));
+        }
+        scanned
+    })
+}
+
+/// A writer: takes batches until there are no more or the rebuild stops, and sends back
+/// what each one gave. Stops the rebuild on its first error.
+fn write_batches(
+    mut client: Client,
+    statement: &postgres::Statement,
+    batches: &Mutex<Receiver<Batch>>,
+    results: &Sender<Result<Written>>,
+    stop: &AtomicBool,
+) {
+    let _stop_on_panic = StopOnPanic(stop);
+    while !stop.load(Ordering::SeqCst) {
+        let next = batches.lock().unwrap_or_else(PoisonError::into_inner).recv();
+        let Ok(batch) = next else { return };
+        if stop.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut failures = BTreeMap::new();
+        let outcome = project_and_write(&mut client, &batch, statement, &mut failures)
+            .map(|rows| Written { events: batch.len() as u64, rows, failures });
+        let failed = outcome.is_err();
+        if failed {
+            stop.store(true, Ordering::SeqCst);
+        }
+        if results.send(outcome).is_err() || failed {
+            return;
+        }
+    }
+}
+
+/// Stops the rebuild if a writer panics, so the reader and the others do not go on.
+struct StopOnPanic<'a>(&'a AtomicBool);
+
+impl Drop for StopOnPanic<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+}
 
 /// Walks the events of the scope in batches (keyset on the primary key, or on the
 /// library's `(occurred_at, id)` index), calling `f` with each batch.
@@ -217,7 +412,7 @@ fn scan_events(
     client: &mut Client,
     library: Option<Uuid>,
     batch: usize,
-    f: &mut dyn FnMut(&mut Client, &EventBatch) -> Result<()>,
+    f: &mut dyn FnMut(&mut Client, Batch) -> Result<()>,
 ) -> Result<()> {
     // The keyset time travels as text: an event may hold a time chrono cannot
     // (`infinity`), and the walk must go past it.
@@ -250,15 +445,16 @@ fn scan_events(
             tail.try_get(0).map_err(|e| AppError::db("while reading events", &e))?,
         ));
         let events = read_events(&rows)?;
-        f(client, &events)?;
-        if events.len() < batch {
+        let last_batch = events.len() < batch;
+        f(client, events)?;
+        if last_batch {
             return Ok(());
         }
     }
 }
 
 /// Reads a batch of event rows (selected with `EVENT_COLUMNS` first).
-fn read_events(rows: &[postgres::Row]) -> Result<Vec<Result<Event, Unreadable>>> {
+fn read_events(rows: &[postgres::Row]) -> Result<Batch> {
     rows.iter()
         .map(|r| read_event(r, 0))
         .collect::<Result<Vec<_>, _>>()
@@ -267,10 +463,10 @@ fn read_events(rows: &[postgres::Row]) -> Result<Vec<Result<Event, Unreadable>>>
 
 /// Projects a batch and writes it with `statement`; failures are recorded as failed
 /// deliveries and counted by reason. Returns the entries written.
-fn project_and_write(
+fn project_and_write<S: ToStatement + ?Sized>(
     client: &mut impl GenericClient,
     events: &EventBatch,
-    statement: &str,
+    statement: &S,
     failures: &mut BTreeMap<String, u64>,
 ) -> Result<u64> {
     let mut ok: Vec<Entry> = Vec::with_capacity(events.len());

@@ -121,6 +121,151 @@ fn events_that_cannot_be_projected_are_failed_deliveries_and_the_rebuild_goes_on
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_rebuild_runs WHERE success = false AND failures = 2"), 2);
 }
 
+/// The runs recorded so far: (mode, success, rows_written, failures).
+fn runs(c: &mut Client) -> Vec<(String, Option<bool>, i64, i64)> {
+    c.query("SELECT mode, success, rows_written, failures FROM chronicle_rebuild_runs ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect()
+}
+
+#[test]
+fn several_writers_give_the_same_entries_as_the_worker_and_as_one_writer() {
+    let db = injected_and_drained("3000");
+    let mut c = db.client();
+    let by_worker = entries_snapshot(&mut c, "");
+    assert_eq!(by_worker.len(), 3000);
+    // Batches of 97 with 3 writers: 31 batches, several in flight at once.
+    for args in [
+        &["rebuild", "--truncate", "--writers", "3", "--batch-size", "97", "--json"][..],
+        &["rebuild", "--truncate", "--writers", "1", "--batch-size", "97", "--json"],
+        &["rebuild", "--swap", "--writers", "3", "--batch-size", "97", "--json"],
+        &["rebuild", "--swap", "--writers", "1", "--batch-size", "97", "--json"],
+        &["rebuild", "--writers", "3", "--batch-size", "97", "--json"],
+    ] {
+        let r = run(&mut db.chronicle(args));
+        assert_eq!(r.code, Some(0), "{args:?}: {r}");
+        let report: Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!((report["events_total"].as_i64(), report["rows_written"].as_i64()), (Some(3000), Some(3000)), "{args:?}: {report}");
+        assert_eq!(report["failures"], 0, "{args:?}: {report}");
+        assert!(r.stderr.contains("3000/3000 events"), "{args:?}: progress on stderr: {r}");
+        assert_eq!(entries_snapshot(&mut c, ""), by_worker, "{args:?}");
+    }
+    let modes: Vec<String> = runs(&mut c).into_iter().map(|(m, ok, rows, failed)| format!("{m} {ok:?} {rows} {failed}")).collect();
+    assert_eq!(
+        modes,
+        ["truncate", "truncate", "swap", "swap", "direct"].map(|m| format!("{m} Some(true) 3000 0")).to_vec()
+    );
+    // The swapped-in table is whole: its indexes, and no shadow left behind.
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_indexes WHERE tablename = 'chronicle_entries'"), 6);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_class WHERE relname LIKE 'chronicle_entries_re%'"), 0, "leftover tables");
+    // Every writer hung up: only this test's own connection is left on the database.
+    crate::util::wait_until(Duration::from_secs(10), "the rebuild's connections to close", || {
+        count(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()") == 0
+    });
+}
+
+#[test]
+fn several_writers_record_the_same_failures_and_write_the_rest() {
+    let db = injected_and_drained("1500");
+    let mut c = db.client();
+    // The read model refuses summaries with a marker: rejected_by_read_model. The shadow
+    // table of --swap copies the constraint.
+    c.batch_execute("ALTER TABLE chronicle_entries ADD CONSTRAINT no_poison CHECK (summary NOT LIKE '%POISON%')").unwrap();
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at) VALUES
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookTeleported', '{}', now()),
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookCreated', '{\"title\": 1}', now());
+         INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at)
+         SELECT gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed',
+                '{\"title\": \"a\"}', jsonb_build_object('title', 'POISON ' || g), now()
+         FROM generate_series(1, 5) g",
+    )
+    .unwrap();
+    for args in [
+        &["rebuild", "--truncate", "--writers", "3", "--batch-size", "97", "--json"][..],
+        &["rebuild", "--swap", "--writers", "3", "--batch-size", "97", "--json"],
+        &["rebuild", "--truncate", "--writers", "1", "--batch-size", "97", "--json"],
+    ] {
+        let r = run(&mut db.chronicle(args));
+        assert_eq!(r.code, Some(1), "{args:?}: {r}");
+        let report: Value = serde_json::from_str(&r.stdout).unwrap();
+        assert_eq!(report["failures"], 7, "{args:?}: {report}");
+        assert_eq!(report["failures_by_reason"]["unknown_event_type"], 1, "{args:?}: {report}");
+        assert_eq!(report["failures_by_reason"]["invalid_payload"], 1, "{args:?}: {report}");
+        assert_eq!(report["failures_by_reason"]["rejected_by_read_model"], 5, "{args:?}: {report}");
+        assert_eq!((report["events_total"].as_i64(), report["rows_written"].as_i64()), (Some(1507), Some(1500)), "{args:?}: {report}");
+        assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 1500, "{args:?}");
+        assert_eq!(
+            count(&mut c, "SELECT count(*) FROM chronicle_events e WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = e.id)"),
+            7,
+            "{args:?}"
+        );
+    }
+    // Recorded once each as failed deliveries, whatever the number of runs and writers.
+    let by = outbox_by_status(&mut c);
+    assert_eq!(by.get("failed/unknown_event_type"), Some(&1), "{by:?}");
+    assert_eq!(by.get("failed/invalid_payload"), Some(&1), "{by:?}");
+    assert_eq!(by.get("failed/rejected_by_read_model"), Some(&5), "{by:?}");
+    assert_eq!(runs(&mut c).iter().filter(|r| r.1 == Some(false) && r.2 == 1500 && r.3 == 7).count(), 3);
+}
+
+#[test]
+fn a_writer_error_stops_the_rebuild_and_every_writer() {
+    let db = injected_and_drained("3000");
+    let mut c = db.client();
+    // The first event in the scan's order makes the database fail its batch with an error
+    // that is not the entry's fault (a serialization failure): the rebuild stops.
+    c.batch_execute(
+        "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.summary LIKE '%BOOM%' THEN
+                 RAISE EXCEPTION 'boom on purpose' USING ERRCODE = 'serialization_failure';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER boom BEFORE INSERT OR UPDATE ON chronicle_entries FOR EACH ROW EXECUTE FUNCTION boom();
+         INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at)
+         VALUES ('00000000-0000-4000-8000-000000000001', gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed',
+                 '{\"title\": \"a\"}', '{\"title\": \"BOOM\"}', now());",
+    )
+    .unwrap();
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--writers", "3", "--batch-size", "97", "--json"]));
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("boom on purpose") && r.stderr.contains("while writing entries"), "{r}");
+    assert!(r.stdout.is_empty(), "no report on failure: {r}");
+    let (success, error, rows): (Option<bool>, Option<String>, i64) = {
+        let row = c.query_one("SELECT success, error, rows_written FROM chronicle_rebuild_runs", &[]).unwrap();
+        (row.get(0), row.get(1), row.get(2))
+    };
+    assert_eq!(success, Some(false));
+    assert!(error.as_deref().is_some_and(|e| e.contains("boom on purpose")), "{error:?}");
+    // The reader and the other writers stopped early, with their batches in flight at most.
+    assert!(rows < 3000, "{rows} rows written after the first batch failed");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), rows);
+    crate::util::wait_until(Duration::from_secs(10), "the rebuild's connections to close", || {
+        count(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()") == 0
+    });
+    // The rebuild lock was released: the next run goes (and fails the same way).
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--writers", "2"]));
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("boom on purpose"), "{r}");
+}
+
+#[test]
+fn a_bad_writers_value_is_a_usage_error_naming_the_flag() {
+    for bad in ["0", "x", "17", ""] {
+        let r = run(crate::util::chronicle_cmd(&["rebuild", "--truncate", "--writers", bad])
+            .env("DATABASE_URL", "postgres://nobody@127.0.0.1:1/none"));
+        assert_eq!(r.code, Some(2), "--writers {bad:?}: {r}");
+        assert!(r.stderr.contains("--writers"), "--writers {bad:?}: {r}");
+    }
+    let r = run(&mut crate::util::chronicle_cmd(&["rebuild", "--help"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.all().contains("--writers N"), "{r}");
+}
+
 /// A role for one test, dropped when the test ends.
 struct TestRole {
     name: String,

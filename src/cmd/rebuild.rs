@@ -16,6 +16,10 @@ pub const SUMMARY: &str = "Rebuild chronicle_entries from chronicle_events (--tr
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 
+/// Writer connections by default: on two cores, two writers keep the server busy while
+/// this connection reads and the writers project.
+const DEFAULT_WRITERS: usize = 2;
+
 pub fn help() -> String {
     format!(
         "Rebuild the read model from the source of truth, with the worker's projection.
@@ -36,13 +40,18 @@ exits 1 at the end. Every run is recorded in chronicle_rebuild_runs. Progress go
 stderr. Only one rebuild runs at a time per database.
 
 USAGE:
-    chronicle rebuild [--truncate] [--emit-outbox | --swap] [--library-id ID] [--batch-size N] [--json]
+    chronicle rebuild [--truncate] [--emit-outbox | --swap] [--library-id ID] [--batch-size N]
+                      [--writers N] [--json]
 
 FLAGS:
 {}  --library-id ID
       Rebuild one library (scope) only; other libraries are not touched. Not with --swap.
   --batch-size N
       Events read, projected and written per statement (default 1000, 1-50000).
+  --writers N
+      Connections projecting and writing entries in parallel while this one reads the
+      next batches (default 2, 1-16; 1: read, project and write in turn on one
+      connection). Not used by --emit-outbox.
   --json
       Print the report as JSON: {{\"run_id\", \"mode\", \"library_id\", \"events_total\",
       \"rows_written\", \"failures\", \"failures_by_reason\", \"seconds\", \"swap_lock_held_ms\"}}.
@@ -63,6 +72,7 @@ pub struct Args {
     pub mode: Mode,
     pub library_id: Option<Uuid>,
     pub batch_size: usize,
+    pub writers: usize,
     pub json: bool,
     pub started_by: String,
 }
@@ -72,6 +82,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
     let (mut truncate, mut emit, mut swap, mut json) = (false, false, false, false);
     let mut library_id = None;
     let mut batch_size = 1000;
+    let mut writers = DEFAULT_WRITERS;
     while let Some(arg) = p.next()? {
         if let Some(s) = setting_flag(&arg, SETTINGS) {
             src.set_flag(s, string_value(p, s.flag)?);
@@ -91,6 +102,11 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
                 let v = string_value(p, "batch-size")?;
                 batch_size = parse_count(v.trim(), 1, 50_000).map_err(|why| AppError::usage(format!("invalid --batch-size {v:?}: {why}")))? as usize;
             }
+            Long("writers") => {
+                let v = string_value(p, "writers")?;
+                writers = parse_count(v.trim(), 1, rebuild::MAX_WRITERS as u64)
+                    .map_err(|why| AppError::usage(format!("invalid --writers {v:?}: {why}")))? as usize;
+            }
             _ => return Err(arg.unexpected().into()),
         }
     }
@@ -107,12 +123,19 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
         return Err(AppError::usage("--swap rebuilds the whole read model; it cannot be combined with --library-id"));
     }
     let started_by = env.get("USER").or_else(|| env.get("USERNAME")).unwrap_or("unknown").to_string();
-    Ok(Some(Args { database_url: src.database_url()?, mode, library_id, batch_size, json, started_by }))
+    Ok(Some(Args { database_url: src.database_url()?, mode, library_id, batch_size, writers, json, started_by }))
 }
 
 pub fn run(args: Args) -> Result<()> {
     let mut client = db::connect_for_command(&args.database_url)?;
-    let opts = Options { mode: args.mode, library_id: args.library_id, batch_size: args.batch_size, started_by: args.started_by };
+    let opts = Options {
+        mode: args.mode,
+        library_id: args.library_id,
+        batch_size: args.batch_size,
+        writers: args.writers,
+        database_url: args.database_url.clone(),
+        started_by: args.started_by,
+    };
     let mut reporter = ProgressLine::new();
     let report = rebuild::rebuild(&mut client, &opts, &mut |p| reporter.show(p))?;
     reporter.finish();
@@ -188,6 +211,39 @@ impl ProgressLine {
     fn finish(&mut self) {
         if self.tty && self.shown {
             eprintln!();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_args(args: &[&str]) -> Result<Option<Args>> {
+        let mut p = lexopt::Parser::from_args(args.iter().copied());
+        parse(&mut p, &Env::from_pairs([("DATABASE_URL", "postgres://u@localhost/db")]))
+    }
+
+    #[test]
+    fn writers_default_to_two_and_are_bounded() {
+        let a = parse_args(&["--truncate"]).unwrap().unwrap();
+        assert_eq!((a.mode, a.batch_size, a.writers), (Mode::Truncate, 1000, DEFAULT_WRITERS));
+        let a = parse_args(&["--swap", "--writers", "16", "--batch-size", "97"]).unwrap().unwrap();
+        assert_eq!((a.mode, a.batch_size, a.writers), (Mode::Swap, 97, 16));
+        assert_eq!(parse_args(&["--writers", " 1 "]).unwrap().unwrap().writers, 1);
+        for bad in ["0", "17", "x", "", "-1", "2.5"] {
+            let e = parse_args(&["--truncate", "--writers", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2, "{bad:?}");
+            assert!(e.to_string().contains("--writers"), "{bad:?}: {e}");
+        }
+        assert_eq!(parse_args(&["--writers"]).unwrap_err().exit_code(), 2);
+    }
+
+    #[test]
+    fn help_names_every_flag() {
+        let h = help();
+        for flag in ["--truncate", "--emit-outbox", "--swap", "--library-id", "--batch-size", "--writers", "--json"] {
+            assert!(h.contains(flag), "{flag}");
         }
     }
 }

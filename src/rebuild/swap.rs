@@ -1,8 +1,8 @@
 //! `rebuild --swap`: zero-downtime rebuild.
 //!
 //! 1. Create `chronicle_entries_rebuild` shaped like `chronicle_entries` (columns,
-//!    defaults, checks; no indexes yet, so the load is fast) and fill it from the events
-//!    while the old table keeps serving.
+//!    defaults, checks; no indexes yet, so the load is fast), commit it, and fill it from
+//!    the events (with the rebuild's writers) while the old table keeps serving.
 //! 2. Build the old table's indexes on it (temporary names), copy its row-level
 //!    security, policies, grants, owner, storage options and triggers.
 //! 3. Catch up with events written meanwhile (outside any lock), then, in one short
@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, GenericClient};
 
-use super::{project_and_write, read_events, scan_events, Options, Progress, Report};
+use super::{load, project_and_write, read_events, Options, Progress, Report};
 use crate::entries::INSERT_SHADOW_ENTRIES;
 use crate::error::{AppError, Result};
 use crate::event::EVENT_COLUMNS;
@@ -101,14 +101,10 @@ fn load_and_swap(
     started: Instant,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
-    let total = report.events_total as u64;
-    let mut done = 0u64;
-    scan_events(client, None, opts.batch_size, &mut |c, batch| {
-        report.rows_written += project_and_write(c, batch, INSERT_SHADOW_ENTRIES, &mut report.failures_by_reason)?;
-        done += batch.len() as u64;
-        progress(Progress { done, total, elapsed: started.elapsed() });
-        Ok(())
-    })?;
+    // The shadow table is committed (`run` created it outside any transaction), so the
+    // writers' connections can fill it. The scan reads each event once and hands its
+    // batch to one writer: every event is inserted exactly once.
+    load(client, opts, None, INSERT_SHADOW_ENTRIES, report, started, progress)?;
     let renames = copy_shape(client)?;
     client
         .batch_execute(&format!("ANALYZE {SHADOW}"))
