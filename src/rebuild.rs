@@ -461,6 +461,10 @@ fn read_events(rows: &[postgres::Row]) -> Result<Batch> {
         .map_err(|e| AppError::db("while reading events", &e))
 }
 
+/// How often a batch write that failed with a transient error is tried again (after
+/// 100, 200, 400 ms) before the rebuild fails.
+const WRITE_RETRIES: u32 = 3;
+
 /// Projects a batch and writes it with `statement`; failures are recorded as failed
 /// deliveries and counted by reason. Returns the entries written.
 fn project_and_write<S: ToStatement + ?Sized>(
@@ -488,11 +492,24 @@ fn project_and_write<S: ToStatement + ?Sized>(
     let refs: Vec<&Entry> = ok.iter().collect();
     // In its own transaction (a savepoint inside the swap's), so a refused batch leaves
     // nothing behind and the caller's transaction usable.
-    let batch = client.transaction().and_then(|mut tx| {
-        let n = entries::write_entries(&mut tx, statement, &refs)?;
-        tx.commit()?;
-        Ok(n)
-    });
+    // A transient error (a deadlock with a worker writing the same new event's entry, a
+    // serialization failure) is retried a few times before it fails the rebuild.
+    let mut retries = 0;
+    let batch = loop {
+        let attempt = client.transaction().and_then(|mut tx| {
+            let n = entries::write_entries(&mut tx, statement, &refs)?;
+            tx.commit()?;
+            Ok(n)
+        });
+        match attempt {
+            Err(e) if db::is_transient(&e) && !db::is_connection_error(&e) && retries < WRITE_RETRIES => {
+                retries += 1;
+                log::info!("rebuild: writing a batch failed ({}); retry {retries} of {WRITE_RETRIES}", db::describe_error(&e));
+                std::thread::sleep(Duration::from_millis(50 << retries));
+            }
+            other => break other,
+        }
+    };
     let written = match batch {
         Ok(n) => n,
         Err(e) if !db::is_transient(&e) => {

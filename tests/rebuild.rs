@@ -254,6 +254,35 @@ fn a_writer_error_stops_the_rebuild_and_every_writer() {
 }
 
 #[test]
+fn a_transient_error_while_writing_a_batch_is_retried() {
+    let db = injected_and_drained("2000");
+    let mut c = db.client();
+    // One event whose entry says FLAKY: the first two writes of its batch fail with a
+    // serialization failure (as a deadlock with a worker would), the third goes through.
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at)
+         VALUES (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed',
+                 '{\"title\": \"a\"}', '{\"title\": \"FLAKY\"}', now());
+         CREATE SEQUENCE flaky_tries;
+         CREATE FUNCTION flaky() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN
+             IF NEW.summary LIKE '%FLAKY%' AND nextval('flaky_tries') <= 2 THEN
+                 RAISE EXCEPTION 'flaky on purpose' USING ERRCODE = 'serialization_failure';
+             END IF;
+             RETURN NEW;
+         END $$;
+         CREATE TRIGGER flaky BEFORE INSERT OR UPDATE ON chronicle_entries FOR EACH ROW EXECUTE FUNCTION flaky();",
+    )
+    .unwrap();
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--writers", "2", "--batch-size", "97", "--json"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(count(&mut c, "SELECT last_value FROM flaky_tries"), 3, "two failed writes, then one that went through");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), count(&mut c, "SELECT count(*) FROM chronicle_events"));
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries WHERE summary LIKE '%FLAKY%'"), 1);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_rebuild_runs WHERE success"), 1);
+}
+
+#[test]
 fn a_bad_writers_value_is_a_usage_error_naming_the_flag() {
     for bad in ["0", "x", "17", ""] {
         let r = run(crate::util::chronicle_cmd(&["rebuild", "--truncate", "--writers", bad])
