@@ -405,7 +405,7 @@ fn chaos_kill_loop_leaves_exactly_one_entry_per_event() {
     // be caught many times, so the maximum is raised well above what kills can burn.
     const MAX_ATTEMPTS: &str = "50";
     let spawn = |slot: usize, generation: u32| {
-        let mut cmd = worker_cmd(&db, &["--concurrency", "2", "--batch-size", "20"]);
+        let mut cmd = worker_cmd(&db, &["--concurrency", "2", "--batch-size", "10"]);
         cmd.env("OUTBOX_WORKER_ID", format!("k{slot}"))
             .env("OUTBOX_LEASE_SECONDS", "1")
             .env("OUTBOX_RECLAIM_INTERVAL_SECONDS", "0.2")
@@ -626,7 +626,7 @@ fn chaos_connections_cut_repeatedly_lose_nothing() {
     // A cut can cost the rows in flight on that connection one attempt; 12+ rounds could
     // in theory hit one row many times, so the maximum is raised (and reported).
     let spawn = |i: usize| {
-        let mut cmd = worker_cmd(&db, &["--concurrency", "2", "--batch-size", "20"]);
+        let mut cmd = worker_cmd(&db, &["--concurrency", "2", "--batch-size", "10"]);
         cmd.env("OUTBOX_WORKER_ID", format!("c{i}"))
             .env("OUTBOX_LEASE_SECONDS", "1")
             .env("OUTBOX_RECLAIM_INTERVAL_SECONDS", "0.2")
@@ -698,10 +698,12 @@ fn chaos_lock_pressure_retries_until_done_and_endless_pressure_fails_rows() {
     let mut c = db.client();
     let logs = Logs::new("locks");
     let mut rng = Rng::seeded();
-    const EVENTS: i64 = 6000;
+    // Enough events that the drain spans many lock bursts however fast the worker is
+    // between them (6,000 did once; the worker got faster).
+    const EVENTS: i64 = 30_000;
     insert_events(&mut c, EVENTS);
     let port = free_port();
-    let mut cmd = worker_cmd(&db, &["--concurrency", "2", "--batch-size", "20"]);
+    let mut cmd = worker_cmd(&db, &["--concurrency", "2", "--batch-size", "10"]);
     cmd.env("OUTBOX_METRICS_PORT", port.to_string())
         .env("OUTBOX_STATEMENT_TIMEOUT_SECONDS", "0.1")
         .env("OUTBOX_BASE_BACKOFF_SECONDS", "0.05")
@@ -710,7 +712,8 @@ fn chaos_lock_pressure_retries_until_done_and_endless_pressure_fails_rows() {
     let mut worker = logs.spawn(cmd, "pressure");
 
     // Intermittent pressure: the read model locked for 250-600 ms, then free for
-    // 100-250 ms, over and over, while the worker drains in batches of 20.
+    // 100-250 ms, over and over, while the worker drains in batches of 10 (small enough
+    // that the drain spans many bursts).
     let stop = Arc::new(AtomicBool::new(false));
     let locker = {
         let (stop, mut lc, seed) = (stop.clone(), db.client(), rng.next());
@@ -786,7 +789,7 @@ fn chaos_lock_pressure_retries_until_done_and_endless_pressure_fails_rows() {
 
     eprintln!(
         "chaos lock pressure: {bursts} bursts of LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE ({} locked in all) \
-         during a drain of {EVENTS} events (statement timeout 0.1 s, backoff 0.05-0.4 s, batch 20, 2 threads): {retried_rows} \
+         during a drain of {EVENTS} events (statement timeout 0.1 s, backoff 0.05-0.4 s, batch 10, 2 threads): {retried_rows} \
          rows retried, {extra_attempts} extra attempts, max attempts {max_attempts}, retry_scheduled_total {retries_metric}; \
          all {EVENTS} done, failed 0. Endless lock, OUTBOX_MAX_ATTEMPTS=3: {STUCK} rows failed max_attempts_exceeded after \
          exactly 3 attempts with 'statement timeout', the {EVENTS} done rows untouched; replayed after release and all \

@@ -485,12 +485,14 @@ pub fn insert_events(c: &mut Client, n: i64) -> uuid::Uuid {
 }
 
 /// `chronicle worker` for this database with fast test settings (metrics off, short
-/// poll); callers add what they test.
+/// poll); callers add what they test. A worker left behind by a test that failed before
+/// stopping it ends by itself (`OUTBOX_RUN_SECONDS`) instead of running on, holding the
+/// test runner's output open.
 pub fn worker_cmd(db: &TestDb, extra: &[&str]) -> Command {
     let mut args = vec!["worker"];
     args.extend_from_slice(extra);
     let mut c = db.chronicle(&args);
-    c.env("OUTBOX_METRICS_PORT", "0").env("OUTBOX_POLL_INTERVAL_SECONDS", "0.05");
+    c.env("OUTBOX_METRICS_PORT", "0").env("OUTBOX_POLL_INTERVAL_SECONDS", "0.05").env("OUTBOX_RUN_SECONDS", "300");
     c
 }
 
