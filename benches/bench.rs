@@ -708,7 +708,7 @@ impl Bench {
             }
             self.latency_section()?;
         }
-        if !queries && !(rebuild && self.plan.rebuild_on_big) {
+        if !(queries || (rebuild && self.plan.rebuild_on_big)) {
             return Ok(());
         }
         // The one-library dataset.

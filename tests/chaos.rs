@@ -190,7 +190,7 @@ fn start_writer(server: &Server, db: &str, libraries: Vec<Uuid>, every: Duration
         let mut client: Option<Client> = None;
         let mut i = 0u64;
         while !flag.load(Ordering::Relaxed) {
-            if client.as_ref().map_or(true, Client::is_closed) {
+            if client.as_ref().is_none_or(Client::is_closed) {
                 let mut cfg: postgres::Config = conn.parse().expect("connection string");
                 cfg.connect_timeout(Duration::from_secs(2));
                 match cfg.connect(NoTls) {
