@@ -156,12 +156,11 @@ pub fn run_once(
     match result {
         Ok(c) => {
             let now = chrono::Utc::now();
-            let done: HashSet<i64> = c.done_ids.iter().copied().collect();
-            for (_, entry) in ok.iter().filter(|(id, _)| done.contains(id)) {
+            for (_, entry) in ok.iter().filter(|(id, _)| c.done.contains(id)) {
                 let latency = (now - entry.created_at).to_std().unwrap_or_default();
                 shared.metrics.projection_latency.observe(latency.as_secs_f64());
             }
-            report.done = c.done_ids.len() as u64;
+            report.done = c.done.len() as u64;
             report.failed = c.failed_reasons.len() as u64;
             for r in &c.failed_reasons {
                 shared.metrics.terminal_failure(r);
@@ -256,7 +255,8 @@ fn project_batch(claimed: Vec<Claimed>) -> (Vec<(i64, Entry)>, Vec<Failure>) {
 
 /// What a completion committed.
 struct Completed {
-    done_ids: Vec<i64>,
+    /// The rows marked done (this claim still held them).
+    done: HashSet<i64>,
     failed_reasons: Vec<String>,
     /// Entries the read model refused (isolated path only).
     rejected: Vec<Failure>,
@@ -274,8 +274,7 @@ fn complete(
 ) -> Result<Completed, postgres::Error> {
     let mut tx = conn.transaction()?;
     let ids: Vec<i64> = ok.iter().map(|(id, _)| *id).collect();
-    let done_ids = outbox::mark_done_with(&mut tx, &prepared.mark_done, &ids, token)?;
-    let done: HashSet<i64> = done_ids.iter().copied().collect();
+    let done: HashSet<i64> = outbox::mark_done_with(&mut tx, &prepared.mark_done, &ids, token)?.into_iter().collect();
     let held: Vec<&Entry> = ok.iter().filter(|(id, _)| done.contains(id)).map(|(_, e)| e).collect();
     if !held.is_empty() {
         let upsert = prepared.upsert_entries(&mut tx)?;
@@ -283,7 +282,7 @@ fn complete(
     }
     let failed_reasons = outbox::mark_failed(&mut tx, failures, token)?;
     tx.commit()?;
-    Ok(Completed { done_ids, failed_reasons, rejected: Vec::new() })
+    Ok(Completed { done, failed_reasons, rejected: Vec::new() })
 }
 
 /// The completion after a deterministic database error: each entry in its own savepoint;
@@ -316,16 +315,16 @@ fn complete_isolating(
             Err(e) => return Err(e),
         }
     }
-    let done_ids = outbox::mark_done(&mut tx, &written, token)?;
-    if done_ids.len() != written.len() {
+    let done: HashSet<i64> = outbox::mark_done(&mut tx, &written, token)?.into_iter().collect();
+    if done.len() != written.len() {
         // Some rows were lost meanwhile: undo everything and let the next turn or the
         // new holder handle them. Rolled back on drop.
-        let lost: Vec<i64> = written.iter().filter(|id| !done_ids.contains(id)).copied().collect();
+        let lost: Vec<i64> = written.iter().filter(|id| !done.contains(id)).copied().collect();
         log::warn!("claim lost on rows {lost:?} while isolating a failure; nothing written for this batch");
-        return Ok(Completed { done_ids: Vec::new(), failed_reasons: Vec::new(), rejected: Vec::new() });
+        return Ok(Completed { done: HashSet::new(), failed_reasons: Vec::new(), rejected: Vec::new() });
     }
     let all_failures: Vec<Failure> = failures.iter().chain(&rejected).cloned().collect();
     let failed_reasons = outbox::mark_failed(&mut tx, &all_failures, token)?;
     tx.commit()?;
-    Ok(Completed { done_ids, failed_reasons, rejected })
+    Ok(Completed { done, failed_reasons, rejected })
 }
