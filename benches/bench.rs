@@ -304,7 +304,13 @@ fn render_table(rows: &[Row]) -> String {
                     Target::AtLeast(x) => (format!("≥ {}", fmt_value(x, r.unit)), med >= x),
                     Target::AtMost(x) => (format!("≤ {}", fmt_value(x, r.unit)), med <= x),
                 };
-                let met = if med.is_nan() { "n/a" } else if ok { "met" } else { "**missed**" };
+                let met = if med.is_nan() {
+                    "n/a"
+                } else if ok {
+                    "met"
+                } else {
+                    "**missed**"
+                };
                 (text, met.to_string())
             }
         };
@@ -470,7 +476,11 @@ fn run() -> Res<()> {
     b.notes.push(format!(
         "Whole run: {:.1} min ({}); load average at the end: {}.",
         elapsed.as_secs_f64() / 60.0,
-        if elapsed <= BUDGET || b.plan.quick { "within the 15-minute budget".to_string() } else { "OVER the 15-minute budget".to_string() },
+        if elapsed <= BUDGET || b.plan.quick {
+            "within the 15-minute budget".to_string()
+        } else {
+            "OVER the 15-minute budget".to_string()
+        },
         load_end.split_whitespace().take(3).collect::<Vec<_>>().join(" ")
     ));
     for r in &b.plan.reductions {
@@ -594,11 +604,17 @@ impl Bench {
     fn header(&self) -> Res<String> {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string()))
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("model name"))
+                    .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
+            })
             .unwrap_or_else(|| "unknown".into());
         let mem_kb: f64 = std::fs::read_to_string("/proc/meminfo")
             .ok()
-            .and_then(|s| s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok()))
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("MemTotal:")).and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+            })
             .unwrap_or(0.0);
         let nproc = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
         let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -652,7 +668,11 @@ impl Bench {
             if p.quick { " (quick)" } else { "" },
             {
                 let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
-                if args.is_empty() { String::new() } else { format!(" -- {}", args.join(" ")) }
+                if args.is_empty() {
+                    String::new()
+                } else {
+                    format!(" -- {}", args.join(" "))
+                }
             },
             p.runs,
             mem_kb / 1024.0 / 1024.0,
@@ -668,7 +688,15 @@ impl Bench {
         ))
     }
 
-    fn push(&mut self, section: &'static str, measure: impl Into<String>, values: Vec<f64>, unit: Unit, target: Option<Target>, note: impl Into<String>) {
+    fn push(
+        &mut self,
+        section: &'static str,
+        measure: impl Into<String>,
+        values: Vec<f64>,
+        unit: Unit,
+        target: Option<Target>,
+        note: impl Into<String>,
+    ) {
         let row = Row { section, measure: measure.into(), values, unit, target, note: note.into() };
         self.progress(&format!(
             "= {} / {}: median {} (min {}, max {})",
@@ -691,7 +719,8 @@ impl Bench {
         let wants = |s: &str| self.plan.only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
         let (drain, rebuild, latency, queries) = (wants("drain"), wants("rebuild"), wants("latency"), wants("queries"));
         self.inject_section()?;
-        let raw_small = if drain || (rebuild && !self.plan.rebuild_on_big) { self.raw_section()? } else { (f64::NAN, f64::NAN) };
+        let raw_small =
+            if drain || (rebuild && !self.plan.rebuild_on_big) { self.raw_section()? } else { (f64::NAN, f64::NAN) };
         if drain {
             self.drain_section(raw_small)?;
         }
@@ -811,7 +840,10 @@ impl Bench {
                 .execute("INSERT INTO bench_raw_entries2 SELECT * FROM bench_raw_entries", &[])
                 .map_err(|e| format!("raw INSERT SELECT *: {}", pg(&e)))?;
             let tb = t.elapsed().as_secs_f64();
-            self.progress(&format!("raw run {}: (a) {written} rows in {ta:.2} s, (b) {copied} rows in {tb:.2} s", run + 1));
+            self.progress(&format!(
+                "raw run {}: (a) {written} rows in {ta:.2} s, (b) {copied} rows in {tb:.2} s",
+                run + 1
+            ));
             a.push(written as f64 / ta);
             b.push(copied as f64 / tb);
         }
@@ -894,7 +926,10 @@ impl Bench {
             ];
             env.extend_from_slice(extra_env);
             let log = self.logs.join(format!("worker-{i}.log"));
-            let child = self.command(&["worker", "--until-empty"], &env, &log)?.spawn().map_err(|e| format!("cannot start the worker: {e}"))?;
+            let child = self
+                .command(&["worker", "--until-empty"], &env, &log)?
+                .spawn()
+                .map_err(|e| format!("cannot start the worker: {e}"))?;
             track_child(child.id());
             children.push(child);
         }
@@ -919,7 +954,10 @@ impl Bench {
             let status = child.wait().map_err(|e| format!("waiting for the worker: {e}"))?;
             untrack_child(child.id());
             if !status.success() {
-                failed = Some(format!("worker {i} exited with {status}: {}", tail(&self.logs.join(format!("worker-{i}.log")))));
+                failed = Some(format!(
+                    "worker {i} exited with {status}: {}",
+                    tail(&self.logs.join(format!("worker-{i}.log")))
+                ));
             }
         }
         let seconds = started.elapsed().as_secs_f64();
@@ -971,7 +1009,12 @@ impl Bench {
                 let s = Settings { batch, threads, procs: 1 };
                 let pending = self.reset_for_drain(Some(self.plan.grid))?;
                 let d = self.drain(s, &[])?;
-                self.progress(&format!("grid {}: {pending} events in {:.2} s = {:.0} events/s", s.label(), d.seconds, d.rate));
+                self.progress(&format!(
+                    "grid {}: {pending} events in {:.2} s = {:.0} events/s",
+                    s.label(),
+                    d.seconds,
+                    d.rate
+                ));
                 grid.push((s, d.rate));
                 grid_rss.push(d.peak_rss_mb);
             }
@@ -979,16 +1022,18 @@ impl Bench {
         // Scaling out: 1, 2 and 4 worker processes of one thread, and 2 × 2, at the best
         // batch (issue 6, item 3).
         let best_batch = grid.iter().max_by(|a, b| a.1.partial_cmp(&b.1).unwrap()).map(|g| g.0.batch).unwrap_or(500);
-        let mut scaling: Vec<(Settings, f64)> = grid
-            .iter()
-            .filter(|(s, _)| s.batch == best_batch && s.threads == 1)
-            .copied()
-            .collect();
+        let mut scaling: Vec<(Settings, f64)> =
+            grid.iter().filter(|(s, _)| s.batch == best_batch && s.threads == 1).copied().collect();
         for (threads, procs) in [(1, 2), (1, 4), (2, 2)] {
             let s = Settings { batch: best_batch, threads, procs };
             let pending = self.reset_for_drain(Some(self.plan.grid))?;
             let d = self.drain(s, &[])?;
-            self.progress(&format!("grid {}: {pending} events in {:.2} s = {:.0} events/s", s.label(), d.seconds, d.rate));
+            self.progress(&format!(
+                "grid {}: {pending} events in {:.2} s = {:.0} events/s",
+                s.label(),
+                d.seconds,
+                d.rate
+            ));
             grid.push((s, d.rate));
             grid_rss.push(d.peak_rss_mb);
             scaling.push((s, d.rate));
@@ -1020,7 +1065,11 @@ impl Bench {
             vec![scaling.iter().find(|(s, _)| s.procs == 4).map(|s| s.1 / one).unwrap_or(f64::NAN)],
             Unit::Ratio,
             None,
-            format!("1 run of {} events each, events/s (× one process): {}", thousands(self.plan.grid as i64), scaling_text.join("; ")),
+            format!(
+                "1 run of {} events each, events/s (× one process): {}",
+                thousands(self.plan.grid as i64),
+                scaling_text.join("; ")
+            ),
         );
 
         let bd = self.drain_runs(best, &[])?;
@@ -1062,7 +1111,14 @@ impl Bench {
                 grid_text.join("; ")
             ),
         );
-        self.push("drain", "best settings ÷ raw (a)", vec![best_med / raw.0], Unit::Ratio, Some(Target::AtLeast(0.5)), "ratio of the medians");
+        self.push(
+            "drain",
+            "best settings ÷ raw (a)",
+            vec![best_med / raw.0],
+            Unit::Ratio,
+            Some(Target::AtLeast(0.5)),
+            "ratio of the medians",
+        );
         self.push(
             "drain",
             "best settings ÷ raw (b)",
@@ -1110,7 +1166,14 @@ impl Bench {
         for listen in [true, false] {
             let label = if listen { "listener (default)" } else { "polling only (OUTBOX_LISTEN=off, poll 0.2 s)" };
             if !listen && !self.listen_flag {
-                self.push("latency", format!("p99, {label}"), vec![f64::NAN], Unit::Ms, Some(Target::AtMost(20.0)), "not available: `chronicle worker --help` shows no --listen");
+                self.push(
+                    "latency",
+                    format!("p99, {label}"),
+                    vec![f64::NAN],
+                    Unit::Ms,
+                    Some(Target::AtMost(20.0)),
+                    "not available: `chronicle worker --help` shows no --listen",
+                );
                 continue;
             }
             let (mut p50, mut p99, mut max, mut rates) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -1152,7 +1215,8 @@ impl Bench {
 
     fn latency_run(&self, listen: bool, secs: f64, seed: u64) -> Res<LatencyRun> {
         let mut c = self.connect()?;
-        let left = self.count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status IN ('pending', 'processing')")?;
+        let left = self
+            .count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status IN ('pending', 'processing')")?;
         if left != 0 {
             return Err(format!("{left} deliveries pending before the latency test"));
         }
@@ -1166,7 +1230,8 @@ impl Bench {
             env.push(("OUTBOX_POLL_INTERVAL_SECONDS", "0.2"));
         }
         let log = self.logs.join("worker-latency.log");
-        let mut child = self.command(&["worker"], &env, &log)?.spawn().map_err(|e| format!("cannot start the worker: {e}"))?;
+        let mut child =
+            self.command(&["worker"], &env, &log)?.spawn().map_err(|e| format!("cannot start the worker: {e}"))?;
         track_child(child.id());
         let result = self.latency_with_worker(&mut c, &mut child, listen, secs, seed);
         // SIGTERM: the worker finishes its batch and exits 0.
@@ -1187,7 +1252,14 @@ impl Bench {
         result.map_err(|e| format!("{e} (worker log: {})", tail(&log)))
     }
 
-    fn latency_with_worker(&self, c: &mut Client, child: &mut Child, listen: bool, secs: f64, seed: u64) -> Res<LatencyRun> {
+    fn latency_with_worker(
+        &self,
+        c: &mut Client,
+        child: &mut Child,
+        listen: bool,
+        secs: f64,
+        seed: u64,
+    ) -> Res<LatencyRun> {
         // Ready: the claim connections are open (and the listener listens).
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
@@ -1283,7 +1355,8 @@ impl Bench {
             .query_one("SELECT library_id FROM chronicle_events GROUP BY 1 ORDER BY count(*) DESC LIMIT 1", &[])
             .and_then(|r| r.try_get(0))
             .map_err(|e| pg(&e))?;
-        let lib_events = self.count(&mut c, &format!("SELECT count(*) FROM chronicle_events WHERE library_id = '{lib}'"))?;
+        let lib_events =
+            self.count(&mut c, &format!("SELECT count(*) FROM chronicle_events WHERE library_id = '{lib}'"))?;
         {
             let mut rates = Vec::new();
             for run in 0..runs {
@@ -1295,9 +1368,23 @@ impl Bench {
                 rates.push(total / secs);
             }
             let med = median(&rates);
-            self.push("rebuild", format!("`rebuild --truncate`, {size} events"), rates, Unit::Rate, None, "`rebuild --json` seconds");
+            self.push(
+                "rebuild",
+                format!("`rebuild --truncate`, {size} events"),
+                rates,
+                Unit::Rate,
+                None,
+                "`rebuild --json` seconds",
+            );
             if !raw.is_nan() {
-                self.push("rebuild", "`rebuild --truncate` ÷ raw (a)", vec![med / raw], Unit::Ratio, Some(Target::AtLeast(0.8)), "ratio of the medians, same events");
+                self.push(
+                    "rebuild",
+                    "`rebuild --truncate` ÷ raw (a)",
+                    vec![med / raw],
+                    Unit::Ratio,
+                    Some(Target::AtLeast(0.8)),
+                    "ratio of the medians, same events",
+                );
             }
         }
         if !swap {
@@ -1346,9 +1433,23 @@ impl Bench {
             errors += samples.errors;
         }
         let med = median(&rates);
-        self.push("rebuild", format!("`rebuild --swap`, {size} events"), rates, Unit::Rate, None, "`rebuild --json` seconds (shadow table, indexes, catch-up, swap)");
+        self.push(
+            "rebuild",
+            format!("`rebuild --swap`, {size} events"),
+            rates,
+            Unit::Rate,
+            None,
+            "`rebuild --json` seconds (shadow table, indexes, catch-up, swap)",
+        );
         if !raw.is_nan() {
-            self.push("rebuild", "`rebuild --swap` ÷ raw (a)", vec![med / raw], Unit::Ratio, None, "ratio of the medians, same events");
+            self.push(
+                "rebuild",
+                "`rebuild --swap` ÷ raw (a)",
+                vec![med / raw],
+                Unit::Ratio,
+                None,
+                "ratio of the medians, same events",
+            );
         }
         self.push(
             "rebuild",
@@ -1363,7 +1464,14 @@ impl Bench {
                 fmt_value(median(&reader_p99), Unit::Ms)
             ),
         );
-        self.push("rebuild", format!("`rebuild --swap`, {size} events: swap_lock_held_ms"), lock_ms, Unit::Ms, None, "as reported by the command");
+        self.push(
+            "rebuild",
+            format!("`rebuild --swap`, {size} events: swap_lock_held_ms"),
+            lock_ms,
+            Unit::Ms,
+            None,
+            "as reported by the command",
+        );
         Ok(())
     }
 
@@ -1377,7 +1485,8 @@ impl Bench {
             .query_one("SELECT library_id FROM chronicle_entries GROUP BY 1 ORDER BY count(*) DESC LIMIT 1", &[])
             .and_then(|r| r.try_get(0))
             .map_err(|e| pg(&e))?;
-        let entries = self.count(&mut c, &format!("SELECT count(*) FROM chronicle_entries WHERE library_id = '{lib}'"))?;
+        let entries =
+            self.count(&mut c, &format!("SELECT count(*) FROM chronicle_entries WHERE library_id = '{lib}'"))?;
         let kinds: Vec<(&str, EntryQuery)> = vec![
             ("newest", EntryQuery::new(lib)),
             ("event type BookRenamed", EntryQuery { event_type: Some("BookRenamed".into()), ..EntryQuery::new(lib) }),
@@ -1438,7 +1547,19 @@ impl Bench {
         let rows = c
             .query(
                 &sql,
-                &[&q.library_id, &none_t, &none_u, &none_u, &q.event_type, &none_ts, &none_ts, &tsq, &none_ts, &none_u, &51i64],
+                &[
+                    &q.library_id,
+                    &none_t,
+                    &none_u,
+                    &none_u,
+                    &q.event_type,
+                    &none_ts,
+                    &none_ts,
+                    &tsq,
+                    &none_ts,
+                    &none_u,
+                    &51i64,
+                ],
             )
             .map_err(|e| format!("EXPLAIN: {}", pg(&e)))?;
         let lines: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
@@ -1452,7 +1573,11 @@ impl Bench {
             })
             .collect();
         let exec = lines.iter().find(|l| l.starts_with("Execution Time")).cloned().unwrap_or_default();
-        let buffers = lines.iter().find(|l| l.trim_start().starts_with("Buffers")).map(|l| l.trim().to_string()).unwrap_or_default();
+        let buffers = lines
+            .iter()
+            .find(|l| l.trim_start().starts_with("Buffers"))
+            .map(|l| l.trim().to_string())
+            .unwrap_or_default();
         Ok(format!("{} ({exec}; {buffers})", nodes.join(" → ")))
     }
 }
@@ -1530,7 +1655,22 @@ fn insert_events(c: &mut Client, events: &[chronicle::cmd::events_input::NewEven
          SELECT * FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::uuid[], $6::text[], $7::jsonb[],
                               $8::jsonb[], $9::jsonb[], $10::timestamptz[], $11::text[], $12::text[], $13::text[],
                               $14::inet[])",
-        &[&ids, &libs, &actors, &entity_types, &entity_ids, &event_types, &before, &after, &diff, &occurred, &request_ids, &clients, &reasons, &ips],
+        &[
+            &ids,
+            &libs,
+            &actors,
+            &entity_types,
+            &entity_ids,
+            &event_types,
+            &before,
+            &after,
+            &diff,
+            &occurred,
+            &request_ids,
+            &clients,
+            &reasons,
+            &ips,
+        ],
     )
     .map_err(|e| format!("inserting events: {}", pg(&e)))?;
     Ok(())

@@ -77,61 +77,175 @@ impl Setting {
 
 macro_rules! setting {
     ($name:ident, $var:literal, $flag:literal, $default:expr, $kind:expr, $help:literal) => {
-        pub const $name: Setting =
-            Setting { var: $var, flag: $flag, default: $default, kind: $kind, help: $help };
+        pub const $name: Setting = Setting { var: $var, flag: $flag, default: $default, kind: $kind, help: $help };
     };
 }
 
-setting!(DATABASE_URL, "DATABASE_URL", "database-url", None, Kind::DatabaseUrl,
-    "PostgreSQL to use: postgres://, postgresql://, postgresql+psycopg(2):// or libpq key=value. Required.");
-setting!(WORKER_ID, "OUTBOX_WORKER_ID", "worker-id", Some("chronicle"), Kind::Text,
-    "Name of this worker in claimed_by, logs and the worker_id label.");
-setting!(METRICS_PORT, "OUTBOX_METRICS_PORT", "metrics-port", Some("9110"), Kind::Port,
-    "Port of the metrics endpoint; 0 turns it off.");
-setting!(METRICS_BIND, "OUTBOX_METRICS_BIND", "metrics-bind", Some("127.0.0.1"), Kind::Text,
-    "Address the metrics endpoint listens on (0.0.0.0 in containers).");
-setting!(BATCH_SIZE, "OUTBOX_BATCH_SIZE", "batch-size", Some("50"), Kind::Count { min: 1, max: 10_000 },
-    "Outbox rows claimed per batch (1-10000).");
-setting!(POLL_INTERVAL, "OUTBOX_POLL_INTERVAL_SECONDS", "poll-interval-seconds", Some("0.2"),
+setting!(
+    DATABASE_URL,
+    "DATABASE_URL",
+    "database-url",
+    None,
+    Kind::DatabaseUrl,
+    "PostgreSQL to use: postgres://, postgresql://, postgresql+psycopg(2):// or libpq key=value. Required."
+);
+setting!(
+    WORKER_ID,
+    "OUTBOX_WORKER_ID",
+    "worker-id",
+    Some("chronicle"),
+    Kind::Text,
+    "Name of this worker in claimed_by, logs and the worker_id label."
+);
+setting!(
+    METRICS_PORT,
+    "OUTBOX_METRICS_PORT",
+    "metrics-port",
+    Some("9110"),
+    Kind::Port,
+    "Port of the metrics endpoint; 0 turns it off."
+);
+setting!(
+    METRICS_BIND,
+    "OUTBOX_METRICS_BIND",
+    "metrics-bind",
+    Some("127.0.0.1"),
+    Kind::Text,
+    "Address the metrics endpoint listens on (0.0.0.0 in containers)."
+);
+setting!(
+    BATCH_SIZE,
+    "OUTBOX_BATCH_SIZE",
+    "batch-size",
+    Some("50"),
+    Kind::Count { min: 1, max: 10_000 },
+    "Outbox rows claimed per batch (1-10000)."
+);
+setting!(
+    POLL_INTERVAL,
+    "OUTBOX_POLL_INTERVAL_SECONDS",
+    "poll-interval-seconds",
+    Some("0.2"),
     Kind::Seconds { allow_zero: false },
-    "Fallback poll interval when idle; the listener wakes workers sooner.");
-setting!(LEASE, "OUTBOX_LEASE_SECONDS", "lease-seconds", Some("30"), Kind::Seconds { allow_zero: false },
-    "How long a claim holds its rows before the reclaim loop may take them back.");
-setting!(MAX_ATTEMPTS, "OUTBOX_MAX_ATTEMPTS", "max-attempts", Some("10"), Kind::Count { min: 1, max: 1_000 },
-    "Claims of one row before it ends failed with max_attempts_exceeded (1-1000).");
-setting!(BASE_BACKOFF, "OUTBOX_BASE_BACKOFF_SECONDS", "base-backoff-seconds", Some("0.5"),
+    "Fallback poll interval when idle; the listener wakes workers sooner."
+);
+setting!(
+    LEASE,
+    "OUTBOX_LEASE_SECONDS",
+    "lease-seconds",
+    Some("30"),
     Kind::Seconds { allow_zero: false },
-    "First retry delay after a transient failure; doubles each attempt.");
-setting!(MAX_BACKOFF, "OUTBOX_MAX_BACKOFF_SECONDS", "max-backoff-seconds", Some("30"),
+    "How long a claim holds its rows before the reclaim loop may take them back."
+);
+setting!(
+    MAX_ATTEMPTS,
+    "OUTBOX_MAX_ATTEMPTS",
+    "max-attempts",
+    Some("10"),
+    Kind::Count { min: 1, max: 1_000 },
+    "Claims of one row before it ends failed with max_attempts_exceeded (1-1000)."
+);
+setting!(
+    BASE_BACKOFF,
+    "OUTBOX_BASE_BACKOFF_SECONDS",
+    "base-backoff-seconds",
+    Some("0.5"),
     Kind::Seconds { allow_zero: false },
-    "Longest retry delay; must be at least the base backoff.");
-setting!(RECLAIM_INTERVAL, "OUTBOX_RECLAIM_INTERVAL_SECONDS", "reclaim-interval-seconds", Some("5"),
+    "First retry delay after a transient failure; doubles each attempt."
+);
+setting!(
+    MAX_BACKOFF,
+    "OUTBOX_MAX_BACKOFF_SECONDS",
+    "max-backoff-seconds",
+    Some("30"),
     Kind::Seconds { allow_zero: false },
-    "How often expired leases are returned to pending.");
-setting!(MAX_PROCESSING, "OUTBOX_MAX_PROCESSING_SECONDS", "max-processing-seconds", Some("600"),
+    "Longest retry delay; must be at least the base backoff."
+);
+setting!(
+    RECLAIM_INTERVAL,
+    "OUTBOX_RECLAIM_INTERVAL_SECONDS",
+    "reclaim-interval-seconds",
+    Some("5"),
     Kind::Seconds { allow_zero: false },
-    "A row processing longer than this since its claim is stuck and reclaimed.");
-setting!(RUN_SECONDS, "OUTBOX_RUN_SECONDS", "run-seconds", None, Kind::Seconds { allow_zero: false },
-    "Run this long, then stop cleanly and exit 0 (smoke runs). Unset: run until stopped.");
-setting!(CONCURRENCY, "OUTBOX_CONCURRENCY", "concurrency", Some("1"), Kind::Count { min: 1, max: 64 },
-    "Claim threads in this process, each with its own connection (1-64).");
-setting!(STATEMENT_TIMEOUT, "OUTBOX_STATEMENT_TIMEOUT_SECONDS", "statement-timeout-seconds", Some("30"),
+    "How often expired leases are returned to pending."
+);
+setting!(
+    MAX_PROCESSING,
+    "OUTBOX_MAX_PROCESSING_SECONDS",
+    "max-processing-seconds",
+    Some("600"),
     Kind::Seconds { allow_zero: false },
-    "Statement timeout of the worker's database sessions.");
-setting!(LOG_FORMAT, "CHRONICLE_LOG_FORMAT", "log-format", Some("text"), Kind::Choice(&["text", "json"]),
-    "Log line format on stderr: text, or json (one object per line).");
+    "A row processing longer than this since its claim is stuck and reclaimed."
+);
+setting!(
+    RUN_SECONDS,
+    "OUTBOX_RUN_SECONDS",
+    "run-seconds",
+    None,
+    Kind::Seconds { allow_zero: false },
+    "Run this long, then stop cleanly and exit 0 (smoke runs). Unset: run until stopped."
+);
+setting!(
+    CONCURRENCY,
+    "OUTBOX_CONCURRENCY",
+    "concurrency",
+    Some("1"),
+    Kind::Count { min: 1, max: 64 },
+    "Claim threads in this process, each with its own connection (1-64)."
+);
+setting!(
+    STATEMENT_TIMEOUT,
+    "OUTBOX_STATEMENT_TIMEOUT_SECONDS",
+    "statement-timeout-seconds",
+    Some("30"),
+    Kind::Seconds { allow_zero: false },
+    "Statement timeout of the worker's database sessions."
+);
+setting!(
+    LOG_FORMAT,
+    "CHRONICLE_LOG_FORMAT",
+    "log-format",
+    Some("text"),
+    Kind::Choice(&["text", "json"]),
+    "Log line format on stderr: text, or json (one object per line)."
+);
 
-setting!(DONE_RETENTION, "OUTBOX_DONE_RETENTION_SECONDS", "done-retention-seconds", None,
+setting!(
+    DONE_RETENTION,
+    "OUTBOX_DONE_RETENTION_SECONDS",
+    "done-retention-seconds",
+    None,
     Kind::Seconds { allow_zero: false },
-    "Delete done outbox rows processed longer ago than this (in small batches). Unset: keep them.");
-setting!(LISTEN, "OUTBOX_LISTEN", "listen", Some("on"), Kind::Choice(&["on", "off"]),
-    "Wake idle claim threads on NOTIFY (on), or rely on polling alone (off).");
+    "Delete done outbox rows processed longer ago than this (in small batches). Unset: keep them."
+);
+setting!(
+    LISTEN,
+    "OUTBOX_LISTEN",
+    "listen",
+    Some("on"),
+    Kind::Choice(&["on", "off"]),
+    "Wake idle claim threads on NOTIFY (on), or rely on polling alone (off)."
+);
 
 /// Every setting the worker reads, in help order.
 pub const WORKER_SETTINGS: &[&Setting] = &[
-    &DATABASE_URL, &WORKER_ID, &METRICS_PORT, &METRICS_BIND, &BATCH_SIZE, &POLL_INTERVAL, &LEASE,
-    &MAX_ATTEMPTS, &BASE_BACKOFF, &MAX_BACKOFF, &RECLAIM_INTERVAL, &MAX_PROCESSING, &RUN_SECONDS,
-    &CONCURRENCY, &STATEMENT_TIMEOUT, &DONE_RETENTION, &LISTEN,
+    &DATABASE_URL,
+    &WORKER_ID,
+    &METRICS_PORT,
+    &METRICS_BIND,
+    &BATCH_SIZE,
+    &POLL_INTERVAL,
+    &LEASE,
+    &MAX_ATTEMPTS,
+    &BASE_BACKOFF,
+    &MAX_BACKOFF,
+    &RECLAIM_INTERVAL,
+    &MAX_PROCESSING,
+    &RUN_SECONDS,
+    &CONCURRENCY,
+    &STATEMENT_TIMEOUT,
+    &DONE_RETENTION,
+    &LISTEN,
 ];
 
 /// Where a value came from, so an error can name exactly what the user set.
@@ -409,9 +523,8 @@ impl DbUrl {
                 .into());
         };
 
-        let mut config: postgres::Config = driver_text
-            .parse()
-            .map_err(|e: postgres::Error| format!("is not a valid connection string: {e}"))?;
+        let mut config: postgres::Config =
+            driver_text.parse().map_err(|e: postgres::Error| format!("is not a valid connection string: {e}"))?;
         if config.get_hosts().is_empty() && config.get_hostaddrs().is_empty() {
             #[cfg(unix)]
             config.host_path("/var/run/postgresql");
@@ -661,14 +774,7 @@ pub fn settings_help(settings: &[&Setting]) -> String {
             None if s.var == DATABASE_URL.var => "required".to_string(),
             None => "unset".to_string(),
         };
-        out.push_str(&format!(
-            "  --{} {:<8} [{}; {}]\n      {}\n",
-            s.flag,
-            s.metavar(),
-            s.var,
-            default,
-            s.help
-        ));
+        out.push_str(&format!("  --{} {:<8} [{}; {}]\n      {}\n", s.flag, s.metavar(), s.var, default, s.help));
     }
     out
 }
@@ -763,10 +869,7 @@ mod tests {
 
     #[test]
     fn max_backoff_below_base_is_refused() {
-        let msg = usage_err(worker(
-            &[("OUTBOX_BASE_BACKOFF_SECONDS", "5"), ("OUTBOX_MAX_BACKOFF_SECONDS", "1")],
-            &[],
-        ));
+        let msg = usage_err(worker(&[("OUTBOX_BASE_BACKOFF_SECONDS", "5"), ("OUTBOX_MAX_BACKOFF_SECONDS", "1")], &[]));
         assert!(msg.contains("OUTBOX_MAX_BACKOFF_SECONDS"), "{msg}");
     }
 
@@ -830,7 +933,11 @@ mod tests {
         ];
         for (raw, mode, root, driver) in cases {
             let u = DbUrl::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
-            assert_eq!((u.ssl_mode, u.ssl_root_cert.as_deref(), u.config.get_ssl_mode()), (*mode, *root, *driver), "{raw}");
+            assert_eq!(
+                (u.ssl_mode, u.ssl_root_cert.as_deref(), u.config.get_ssl_mode()),
+                (*mode, *root, *driver),
+                "{raw}"
+            );
         }
     }
 

@@ -4,8 +4,8 @@
 //! crashed after committing) updates it instead of duplicating it; an entry built by a
 //! newer projection version is never overwritten by an older one (rolling deploys).
 
-use postgres::ToStatement;
 use postgres::GenericClient;
+use postgres::ToStatement;
 use serde_json::Value;
 
 use crate::projection::Entry;
@@ -105,8 +105,23 @@ pub fn write_entries<S: ToStatement + ?Sized>(
     client.execute(
         statement,
         &[
-            &ids, &library_ids, &actors, &entity_types, &entity_ids, &event_types, &occurred, &created,
-            &request_ids, &clients, &ips, &reasons, &summaries, &changed, &details, &search, &versions,
+            &ids,
+            &library_ids,
+            &actors,
+            &entity_types,
+            &entity_ids,
+            &event_types,
+            &occurred,
+            &created,
+            &request_ids,
+            &clients,
+            &ips,
+            &reasons,
+            &summaries,
+            &changed,
+            &details,
+            &search,
+            &versions,
         ],
     )
 }

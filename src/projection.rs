@@ -77,11 +77,7 @@ impl fmt::Display for ProjectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ProjectError::UnknownEventType(t) => {
-                write!(
-                    f,
-                    "unknown event type {}: not in the event catalog of this version",
-                    quote(t)
-                )
+                write!(f, "unknown event type {}: not in the event catalog of this version", quote(t))
             }
             ProjectError::InvalidPayload(message) => f.write_str(message),
         }
@@ -92,12 +88,9 @@ impl std::error::Error for ProjectError {}
 
 /// Builds the entry of `e`, or says why this version cannot.
 pub fn project(e: &Event) -> Result<Entry, ProjectError> {
-    let ty = event::lookup(&e.event_type)
-        .ok_or_else(|| ProjectError::UnknownEventType(e.event_type.clone()))?;
-    validate(ty, e)
-        .map_err(|problem| ProjectError::InvalidPayload(format!("{}: {problem}", ty.name)))?;
-    let summary = summarize(&Payload::of(e))
-        .ok_or_else(|| ProjectError::UnknownEventType(e.event_type.clone()))?;
+    let ty = event::lookup(&e.event_type).ok_or_else(|| ProjectError::UnknownEventType(e.event_type.clone()))?;
+    validate(ty, e).map_err(|problem| ProjectError::InvalidPayload(format!("{}: {problem}", ty.name)))?;
+    let summary = summarize(&Payload::of(e)).ok_or_else(|| ProjectError::UnknownEventType(e.event_type.clone()))?;
     let search_text = search_text(e, &summary);
     Ok(Entry {
         id: e.id,
@@ -144,12 +137,7 @@ fn validate_side(side: &str, fields: &[Field], payload: Option<&Value>) -> Resul
     let object = match payload {
         None | Some(Value::Null) => return Err(format!("{side} is missing")),
         Some(Value::Object(object)) => object,
-        Some(other) => {
-            return Err(format!(
-                "{side} must be an object, got {}",
-                json_kind(other)
-            ))
-        }
+        Some(other) => return Err(format!("{side} must be an object, got {}", json_kind(other))),
     };
     for field in fields {
         match object.get(field.name) {
@@ -287,11 +275,7 @@ fn summarize(p: &Payload) -> Option<String> {
         "TagRenamed" => format!("Renamed tag {}", p.rename("name")),
         "TagDeleted" => format!("Deleted tag{}", p.named("name")),
         "TagAdded" => format!("Added tag{} to {}", p.named("tag_name"), p.tagged_thing()),
-        "TagRemoved" => format!(
-            "Removed tag{} from {}",
-            p.named("tag_name"),
-            p.tagged_thing()
-        ),
+        "TagRemoved" => format!("Removed tag{} from {}", p.named("tag_name"), p.tagged_thing()),
         _ => return None,
     };
     Some(s)
@@ -332,9 +316,7 @@ fn block_moved(p: &Payload) -> String {
 
 /// `words` followed by the quoted value, or nothing when there is no value.
 fn phrase(words: &str, value: Option<&str>) -> String {
-    value
-        .map(|v| format!("{words}{}", quote(v)))
-        .unwrap_or_default()
+    value.map(|v| format!("{words}{}", quote(v))).unwrap_or_default()
 }
 
 /// A value in double quotes, on one line and cut to `MAX_QUOTED_CHARS` with "…".
@@ -345,10 +327,7 @@ fn quote(value: &str) -> String {
 /// The text with each run of whitespace or control characters made one space.
 fn one_line(text: &str) -> String {
     let is_gap = |c: char| c.is_whitespace() || c.is_control();
-    text.split(is_gap)
-        .filter(|w| !w.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
+    text.split(is_gap).filter(|w| !w.is_empty()).collect::<Vec<_>>().join(" ")
 }
 
 /// At most `max` characters of `text`, with "…" when something was cut.
@@ -368,9 +347,7 @@ fn changed_fields(e: &Event) -> Vec<String> {
     let before = as_object(e.before.as_ref());
     let after = as_object(e.after.as_ref());
     let keys = before.iter().chain(after.iter()).flat_map(|o| o.keys());
-    let mut changed: BTreeSet<&String> = keys
-        .filter(|k| field(before, k) != field(after, k))
-        .collect();
+    let mut changed: BTreeSet<&String> = keys.filter(|k| field(before, k) != field(after, k)).collect();
     if let Some(diff) = as_object(e.diff.as_ref()) {
         changed.extend(diff.keys());
     }
@@ -387,11 +364,7 @@ fn field<'a>(object: Option<&'a Map<String, Value>>, key: &str) -> &'a Value {
 
 /// `{"before": …, "after": …, "diff": …}` with only the parts the event has.
 fn details(e: &Event) -> Value {
-    let parts = [
-        ("before", &e.before),
-        ("after", &e.after),
-        ("diff", &e.diff),
-    ];
+    let parts = [("before", &e.before), ("after", &e.after), ("diff", &e.diff)];
     let present = parts.into_iter().filter_map(|(key, v)| match v {
         None | Some(Value::Null) => None,
         Some(v) => Some((key.to_string(), v.clone())),
@@ -404,10 +377,10 @@ fn details(e: &Event) -> Value {
 fn search_text(e: &Event, summary: &str) -> String {
     let sides = [e.after.as_ref(), e.before.as_ref()];
     let texts_of = |keys: &'static [&'static str]| {
-        sides.into_iter().flatten().flat_map(move |side| {
-            keys.iter()
-                .filter_map(move |k| side.get(*k).and_then(Value::as_str))
-        })
+        sides
+            .into_iter()
+            .flatten()
+            .flat_map(move |side| keys.iter().filter_map(move |k| side.get(*k).and_then(Value::as_str)))
     };
     let mut parts = vec![summary, e.reason.as_deref().unwrap_or_default()];
     parts.extend(texts_of(DISPLAY_FIELDS));
@@ -426,12 +399,7 @@ mod tests {
     const SHELF_B: &str = "0190a5c4-9a0e-7cc1-8a42-2f7e3f6c2d13";
     const BOOK_ID: &str = "0190a5c4-9a0e-7cc1-8a42-2f7e3f6c2d14";
 
-    fn event(
-        event_type: &str,
-        entity_type: &str,
-        before: Option<Value>,
-        after: Option<Value>,
-    ) -> Event {
+    fn event(event_type: &str, entity_type: &str, before: Option<Value>, after: Option<Value>) -> Event {
         Event {
             id: Uuid::from_u128(1),
             library_id: Uuid::from_u128(2),
@@ -517,11 +485,7 @@ mod tests {
     fn every_catalog_type_has_a_summary_and_changed_fields() {
         let cases = catalog_cases();
         for ty in event::CATALOG {
-            assert!(
-                cases.iter().any(|(e, _, _)| e.event_type == ty.name),
-                "no case for {}",
-                ty.name
-            );
+            assert!(cases.iter().any(|(e, _, _)| e.event_type == ty.name), "no case for {}", ty.name);
         }
         for (e, summary, changed) in cases {
             let entry = project(&e).unwrap_or_else(|err| panic!("{}: {err}", e.event_type));
@@ -548,21 +512,13 @@ mod tests {
     }
 
     fn payload(fields: &[Field]) -> Option<Value> {
-        let object: Map<String, Value> = fields
-            .iter()
-            .map(|f| (f.name.to_string(), sample(f.kind)))
-            .collect();
+        let object: Map<String, Value> = fields.iter().map(|f| (f.name.to_string(), sample(f.kind))).collect();
         (!fields.is_empty()).then_some(Value::Object(object))
     }
 
     /// The minimal event the catalog accepts for `ty`, built from the catalog itself.
     fn minimal(ty: &EventType) -> Event {
-        event(
-            ty.name,
-            ty.entity_types[0],
-            payload(ty.before),
-            payload(ty.after),
-        )
+        event(ty.name, ty.entity_types[0], payload(ty.before), payload(ty.after))
     }
 
     #[test]
@@ -572,25 +528,15 @@ mod tests {
                 let mut e = minimal(ty);
                 e.entity_type = entity_type.to_string();
                 let entry = project(&e).unwrap_or_else(|err| panic!("{}: {err}", ty.name));
-                assert!(
-                    !entry.summary.is_empty() && !entry.summary.contains("\"\""),
-                    "{}",
-                    entry.summary
-                );
+                assert!(!entry.summary.is_empty() && !entry.summary.contains("\"\""), "{}", entry.summary);
             }
         }
     }
 
     /// `e` with field `name` of its `side` payload set to `value`, or removed.
     fn with_field(mut e: Event, side: &str, name: &str, value: Option<Value>) -> Event {
-        let payload = if side == "before" {
-            &mut e.before
-        } else {
-            &mut e.after
-        };
-        let Some(Value::Object(object)) = payload else {
-            panic!("no {side} object")
-        };
+        let payload = if side == "before" { &mut e.before } else { &mut e.after };
+        let Some(Value::Object(object)) = payload else { panic!("no {side} object") };
         match value {
             Some(v) => object.insert(name.to_string(), v),
             None => object.remove(name),
@@ -604,16 +550,10 @@ mod tests {
             for (side, fields) in [("before", ty.before), ("after", ty.after)] {
                 for f in fields {
                     let missing = with_field(minimal(ty), side, f.name, None);
-                    assert_eq!(
-                        invalid(&missing),
-                        format!("{}: {side}.{} is missing", ty.name, f.name)
-                    );
+                    assert_eq!(invalid(&missing), format!("{}: {side}.{} is missing", ty.name, f.name));
                     let mistyped = with_field(minimal(ty), side, f.name, Some(wrong(f.kind)));
                     let message = invalid(&mistyped);
-                    assert!(
-                        message.starts_with(&format!("{}: {side}.{} must be ", ty.name, f.name)),
-                        "{message}"
-                    );
+                    assert!(message.starts_with(&format!("{}: {side}.{} must be ", ty.name, f.name)), "{message}");
                 }
             }
         }
@@ -621,26 +561,10 @@ mod tests {
 
     #[test]
     fn wrong_kind_messages_say_what_was_expected_and_found() {
-        let e = event(
-            "BookRenamed",
-            "book",
-            Some(json!({"title": "Old"})),
-            Some(json!({"title": 5})),
-        );
-        assert_eq!(
-            invalid(&e),
-            "BookRenamed: after.title must be a string, got number"
-        );
-        let e = event(
-            "BookRenamed",
-            "book",
-            Some(json!({"title": "Old"})),
-            Some(json!({"title": null})),
-        );
-        assert_eq!(
-            invalid(&e),
-            "BookRenamed: after.title must be a string, got null"
-        );
+        let e = event("BookRenamed", "book", Some(json!({"title": "Old"})), Some(json!({"title": 5})));
+        assert_eq!(invalid(&e), "BookRenamed: after.title must be a string, got number");
+        let e = event("BookRenamed", "book", Some(json!({"title": "Old"})), Some(json!({"title": null})));
+        assert_eq!(invalid(&e), "BookRenamed: after.title must be a string, got null");
         let e = event(
             "BookMoved",
             "book",
@@ -651,48 +575,19 @@ mod tests {
             invalid(&e),
             r#"BookMoved: before.bookshelf_id must be a UUID string, got "shelf-1", which is not a UUID"#
         );
-        let e = event(
-            "BlockMoved",
-            "block",
-            Some(json!({"position": 3})),
-            Some(json!({"position": 5.5})),
-        );
-        assert_eq!(
-            invalid(&e),
-            "BlockMoved: after.position must be an integer, got 5.5, which is not an integer"
-        );
+        let e = event("BlockMoved", "block", Some(json!({"position": 3})), Some(json!({"position": 5.5})));
+        assert_eq!(invalid(&e), "BlockMoved: after.position must be an integer, got 5.5, which is not an integer");
     }
 
     #[test]
     fn payload_that_must_carry_fields_must_be_an_object() {
-        let e = event(
-            "BookRenamed",
-            "book",
-            Some(json!({"title": "Old"})),
-            Some(json!(["New"])),
-        );
-        assert_eq!(
-            invalid(&e),
-            "BookRenamed: after must be an object, got array"
-        );
-        let e = event(
-            "BookRenamed",
-            "book",
-            Some(json!("Old")),
-            Some(json!({"title": "New"})),
-        );
-        assert_eq!(
-            invalid(&e),
-            "BookRenamed: before must be an object, got string"
-        );
+        let e = event("BookRenamed", "book", Some(json!({"title": "Old"})), Some(json!(["New"])));
+        assert_eq!(invalid(&e), "BookRenamed: after must be an object, got array");
+        let e = event("BookRenamed", "book", Some(json!("Old")), Some(json!({"title": "New"})));
+        assert_eq!(invalid(&e), "BookRenamed: before must be an object, got string");
         let e = event("BookRenamed", "book", None, Some(json!({"title": "New"})));
         assert_eq!(invalid(&e), "BookRenamed: before is missing");
-        let e = event(
-            "BookRenamed",
-            "book",
-            Some(json!({"title": "Old"})),
-            Some(Value::Null),
-        );
+        let e = event("BookRenamed", "book", Some(json!({"title": "Old"})), Some(Value::Null));
         assert_eq!(invalid(&e), "BookRenamed: after is missing");
     }
 
@@ -710,73 +605,35 @@ mod tests {
 
     #[test]
     fn entity_type_must_be_one_the_event_type_allows() {
-        let e = event(
-            "BookRenamed",
-            "tag",
-            Some(json!({"title": "Old"})),
-            Some(json!({"title": "New"})),
-        );
-        assert_eq!(
-            invalid(&e),
-            r#"BookRenamed: entity_type "tag" is not allowed, expected book"#
-        );
-        let e = event(
-            "TagAdded",
-            "library",
-            None,
-            Some(json!({"tag_id": TAG_ID, "tag_name": "rust"})),
-        );
-        assert_eq!(
-            invalid(&e),
-            r#"TagAdded: entity_type "library" is not allowed, expected book or block"#
-        );
+        let e = event("BookRenamed", "tag", Some(json!({"title": "Old"})), Some(json!({"title": "New"})));
+        assert_eq!(invalid(&e), r#"BookRenamed: entity_type "tag" is not allowed, expected book"#);
+        let e = event("TagAdded", "library", None, Some(json!({"tag_id": TAG_ID, "tag_name": "rust"})));
+        assert_eq!(invalid(&e), r#"TagAdded: entity_type "library" is not allowed, expected book or block"#);
     }
 
     #[test]
     fn unknown_event_types_are_refused_case_sensitively() {
         for name in ["BookExploded", "bookrenamed", "BookRenamed ", ""] {
-            let e = event(
-                name,
-                "book",
-                Some(json!({"title": "Old"})),
-                Some(json!({"title": "New"})),
-            );
+            let e = event(name, "book", Some(json!({"title": "Old"})), Some(json!({"title": "New"})));
             let err = project(&e).expect_err(name);
             assert_eq!(err, ProjectError::UnknownEventType(name.to_string()));
             assert_eq!(err.error_reason(), "unknown_event_type");
         }
         let err = ProjectError::UnknownEventType("BookExploded".to_string());
-        assert_eq!(
-            err.to_string(),
-            r#"unknown event type "BookExploded": not in the event catalog of this version"#
-        );
+        assert_eq!(err.to_string(), r#"unknown event type "BookExploded": not in the event catalog of this version"#);
     }
 
     #[test]
     fn chinese_titles_are_quoted_and_searchable() {
-        let e = event(
-            "BookRenamed",
-            "book",
-            Some(json!({"title": "旧标题"})),
-            Some(json!({"title": "新标题"})),
-        );
+        let e = event("BookRenamed", "book", Some(json!({"title": "旧标题"})), Some(json!({"title": "新标题"})));
         let entry = project(&e).expect("projects");
         assert_eq!(entry.summary, r#"Renamed book "旧标题" → "新标题""#);
         let tokens: Vec<&str> = entry.search_text.split(' ').collect();
         assert!(tokens.contains(&"标题"), "{}", entry.search_text);
 
-        let e = event(
-            "BookCreated",
-            "book",
-            None,
-            Some(json!({"title": "分布式系统设计", "bookshelf_id": SHELF_A})),
-        );
+        let e = event("BookCreated", "book", None, Some(json!({"title": "分布式系统设计", "bookshelf_id": SHELF_A})));
         let entry = project(&e).expect("projects");
-        assert!(
-            entry.search_text.split(' ').any(|t| t == "系统"),
-            "{}",
-            entry.search_text
-        );
+        assert!(entry.search_text.split(' ').any(|t| t == "系统"), "{}", entry.search_text);
     }
 
     #[test]
@@ -785,10 +642,7 @@ mod tests {
             project(&event("BookMoved", "book", Some(before), Some(after))).map(|x| x.summary)
         };
         assert_eq!(
-            moved(
-                json!({"bookshelf_id": SHELF_A}),
-                json!({"bookshelf_id": SHELF_B})
-            ),
+            moved(json!({"bookshelf_id": SHELF_A}), json!({"bookshelf_id": SHELF_B})),
             Ok("Moved book to another bookshelf".to_string())
         );
         assert_eq!(
@@ -799,19 +653,11 @@ mod tests {
             Ok(r#"Moved book from bookshelf "Home" to bookshelf "Work""#.to_string())
         );
         assert_eq!(
-            moved(
-                json!({"bookshelf_id": SHELF_A, "title": "Ops"}),
-                json!({"bookshelf_id": SHELF_B})
-            ),
+            moved(json!({"bookshelf_id": SHELF_A, "title": "Ops"}), json!({"bookshelf_id": SHELF_B})),
             Ok(r#"Moved book "Ops" to another bookshelf"#.to_string())
         );
 
-        let block = event(
-            "BlockUpdated",
-            "block",
-            Some(json!({"text": "a"})),
-            Some(json!({"text": "b"})),
-        );
+        let block = event("BlockUpdated", "block", Some(json!({"text": "a"})), Some(json!({"text": "b"})));
         assert_eq!(project(&block).expect("projects").summary, "Edited block");
         let block = event(
             "BlockMoved",
@@ -819,17 +665,11 @@ mod tests {
             Some(json!({"position": 0, "book_title": "Ops"})),
             Some(json!({"position": 1})),
         );
-        assert_eq!(
-            project(&block).expect("projects").summary,
-            r#"Moved block in "Ops" from position 0 to 1"#
-        );
+        assert_eq!(project(&block).expect("projects").summary, r#"Moved block in "Ops" from position 0 to 1"#);
 
         let shelf = json!({"title": "Ops", "bookshelf_id": SHELF_A, "bookshelf_name": "Work"});
         let created = event("BookCreated", "book", None, Some(shelf));
-        assert_eq!(
-            project(&created).expect("projects").summary,
-            r#"Created book "Ops" in bookshelf "Work""#
-        );
+        assert_eq!(project(&created).expect("projects").summary, r#"Created book "Ops" in bookshelf "Work""#);
     }
 
     #[test]
@@ -842,30 +682,12 @@ mod tests {
         let removed = |entity: &str, before: &Value| {
             project(&event("TagRemoved", entity, Some(before.clone()), None)).map(|x| x.summary)
         };
-        assert_eq!(
-            added("book", &with_title),
-            Ok(r#"Added tag "rust" to book "Ops""#.to_string())
-        );
-        assert_eq!(
-            added("book", &tag),
-            Ok(r#"Added tag "rust" to a book"#.to_string())
-        );
-        assert_eq!(
-            added("block", &with_title),
-            Ok(r#"Added tag "rust" to block in "Ops""#.to_string())
-        );
-        assert_eq!(
-            added("block", &tag),
-            Ok(r#"Added tag "rust" to a block"#.to_string())
-        );
-        assert_eq!(
-            removed("book", &with_title),
-            Ok(r#"Removed tag "rust" from book "Ops""#.to_string())
-        );
-        assert_eq!(
-            removed("block", &with_title),
-            Ok(r#"Removed tag "rust" from block in "Ops""#.to_string())
-        );
+        assert_eq!(added("book", &with_title), Ok(r#"Added tag "rust" to book "Ops""#.to_string()));
+        assert_eq!(added("book", &tag), Ok(r#"Added tag "rust" to a book"#.to_string()));
+        assert_eq!(added("block", &with_title), Ok(r#"Added tag "rust" to block in "Ops""#.to_string()));
+        assert_eq!(added("block", &tag), Ok(r#"Added tag "rust" to a block"#.to_string()));
+        assert_eq!(removed("book", &with_title), Ok(r#"Removed tag "rust" from book "Ops""#.to_string()));
+        assert_eq!(removed("block", &with_title), Ok(r#"Removed tag "rust" from block in "Ops""#.to_string()));
     }
 
     #[test]
@@ -873,28 +695,12 @@ mod tests {
         let long = "x".repeat(500);
         let e = event("BookRestored", "book", None, Some(json!({"title": long})));
         let summary = project(&e).expect("projects").summary;
-        assert_eq!(
-            summary,
-            format!("Restored book \"{}…\"", "x".repeat(MAX_QUOTED_CHARS))
-        );
+        assert_eq!(summary, format!("Restored book \"{}…\"", "x".repeat(MAX_QUOTED_CHARS)));
 
-        let e = event(
-            "TagCreated",
-            "tag",
-            None,
-            Some(json!({"name": "a\n\tb  c"})),
-        );
-        assert_eq!(
-            project(&e).expect("projects").summary,
-            r#"Created tag "a b c""#
-        );
+        let e = event("TagCreated", "tag", None, Some(json!({"name": "a\n\tb  c"})));
+        assert_eq!(project(&e).expect("projects").summary, r#"Created tag "a b c""#);
 
-        let e = event(
-            "BlockCreated",
-            "block",
-            None,
-            Some(json!({"book_id": BOOK_ID, "kind": " ", "text": "t"})),
-        );
+        let e = event("BlockCreated", "block", None, Some(json!({"book_id": BOOK_ID, "kind": " ", "text": "t"})));
         assert_eq!(project(&e).expect("projects").summary, "Created block");
     }
 
@@ -911,41 +717,23 @@ mod tests {
         assert_eq!(entry.changed_fields, ["added", "gone", "ops", "text"]);
 
         e.diff = Some(json!(["not", "an", "object"]));
-        assert_eq!(
-            project(&e).expect("projects").changed_fields,
-            ["added", "gone", "text"]
-        );
+        assert_eq!(project(&e).expect("projects").changed_fields, ["added", "gone", "text"]);
     }
 
     #[test]
     fn details_hold_only_the_parts_present() {
-        let mut e = event(
-            "BookRenamed",
-            "book",
-            Some(json!({"title": "Old"})),
-            Some(json!({"title": "New", "extra": 1})),
-        );
+        let mut e =
+            event("BookRenamed", "book", Some(json!({"title": "Old"})), Some(json!({"title": "New", "extra": 1})));
         assert_eq!(
             project(&e).expect("projects").details,
             json!({"before": {"title": "Old"}, "after": {"title": "New", "extra": 1}})
         );
         e.diff = Some(json!({"title": ["Old", "New"]}));
-        assert_eq!(
-            project(&e).expect("projects").details["diff"],
-            json!({"title": ["Old", "New"]})
-        );
+        assert_eq!(project(&e).expect("projects").details["diff"], json!({"title": ["Old", "New"]}));
         e.diff = Some(Value::Null);
         assert!(project(&e).expect("projects").details.get("diff").is_none());
-        let e = event(
-            "LibraryCreated",
-            "library",
-            None,
-            Some(json!({"name": "Home"})),
-        );
-        assert_eq!(
-            project(&e).expect("projects").details,
-            json!({"after": {"name": "Home"}})
-        );
+        let e = event("LibraryCreated", "library", None, Some(json!({"name": "Home"})));
+        assert_eq!(project(&e).expect("projects").details, json!({"after": {"name": "Home"}}));
     }
 
     #[test]
@@ -978,10 +766,7 @@ mod tests {
         );
         e.reason = Some("Typo fix".to_string());
         let text = project(&e).expect("projects").search_text;
-        assert!(
-            text.starts_with("edited block in runbook typo fix"),
-            "{text}"
-        );
+        assert!(text.starts_with("edited block in runbook typo fix"), "{text}");
         for word in ["alpha", "draft", "beta", "final", "runbook"] {
             assert!(text.split(' ').any(|t| t == word), "{word} not in {text}");
         }
@@ -991,22 +776,12 @@ mod tests {
     #[test]
     fn huge_payloads_give_a_capped_search_text_that_keeps_the_summary() {
         let huge = "lorem ipsum ".repeat(200_000);
-        let mut e = event(
-            "BlockCreated",
-            "block",
-            None,
-            Some(json!({"book_id": BOOK_ID, "kind": "code", "text": huge})),
-        );
+        let mut e =
+            event("BlockCreated", "block", None, Some(json!({"book_id": BOOK_ID, "kind": "code", "text": huge})));
         e.reason = Some("import".to_string());
         let entry = project(&e).expect("projects");
         assert!(entry.search_text.len() <= search::MAX_DOCUMENT_BYTES);
-        assert!(
-            entry
-                .search_text
-                .starts_with("created code block import lorem"),
-            "{}",
-            &entry.search_text[..40]
-        );
+        assert!(entry.search_text.starts_with("created code block import lorem"), "{}", &entry.search_text[..40]);
     }
 
     #[test]

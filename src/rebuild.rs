@@ -115,8 +115,7 @@ const FINISH_RUN: &str = "
         failures_by_reason = $5, success = $6, error = $7
     WHERE id = $1";
 
-const COUNT_EVENTS: &str =
-    "SELECT count(*) FROM chronicle_events WHERE ($1::uuid IS NULL OR library_id = $1)";
+const COUNT_EVENTS: &str = "SELECT count(*) FROM chronicle_events WHERE ($1::uuid IS NULL OR library_id = $1)";
 
 const TRUNCATE_ENTRIES: &str = "TRUNCATE chronicle_entries";
 const DELETE_LIBRARY_ENTRIES: &str = "DELETE FROM chronicle_entries WHERE library_id = $1";
@@ -174,7 +173,15 @@ fn run_locked(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Prog
     let by_reason = serde_json::to_value(&report.failures_by_reason).unwrap_or_default();
     let finish = client.execute(
         FINISH_RUN,
-        &[&run_id, &report.events_total, &(report.rows_written as i64), &(report.failures() as i64), &by_reason, &success, &error],
+        &[
+            &run_id,
+            &report.events_total,
+            &(report.rows_written as i64),
+            &(report.failures() as i64),
+            &by_reason,
+            &success,
+            &error,
+        ],
     );
     if let Err(e) = finish {
         log::warn!("could not record the end of rebuild run {run_id}: {}", db::describe_error(&e));
@@ -208,7 +215,11 @@ fn run_mode(
                 .map_err(|e| AppError::db("while enqueueing deliveries", &e))?;
             let _ = client.execute("SELECT pg_notify('chronicle_outbox', '')", &[]);
             report.rows_written = n as u64;
-            progress(Progress { done: report.events_total as u64, total: report.events_total as u64, elapsed: started.elapsed() });
+            progress(Progress {
+                done: report.events_total as u64,
+                total: report.events_total as u64,
+                elapsed: started.elapsed(),
+            });
             Ok(())
         }
         Mode::Direct | Mode::Truncate => {
@@ -302,7 +313,8 @@ fn load_in_parallel(
     let mut writers = Vec::with_capacity(n_writers);
     for _ in 0..n_writers {
         let mut c = db::connect_for_command(&opts.database_url)?;
-        let prepared = c.prepare(statement).map_err(|e| AppError::db("while preparing a rebuild writer's statement", &e))?;
+        let prepared =
+            c.prepare(statement).map_err(|e| AppError::db("while preparing a rebuild writer's statement", &e))?;
         writers.push((c, prepared));
     }
     log::debug!("rebuild: {} writer connections, batches of {}", writers.len(), opts.batch_size);
@@ -383,8 +395,11 @@ fn write_batches(
             return;
         }
         let mut failures = BTreeMap::new();
-        let outcome = project_and_write(&mut client, &batch, statement, &mut failures)
-            .map(|rows| Written { events: batch.len() as u64, rows, failures });
+        let outcome = project_and_write(&mut client, &batch, statement, &mut failures).map(|rows| Written {
+            events: batch.len() as u64,
+            rows,
+            failures,
+        });
         let failed = outcome.is_err();
         if failed {
             stop.store(true, Ordering::SeqCst);
@@ -504,7 +519,10 @@ fn project_and_write<S: ToStatement + ?Sized>(
         match attempt {
             Err(e) if db::is_transient(&e) && !db::is_connection_error(&e) && retries < WRITE_RETRIES => {
                 retries += 1;
-                log::info!("rebuild: writing a batch failed ({}); retry {retries} of {WRITE_RETRIES}", db::describe_error(&e));
+                log::info!(
+                    "rebuild: writing a batch failed ({}); retry {retries} of {WRITE_RETRIES}",
+                    db::describe_error(&e)
+                );
                 std::thread::sleep(Duration::from_millis(50 << retries));
             }
             other => break other,
@@ -564,10 +582,20 @@ pub struct FinishedRun {
     pub success: bool,
 }
 
-pub fn finished_runs_after(client: &mut impl GenericClient, after_id: i64) -> Result<Vec<FinishedRun>, postgres::Error> {
+pub fn finished_runs_after(
+    client: &mut impl GenericClient,
+    after_id: i64,
+) -> Result<Vec<FinishedRun>, postgres::Error> {
     client
         .query(SELECT_FINISHED_RUNS, &[&after_id])?
         .iter()
-        .map(|r| Ok(FinishedRun { id: r.try_get(0)?, seconds: r.try_get(1)?, finished_at: r.try_get(2)?, success: r.try_get(3)? }))
+        .map(|r| {
+            Ok(FinishedRun {
+                id: r.try_get(0)?,
+                seconds: r.try_get(1)?,
+                finished_at: r.try_get(2)?,
+                success: r.try_get(3)?,
+            })
+        })
         .collect()
 }

@@ -84,11 +84,7 @@ fn tokens(text: &str, mode: Mode) -> impl Iterator<Item = String> + '_ {
 /// A word lowercased and cut to `MAX_WORD_CHARS`. Characters that lowercasing turns
 /// into something other than a letter or digit (a combining dot) are dropped.
 fn normalize_word(word: &str) -> String {
-    word.chars()
-        .flat_map(char::to_lowercase)
-        .filter(|c| c.is_alphanumeric())
-        .take(MAX_WORD_CHARS)
-        .collect()
+    word.chars().flat_map(char::to_lowercase).filter(|c| c.is_alphanumeric()).take(MAX_WORD_CHARS).collect()
 }
 
 /// The overlapping bigrams of a CJK run, each preceded by its first character when
@@ -163,11 +159,7 @@ impl<'a> Iterator for Runs<'a> {
         let end = rest.find(|c| class(c) != kind).unwrap_or(rest.len());
         self.rest = &rest[end..];
         let run = &rest[..end];
-        Some(if kind == Class::Cjk {
-            Run::Cjk(run)
-        } else {
-            Run::Word(run)
-        })
+        Some(if kind == Class::Cjk { Run::Cjk(run) } else { Run::Word(run) })
     }
 }
 
@@ -181,10 +173,7 @@ mod tests {
 
     #[test]
     fn english_text_becomes_lowercase_words() {
-        assert_eq!(
-            document(&["Renamed book \"Ops\" → \"Ops Guide\""]),
-            "renamed book ops ops guide"
-        );
+        assert_eq!(document(&["Renamed book \"Ops\" → \"Ops Guide\""]), "renamed book ops ops guide");
         assert_eq!(query_terms("Ops GUIDE"), ["ops", "guide"]);
     }
 
@@ -227,14 +216,8 @@ mod tests {
 
     #[test]
     fn punctuation_and_operators_are_dropped() {
-        assert_eq!(
-            query_terms("a & b | !c (d:*) 'e' \\f"),
-            ["a", "b", "c", "d", "e", "f"]
-        );
-        assert_eq!(
-            query_terms("example.com/a_b-c"),
-            ["example", "com", "a", "b", "c"]
-        );
+        assert_eq!(query_terms("a & b | !c (d:*) 'e' \\f"), ["a", "b", "c", "d", "e", "f"]);
+        assert_eq!(query_terms("example.com/a_b-c"), ["example", "com", "a", "b", "c"]);
         assert_eq!(document(&["example.com/a_b-c"]), "example com a b c");
         assert_eq!(query_terms("「设计」。"), ["设计"]);
     }
@@ -271,10 +254,7 @@ mod tests {
 
     #[test]
     fn parts_are_joined_with_spaces() {
-        assert_eq!(
-            document(&["Ops", "", "Work Shelf", "设计"]),
-            "ops work shelf 设 设计 计"
-        );
+        assert_eq!(document(&["Ops", "", "Work Shelf", "设计"]), "ops work shelf 设 设计 计");
     }
 
     #[test]
@@ -289,8 +269,6 @@ mod tests {
         let chinese = "分布式系统设计".repeat(20_000);
         let doc = document(&[&chinese]);
         assert!(doc.len() <= MAX_DOCUMENT_BYTES);
-        assert!(words(&doc)
-            .iter()
-            .all(|w| matches!(w.chars().count(), 1 | 2)));
+        assert!(words(&doc).iter().all(|w| matches!(w.chars().count(), 1 | 2)));
     }
 }

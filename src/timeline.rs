@@ -317,7 +317,14 @@ mod tests {
     #[test]
     fn bad_cursors_are_refused() {
         let good = Cursor { occurred_at: Utc::now(), id: Uuid::now_v7() }.encode();
-        for bad in ["", "abc", &good[1..], &format!("{good}A"), &good.replace(|c: char| c.is_ascii_digit(), "+"), "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!"] {
+        for bad in [
+            "",
+            "abc",
+            &good[1..],
+            &format!("{good}A"),
+            &good.replace(|c: char| c.is_ascii_digit(), "+"),
+            "!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!!",
+        ] {
             if bad == good {
                 continue;
             }

@@ -127,7 +127,9 @@ pub const CHECK_EVENTS_WITHOUT_ENTRY: &str = concat!(
     "WITH missing AS (
         SELECT e.id, e.occurred_at, d.status
         FROM chronicle_events e
-        LEFT JOIN LATERAL (", current_delivery!(), ") d ON true
+        LEFT JOIN LATERAL (",
+    current_delivery!(),
+    ") d ON true
         WHERE ($1::uuid IS NULL OR e.library_id = $1)
           AND NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = e.id)
     ), drift AS (
@@ -147,7 +149,9 @@ pub const CHECK_STALE_ENTRIES: &str = concat!(
         SELECT e.id, e.occurred_at, d.status
         FROM chronicle_entries n
         JOIN chronicle_events e ON e.id = n.id
-        LEFT JOIN LATERAL (", current_delivery!(), ") d ON true
+        LEFT JOIN LATERAL (",
+    current_delivery!(),
+    ") d ON true
         WHERE ($1::uuid IS NULL OR n.library_id = $1)
           AND n.projection_version < $3
     ), drift AS (
@@ -209,7 +213,9 @@ pub const ENQUEUE_MISSING_AND_STALE: &str = concat!(
         SELECT e.id, e.occurred_at, (n.id IS NULL) AS missing
         FROM chronicle_events e
         LEFT JOIN chronicle_entries n ON n.id = e.id
-        LEFT JOIN LATERAL (", current_delivery!(), ") d ON true
+        LEFT JOIN LATERAL (",
+    current_delivery!(),
+    ") d ON true
         WHERE ($1::uuid IS NULL OR e.library_id = $1)
           AND (n.id IS NULL OR n.projection_version < $2)
           AND (d.status IS NULL OR d.status = 'done')

@@ -21,9 +21,9 @@ use postgres::{Client, NoTls};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::util::{sql_state, AppRole, 
-    chronicle_cmd, count, free_port, insert_events, outbox_by_status, run, run_with_input, signal, wait_until,
-    worker_cmd, Cluster, Ran, Server, TestDb,
+use crate::util::{
+    chronicle_cmd, count, free_port, insert_events, outbox_by_status, run, run_with_input, signal, sql_state,
+    wait_until, worker_cmd, AppRole, Cluster, Ran, Server, TestDb,
 };
 
 // ---------------------------------------------------------------------------------
@@ -313,7 +313,11 @@ fn entries_snapshot(c: &mut Client) -> Vec<Value> {
 }
 
 fn libraries_of(c: &mut Client) -> Vec<Uuid> {
-    c.query("SELECT DISTINCT library_id FROM chronicle_events ORDER BY 1", &[]).unwrap().iter().map(|r| r.get(0)).collect()
+    c.query("SELECT DISTINCT library_id FROM chronicle_events ORDER BY 1", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
 }
 
 fn in_flight(c: &mut Client) -> i64 {
@@ -348,7 +352,8 @@ fn final_drain(db: &TestDb, c: &mut Client, max_attempts: &str, timeout: Duratio
 }
 
 fn inject(db: &TestDb, n: u32, seed: u32) {
-    let r = run(&mut db.chronicle(&["inject", "--count", &n.to_string(), "--libraries", "3", "--seed", &seed.to_string()]));
+    let r =
+        run(&mut db.chronicle(&["inject", "--count", &n.to_string(), "--libraries", "3", "--seed", &seed.to_string()]));
     assert_eq!(r.code, Some(0), "inject: {r}");
 }
 
@@ -425,7 +430,9 @@ fn chaos_kill_loop_leaves_exactly_one_entry_per_event() {
         workers[slot].assert_running();
         let held = count(
             &mut c,
-            &format!("SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing' AND claimed_by = 'k{slot}'"),
+            &format!(
+                "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing' AND claimed_by = 'k{slot}'"
+            ),
         );
         workers[slot].kill9();
         kills += 1;
@@ -560,8 +567,16 @@ fn chaos_database_restarts_during_a_drain_lose_nothing() {
         for w in &mut workers {
             w.assert_running();
         }
-        let what = if mode == "down" { "stop -m immediate, 3 s down, start".to_string() } else { format!("restart -m {mode}") };
-        restarts.push(format!("{what} with {pending} rows in flight: took {}, first rows done {} later", secs(down), secs(resumed)));
+        let what = if mode == "down" {
+            "stop -m immediate, 3 s down, start".to_string()
+        } else {
+            format!("restart -m {mode}")
+        };
+        restarts.push(format!(
+            "{what} with {pending} rows in flight: took {}, first rows done {} later",
+            secs(down),
+            secs(resumed)
+        ));
     }
     let written = writer.finish();
     let mut c = db.client();
@@ -770,16 +785,30 @@ fn chaos_lock_pressure_retries_until_done_and_endless_pressure_fails_rows() {
     let by = outbox_by_status(&mut c);
     assert_eq!(by.get("failed/max_attempts_exceeded"), Some(&STUCK), "{by:?}");
     assert_eq!(by.get("done"), Some(&EVENTS), "rows done before were touched: {by:?}");
-    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed' AND attempts <> 3"), 0);
     assert_eq!(
-        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed' AND error LIKE '%statement timeout%'"),
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed' AND attempts <> 3"),
+        0
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed' AND error LIKE '%statement timeout%'"
+        ),
         STUCK
     );
     tx.rollback().unwrap();
     // Once the pressure is gone, replay brings them home.
     let r = run(&mut db.chronicle(&[
-        "replay-failed", "--by", "chaos", "--reason", "lock released", "--error-reason", "max_attempts_exceeded",
-        "--limit", "1000", "--json",
+        "replay-failed",
+        "--by",
+        "chaos",
+        "--reason",
+        "lock released",
+        "--error-reason",
+        "max_attempts_exceeded",
+        "--limit",
+        "1000",
+        "--json",
     ]));
     assert_eq!(r.code, Some(0), "{r}");
     assert_eq!(json_of(&r)["replayed"], STUCK, "{r}");
@@ -868,8 +897,17 @@ fn chaos_replay_storm_during_drains_and_rebuilds_keeps_the_audit_exact() {
                 round += 1;
                 *round_now.lock().unwrap() = round;
                 let reason = format!("round {round}");
-                let r = run(chronicle_cmd(&["replay-failed", "--by", "storm", "--reason", &reason, "--limit", "4", "--json"])
-                    .env("DATABASE_URL", &url));
+                let r = run(chronicle_cmd(&[
+                    "replay-failed",
+                    "--by",
+                    "storm",
+                    "--reason",
+                    &reason,
+                    "--limit",
+                    "4",
+                    "--json",
+                ])
+                .env("DATABASE_URL", &url));
                 match r.code {
                     Some(0) => {
                         let v = json_of(&r);
@@ -915,7 +953,8 @@ fn chaos_replay_storm_during_drains_and_rebuilds_keeps_the_audit_exact() {
         rebuilds.push(format!("{} ({} rows, storm rounds {from}-{to} meanwhile)", v["mode"], v["rows_written"]));
     }
     rebuilds_done.store(true, Ordering::SeqCst);
-    let (rounds, replayed_sum, refused, skipped_live, last_reason, times) = storm.join().expect("the storm thread panicked");
+    let (rounds, replayed_sum, refused, skipped_live, last_reason, times) =
+        storm.join().expect("the storm thread panicked");
     let written = writer.finish();
     wait_until(Duration::from_secs(120), "the drain to complete", || in_flight(&mut c) == 0);
     for w in &mut workers {
@@ -943,7 +982,10 @@ fn chaos_replay_storm_during_drains_and_rebuilds_keeps_the_audit_exact() {
     let mut wrong = Vec::new();
     for (id, n, by, reason) in &audit {
         if i64::from(*n) != times[id] || by.as_deref() != Some("storm") || reason.as_ref() != last_reason.get(id) {
-            wrong.push(format!("{id}: count {n} (reported {}), by {by:?}, reason {reason:?} (expected {:?})", times[id], last_reason[id]));
+            wrong.push(format!(
+                "{id}: count {n} (reported {}), by {by:?}, reason {reason:?} (expected {:?})",
+                times[id], last_reason[id]
+            ));
         }
     }
     assert!(wrong.is_empty(), "audit fields wrong:\n{}", wrong.join("\n"));
@@ -1019,8 +1061,14 @@ fn chaos_scope_under_attack_never_reaches_another_library() {
         .collect()
     };
     let b_before = b_rows(&mut owner);
-    let b_event: Uuid = owner.query_one("SELECT id FROM chronicle_events WHERE library_id = $1 LIMIT 1", &[&b]).unwrap().get(0);
-    let b_ids: Vec<Uuid> = owner.query("SELECT id FROM chronicle_events WHERE library_id = $1", &[&b]).unwrap().iter().map(|r| r.get(0)).collect();
+    let b_event: Uuid =
+        owner.query_one("SELECT id FROM chronicle_events WHERE library_id = $1 LIMIT 1", &[&b]).unwrap().get(0);
+    let b_ids: Vec<Uuid> = owner
+        .query("SELECT id FROM chronicle_events WHERE library_id = $1", &[&b])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
 
     let role = AppRole::create(&db);
     let notices = Arc::new(Mutex::new(Vec::<String>::new()));
@@ -1034,27 +1082,43 @@ fn chaos_scope_under_attack_never_reaches_another_library() {
     let mut leaks: Vec<String> = Vec::new();
     let q = |app: &mut Client, sql: &str| -> Result<i64, postgres::Error> { app.query_one(sql, &[]).map(|r| r.get(0)) };
     // Each attack: (what it tried, what it must get).
-    let expect_count = |app: &mut Client, what: &str, sql: &str, want: i64, tried: &mut Vec<String>, leaks: &mut Vec<String>| {
-        tried.push(what.to_string());
-        match q(app, sql) {
-            Ok(n) if n == want => {}
-            Ok(n) => leaks.push(format!("{what}: got {n}, expected {want} ({sql})")),
-            Err(e) => leaks.push(format!("{what}: unexpected error {e} ({sql})")),
-        }
-    };
-    let expect_refused = |app: &mut Client, what: &str, sql: &str, state: &str, tried: &mut Vec<String>, leaks: &mut Vec<String>| {
-        tried.push(what.to_string());
-        match app.batch_execute(sql) {
-            Ok(()) => leaks.push(format!("{what}: was NOT refused ({sql})")),
-            Err(e) if state.is_empty() || sql_state(&e) == state => {}
-            Err(e) => leaks.push(format!("{what}: refused with {} instead of {state}: {e}", sql_state(&e))),
-        }
-    };
+    let expect_count =
+        |app: &mut Client, what: &str, sql: &str, want: i64, tried: &mut Vec<String>, leaks: &mut Vec<String>| {
+            tried.push(what.to_string());
+            match q(app, sql) {
+                Ok(n) if n == want => {}
+                Ok(n) => leaks.push(format!("{what}: got {n}, expected {want} ({sql})")),
+                Err(e) => leaks.push(format!("{what}: unexpected error {e} ({sql})")),
+            }
+        };
+    let expect_refused =
+        |app: &mut Client, what: &str, sql: &str, state: &str, tried: &mut Vec<String>, leaks: &mut Vec<String>| {
+            tried.push(what.to_string());
+            match app.batch_execute(sql) {
+                Ok(()) => leaks.push(format!("{what}: was NOT refused ({sql})")),
+                Err(e) if state.is_empty() || sql_state(&e) == state => {}
+                Err(e) => leaks.push(format!("{what}: refused with {} instead of {state}: {e}", sql_state(&e))),
+            }
+        };
     let (sa, sb) = (a.to_string(), b.to_string());
 
     // No library named: nothing at all (fail closed).
-    expect_count(&mut app, "count entries, no library set", "SELECT count(*) FROM chronicle_entries", 0, &mut tried, &mut leaks);
-    expect_count(&mut app, "count events, no library set", "SELECT count(*) FROM chronicle_events", 0, &mut tried, &mut leaks);
+    expect_count(
+        &mut app,
+        "count entries, no library set",
+        "SELECT count(*) FROM chronicle_entries",
+        0,
+        &mut tried,
+        &mut leaks,
+    );
+    expect_count(
+        &mut app,
+        "count events, no library set",
+        "SELECT count(*) FROM chronicle_events",
+        0,
+        &mut tried,
+        &mut leaks,
+    );
     app.batch_execute(&format!("SET chronicle.library_id = '{sa}'")).unwrap();
     expect_count(&mut app, "count own entries", "SELECT count(*) FROM chronicle_entries", NA, &mut tried, &mut leaks);
     expect_count(&mut app, "count own events", "SELECT count(*) FROM chronicle_events", NA, &mut tried, &mut leaks);
@@ -1071,14 +1135,30 @@ fn chaos_scope_under_attack_never_reaches_another_library() {
     ] {
         expect_count(&mut app, what, &sql, 0, &mut tried, &mut leaks);
     }
-    expect_count(&mut app, "group by library", "SELECT count(*) FROM (SELECT library_id FROM chronicle_entries GROUP BY 1) g", 1, &mut tried, &mut leaks);
+    expect_count(
+        &mut app,
+        "group by library",
+        "SELECT count(*) FROM (SELECT library_id FROM chronicle_entries GROUP BY 1) g",
+        1,
+        &mut tried,
+        &mut leaks,
+    );
     // Sanity: the same searches find the own library's rows.
-    expect_count(&mut app, "search own word (control)", "SELECT count(*) FROM chronicle_entries WHERE search @@ to_tsquery('simple', 'aardvark')", NA, &mut tried, &mut leaks);
+    expect_count(
+        &mut app,
+        "search own word (control)",
+        "SELECT count(*) FROM chronicle_entries WHERE search @@ to_tsquery('simple', 'aardvark')",
+        NA,
+        &mut tried,
+        &mut leaks,
+    );
     // An error oracle: the division by zero would only fire on B's rows.
     expect_count(
         &mut app,
         "division-by-zero oracle on B's rows",
-        &format!("SELECT count(*) FROM chronicle_entries WHERE 1 / (CASE WHEN library_id = '{sb}' THEN 0 ELSE 1 END) = 1"),
+        &format!(
+            "SELECT count(*) FROM chronicle_entries WHERE 1 / (CASE WHEN library_id = '{sb}' THEN 0 ELSE 1 END) = 1"
+        ),
         NA,
         &mut tried,
         &mut leaks,
@@ -1111,14 +1191,25 @@ fn chaos_scope_under_attack_never_reaches_another_library() {
         &mut tried,
         &mut leaks,
     );
-    expect_refused(&mut app, "SET row_security = off", "SET row_security = off; SELECT count(*) FROM chronicle_entries", "42501", &mut tried, &mut leaks);
+    expect_refused(
+        &mut app,
+        "SET row_security = off",
+        "SET row_security = off; SELECT count(*) FROM chronicle_entries",
+        "42501",
+        &mut tried,
+        &mut leaks,
+    );
     app.batch_execute("RESET row_security").unwrap();
     // COPY applies the policies too.
     tried.push("COPY chronicle_entries TO STDOUT".into());
     let mut copied = String::new();
     app.copy_out("COPY chronicle_entries TO STDOUT").expect("COPY TO").read_to_string(&mut copied).unwrap();
     if copied.lines().count() as i64 != NA || copied.contains("zebrafish") {
-        leaks.push(format!("COPY TO returned {} lines, zebrafish: {}", copied.lines().count(), copied.contains("zebrafish")));
+        leaks.push(format!(
+            "COPY TO returned {} lines, zebrafish: {}",
+            copied.lines().count(),
+            copied.contains("zebrafish")
+        ));
     }
     // Writes into B, and any change of events, are refused.
     let b_insert = format!(
@@ -1140,7 +1231,14 @@ fn chaos_scope_under_attack_never_reaches_another_library() {
         expect_refused(&mut app, what, &sql, "42501", &mut tried, &mut leaks);
     }
     app.batch_execute("RESET chronicle.allow_erase").unwrap();
-    expect_refused(&mut app, "call the SECURITY DEFINER enqueue function", "SELECT chronicle_events_enqueue()", "", &mut tried, &mut leaks);
+    expect_refused(
+        &mut app,
+        "call the SECURITY DEFINER enqueue function",
+        "SELECT chronicle_events_enqueue()",
+        "",
+        &mut tried,
+        &mut leaks,
+    );
     // An id of B reused in A: refused by the primary key; the message names only the id
     // the attacker already had (an existence oracle for known ids, inherent to unique
     // keys under row-level security), never B's content.
@@ -1161,12 +1259,40 @@ fn chaos_scope_under_attack_never_reaches_another_library() {
     // scope is exactly the library it names (never a union); a rollback restores it.
     app.batch_execute("BEGIN").unwrap();
     app.execute("SELECT set_config('chronicle.library_id', '', true)", &[]).unwrap();
-    expect_count(&mut app, "empty setting mid-transaction", "SELECT count(*) FROM chronicle_entries", 0, &mut tried, &mut leaks);
+    expect_count(
+        &mut app,
+        "empty setting mid-transaction",
+        "SELECT count(*) FROM chronicle_entries",
+        0,
+        &mut tried,
+        &mut leaks,
+    );
     app.execute("SELECT set_config('chronicle.library_id', $1, true)", &[&sb]).unwrap();
-    expect_count(&mut app, "switched setting: own library A invisible", &format!("SELECT count(*) FROM chronicle_entries WHERE library_id = '{sa}'"), 0, &mut tried, &mut leaks);
-    expect_count(&mut app, "switched setting: exactly the named library", "SELECT count(*) FROM chronicle_entries", NB, &mut tried, &mut leaks);
+    expect_count(
+        &mut app,
+        "switched setting: own library A invisible",
+        &format!("SELECT count(*) FROM chronicle_entries WHERE library_id = '{sa}'"),
+        0,
+        &mut tried,
+        &mut leaks,
+    );
+    expect_count(
+        &mut app,
+        "switched setting: exactly the named library",
+        "SELECT count(*) FROM chronicle_entries",
+        NB,
+        &mut tried,
+        &mut leaks,
+    );
     app.batch_execute("ROLLBACK").unwrap();
-    expect_count(&mut app, "after ROLLBACK the scope is A again", "SELECT count(*) FROM chronicle_entries", NA, &mut tried, &mut leaks);
+    expect_count(
+        &mut app,
+        "after ROLLBACK the scope is A again",
+        "SELECT count(*) FROM chronicle_entries",
+        NA,
+        &mut tried,
+        &mut leaks,
+    );
     for (what, value) in [
         ("garbage setting", "not-a-uuid".to_string()),
         ("SQL in the setting", format!("{sa}' OR '1'='1")),
@@ -1260,8 +1386,12 @@ enum Want {
 /// when an input is refused (or accepted, for the other tables).
 fn footprint(c: &mut Client) -> (Vec<i64>, String) {
     let counts = [
-        "chronicle_events", "chronicle_outbox_events", "chronicle_entries", "chronicle_rebuild_runs",
-        "chronicle_erasures", "chronicle_schema_migrations",
+        "chronicle_events",
+        "chronicle_outbox_events",
+        "chronicle_entries",
+        "chronicle_rebuild_runs",
+        "chronicle_erasures",
+        "chronicle_schema_migrations",
     ]
     .iter()
     .map(|t| count(c, &format!("SELECT count(*) FROM {t}")))
@@ -1304,14 +1434,21 @@ fn bad_values(s: &Setting) -> Vec<String> {
             v.push((max + 1).to_string());
         }
         Kind::Seconds { allow_zero } => {
-            v.extend(["abc", "-1", "1y", "400d", "nan", "inf", "1e3", "0x10", "1..2", "5 s", "ms", "-0.5s"].map(String::from));
+            v.extend(
+                ["abc", "-1", "1y", "400d", "nan", "inf", "1e3", "0x10", "1..2", "5 s", "ms", "-0.5s"]
+                    .map(String::from),
+            );
             if !allow_zero {
                 v.extend(["0", "0.0", "0ms"].map(String::from));
             }
         }
         Kind::Port => v.extend(["abc", "-1", "65536", "1.5", "99999", "80x"].map(String::from)),
         Kind::Choice(words) => {
-            v.extend(["maybe".to_string(), words[0].to_uppercase(), format!("{},{}", words[0], words[words.len() - 1])]);
+            v.extend([
+                "maybe".to_string(),
+                words[0].to_uppercase(),
+                format!("{},{}", words[0], words[words.len() - 1]),
+            ]);
         }
     }
     v
@@ -1382,23 +1519,39 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
         ("single quotes", b"{'library_id': 'x'}".to_vec(), Want::Refused("malformed JSON")),
         ("unterminated string", br#"{"library_id": "abc"#.to_vec(), Want::Refused("malformed JSON")),
         ("NaN", replace("\"Good\"", "NaN"), Want::Refused("malformed JSON")),
-        ("a comment line", [b"// a comment\n".as_slice(), good_event().to_string().as_bytes()].concat(), Want::Refused("line 1: malformed JSON")),
+        (
+            "a comment line",
+            [b"// a comment\n".as_slice(), good_event().to_string().as_bytes()].concat(),
+            Want::Refused("line 1: malformed JSON"),
+        ),
         ("two objects on one line", format!("{0}{0}", good_event()).into_bytes(), Want::Refused("malformed JSON")),
         ("bare null", b"null".to_vec(), Want::Refused("must be a JSON object")),
         ("bare string", b"\"event\"".to_vec(), Want::Refused("must be a JSON object")),
         ("bare number", b"42".to_vec(), Want::Refused("must be a JSON object")),
         ("empty object", b"{}".to_vec(), Want::Refused("library_id is missing")),
         ("100000 nested arrays", "[".repeat(100_000).into_bytes(), Want::Refused("malformed JSON")),
-        ("200 nested arrays in after", replace("\"Good\"", &format!("\"Good\",\"deep\":{}1{}", "[".repeat(200), "]".repeat(200))), Want::Refused("recursion limit")),
+        (
+            "200 nested arrays in after",
+            replace("\"Good\"", &format!("\"Good\",\"deep\":{}1{}", "[".repeat(200), "]".repeat(200))),
+            Want::Refused("recursion limit"),
+        ),
         ("only whitespace", b"   \n\t\n".to_vec(), Want::Refused("no events")),
         ("BOM then garbage", b"\xEF\xBB\xBFxyz".to_vec(), Want::Refused("malformed JSON")),
         ("UTF-16 document", utf16, Want::Refused("not valid UTF-8")),
         // wrong types
         ("library_id a number", with("library_id", json!(123)), Want::Refused("library_id: must be a UUID string")),
         ("entity_id a boolean", with("entity_id", json!(true)), Want::Refused("entity_id: must be a UUID string")),
-        ("occurred_at epoch seconds", with("occurred_at", json!(1740821400)), Want::Refused("occurred_at: must be an RFC 3339 time string")),
+        (
+            "occurred_at epoch seconds",
+            with("occurred_at", json!(1740821400)),
+            Want::Refused("occurred_at: must be an RFC 3339 time string"),
+        ),
         ("entity_type a number", with("entity_type", json!(5)), Want::Refused("entity_type: must be a string")),
-        ("event_type an array", with("event_type", json!(["BookCreated"])), Want::Refused("event_type: must be a string")),
+        (
+            "event_type an array",
+            with("event_type", json!(["BookCreated"])),
+            Want::Refused("event_type: must be a string"),
+        ),
         ("event_type null", with("event_type", json!(null)), Want::Refused("event_type is null")),
         ("after a string", with("after", json!("title")), Want::Refused("after: must be a JSON object or null")),
         ("before an array", with("before", json!([])), Want::Refused("before: must be a JSON object or null")),
@@ -1406,12 +1559,35 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
         ("reason an object", with("reason", json!({})), Want::Refused("reason: must be a string")),
         ("ip a number", with("ip", json!(3232235777u64)), Want::Refused("ip: must be a string")),
         ("ip not an address", with("ip", json!("999.1.1.1")), Want::Refused("is not an IP address")),
-        ("bookshelf_id not a UUID", with("after.bookshelf_id", json!("shelf-1")), Want::Refused("after.bookshelf_id must be")),
+        (
+            "bookshelf_id not a UUID",
+            with("after.bookshelf_id", json!("shelf-1")),
+            Want::Refused("after.bookshelf_id must be"),
+        ),
         ("title null", with("after.title", json!(null)), Want::Refused("after.title must be")),
-        ("position a string", block_moved(json!("3")).to_string().into_bytes(), Want::Refused("after.position must be")),
-        ("position fractional", block_moved(json!(1.5)).to_string().into_bytes(), Want::Refused("after.position must be")),
-        ("position 1e400", block_moved(json!(0)).to_string().replace("\"position\":0", "\"position\":1e400").into_bytes(), Want::Refused("malformed JSON")),
-        ("position past u64", block_moved(json!(0)).to_string().replace("\"position\":0", "\"position\":18446744073709551616").into_bytes(), Want::Refused("after.position must be")),
+        (
+            "position a string",
+            block_moved(json!("3")).to_string().into_bytes(),
+            Want::Refused("after.position must be"),
+        ),
+        (
+            "position fractional",
+            block_moved(json!(1.5)).to_string().into_bytes(),
+            Want::Refused("after.position must be"),
+        ),
+        (
+            "position 1e400",
+            block_moved(json!(0)).to_string().replace("\"position\":0", "\"position\":1e400").into_bytes(),
+            Want::Refused("malformed JSON"),
+        ),
+        (
+            "position past u64",
+            block_moved(json!(0))
+                .to_string()
+                .replace("\"position\":0", "\"position\":18446744073709551616")
+                .into_bytes(),
+            Want::Refused("after.position must be"),
+        ),
         ("position i64::MIN", block_moved(json!(i64::MIN)).to_string().into_bytes(), Want::Either),
         // huge
         ("a 20 MB line", with("after.title", json!(big)), Want::Refused("16 MiB")),
@@ -1419,11 +1595,23 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
         ("5000 extra payload keys", many_keys.to_string().into_bytes(), Want::Accepted),
         // invalid UUIDs
         ("empty UUID", with("library_id", json!("")), Want::Refused("is not a UUID")),
-        ("UUID one digit short", with("library_id", json!("0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e0")), Want::Refused("is not a UUID")),
-        ("UUID with a g", with("library_id", json!("0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e0g")), Want::Refused("is not a UUID")),
+        (
+            "UUID one digit short",
+            with("library_id", json!("0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e0")),
+            Want::Refused("is not a UUID"),
+        ),
+        (
+            "UUID with a g",
+            with("library_id", json!("0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e0g")),
+            Want::Refused("is not a UUID"),
+        ),
         ("UUID with a space", with("library_id", json!(format!(" {LIB}"))), Want::Refused("is not a UUID")),
         ("UUID with a newline", with("entity_id", json!(format!("{LIB}\n"))), Want::Refused("is not a UUID")),
-        ("SQL as a UUID", with("library_id", json!("'; DROP TABLE chronicle_events; --")), Want::Refused("is not a UUID")),
+        (
+            "SQL as a UUID",
+            with("library_id", json!("'; DROP TABLE chronicle_events; --")),
+            Want::Refused("is not a UUID"),
+        ),
         ("braced UUID", with("library_id", json!(format!("{{{LIB}}}"))), Want::Either),
         ("urn UUID", with("library_id", json!(format!("urn:uuid:{LIB}"))), Want::Either),
         ("nil UUID", with("actor_user_id", json!("00000000-0000-0000-0000-000000000000")), Want::Accepted),
@@ -1434,8 +1622,16 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
         ("a word", with("occurred_at", json!("yesterday")), Want::Refused("is not an RFC 3339 time")),
         ("empty time", with("occurred_at", json!("")), Want::Refused("is not an RFC 3339 time")),
         ("hour 24", with("occurred_at", json!("2025-03-01T24:00:00Z")), Want::Refused("is not an RFC 3339 time")),
-        ("offset +25:00", with("occurred_at", json!("2025-03-01T09:30:00+25:00")), Want::Refused("is not an RFC 3339 time")),
-        ("five-digit year", with("occurred_at", json!("10000-01-01T00:00:00Z")), Want::Refused("is not an RFC 3339 time")),
+        (
+            "offset +25:00",
+            with("occurred_at", json!("2025-03-01T09:30:00+25:00")),
+            Want::Refused("is not an RFC 3339 time"),
+        ),
+        (
+            "five-digit year",
+            with("occurred_at", json!("10000-01-01T00:00:00Z")),
+            Want::Refused("is not an RFC 3339 time"),
+        ),
         ("space for T", with("occurred_at", json!("2025-03-01 09:30:00Z")), Want::Either),
         ("year 9999", with("occurred_at", json!("9999-12-31T23:59:59.999999Z")), Want::Accepted),
         ("year 1", with("created_at", json!("0001-01-01T00:00:00Z")), Want::Accepted),
@@ -1446,7 +1642,11 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
         ("entity type empty", with("entity_type", json!("")), Want::Refused("is not an entity type")),
         ("entity type padded", with("entity_type", json!(" book")), Want::Refused("is not an entity type")),
         ("entity type Cyrillic", with("entity_type", json!("книга")), Want::Refused("is not an entity type")),
-        ("event type lowercase", with("event_type", json!("bookcreated")), Want::Refused("did you mean \"BookCreated\"")),
+        (
+            "event type lowercase",
+            with("event_type", json!("bookcreated")),
+            Want::Refused("did you mean \"BookCreated\""),
+        ),
         ("event type empty", with("event_type", json!("")), Want::Refused("is not in the event catalog")),
         // SQL-looking strings: stored verbatim
         ("SQL everywhere", sql_strings.to_string().into_bytes(), Want::Accepted),
@@ -1474,9 +1674,15 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
         } else {
             match (r.code, *want) {
                 (Some(2), Want::Accepted) => Some(format!("refused, expected to be accepted: {r}")),
-                (Some(2), Want::Refused(text)) if !r.stderr.contains(text) => Some(format!("refused without saying {text:?}: {r}")),
-                (Some(2), _) if after != before => Some(format!("refused but something changed: {before:?} -> {after:?}")),
-                (Some(2), _) if !r.stderr.contains("nothing was written") => Some(format!("refused without saying nothing was written: {r}")),
+                (Some(2), Want::Refused(text)) if !r.stderr.contains(text) => {
+                    Some(format!("refused without saying {text:?}: {r}"))
+                }
+                (Some(2), _) if after != before => {
+                    Some(format!("refused but something changed: {before:?} -> {after:?}"))
+                }
+                (Some(2), _) if !r.stderr.contains("nothing was written") => {
+                    Some(format!("refused without saying nothing was written: {r}"))
+                }
                 (Some(2), _) => {
                     a_refused += 1;
                     None
@@ -1521,7 +1727,9 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
     tried += a_tried;
     refused += a_refused;
     clean += a_refused + a_accepted;
-    sections.push(format!("append: {a_tried} inputs, {a_refused} refused with exit 2 and nothing written, {a_accepted} accepted verbatim"));
+    sections.push(format!(
+        "append: {a_tried} inputs, {a_refused} refused with exit 2 and nothing written, {a_accepted} accepted verbatim"
+    ));
     // The accepted ones project (or fail with a reason) and the tables are all still there.
     let r = run(&mut worker_cmd(&db, &["--until-empty"]));
     assert_eq!(r.code, Some(0), "{r}");
@@ -1548,11 +1756,19 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
                 }
                 let r = run_bounded(&mut cmd);
                 s_tried += 1;
-                let named = if as_flag { r.stderr.contains(&format!("--{}", s.flag)) || r.stderr.contains(s.var) } else { r.stderr.contains(s.var) };
+                let named = if as_flag {
+                    r.stderr.contains(&format!("--{}", s.flag)) || r.stderr.contains(s.var)
+                } else {
+                    r.stderr.contains(s.var)
+                };
                 if r.code == Some(2) && named && !r.stderr.contains("panicked") {
                     s_refused += 1;
                 } else {
-                    problems.push(format!("{} = {value:?} ({}): {r}", s.var, if as_flag { "flag" } else { "variable" }));
+                    problems.push(format!(
+                        "{} = {value:?} ({}): {r}",
+                        s.var,
+                        if as_flag { "flag" } else { "variable" }
+                    ));
                 }
             }
         }
@@ -1571,14 +1787,30 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
         use std::os::unix::ffi::OsStrExt;
         let bad = std::ffi::OsStr::from_bytes(b"5\xff");
         for (what, mut cmd) in [
-            ("non-UTF-8 --batch-size", { let mut c = chronicle_cmd(&["worker"]); c.arg("--batch-size").arg(bad); c }),
-            ("non-UTF-8 OUTBOX_BATCH_SIZE", { let mut c = chronicle_cmd(&["worker"]); c.env("OUTBOX_BATCH_SIZE", bad); c }),
-            ("max backoff below base", { let mut c = chronicle_cmd(&["worker"]); c.env("OUTBOX_BASE_BACKOFF_SECONDS", "10").env("OUTBOX_MAX_BACKOFF_SECONDS", "5"); c }),
+            ("non-UTF-8 --batch-size", {
+                let mut c = chronicle_cmd(&["worker"]);
+                c.arg("--batch-size").arg(bad);
+                c
+            }),
+            ("non-UTF-8 OUTBOX_BATCH_SIZE", {
+                let mut c = chronicle_cmd(&["worker"]);
+                c.env("OUTBOX_BATCH_SIZE", bad);
+                c
+            }),
+            ("max backoff below base", {
+                let mut c = chronicle_cmd(&["worker"]);
+                c.env("OUTBOX_BASE_BACKOFF_SECONDS", "10").env("OUTBOX_MAX_BACKOFF_SECONDS", "5");
+                c
+            }),
         ] {
             cmd.env("DATABASE_URL", &trap_url).env("OUTBOX_METRICS_PORT", "0");
             let r = run_bounded(&mut cmd);
             s_tried += 1;
-            if r.code == Some(2) && (r.stderr.contains("BATCH_SIZE") || r.stderr.contains("batch-size") || r.stderr.contains("MAX_BACKOFF")) {
+            if r.code == Some(2)
+                && (r.stderr.contains("BATCH_SIZE")
+                    || r.stderr.contains("batch-size")
+                    || r.stderr.contains("MAX_BACKOFF"))
+            {
                 s_refused += 1;
             } else {
                 problems.push(format!("{what}: {r}"));
@@ -1587,7 +1819,12 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
     }
     // An address that does not resolve is refused naming the setting, before connecting
     // (exit 1: found when binding, not by the parser).
-    let r = run_bounded(chronicle_cmd(&["worker", "--until-empty"]).env("DATABASE_URL", &trap_url).env("OUTBOX_METRICS_BIND", "no-such-host.invalid").env("OUTBOX_METRICS_PORT", free_port().to_string()));
+    let r = run_bounded(
+        chronicle_cmd(&["worker", "--until-empty"])
+            .env("DATABASE_URL", &trap_url)
+            .env("OUTBOX_METRICS_BIND", "no-such-host.invalid")
+            .env("OUTBOX_METRICS_PORT", free_port().to_string()),
+    );
     s_tried += 1;
     if matches!(r.code, Some(1) | Some(2)) && r.stderr.contains("OUTBOX_METRICS_BIND") {
         s_refused += 1;
@@ -1642,7 +1879,16 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
     let tables_before = footprint(&mut c).1;
     let (mut h_tried, mut h_clean, mut h_refused) = (0, 0, 0);
     for (h, id) in HOSTILE.iter().zip(&ids) {
-        let r = run(&mut db.chronicle(&["replay-failed", "--by", h, "--reason", h, "--event-id", &id.to_string(), "--json"]));
+        let r = run(&mut db.chronicle(&[
+            "replay-failed",
+            "--by",
+            h,
+            "--reason",
+            h,
+            "--event-id",
+            &id.to_string(),
+            "--json",
+        ]));
         h_tried += 1;
         let row = c
             .query_one(
@@ -1671,7 +1917,8 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
     }
     let lib = hostile_lib.to_string();
     let long_query = "ab ".repeat(5000);
-    let searches: Vec<&str> = HOSTILE.iter().copied().chain(["", "&&&", "'", ":*", "!", "<->", long_query.as_str()]).collect();
+    let searches: Vec<&str> =
+        HOSTILE.iter().copied().chain(["", "&&&", "'", ":*", "!", "<->", long_query.as_str()]).collect();
     for s in &searches {
         let r = run(&mut db.chronicle(&["entries", "--library-id", &lib, "--search", s, "--limit", "100", "--json"]));
         h_tried += 1;
@@ -1691,8 +1938,12 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
             continue;
         }
         let page = json_of(&r);
-        let names: Vec<String> =
-            page["entries"].as_array().unwrap().iter().map(|e| e["details"]["after"]["name"].as_str().unwrap_or("").to_string()).collect();
+        let names: Vec<String> = page["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["details"]["after"]["name"].as_str().unwrap_or("").to_string())
+            .collect();
         // The tag named exactly this string is found when the string has words, and its
         // name comes back verbatim (the one-line summary folds a newline into a space).
         if HOSTILE.contains(s) && !names.iter().any(|x| x == s) {
@@ -1817,7 +2068,9 @@ fn chaos_bad_input_everywhere_is_refused_cleanly_or_stored_verbatim() {
     // The rebuild over all of it ends (exit 1: there are failures) with closed reasons only.
     let r = run(&mut db.chronicle(&["rebuild", "--json"]));
     tried += 1;
-    if r.code == Some(1) && json_of(&r)["failures_by_reason"].as_object().is_some_and(|m| m.keys().all(|k| closed.contains(&k.as_str()))) {
+    if r.code == Some(1)
+        && json_of(&r)["failures_by_reason"].as_object().is_some_and(|m| m.keys().all(|k| closed.contains(&k.as_str())))
+    {
         clean += 1;
     } else {
         problems.push(format!("rebuild over odd content: {r}"));
@@ -1864,8 +2117,19 @@ fn chaos_events_the_driver_cannot_decode_fail_alone_not_their_batch() {
         good.push(insert(&mut c, "good", &format!("'{{\"name\": \"before {i}\"}}'"), "now() - interval '1 hour'"));
     }
     let poison = [
-        ("jsonb nested 200 deep", insert(&mut c, "deep", "('{\"name\": \"deep\", \"x\": ' || repeat('[', 200) || repeat(']', 200) || '}')::jsonb", "now() - interval '30 minutes'")),
-        ("a jsonb number of 1e1000", insert(&mut c, "huge number", "'{\"name\": \"big\", \"n\": 1e1000}'", "now() - interval '30 minutes'")),
+        (
+            "jsonb nested 200 deep",
+            insert(
+                &mut c,
+                "deep",
+                "('{\"name\": \"deep\", \"x\": ' || repeat('[', 200) || repeat(']', 200) || '}')::jsonb",
+                "now() - interval '30 minutes'",
+            ),
+        ),
+        (
+            "a jsonb number of 1e1000",
+            insert(&mut c, "huge number", "'{\"name\": \"big\", \"n\": 1e1000}'", "now() - interval '30 minutes'"),
+        ),
         ("occurred_at 'infinity'", insert(&mut c, "infinity", "'{\"name\": \"forever\"}'", "'infinity'")),
     ];
     for i in 0..3 {
@@ -1885,10 +2149,17 @@ fn chaos_events_the_driver_cannot_decode_fail_alone_not_their_batch() {
     }
     let mut problems = Vec::new();
     for id in &good {
-        let row = c.query_one("SELECT status, coalesce(error_reason, '') FROM chronicle_outbox_events WHERE event_id = $1", &[id]).unwrap();
+        let row = c
+            .query_one(
+                "SELECT status, coalesce(error_reason, '') FROM chronicle_outbox_events WHERE event_id = $1",
+                &[id],
+            )
+            .unwrap();
         let (status, reason): (String, String) = (row.get(0), row.get(1));
         if status != "done" {
-            problems.push(format!("a valid event {id} ended {status} {reason} because it shared a batch with an undecodable one"));
+            problems.push(format!(
+                "a valid event {id} ended {status} {reason} because it shared a batch with an undecodable one"
+            ));
         }
     }
     for (what, id) in &poison {
@@ -1897,16 +2168,29 @@ fn chaos_events_the_driver_cannot_decode_fail_alone_not_their_batch() {
             .unwrap();
         let (status, reason, error): (String, String, String) = (row.get(0), row.get(1), row.get(2));
         if status != "failed" || reason == "max_attempts_exceeded" {
-            problems.push(format!("{what}: {status} {reason} ({error}); expected failed with a deterministic reason (invalid_payload)"));
+            problems.push(format!(
+                "{what}: {status} {reason} ({error}); expected failed with a deterministic reason (invalid_payload)"
+            ));
         }
     }
     let r = run(&mut db.chronicle(&["rebuild", "--json"]));
     let rebuilt_good = r.code == Some(1) && r.stdout.contains("\"rows_written\":6");
     if !rebuilt_good {
-        problems.push(format!("rebuild stops at the first undecodable event instead of counting it and going on: {}", r.all().trim()));
+        problems.push(format!(
+            "rebuild stops at the first undecodable event instead of counting it and going on: {}",
+            r.all().trim()
+        ));
     }
     // The library's walk (keyset on occurred_at, id) must get past the 'infinity' time too.
-    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--library-id", &lib.to_string(), "--batch-size", "2", "--json"]));
+    let r = run(&mut db.chronicle(&[
+        "rebuild",
+        "--truncate",
+        "--library-id",
+        &lib.to_string(),
+        "--batch-size",
+        "2",
+        "--json",
+    ]));
     if !(r.code == Some(1) && r.stdout.contains("\"rows_written\":6") && r.stdout.contains("\"failures\":3")) {
         problems.push(format!("rebuild --library-id does not get past the undecodable events: {}", r.all().trim()));
     }
@@ -1941,7 +2225,10 @@ fn chaos_run_seconds_ends_a_worker_that_never_reached_its_database() {
         secs(t.elapsed()),
         r.code
     );
-    assert!(!overran, "OUTBOX_RUN_SECONDS=1 did not stop a worker waiting for an unreachable database within 10 s:\n{r}");
+    assert!(
+        !overran,
+        "OUTBOX_RUN_SECONDS=1 did not stop a worker waiting for an unreachable database within 10 s:\n{r}"
+    );
     assert_eq!(r.code, Some(0), "{r}");
 }
 
@@ -1968,7 +2255,13 @@ fn chaos_the_password_and_event_content_never_leak() {
     let forms = [
         url.clone(),
         format!("postgresql+psycopg://{}:{}@{host}:{}/{}", s.user, pct(&odd_password), s.port, db.name),
-        format!("host={host} port={} user={} dbname={} password='{}'", s.port, s.user, db.name, odd_password.replace('\'', "\\'")),
+        format!(
+            "host={host} port={} user={} dbname={} password='{}'",
+            s.port,
+            s.user,
+            db.name,
+            odd_password.replace('\'', "\\'")
+        ),
     ];
     let secrets = [marker.clone(), odd_password.clone(), pct(&odd_password)];
     let mut outputs: Vec<(String, String)> = Vec::new();
@@ -2021,12 +2314,24 @@ fn chaos_the_password_and_event_content_never_leak() {
         ("status --bogus", vec!["status", "--bogus"], url.clone()),
         ("worker --batch-size 0", vec!["worker", "--batch-size", "0"], url.clone()),
         ("status, unreachable port", vec!["status"], format!("postgresql://u:{marker}@127.0.0.1:{dead}/db")),
-        ("migrate, unreachable port (psycopg form)", vec!["migrate"], format!("postgresql+psycopg://u:{}@127.0.0.1:{dead}/db", pct(&odd_password))),
+        (
+            "migrate, unreachable port (psycopg form)",
+            vec!["migrate"],
+            format!("postgresql+psycopg://u:{}@127.0.0.1:{dead}/db", pct(&odd_password)),
+        ),
         ("status, bad port", vec!["status"], format!("postgresql://u:{marker}@127.0.0.1:notaport/db")),
         ("status, bad sslmode", vec!["status"], format!("postgresql://u:{marker}@127.0.0.1/db?sslmode=sometimes")),
-        ("status, missing sslrootcert", vec!["status"], format!("{url}?sslmode=verify-full&sslrootcert=/nonexistent/root.crt")),
+        (
+            "status, missing sslrootcert",
+            vec!["status"],
+            format!("{url}?sslmode=verify-full&sslrootcert=/nonexistent/root.crt"),
+        ),
         ("status, sslmode=require without TLS", vec!["status"], format!("{url}?sslmode=require")),
-        ("status, missing database", vec!["status", "--json"], format!("postgresql://{}:{marker}@{host}:{}/no_such_db_chaos", s.user, s.port)),
+        (
+            "status, missing database",
+            vec!["status", "--json"],
+            format!("postgresql://{}:{marker}@{host}:{}/no_such_db_chaos", s.user, s.port),
+        ),
         ("the password alone as DATABASE_URL", vec!["status"], marker.clone()),
         ("key=value with a bad key", vec!["status"], format!("host=127.0.0.1 password={marker} nonsense=1")),
     ] {
@@ -2048,7 +2353,10 @@ fn chaos_the_password_and_event_content_never_leak() {
     // A working worker, debug logs on, its /metrics scraped while it drains.
     let port = free_port();
     let mut cmd = worker_cmd(&db, &["--batch-size", "20"]);
-    cmd.env("DATABASE_URL", &forms[2]).env("RUST_LOG", "debug").env("OUTBOX_METRICS_PORT", port.to_string()).env("OUTBOX_RUN_SECONDS", "5");
+    cmd.env("DATABASE_URL", &forms[2])
+        .env("RUST_LOG", "debug")
+        .env("OUTBOX_METRICS_PORT", port.to_string())
+        .env("OUTBOX_RUN_SECONDS", "5");
     let mut worker = logs.spawn(cmd, "debug-worker");
     let mut scrapes = Vec::new();
     let t = Instant::now();
@@ -2072,7 +2380,10 @@ fn chaos_the_password_and_event_content_never_leak() {
     record("worker RUST_LOG=debug log".into(), worker_log.clone());
     let metrics: Vec<&String> = scrapes.iter().filter(|b| b.contains("chronicle_outbox_processed_total")).collect();
     assert!(!metrics.is_empty(), "no /metrics scrape succeeded");
-    assert!(metrics.iter().any(|m| metric_sum(m, "chronicle_outbox_processed_total") > 0.0), "the scrapes saw no processing");
+    assert!(
+        metrics.iter().any(|m| metric_sum(m, "chronicle_outbox_processed_total") > 0.0),
+        "the scrapes saw no processing"
+    );
     for (i, body) in scrapes.iter().enumerate() {
         record(format!("scrape {i}"), body.clone());
     }

@@ -15,8 +15,11 @@ fn help_of_every_command_exits_0() {
         }
     }
     for s in chronicle::config::WORKER_SETTINGS {
-        assert!(r.stdout.contains(s.var) || chronicle::cli::COMMANDS.iter().all(|c| !(c.help)().contains(s.flag)),
-            "{} missing from --help", s.var);
+        assert!(
+            r.stdout.contains(s.var) || chronicle::cli::COMMANDS.iter().all(|c| !(c.help)().contains(s.flag)),
+            "{} missing from --help",
+            s.var
+        );
     }
     let r = run(&mut chronicle_cmd(&["--version"]));
     assert_eq!(r.code, Some(0));

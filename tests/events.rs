@@ -200,7 +200,10 @@ fn duplicate_ids_are_refused_and_nothing_is_written() {
 
 #[test]
 fn append_check_validates_without_a_database() {
-    let r = run_with_input(&mut chronicle_cmd(&["append", "--check"]), &json_lines(&[book_created("A"), book_created("B")]));
+    let r = run_with_input(
+        &mut chronicle_cmd(&["append", "--check"]),
+        &json_lines(&[book_created("A"), book_created("B")]),
+    );
     assert_eq!(r.code, Some(0), "{r}");
     assert!(r.stdout.contains("2 valid event"), "{r}");
 }
@@ -208,7 +211,8 @@ fn append_check_validates_without_a_database() {
 #[test]
 fn append_to_an_unreachable_database_exits_3() {
     let url = format!("postgresql://postgres@127.0.0.1:{}/nothing", free_port());
-    let r = run_with_input(chronicle_cmd(&["append"]).env("DATABASE_URL", &url), book_created("A").to_string().as_bytes());
+    let r =
+        run_with_input(chronicle_cmd(&["append"]).env("DATABASE_URL", &url), book_created("A").to_string().as_bytes());
     assert_eq!(r.code, Some(3), "{r}");
 }
 

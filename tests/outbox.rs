@@ -24,19 +24,27 @@ fn a_worker_whose_claim_was_reclaimed_and_reclaimed_again_changes_nothing() {
     c.execute("UPDATE chronicle_outbox_events SET lease_until = now() - interval '1 second'", &[]).unwrap();
     let o = outbox::reclaim_stuck(&mut c, Duration::from_secs(600), 10).unwrap();
     assert_eq!(o.retried, 5);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending' AND attempts = 1"), 5);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending' AND attempts = 1"),
+        5
+    );
     // Another claim (here by the same worker id) takes them.
     let new = Uuid::now_v7();
     assert_eq!(outbox::claim_batch(&mut c, 10, "w1", new, LEASE).unwrap().len(), 5);
     // The old claim can complete, fail, retry or release nothing.
     assert!(outbox::mark_done(&mut c, &ids, old).unwrap().is_empty());
-    let f: Vec<outbox::Failure> =
-        ids.iter().map(|id| outbox::Failure { outbox_id: *id, error_reason: "invalid_payload", error: "x".into() }).collect();
+    let f: Vec<outbox::Failure> = ids
+        .iter()
+        .map(|id| outbox::Failure { outbox_id: *id, error_reason: "invalid_payload", error: "x".into() })
+        .collect();
     assert!(outbox::mark_failed(&mut c, &f, old).unwrap().is_empty());
     let delays: Vec<(i64, Duration)> = ids.iter().map(|id| (*id, Duration::from_secs(1))).collect();
     assert_eq!(outbox::schedule_retry(&mut c, &delays, 10, "x", old).unwrap(), outbox::RetryOutcome::default());
     assert_eq!(outbox::release_claim(&mut c, &ids, old).unwrap(), 0);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing' AND attempts = 2"), 5);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing' AND attempts = 2"),
+        5
+    );
     // The new claim completes.
     assert_eq!(outbox::mark_done(&mut c, &ids, new).unwrap().len(), 5);
 }
@@ -95,7 +103,14 @@ fn the_lease_keeper_extends_only_held_rows_and_never_past_max_processing() {
     outbox::claim_batch(&mut c, 1, "w", t, Duration::from_secs(1)).unwrap();
     outbox::claim_batch(&mut c, 1, "w", Uuid::now_v7(), Duration::from_secs(1)).unwrap();
     assert_eq!(outbox::extend_lease(&mut c, &[t], Duration::from_secs(30), Duration::from_secs(600)).unwrap(), 1);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE lease_until > now() + interval '20 seconds'"), 1);
-    c.execute("UPDATE chronicle_outbox_events SET claimed_at = now() - interval '11 minutes' WHERE claim_token = $1", &[&t]).unwrap();
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE lease_until > now() + interval '20 seconds'"),
+        1
+    );
+    c.execute(
+        "UPDATE chronicle_outbox_events SET claimed_at = now() - interval '11 minutes' WHERE claim_token = $1",
+        &[&t],
+    )
+    .unwrap();
     assert_eq!(outbox::extend_lease(&mut c, &[t], Duration::from_secs(30), Duration::from_secs(600)).unwrap(), 0);
 }

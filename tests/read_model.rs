@@ -2,8 +2,8 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use chrono::{DateTime, Duration, TimeZone, Utc};
 use chronicle::timeline::{self, Cursor, EntryQuery};
+use chrono::{DateTime, Duration, TimeZone, Utc};
 use postgres::Client;
 use serde_json::{json, Value};
 use uuid::Uuid;
@@ -144,22 +144,87 @@ fn fixture(db: &TestDb) -> Fixture {
     let (a, b, alice, bob, book) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
     let at = |m: i64| t0() + Duration::minutes(m);
     let ev = |library, entity_type, entity_id, event_type, before, after, m, actor| Ev {
-        library, entity_type, entity_id, event_type, before, after, at: at(m), actor,
+        library,
+        entity_type,
+        entity_id,
+        event_type,
+        before,
+        after,
+        at: at(m),
+        actor,
     };
     let shelf_id = Uuid::now_v7();
-    let english = insert(&mut c, &ev(a, "book", book, "BookCreated", None,
-        Some(json!({"title": "Distributed Systems Handbook", "bookshelf_id": shelf_id})), 1, Some(alice)));
-    let chinese = insert(&mut c, &ev(a, "book", book, "BookRenamed", Some(json!({"title": "Distributed Systems Handbook"})),
-        Some(json!({"title": "分布式系统设计"})), 2, Some(bob)));
+    let english = insert(
+        &mut c,
+        &ev(
+            a,
+            "book",
+            book,
+            "BookCreated",
+            None,
+            Some(json!({"title": "Distributed Systems Handbook", "bookshelf_id": shelf_id})),
+            1,
+            Some(alice),
+        ),
+    );
+    let chinese = insert(
+        &mut c,
+        &ev(
+            a,
+            "book",
+            book,
+            "BookRenamed",
+            Some(json!({"title": "Distributed Systems Handbook"})),
+            Some(json!({"title": "分布式系统设计"})),
+            2,
+            Some(bob),
+        ),
+    );
     let tag = insert(&mut c, &ev(a, "tag", Uuid::now_v7(), "TagCreated", None, Some(json!({"name": "科幻"})), 3, None));
-    let block = insert(&mut c, &ev(a, "block", Uuid::now_v7(), "BlockCreated", None,
-        Some(json!({"book_id": book, "kind": "paragraph", "text": "Consensus needs a quorum."})), 4, Some(alice)));
-    let shelf = insert(&mut c, &ev(a, "bookshelf", shelf_id, "BookshelfCreated", None, Some(json!({"name": "Reading"})), 5, Some(bob)));
+    let block = insert(
+        &mut c,
+        &ev(
+            a,
+            "block",
+            Uuid::now_v7(),
+            "BlockCreated",
+            None,
+            Some(json!({"book_id": book, "kind": "paragraph", "text": "Consensus needs a quorum."})),
+            4,
+            Some(alice),
+        ),
+    );
+    let shelf = insert(
+        &mut c,
+        &ev(a, "bookshelf", shelf_id, "BookshelfCreated", None, Some(json!({"name": "Reading"})), 5, Some(bob)),
+    );
     let other = vec![
-        insert(&mut c, &ev(b, "book", Uuid::now_v7(), "BookCreated", None,
-            Some(json!({"title": "系统架构", "bookshelf_id": Uuid::now_v7()})), 1, Some(alice))),
-        insert(&mut c, &ev(b, "book", Uuid::now_v7(), "BookCreated", None,
-            Some(json!({"title": "Distributed Ledgers", "bookshelf_id": Uuid::now_v7()})), 2, Some(alice))),
+        insert(
+            &mut c,
+            &ev(
+                b,
+                "book",
+                Uuid::now_v7(),
+                "BookCreated",
+                None,
+                Some(json!({"title": "系统架构", "bookshelf_id": Uuid::now_v7()})),
+                1,
+                Some(alice),
+            ),
+        ),
+        insert(
+            &mut c,
+            &ev(
+                b,
+                "book",
+                Uuid::now_v7(),
+                "BookCreated",
+                None,
+                Some(json!({"title": "Distributed Ledgers", "bookshelf_id": Uuid::now_v7()})),
+                2,
+                Some(alice),
+            ),
+        ),
     ];
     drain(db);
     Fixture { a, b, alice, bob, book, english, chinese, tag, block, shelf, other }
@@ -210,12 +275,29 @@ fn each_filter_narrows_the_timeline() {
 
     // The command applies the same filters.
     let (lib, actor) = (f.a.to_string(), f.alice.to_string());
-    let r = run(&mut db.chronicle(&["entries", "--library-id", &lib, "--actor", &actor, "--entity-type", "book", "--json"]));
+    let r = run(&mut db.chronicle(&[
+        "entries",
+        "--library-id",
+        &lib,
+        "--actor",
+        &actor,
+        "--entity-type",
+        "book",
+        "--json",
+    ]));
     assert_eq!(r.code, Some(0), "{r}");
     assert_eq!(ids_of(&json_of(&r)), [f.english]);
     let r = run(&mut db.chronicle(&[
-        "entries", "--library-id", &lib, "--event-type", "BookRenamed", "--since", "2025-03-01T09:31:00Z",
-        "--until", "2025-03-01T17:33:00+08:00", "--json",
+        "entries",
+        "--library-id",
+        &lib,
+        "--event-type",
+        "BookRenamed",
+        "--since",
+        "2025-03-01T09:31:00Z",
+        "--until",
+        "2025-03-01T17:33:00+08:00",
+        "--json",
     ]));
     assert_eq!(r.code, Some(0), "{r}");
     assert_eq!(ids_of(&json_of(&r)), [f.chinese]);
@@ -275,7 +357,18 @@ fn english_and_chinese_searches_find_their_entries_and_nothing_of_another_librar
     let page = json_of(&r);
     assert_eq!(ids_of(&page), [f.chinese]);
     let cursor = page["next_cursor"].as_str().expect("a second match follows").to_string();
-    let r = run(&mut db.chronicle(&["entries", "--library-id", &lib, "--search", "Distrib", "--limit", "1", "--cursor", &cursor, "--json"]));
+    let r = run(&mut db.chronicle(&[
+        "entries",
+        "--library-id",
+        &lib,
+        "--search",
+        "Distrib",
+        "--limit",
+        "1",
+        "--cursor",
+        &cursor,
+        "--json",
+    ]));
     let page = json_of(&r);
     assert_eq!(ids_of(&page), [f.english]);
     assert!(page["next_cursor"].is_null(), "{page}");
@@ -311,8 +404,22 @@ fn entries_refuses_bad_usage_and_prints_the_documented_json() {
     let entry = &page["entries"][4];
     let keys: BTreeSet<&str> = entry.as_object().unwrap().keys().map(String::as_str).collect();
     let want = BTreeSet::from([
-        "id", "library_id", "actor_user_id", "entity_type", "entity_id", "event_type", "occurred_at", "created_at",
-        "request_id", "client", "ip", "reason", "summary", "changed_fields", "details", "projection_version",
+        "id",
+        "library_id",
+        "actor_user_id",
+        "entity_type",
+        "entity_id",
+        "event_type",
+        "occurred_at",
+        "created_at",
+        "request_id",
+        "client",
+        "ip",
+        "reason",
+        "summary",
+        "changed_fields",
+        "details",
+        "projection_version",
         "projected_at",
     ]);
     assert_eq!(keys, want);
@@ -391,9 +498,16 @@ fn an_application_role_sees_and_writes_only_its_library() {
         &[&id, &f.a, &f.bob, &(t0() + Duration::minutes(9))],
     )
     .expect("the application inserts an event of its library");
-    let queued = owner.query_one("SELECT count(*) FROM chronicle_outbox_events WHERE event_id = $1 AND status = 'pending'", &[&id]).unwrap();
+    let queued = owner
+        .query_one("SELECT count(*) FROM chronicle_outbox_events WHERE event_id = $1 AND status = 'pending'", &[&id])
+        .unwrap();
     assert_eq!(queued.get::<_, i64>(0), 1);
-    let untouched = owner.query_one("SELECT count(*) FROM chronicle_entries WHERE summary = 'hacked' OR (library_id = $1 AND id = $2)", &[&f.b, &f.tag]).unwrap();
+    let untouched = owner
+        .query_one(
+            "SELECT count(*) FROM chronicle_entries WHERE summary = 'hacked' OR (library_id = $1 AND id = $2)",
+            &[&f.b, &f.tag],
+        )
+        .unwrap();
     assert_eq!(untouched.get::<_, i64>(0), 0);
 
     // The worker and the commands (the owner) keep working with row-level security on.
@@ -471,7 +585,10 @@ fn verify_finds_each_kind_of_drift_and_fix_heals_it() {
     for k in ["library_id", "events_without_entry", "entries_without_event", "stale_entries", "fixed", "clean"] {
         assert!(keys.contains(k), "{k} missing: {v}");
     }
-    assert_eq!((v["clean"].clone(), v["fixed"].clone(), v["library_id"].clone()), (json!(true), Value::Null, json!(lib_a)));
+    assert_eq!(
+        (v["clean"].clone(), v["fixed"].clone(), v["library_id"].clone()),
+        (json!(true), Value::Null, json!(lib_a))
+    );
 
     // Drift of each kind in library A.
     let ids: Vec<Uuid> = c
@@ -552,7 +669,8 @@ fn verify_finds_each_kind_of_drift_and_fix_heals_it() {
     assert_eq!(r.code, Some(1), "{r}");
     assert!(r.stderr.contains("replay-failed"), "{r}");
     assert_eq!(v["fixed"]["missing_enqueued"], 0);
-    let deliveries = c.query_one("SELECT count(*) FROM chronicle_outbox_events WHERE event_id = $1", &[&poison]).unwrap();
+    let deliveries =
+        c.query_one("SELECT count(*) FROM chronicle_outbox_events WHERE event_id = $1", &[&poison]).unwrap();
     assert_eq!(deliveries.get::<_, i64>(0), 1, "no new delivery for a failed event");
     let r = run(&mut db.chronicle(&["verify", "--library-id", &lib_b]));
     assert!(r.stdout.contains("delivery failed: 1"), "{r}");

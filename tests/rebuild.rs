@@ -36,7 +36,11 @@ fn rebuild_truncate_gives_the_entries_the_worker_produced() {
     let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--batch-size", "700", "--json"]));
     assert_eq!(r.code, Some(0), "{r}");
     let report: Value = serde_json::from_str(&r.stdout).unwrap();
-    assert_eq!((report["events_total"].as_i64(), report["rows_written"].as_i64()), (Some(3000), Some(3000)), "{report}");
+    assert_eq!(
+        (report["events_total"].as_i64(), report["rows_written"].as_i64()),
+        (Some(3000), Some(3000)),
+        "{report}"
+    );
     assert_eq!(report["mode"], "truncate");
     assert!(r.stderr.contains("3000/3000 events"), "progress on stderr: {r}");
     assert_eq!(entries_snapshot(&mut c, ""), by_worker);
@@ -75,7 +79,10 @@ fn truncate_emit_outbox_then_a_drain_gives_the_same_entries() {
 fn rebuild_library_id_touches_no_other_library() {
     let db = injected_and_drained("3000");
     let mut c = db.client();
-    let lib: uuid::Uuid = c.query_one("SELECT library_id FROM chronicle_events GROUP BY 1 ORDER BY count(*) DESC LIMIT 1", &[]).unwrap().get(0);
+    let lib: uuid::Uuid = c
+        .query_one("SELECT library_id FROM chronicle_events GROUP BY 1 ORDER BY count(*) DESC LIMIT 1", &[])
+        .unwrap()
+        .get(0);
     let others = |c: &mut Client| -> Vec<Value> {
         c.query("SELECT to_jsonb(e) FROM chronicle_entries e WHERE library_id <> $1 ORDER BY id", &[&lib])
             .unwrap()
@@ -147,19 +154,28 @@ fn several_writers_give_the_same_entries_as_the_worker_and_as_one_writer() {
         let r = run(&mut db.chronicle(args));
         assert_eq!(r.code, Some(0), "{args:?}: {r}");
         let report: Value = serde_json::from_str(&r.stdout).unwrap();
-        assert_eq!((report["events_total"].as_i64(), report["rows_written"].as_i64()), (Some(3000), Some(3000)), "{args:?}: {report}");
+        assert_eq!(
+            (report["events_total"].as_i64(), report["rows_written"].as_i64()),
+            (Some(3000), Some(3000)),
+            "{args:?}: {report}"
+        );
         assert_eq!(report["failures"], 0, "{args:?}: {report}");
         assert!(r.stderr.contains("3000/3000 events"), "{args:?}: progress on stderr: {r}");
         assert_eq!(entries_snapshot(&mut c, ""), by_worker, "{args:?}");
     }
-    let modes: Vec<String> = runs(&mut c).into_iter().map(|(m, ok, rows, failed)| format!("{m} {ok:?} {rows} {failed}")).collect();
+    let modes: Vec<String> =
+        runs(&mut c).into_iter().map(|(m, ok, rows, failed)| format!("{m} {ok:?} {rows} {failed}")).collect();
     assert_eq!(
         modes,
         ["truncate", "truncate", "swap", "swap", "direct"].map(|m| format!("{m} Some(true) 3000 0")).to_vec()
     );
     // The swapped-in table is whole: its indexes, and no shadow left behind.
     assert_eq!(count(&mut c, "SELECT count(*) FROM pg_indexes WHERE tablename = 'chronicle_entries'"), 6);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_class WHERE relname LIKE 'chronicle_entries_re%'"), 0, "leftover tables");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pg_class WHERE relname LIKE 'chronicle_entries_re%'"),
+        0,
+        "leftover tables"
+    );
     // Every writer hung up: only this test's own connection is left on the database.
     crate::util::wait_until(Duration::from_secs(10), "the rebuild's connections to close", || {
         count(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND backend_type = 'client backend' AND pid <> pg_backend_pid()") == 0
@@ -172,7 +188,8 @@ fn several_writers_record_the_same_failures_and_write_the_rest() {
     let mut c = db.client();
     // The read model refuses summaries with a marker: rejected_by_read_model. The shadow
     // table of --swap copies the constraint.
-    c.batch_execute("ALTER TABLE chronicle_entries ADD CONSTRAINT no_poison CHECK (summary NOT LIKE '%POISON%')").unwrap();
+    c.batch_execute("ALTER TABLE chronicle_entries ADD CONSTRAINT no_poison CHECK (summary NOT LIKE '%POISON%')")
+        .unwrap();
     c.batch_execute(
         "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at) VALUES
          (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookTeleported', '{}', now()),
@@ -195,7 +212,11 @@ fn several_writers_record_the_same_failures_and_write_the_rest() {
         assert_eq!(report["failures_by_reason"]["unknown_event_type"], 1, "{args:?}: {report}");
         assert_eq!(report["failures_by_reason"]["invalid_payload"], 1, "{args:?}: {report}");
         assert_eq!(report["failures_by_reason"]["rejected_by_read_model"], 5, "{args:?}: {report}");
-        assert_eq!((report["events_total"].as_i64(), report["rows_written"].as_i64()), (Some(1507), Some(1500)), "{args:?}: {report}");
+        assert_eq!(
+            (report["events_total"].as_i64(), report["rows_written"].as_i64()),
+            (Some(1507), Some(1500)),
+            "{args:?}: {report}"
+        );
         assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 1500, "{args:?}");
         assert_eq!(
             count(&mut c, "SELECT count(*) FROM chronicle_events e WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = e.id)"),
@@ -277,7 +298,10 @@ fn a_transient_error_while_writing_a_batch_is_retried() {
     let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--writers", "2", "--batch-size", "97", "--json"]));
     assert_eq!(r.code, Some(0), "{r}");
     assert_eq!(count(&mut c, "SELECT last_value FROM flaky_tries"), 3, "two failed writes, then one that went through");
-    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), count(&mut c, "SELECT count(*) FROM chronicle_events"));
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_entries"),
+        count(&mut c, "SELECT count(*) FROM chronicle_events")
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries WHERE summary LIKE '%FLAKY%'"), 1);
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_rebuild_runs WHERE success"), 1);
 }
@@ -383,15 +407,20 @@ fn swap_under_readers_writers_and_a_worker_keeps_the_timeline_whole() {
     assert_fully_projected(&mut c);
     // The swapped-in table kept indexes, policies, row-level security and grants.
     assert_eq!(count(&mut c, "SELECT count(*) FROM pg_indexes WHERE tablename = 'chronicle_entries'"), 6);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_policies WHERE tablename = 'chronicle_entries'"), policies_before);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pg_policies WHERE tablename = 'chronicle_entries'"),
+        policies_before
+    );
     assert_eq!(
         count(&mut c, "SELECT count(*) FROM pg_class WHERE relname = 'chronicle_entries' AND relrowsecurity"),
         if policies_before > 0 { 1 } else { 0 }
     );
-    let granted: bool = c
-        .query_one("SELECT has_table_privilege($1, 'chronicle_entries', 'SELECT')", &[&role.name])
-        .unwrap()
-        .get(0);
+    let granted: bool =
+        c.query_one("SELECT has_table_privilege($1, 'chronicle_entries', 'SELECT')", &[&role.name]).unwrap().get(0);
     assert!(granted, "the grant was lost in the swap");
-    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_class WHERE relname LIKE 'chronicle_entries_re%'"), 0, "leftover tables");
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM pg_class WHERE relname LIKE 'chronicle_entries_re%'"),
+        0,
+        "leftover tables"
+    );
 }

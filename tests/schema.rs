@@ -80,7 +80,11 @@ fn status_lists_applied_and_pending() {
     let db = TestDb::empty();
     let r = run(&mut db.chronicle(&["migrate", "--status"]));
     assert_eq!(r.code, Some(0), "{r}");
-    assert_eq!(r.stdout.lines().filter(|l| l.starts_with("pending")).count(), chronicle::db::migrate::MIGRATIONS.len(), "{r}");
+    assert_eq!(
+        r.stdout.lines().filter(|l| l.starts_with("pending")).count(),
+        chronicle::db::migrate::MIGRATIONS.len(),
+        "{r}"
+    );
     run(&mut db.chronicle(&["migrate"]));
     let r = run(&mut db.chronicle(&["migrate", "--status"]));
     assert!(r.stdout.contains("applied     1  events"), "{r}");
@@ -177,7 +181,10 @@ fn a_multi_row_insert_enqueues_one_row_per_event() {
     )
     .unwrap();
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events"), 250);
-    assert_eq!(count(&mut c, "SELECT count(DISTINCT event_id) FROM chronicle_outbox_events WHERE status = 'pending'"), 250);
+    assert_eq!(
+        count(&mut c, "SELECT count(DISTINCT event_id) FROM chronicle_outbox_events WHERE status = 'pending'"),
+        250
+    );
     assert_eq!(
         count(&mut c, "SELECT count(*) FROM chronicle_events e WHERE NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o WHERE o.event_id = e.id)"),
         0
@@ -213,11 +220,8 @@ fn events_cannot_be_updated_deleted_or_truncated() {
     let db = TestDb::new();
     let mut c = db.client();
     c.batch_execute(INSERT_ONE).unwrap();
-    for sql in [
-        "UPDATE chronicle_events SET reason = 'x'",
-        "DELETE FROM chronicle_events",
-        "TRUNCATE chronicle_events",
-    ] {
+    for sql in ["UPDATE chronicle_events SET reason = 'x'", "DELETE FROM chronicle_events", "TRUNCATE chronicle_events"]
+    {
         let err = c.batch_execute(sql).expect_err(sql);
         let db_err = err.as_db_error().expect("a database error");
         assert!(db_err.message().contains("append-only"), "{sql}: {db_err:?}");

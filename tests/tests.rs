@@ -9,6 +9,6 @@ mod ops;
 mod outbox;
 mod read_model;
 mod rebuild;
-mod worker;
 mod schema;
 mod tls;
+mod worker;

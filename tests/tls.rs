@@ -37,12 +37,31 @@ fn openssl(dir: &Path, args: &[&str]) {
 
 /// A CA certificate and key in `dir` as `<name>.crt`, `<name>.key`.
 fn make_ca(dir: &Path, name: &str) {
-    openssl(dir, &[
-        "req", "-x509", "-new", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", &format!("{name}.key"), "-out", &format!("{name}.crt"), "-days", "3",
-        "-subj", &format!("/CN=chronicle test {name}"),
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
-    ]);
+    openssl(
+        dir,
+        &[
+            "req",
+            "-x509",
+            "-new",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            &format!("{name}.key"),
+            "-out",
+            &format!("{name}.crt"),
+            "-days",
+            "3",
+            "-subj",
+            &format!("/CN=chronicle test {name}"),
+            "-addext",
+            "basicConstraints=critical,CA:TRUE",
+            "-addext",
+            "keyUsage=critical,keyCertSign,cRLSign",
+        ],
+    );
 }
 
 /// Files the server reads must be the postgres user's when it runs as that user.
@@ -204,7 +223,10 @@ fn verify_ca_checks_the_chain_but_not_the_name() {
         let wrong = format!("sslmode={mode}&sslrootcert={}", t.other_ca.display());
         let r = migrate_status(&url(s, "localhost", "tls_only", &db.name, &wrong));
         assert_eq!(r.code, Some(3), "{mode}: {r}");
-        assert!(r.stderr.contains("invalid peer certificate") && r.stderr.contains("not signed by a CA"), "{mode}: {r}");
+        assert!(
+            r.stderr.contains("invalid peer certificate") && r.stderr.contains("not signed by a CA"),
+            "{mode}: {r}"
+        );
     }
 }
 
@@ -228,7 +250,9 @@ fn unusable_root_certificates_exit_2_naming_them() {
     let junk = t.cluster.dir.join("junk.crt");
     std::fs::write(&junk, "not a certificate\n").expect("writing junk.crt");
     let missing = t.cluster.dir.join("missing.crt");
-    for (path, why) in [(&missing, "cannot be read"), (&t.cluster.dir, "cannot be read"), (&junk, "holds no PEM certificate")] {
+    for (path, why) in
+        [(&missing, "cannot be read"), (&t.cluster.dir, "cannot be read"), (&junk, "holds no PEM certificate")]
+    {
         for mode in ["verify-full", "verify-ca", "require"] {
             let params = format!("sslmode={mode}&sslrootcert={}", path.display());
             let database_url = url(s, "localhost", "tls_only", "postgres", &params);

@@ -249,7 +249,8 @@ impl Cluster {
             return Err(format!("pg_ctl start failed: {}{log}", String::from_utf8_lossy(&out.stderr)));
         }
         // The watchdog: when this test process ends, stop the cluster and remove it.
-        let stop = pg_command(&bin_dir, "pg_ctl").get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>();
+        let stop =
+            pg_command(&bin_dir, "pg_ctl").get_args().map(|a| a.to_string_lossy().into_owned()).collect::<Vec<_>>();
         let runner = pg_command(&bin_dir, "pg_ctl").get_program().to_string_lossy().into_owned();
         let script = format!(
             "while kill -0 {pid} 2>/dev/null; do sleep 1; done; {runner} {} -D '{}' -m immediate stop >/dev/null 2>&1; rm -rf '{}'",
@@ -320,7 +321,8 @@ impl TestDb {
 
     pub fn empty_on(server: &Server) -> TestDb {
         let n = COUNTER.fetch_add(1, Ordering::Relaxed);
-        let name = format!("chronicle_test_{}_{}_{}", std::process::id(), n, &uuid::Uuid::now_v7().simple().to_string()[24..]);
+        let name =
+            format!("chronicle_test_{}_{}_{}", std::process::id(), n, &uuid::Uuid::now_v7().simple().to_string()[24..]);
         let mut admin = server.connect("postgres");
         admin
             .batch_execute(&format!("CREATE DATABASE {name}"))
@@ -433,7 +435,8 @@ impl Proxy {
     /// Starts listening on `port` after `delay`, forwarding to the test server.
     pub fn start_later(port: u16, delay: std::time::Duration, target: &Server) -> Proxy {
         let conns = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
-        let target = format!("{}:{}", if target.host.starts_with('/') { "127.0.0.1" } else { &target.host }, target.port);
+        let target =
+            format!("{}:{}", if target.host.starts_with('/') { "127.0.0.1" } else { &target.host }, target.port);
         let list = conns.clone();
         std::thread::spawn(move || {
             std::thread::sleep(delay);

@@ -3,7 +3,9 @@
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::util::{assert_fully_projected, count, insert_events, outbox_by_status, run, signal, wait_until, worker_cmd, TestDb};
+use crate::util::{
+    assert_fully_projected, count, insert_events, outbox_by_status, run, signal, wait_until, worker_cmd, TestDb,
+};
 
 #[test]
 fn a_drain_leaves_one_entry_per_event_and_every_row_done() {
@@ -34,7 +36,8 @@ fn a_poison_event_of_each_class_fails_alone_and_the_rest_is_projected() {
     let mut c = db.client();
     // The read model refuses entries whose summary mentions "REFUSE" (a constraint this
     // test adds): rejected_by_read_model.
-    c.batch_execute("ALTER TABLE chronicle_entries ADD CONSTRAINT no_refuse CHECK (summary NOT LIKE '%REFUSE%')").unwrap();
+    c.batch_execute("ALTER TABLE chronicle_entries ADD CONSTRAINT no_refuse CHECK (summary NOT LIKE '%REFUSE%')")
+        .unwrap();
     insert_events(&mut c, 60);
     c.batch_execute(
         "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at) VALUES
@@ -124,7 +127,11 @@ fn after_kill_9_mid_drain_another_worker_finishes_exactly_once() {
     let db = TestDb::new();
     let mut c = db.client();
     insert_events(&mut c, 20_000);
-    let mut first = worker_cmd(&db, &["--batch-size", "200"]).env("OUTBOX_LEASE_SECONDS", "1").stderr(Stdio::null()).spawn().unwrap();
+    let mut first = worker_cmd(&db, &["--batch-size", "200"])
+        .env("OUTBOX_LEASE_SECONDS", "1")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     wait_until(Duration::from_secs(60), "the first worker to be mid-drain", || {
         count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'") > 1000
     });
@@ -194,7 +201,10 @@ fn sigterm_releases_claimed_rows_and_gives_their_attempt_back() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(signalled.elapsed() < Duration::from_secs(15), "took {:?}, more than the lease", signalled.elapsed());
     tx.rollback().unwrap();
-    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending' AND attempts = 0"), 30);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending' AND attempts = 0"),
+        30
+    );
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 0);
 }
 
@@ -203,7 +213,8 @@ fn the_worker_survives_its_connections_being_terminated() {
     let db = TestDb::new();
     let mut c = db.client();
     insert_events(&mut c, 30_000);
-    let mut child = worker_cmd(&db, &["--batch-size", "100", "--concurrency", "2"]).stderr(Stdio::null()).spawn().unwrap();
+    let mut child =
+        worker_cmd(&db, &["--batch-size", "100", "--concurrency", "2"]).stderr(Stdio::null()).spawn().unwrap();
     let mut killed = 0;
     for _ in 0..6 {
         std::thread::sleep(Duration::from_millis(300));
@@ -260,8 +271,17 @@ fn an_older_projection_version_does_not_overwrite_a_newer_entry() {
     let r = run(&mut worker_cmd(&db, &["--until-empty"]));
     assert_eq!(r.code, Some(0), "{r}");
     assert_fully_projected(&mut c);
-    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries WHERE summary = 'written by v99' AND projection_version = 99"), 1);
-    let ours = format!("SELECT count(*) FROM chronicle_entries WHERE projection_version = {}", chronicle::projection::PROJECTION_VERSION);
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM chronicle_entries WHERE summary = 'written by v99' AND projection_version = 99"
+        ),
+        1
+    );
+    let ours = format!(
+        "SELECT count(*) FROM chronicle_entries WHERE projection_version = {}",
+        chronicle::projection::PROJECTION_VERSION
+    );
     assert_eq!(count(&mut c, &ours), 2);
 }
 
@@ -272,7 +292,8 @@ fn changed_field_names_and_search_tokens_reach_the_entry_exactly() {
     // Payload keys are free text: quotes, backslashes, braces, commas, spaces, the word
     // NULL, an empty key and non-ASCII must come back as the projector listed them.
     let keys = ["", " spaced ", "NULL", "a,b", "q\"uote", "back\\slash", "{brace}", "标题", "x²"];
-    let diff: serde_json::Map<String, serde_json::Value> = keys.iter().map(|k| (k.to_string(), serde_json::json!(1))).collect();
+    let diff: serde_json::Map<String, serde_json::Value> =
+        keys.iter().map(|k| (k.to_string(), serde_json::json!(1))).collect();
     let title = "Ünïcode x² naïve 分布式系统 v1.2 e-mail\u{301}";
     c.execute(
         "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, diff, occurred_at)
@@ -300,7 +321,8 @@ fn changed_field_names_and_search_tokens_reach_the_entry_exactly() {
     assert_eq!(stored, tokens, "the search column holds the projector's tokens, no more, no less");
     for term in ["x²", "naïve", "分布", "系统", "ÜNÏCODE", "V1"] {
         let q = chronicle::timeline::search_tsquery(term).unwrap();
-        let sql = format!("SELECT count(*) FROM chronicle_entries WHERE search @@ '{}'::tsquery", q.replace('\'', "''"));
+        let sql =
+            format!("SELECT count(*) FROM chronicle_entries WHERE search @@ '{}'::tsquery", q.replace('\'', "''"));
         assert_eq!(count(&mut c, &sql), 1, "{term} as {q}");
     }
 }

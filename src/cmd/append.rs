@@ -166,7 +166,9 @@ fn read_input(file: Option<&PathBuf>) -> Result<Vec<u8>> {
         None => {
             let stdin = std::io::stdin();
             if stdin.is_terminal() {
-                eprintln!("chronicle append: reading events from the terminal (end with Ctrl-D; Ctrl-Z Enter on Windows)");
+                eprintln!(
+                    "chronicle append: reading events from the terminal (end with Ctrl-D; Ctrl-Z Enter on Windows)"
+                );
             }
             ("stdin".to_string(), stdin.lock().take(limit).read_to_end(&mut buf))
         }

@@ -139,20 +139,20 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
             Long("limit") => {
                 let v = string_value(p, "limit")?;
                 q.limit = parse_count(v.trim(), 1, u64::from(MAX_LIMIT))
-                    .map_err(|why| AppError::usage(format!("invalid --limit {v:?}: {why}")))? as u32;
+                    .map_err(|why| AppError::usage(format!("invalid --limit {v:?}: {why}")))?
+                    as u32;
             }
             Long("cursor") => {
                 let v = string_value(p, "cursor")?;
-                q.cursor = Some(Cursor::decode(&v).map_err(|why| AppError::usage(format!("invalid --cursor {v:?}: {why}")))?);
+                q.cursor =
+                    Some(Cursor::decode(&v).map_err(|why| AppError::usage(format!("invalid --cursor {v:?}: {why}")))?);
             }
             Long("json") => json = true,
             _ => return Err(arg.unexpected().into()),
         }
     }
     let Some(library_id) = library_id else {
-        return Err(AppError::usage(
-            "--library-id is required: every read of the timeline is scoped to one library",
-        ));
+        return Err(AppError::usage("--library-id is required: every read of the timeline is scoped to one library"));
     };
     q.library_id = library_id;
     if let (Some(since), Some(until)) = (q.since, q.until) {
@@ -196,7 +196,18 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 
 /// Terminal columns a text takes: CJK characters are two wide.
 fn columns(s: &str) -> usize {
-    s.chars().map(|c| if crate::search::is_cjk(c) || ('\u{3000}'..='\u{303F}').contains(&c) || ('\u{FF01}'..='\u{FF60}').contains(&c) { 2 } else { 1 }).sum()
+    s.chars()
+        .map(|c| {
+            if crate::search::is_cjk(c)
+                || ('\u{3000}'..='\u{303F}').contains(&c)
+                || ('\u{FF01}'..='\u{FF60}').contains(&c)
+            {
+                2
+            } else {
+                1
+            }
+        })
+        .sum()
 }
 
 /// The page as an aligned table, then the next cursor when there is one.
@@ -258,9 +269,27 @@ mod tests {
         let cursor = Cursor { occurred_at: at, id: Uuid::now_v7() };
         let encoded = cursor.encode();
         let a = parse_args(&[
-            "--library-id", LIB, "--entity-type", "book", "--entity-id", LIB, "--actor", LIB,
-            "--event-type", "BookRenamed", "--since", "2025-03-01T00:00:00Z", "--until",
-            "2025-03-02T00:00:00+08:00", "--search", "系统 design", "--limit", "1000", "--cursor", &encoded, "--json",
+            "--library-id",
+            LIB,
+            "--entity-type",
+            "book",
+            "--entity-id",
+            LIB,
+            "--actor",
+            LIB,
+            "--event-type",
+            "BookRenamed",
+            "--since",
+            "2025-03-01T00:00:00Z",
+            "--until",
+            "2025-03-02T00:00:00+08:00",
+            "--search",
+            "系统 design",
+            "--limit",
+            "1000",
+            "--cursor",
+            &encoded,
+            "--json",
         ])
         .unwrap()
         .unwrap();

@@ -30,8 +30,21 @@ pub const MAX_REPORTED_LINES: usize = 20;
 
 /// The top-level keys of an event: exactly the columns of `chronicle_events`.
 pub const EVENT_KEYS: &[&str] = &[
-    "id", "library_id", "actor_user_id", "entity_type", "entity_id", "event_type", "before", "after",
-    "diff", "occurred_at", "created_at", "request_id", "client", "reason", "ip",
+    "id",
+    "library_id",
+    "actor_user_id",
+    "entity_type",
+    "entity_id",
+    "event_type",
+    "before",
+    "after",
+    "diff",
+    "occurred_at",
+    "created_at",
+    "request_id",
+    "client",
+    "reason",
+    "ip",
 ];
 
 /// What the validation lets through beyond the catalog.
@@ -319,7 +332,12 @@ pub fn event_from_json(v: &Value, rules: Rules) -> Result<NewEvent, Vec<String>>
 
 /// Checks a catalog event's entity type and required payload fields, as the catalog of
 /// DESIGN.md §2 says; one message per problem. Empty for an unknown type.
-pub fn check_catalog(event_type: &str, entity_type: &str, before: Option<&Value>, after: Option<&Value>) -> Vec<String> {
+pub fn check_catalog(
+    event_type: &str,
+    entity_type: &str,
+    before: Option<&Value>,
+    after: Option<&Value>,
+) -> Vec<String> {
     let mut problems = Vec::new();
     let Some(ty) = event::lookup(event_type) else {
         return problems;
@@ -573,8 +591,21 @@ pub fn insert_events(client: &mut impl GenericClient, events: &[(Uuid, &NewEvent
             .execute(
                 INSERT_EVENTS,
                 &[
-                    &id, &library_id, &actor, &entity_type, &entity_id, &event_type, &before, &after, &diff,
-                    &occurred_at, &created_at, &request_id, &client_col, &reason, &ip,
+                    &id,
+                    &library_id,
+                    &actor,
+                    &entity_type,
+                    &entity_id,
+                    &event_type,
+                    &before,
+                    &after,
+                    &diff,
+                    &occurred_at,
+                    &created_at,
+                    &request_id,
+                    &client_col,
+                    &reason,
+                    &ip,
                 ],
             )
             .map_err(|e| match e.code() {
@@ -654,7 +685,7 @@ pub fn write_copy_row(buf: &mut Vec<u8>, id: Uuid, e: &NewEvent) {
         let at = buf.len();
         buf.extend_from_slice(&0i32.to_be_bytes());
         buf.push(1); // the jsonb binary format version
-        // Serializing a Value into memory cannot fail.
+                     // Serializing a Value into memory cannot fail.
         let _ = serde_json::to_writer(&mut *buf, v);
         let len = (buf.len() - at - 4) as i32;
         buf[at..at + 4].copy_from_slice(&len.to_be_bytes());
@@ -786,7 +817,10 @@ mod tests {
             (with("entity_type", json!("tag")), "entity_type \"tag\" does not fit BookCreated"),
             (with("event_type", json!("BookArchived")), "not in the event catalog"),
             (with("event_type", json!("bookcreated")), "did you mean \"BookCreated\"?"),
-            (with("after", json!({"title": "Ops"})), "after.bookshelf_id is missing (BookCreated requires bookshelf_id)"),
+            (
+                with("after", json!({"title": "Ops"})),
+                "after.bookshelf_id is missing (BookCreated requires bookshelf_id)",
+            ),
             (with("after", json!({"title": 3, "bookshelf_id": SHELF})), "after.title must be a string, got 3"),
             (with("after", json!({"title": "x", "bookshelf_id": "shelf"})), "after.bookshelf_id must be a UUID string"),
             (with("after", Value::Null), "after is missing (BookCreated requires after with title, bookshelf_id)"),
@@ -795,8 +829,14 @@ mod tests {
             (with("reason", json!(1)), "reason: must be a string"),
             (with("ip", json!("10.0.0.300")), "is not an IP address"),
             (with("request_id", json!("a\u{0}b")), "request_id contains a NUL character"),
-            (with("after", json!({"title": "Ops", "bookshelf_id": SHELF, "n": ["ok", "x\u{0}"]})), "after.n[1] contains a NUL"),
-            (with("ocurred_at", json!("2025-03-01T09:30:00Z")), "unknown key \"ocurred_at\" (did you mean \"occurred_at\"?)"),
+            (
+                with("after", json!({"title": "Ops", "bookshelf_id": SHELF, "n": ["ok", "x\u{0}"]})),
+                "after.n[1] contains a NUL",
+            ),
+            (
+                with("ocurred_at", json!("2025-03-01T09:30:00Z")),
+                "unknown key \"ocurred_at\" (did you mean \"occurred_at\"?)",
+            ),
             (with("colour", json!(1)), "unknown key \"colour\" (an event has only"),
             (json!([good()]), "an event must be a JSON object, got an array"),
         ];

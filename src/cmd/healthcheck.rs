@@ -87,7 +87,11 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let target = format!("{}:{}", if args.host.contains(':') { format!("[{}]", args.host) } else { args.host.clone() }, args.port);
+    let target = format!(
+        "{}:{}",
+        if args.host.contains(':') { format!("[{}]", args.host) } else { args.host.clone() },
+        args.port
+    );
     let status = probe(&target, args.path, args.timeout)
         .map_err(|e| AppError::failed(format!("unhealthy: GET http://{target}{}: {e}", args.path)))?;
     if status == 200 {

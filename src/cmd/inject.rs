@@ -429,16 +429,7 @@ impl Generator {
                 Library { actors, ..Library::default() }
             })
             .collect();
-        Generator {
-            rng,
-            libraries,
-            cumulative,
-            caps,
-            count,
-            produced: 0,
-            start_us,
-            last_request: None,
-        }
+        Generator { rng, libraries, cumulative, caps, count, produced: 0, start_us, last_request: None }
     }
 
     /// How many libraries have received events so far.
@@ -507,7 +498,9 @@ impl Generator {
         };
         let (client, ip) = match &actor {
             None => (Some(self.rng.pick(SYSTEM_CLIENTS).to_string()), None),
-            Some(_) if self.rng.chance(100) => (Some(self.rng.pick(CLIENTS).to_string()), Some(random_ip(&mut self.rng))),
+            Some(_) if self.rng.chance(100) => {
+                (Some(self.rng.pick(CLIENTS).to_string()), Some(random_ip(&mut self.rng)))
+            }
             Some(a) => (Some(a.client.to_string()), Some(a.ip)),
         };
         let actor_id = actor.map(|a| a.id);
@@ -618,7 +611,10 @@ impl Generator {
             "LibraryRenamed" => {
                 let old = lib.name.clone();
                 lib.name = different(rng, LIBRARY_NAMES, &old);
-                Draft { reason: reason(rng, 100, RENAME_REASONS), ..d("library", lib.id, Some(json!({"name": old})), Some(json!({"name": lib.name}))) }
+                Draft {
+                    reason: reason(rng, 100, RENAME_REASONS),
+                    ..d("library", lib.id, Some(json!({"name": old})), Some(json!({"name": lib.name})))
+                }
             }
             "BookshelfCreated" => {
                 if lib.shelves.len() >= caps.shelves {
@@ -638,7 +634,12 @@ impl Generator {
                 lib.shelves[i].name = different(rng, SHELF_NAMES, &old);
                 Draft {
                     reason: reason(rng, 100, RENAME_REASONS),
-                    ..d("bookshelf", lib.shelves[i].id, Some(json!({"name": old})), Some(json!({"name": lib.shelves[i].name})))
+                    ..d(
+                        "bookshelf",
+                        lib.shelves[i].id,
+                        Some(json!({"name": old})),
+                        Some(json!({"name": lib.shelves[i].name})),
+                    )
                 }
             }
             "BookshelfDeleted" => {
@@ -650,7 +651,10 @@ impl Generator {
                     return None;
                 }
                 let shelf = lib.shelves.swap_remove(*rng.pick(&empty));
-                Draft { reason: reason(rng, 350, DELETE_REASONS), ..d("bookshelf", shelf.id, Some(json!({"name": shelf.name})), None) }
+                Draft {
+                    reason: reason(rng, 350, DELETE_REASONS),
+                    ..d("bookshelf", shelf.id, Some(json!({"name": shelf.name})), None)
+                }
             }
             "BookCreated" => {
                 if lib.shelves.is_empty() {
@@ -662,7 +666,8 @@ impl Generator {
                 }
                 let shelf = rng.pick(&lib.shelves).clone();
                 let book = Book { id: rng.uuid_v7(ms), title: book_title(rng), shelf_id: shelf.id, blocks: 0 };
-                let after = json!({"title": book.title, "bookshelf_id": shelf.id.to_string(), "bookshelf_name": shelf.name});
+                let after =
+                    json!({"title": book.title, "bookshelf_id": shelf.id.to_string(), "bookshelf_name": shelf.name});
                 let draft = d("book", book.id, None, Some(after));
                 lib.books.push(book);
                 draft
@@ -678,7 +683,10 @@ impl Generator {
                     new = format!("{old} (2)");
                 }
                 lib.books[i].title = new.clone();
-                Draft { reason: reason(rng, 100, RENAME_REASONS), ..d("book", lib.books[i].id, Some(json!({"title": old})), Some(json!({"title": new}))) }
+                Draft {
+                    reason: reason(rng, 100, RENAME_REASONS),
+                    ..d("book", lib.books[i].id, Some(json!({"title": old})), Some(json!({"title": new})))
+                }
             }
             "BookMoved" => {
                 if lib.books.is_empty() || lib.shelves.len() < 2 {
@@ -705,7 +713,8 @@ impl Generator {
                 let i = rng.index(lib.books.len());
                 let book = lib.drop_book(i);
                 let before = json!({"title": book.title, "bookshelf_id": book.shelf_id.to_string()});
-                let draft = Draft { reason: reason(rng, 350, DELETE_REASONS), ..d("book", book.id, Some(before), None) };
+                let draft =
+                    Draft { reason: reason(rng, 350, DELETE_REASONS), ..d("book", book.id, Some(before), None) };
                 if lib.deleted_books.len() >= caps.deleted_books {
                     lib.deleted_books.swap_remove(0);
                 }
@@ -726,7 +735,8 @@ impl Generator {
                     "bookshelf_id": book.shelf_id.to_string(),
                     "bookshelf_name": lib.shelf_name(book.shelf_id),
                 });
-                let draft = Draft { reason: reason(rng, 500, RESTORE_REASONS), ..d("book", book.id, None, Some(after)) };
+                let draft =
+                    Draft { reason: reason(rng, 500, RESTORE_REASONS), ..d("book", book.id, None, Some(after)) };
                 if lib.books.len() >= caps.books {
                     let i = rng.index(lib.books.len());
                     lib.drop_book(i);
@@ -745,7 +755,11 @@ impl Generator {
                 let kind = *rng.pick(BLOCK_KINDS);
                 let text = block_text(rng, kind);
                 let book = &mut lib.books[bi];
-                let position = if book.blocks > 0 && rng.chance(200) { rng.below(u64::from(book.blocks)) as u32 } else { book.blocks };
+                let position = if book.blocks > 0 && rng.chance(200) {
+                    rng.below(u64::from(book.blocks)) as u32
+                } else {
+                    book.blocks
+                };
                 book.blocks += 1;
                 let block = Block { id: rng.uuid_v7(ms), book_id: book.id, kind, text, position };
                 let after = json!({
@@ -768,7 +782,12 @@ impl Generator {
                 let (old_chars, new_chars) = (old.chars().count(), new.chars().count());
                 Draft {
                     diff: Some(json!({"text": {"chars_before": old_chars, "chars_after": new_chars}})),
-                    ..d("block", lib.blocks[i].id, Some(json!({"text": old, "book_title": title})), Some(json!({"text": new, "book_title": title})))
+                    ..d(
+                        "block",
+                        lib.blocks[i].id,
+                        Some(json!({"text": old, "book_title": title})),
+                        Some(json!({"text": new, "book_title": title})),
+                    )
                 }
             }
             "BlockMoved" => {
@@ -784,7 +803,12 @@ impl Generator {
                 }
                 lib.blocks[i].position = new;
                 let title = lib.book_title(book_id);
-                d("block", lib.blocks[i].id, Some(json!({"position": old, "book_title": title})), Some(json!({"position": new, "book_title": title})))
+                d(
+                    "block",
+                    lib.blocks[i].id,
+                    Some(json!({"position": old, "book_title": title})),
+                    Some(json!({"position": new, "book_title": title})),
+                )
             }
             "BlockDeleted" => {
                 if lib.blocks.is_empty() {
@@ -824,7 +848,10 @@ impl Generator {
                 }
                 let tag = lib.tags.swap_remove(rng.index(lib.tags.len()));
                 lib.links.retain(|l| l.tag_id != tag.id);
-                Draft { reason: reason(rng, 200, DELETE_REASONS), ..d("tag", tag.id, Some(json!({"name": tag.name})), None) }
+                Draft {
+                    reason: reason(rng, 200, DELETE_REASONS),
+                    ..d("tag", tag.id, Some(json!({"name": tag.name})), None)
+                }
             }
             "TagAdded" => {
                 if lib.tags.is_empty() || lib.books.is_empty() {
@@ -845,7 +872,8 @@ impl Generator {
                     lib.links.swap_remove(rng.index(lib.links.len()));
                 }
                 lib.links.push(Link { tag_id: tag.id, entity_type, entity_id, book_id });
-                let after = json!({"tag_id": tag.id.to_string(), "tag_name": tag.name, "book_title": lib.book_title(book_id)});
+                let after =
+                    json!({"tag_id": tag.id.to_string(), "tag_name": tag.name, "book_title": lib.book_title(book_id)});
                 d(entity_type, entity_id, None, Some(after))
             }
             "TagRemoved" => {
@@ -942,29 +970,99 @@ fn edited_text(rng: &mut Rng, kind: &str, old: &str) -> String {
 }
 
 const LIBRARY_NAMES: &[&str] = &[
-    "Alice's Notes", "Team Wiki", "Family", "Side Projects", "Study Group", "Research", "Kitchen",
-    "我的笔记", "研发团队知识库", "读书会", "家庭相册说明", "个人知识库",
+    "Alice's Notes",
+    "Team Wiki",
+    "Family",
+    "Side Projects",
+    "Study Group",
+    "Research",
+    "Kitchen",
+    "我的笔记",
+    "研发团队知识库",
+    "读书会",
+    "家庭相册说明",
+    "个人知识库",
 ];
 const SHELF_NAMES: &[&str] = &[
-    "Work", "Personal", "Reading", "Recipes", "Travel", "Archive", "Ideas", "Projects", "Learning",
-    "Inbox", "工作", "生活", "读书", "学习资料", "旅行", "归档", "灵感", "项目", "收件箱",
+    "Work",
+    "Personal",
+    "Reading",
+    "Recipes",
+    "Travel",
+    "Archive",
+    "Ideas",
+    "Projects",
+    "Learning",
+    "Inbox",
+    "工作",
+    "生活",
+    "读书",
+    "学习资料",
+    "旅行",
+    "归档",
+    "灵感",
+    "项目",
+    "收件箱",
 ];
 const BOOK_TITLES_EN: &[&str] = &[
-    "Distributed Systems Notes", "Rust Ownership Deep Dive", "Reading List", "Kyoto Travel Plan",
-    "Weekly Meal Prep", "Garden Journal", "Interview Questions", "Book Club: Dune", "Product Roadmap Q3",
-    "Meeting Notes", "Sourdough Experiments", "Marathon Training Log", "Postgres Internals",
-    "Home Renovation", "Birthday Ideas", "Research: Sleep and Memory", "Learning Japanese", "Budget",
-    "Design Review Checklist", "Poems I Like", "On-call Runbook", "Thesis Outline",
+    "Distributed Systems Notes",
+    "Rust Ownership Deep Dive",
+    "Reading List",
+    "Kyoto Travel Plan",
+    "Weekly Meal Prep",
+    "Garden Journal",
+    "Interview Questions",
+    "Book Club: Dune",
+    "Product Roadmap Q3",
+    "Meeting Notes",
+    "Sourdough Experiments",
+    "Marathon Training Log",
+    "Postgres Internals",
+    "Home Renovation",
+    "Birthday Ideas",
+    "Research: Sleep and Memory",
+    "Learning Japanese",
+    "Budget",
+    "Design Review Checklist",
+    "Poems I Like",
+    "On-call Runbook",
+    "Thesis Outline",
 ];
 const BOOK_TITLES_ZH: &[&str] = &[
-    "三体读书笔记", "红楼梦人物关系", "机器学习入门", "周末菜谱", "京都旅行计划", "年度读书清单",
-    "产品需求文档", "会议纪要", "健身计划", "英语单词本", "数据库原理", "家庭装修笔记", "育儿日记",
-    "投资理财学习", "唐诗三百首摘抄", "项目复盘", "论文阅读：注意力机制", "摄影技巧", "咖啡品鉴记录",
+    "三体读书笔记",
+    "红楼梦人物关系",
+    "机器学习入门",
+    "周末菜谱",
+    "京都旅行计划",
+    "年度读书清单",
+    "产品需求文档",
+    "会议纪要",
+    "健身计划",
+    "英语单词本",
+    "数据库原理",
+    "家庭装修笔记",
+    "育儿日记",
+    "投资理财学习",
+    "唐诗三百首摘抄",
+    "项目复盘",
+    "论文阅读：注意力机制",
+    "摄影技巧",
+    "咖啡品鉴记录",
     "日语学习笔记",
 ];
 const BLOCK_KINDS: &[&str] = &[
-    "paragraph", "paragraph", "paragraph", "paragraph", "paragraph", "paragraph", "heading", "todo",
-    "todo", "quote", "list", "code",
+    "paragraph",
+    "paragraph",
+    "paragraph",
+    "paragraph",
+    "paragraph",
+    "paragraph",
+    "heading",
+    "todo",
+    "todo",
+    "quote",
+    "list",
+    "code",
 ];
 const SENTENCES_EN: &[&str] = &[
     "The outbox keeps the write and its event in one transaction.",
@@ -992,9 +1090,14 @@ const SENTENCES_ZH: &[&str] = &[
     "本周跑量三十公里，下周增加到三十五公里。",
     "岚山的竹林要早上去，人少一些。",
 ];
-const HEADINGS: &[&str] = &["Overview", "Next steps", "Open questions", "References", "概述", "下一步", "参考资料", "待解决的问题"];
+const HEADINGS: &[&str] =
+    &["Overview", "Next steps", "Open questions", "References", "概述", "下一步", "参考资料", "待解决的问题"];
 const TODOS: &[&str] = &[
-    "[ ] book the ryokan", "[x] renew passport", "[ ] review PR #42", "[ ] 买菜", "[x] 提交报销",
+    "[ ] book the ryokan",
+    "[x] renew passport",
+    "[ ] review PR #42",
+    "[ ] 买菜",
+    "[x] 提交报销",
     "[ ] write the retro notes",
 ];
 const CODE_SNIPPETS: &[&str] = &[
@@ -1004,16 +1107,32 @@ const CODE_SNIPPETS: &[&str] = &[
     "for f in *.md; do wc -l \"$f\"; done",
 ];
 const TAG_NAMES: &[&str] = &[
-    "todo", "important", "draft", "idea", "review", "reference", "rust", "postgres", "recipe", "travel",
-    "待办", "重要", "灵感", "读书", "复习", "草稿", "工作", "家庭",
+    "todo",
+    "important",
+    "draft",
+    "idea",
+    "review",
+    "reference",
+    "rust",
+    "postgres",
+    "recipe",
+    "travel",
+    "待办",
+    "重要",
+    "灵感",
+    "读书",
+    "复习",
+    "草稿",
+    "工作",
+    "家庭",
 ];
-const CLIENTS: &[&str] = &[
-    "web/1.42.0", "web/1.42.0", "web/1.43.2", "ios/3.1", "ios/3.2.0", "android/2.8.1", "desktop/0.9.4", "api/1.0",
-];
+const CLIENTS: &[&str] =
+    &["web/1.42.0", "web/1.42.0", "web/1.43.2", "ios/3.1", "ios/3.2.0", "android/2.8.1", "desktop/0.9.4", "api/1.0"];
 const SYSTEM_CLIENTS: &[&str] = &["system/importer", "system/cleanup", "system/migration"];
 const SYSTEM_REASONS: &[&str] = &["scheduled cleanup", "import from Evernote", "data migration v2", "定期清理"];
 const RENAME_REASONS: &[&str] = &["typo", "clearer name", "改个更好的名字"];
-const DELETE_REASONS: &[&str] = &["cleanup", "duplicate", "no longer needed", "merged into another book", "整理", "重复内容", "过期资料"];
+const DELETE_REASONS: &[&str] =
+    &["cleanup", "duplicate", "no longer needed", "merged into another book", "整理", "重复内容", "过期资料"];
 const MOVE_REASONS: &[&str] = &["reorganizing shelves", "project finished", "整理书架"];
 const RESTORE_REASONS: &[&str] = &["deleted by mistake", "needed again", "误删恢复"];
 

@@ -96,16 +96,22 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
             Long("json") => json = true,
             Long("library-id") => {
                 let v = string_value(p, "library-id")?;
-                library_id = Some(Uuid::parse_str(v.trim()).map_err(|_| AppError::usage(format!("invalid --library-id {v:?}: not a UUID")))?);
+                library_id = Some(
+                    Uuid::parse_str(v.trim())
+                        .map_err(|_| AppError::usage(format!("invalid --library-id {v:?}: not a UUID")))?,
+                );
             }
             Long("batch-size") => {
                 let v = string_value(p, "batch-size")?;
-                batch_size = parse_count(v.trim(), 1, 50_000).map_err(|why| AppError::usage(format!("invalid --batch-size {v:?}: {why}")))? as usize;
+                batch_size = parse_count(v.trim(), 1, 50_000)
+                    .map_err(|why| AppError::usage(format!("invalid --batch-size {v:?}: {why}")))?
+                    as usize;
             }
             Long("writers") => {
                 let v = string_value(p, "writers")?;
                 writers = parse_count(v.trim(), 1, rebuild::MAX_WRITERS as u64)
-                    .map_err(|why| AppError::usage(format!("invalid --writers {v:?}: {why}")))? as usize;
+                    .map_err(|why| AppError::usage(format!("invalid --writers {v:?}: {why}")))?
+                    as usize;
             }
             _ => return Err(arg.unexpected().into()),
         }
@@ -153,7 +159,11 @@ pub fn run(args: Args) -> Result<()> {
         });
         println!("{out}");
     } else {
-        let what = if matches!(args.mode, Mode::EmitOutbox | Mode::TruncateEmitOutbox) { "deliveries enqueued" } else { "entries written" };
+        let what = if matches!(args.mode, Mode::EmitOutbox | Mode::TruncateEmitOutbox) {
+            "deliveries enqueued"
+        } else {
+            "entries written"
+        };
         println!(
             "rebuild {} (run {}): {} events, {} {what}, {} failed, {:.2} s",
             report.mode,

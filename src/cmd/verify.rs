@@ -185,7 +185,8 @@ mod tests {
 
     #[test]
     fn flags_parse() {
-        let a = parse_args(&["--library-id", "0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01", "--fix", "--json"]).unwrap().unwrap();
+        let a =
+            parse_args(&["--library-id", "0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01", "--fix", "--json"]).unwrap().unwrap();
         assert!(a.fix && a.json && a.library_id.is_some());
         let a = parse_args(&[]).unwrap().unwrap();
         assert!(!a.fix && !a.json && a.library_id.is_none());
@@ -195,10 +196,7 @@ mod tests {
     }
 
     fn drift(count: i64, failed: i64) -> EventDrift {
-        EventDrift {
-            all: Finding { count, examples: vec![] },
-            failed: Finding { count: failed, examples: vec![] },
-        }
+        EventDrift { all: Finding { count, examples: vec![] }, failed: Finding { count: failed, examples: vec![] } }
     }
 
     #[test]

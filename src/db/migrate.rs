@@ -92,7 +92,12 @@ pub fn status(client: &mut impl GenericClient) -> Result<Status> {
             .map_err(|e| AppError::db("while reading applied migrations", &e))?
             .iter()
             .map(|r| {
-                Ok(Applied { version: r.try_get(0)?, name: r.try_get(1)?, checksum: r.try_get(2)?, applied_at: r.try_get(3)? })
+                Ok(Applied {
+                    version: r.try_get(0)?,
+                    name: r.try_get(1)?,
+                    checksum: r.try_get(2)?,
+                    applied_at: r.try_get(3)?,
+                })
             })
             .collect::<Result<Vec<_>, postgres::Error>>()
             .map_err(|e| AppError::db("while reading applied migrations", &e))?
@@ -105,14 +110,19 @@ pub fn status(client: &mut impl GenericClient) -> Result<Status> {
                 return Err(AppError::failed(format!(
                     "applied migration {} ({}) is not known to this chronicle {}: the database was \
                      migrated by a newer version; upgrade chronicle",
-                    a.version, a.name, env!("CARGO_PKG_VERSION")
+                    a.version,
+                    a.name,
+                    env!("CARGO_PKG_VERSION")
                 )))
             }
             Some(m) if checksum(m.sql) != a.checksum => {
                 return Err(AppError::failed(format!(
                     "applied migration {} ({}) differs from the one in this binary (checksum {} in the \
                      database, {} embedded): a released migration was edited; restore it and add a new one",
-                    a.version, a.name, a.checksum, checksum(m.sql)
+                    a.version,
+                    a.name,
+                    a.checksum,
+                    checksum(m.sql)
                 )))
             }
             Some(_) => {}
@@ -279,14 +289,14 @@ fn events_table_differences(existing: &[(String, String, bool, bool)], id_is_key
 /// SHA-256 (FIPS 180-4), here so checksums need no dependency.
 fn sha256_hex(data: &[u8]) -> String {
     const K: [u32; 64] = [
-        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
-        0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
-        0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
-        0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
-        0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
-        0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
-        0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
-        0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2,
+        0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5, 0xd807aa98,
+        0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174, 0xe49b69c1, 0xefbe4786,
+        0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da, 0x983e5152, 0xa831c66d, 0xb00327c8,
+        0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967, 0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13,
+        0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85, 0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819,
+        0xd6990624, 0xf40e3585, 0x106aa070, 0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a,
+        0x5b9cca4f, 0x682e6ff3, 0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7,
+        0xc67178f2,
     ];
     let mut h: [u32; 8] =
         [0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19];

@@ -50,7 +50,12 @@ enum Check {
 
 /// Decides the check from the mode and the root certificate settings. Pure: whether
 /// the default file exists is passed in.
-fn plan(mode: SslMode, root_cert: Option<&str>, default_root: Option<&Path>, default_exists: bool) -> Result<Check, String> {
+fn plan(
+    mode: SslMode,
+    root_cert: Option<&str>,
+    default_root: Option<&Path>,
+    default_exists: bool,
+) -> Result<Check, String> {
     let root_cert = root_cert.filter(|p| !p.is_empty());
     if root_cert == Some("system") && !matches!(mode, SslMode::Disable | SslMode::Prefer) {
         return Err("sslrootcert=system (the operating system's trusted roots) is not supported: \
@@ -99,7 +104,9 @@ pub fn connector(url: &DbUrl) -> Result<Connector> {
         .map_err(AppError::Usage)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = match &check {
-        Check::Nothing => Arc::new(NameUnchecked { roots: None, algorithms: provider.signature_verification_algorithms }),
+        Check::Nothing => {
+            Arc::new(NameUnchecked { roots: None, algorithms: provider.signature_verification_algorithms })
+        }
         Check::Chain(path) => Arc::new(NameUnchecked {
             roots: Some(Arc::new(load_roots(path)?)),
             algorithms: provider.signature_verification_algorithms,
@@ -110,12 +117,14 @@ pub fn connector(url: &DbUrl) -> Result<Connector> {
                 .map_err(|e| root_error(path, &format!("cannot be used to verify certificates: {e}")))?
         }
     };
-    let config = client_config(provider, verifier)
-        .map_err(|e| AppError::failed(format!("cannot set up TLS: {e}")))?;
+    let config = client_config(provider, verifier).map_err(|e| AppError::failed(format!("cannot set up TLS: {e}")))?;
     Ok(MakeRustlsConnect::new(config))
 }
 
-fn client_config(provider: Arc<CryptoProvider>, verifier: Arc<dyn ServerCertVerifier>) -> Result<ClientConfig, rustls::Error> {
+fn client_config(
+    provider: Arc<CryptoProvider>,
+    verifier: Arc<dyn ServerCertVerifier>,
+) -> Result<ClientConfig, rustls::Error> {
     Ok(ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .dangerous()
@@ -165,7 +174,13 @@ impl ServerCertVerifier for NameUnchecked {
     ) -> Result<ServerCertVerified, rustls::Error> {
         if let Some(roots) = &self.roots {
             let cert = ParsedCertificate::try_from(end_entity)?;
-            rustls::client::verify_server_cert_signed_by_trust_anchor(&cert, roots, intermediates, now, self.algorithms.all)?;
+            rustls::client::verify_server_cert_signed_by_trust_anchor(
+                &cert,
+                roots,
+                intermediates,
+                now,
+                self.algorithms.all,
+            )?;
         }
         Ok(ServerCertVerified::assertion())
     }
@@ -320,7 +335,10 @@ mod tests {
         ] {
             let u = url(&format!("postgres://u@localhost/db?sslmode=verify-full&sslrootcert={}", path.display()));
             let msg = usage(connector(&u));
-            assert!(msg.contains("sslrootcert") && msg.contains(&path.display().to_string()) && msg.contains(why), "{msg}");
+            assert!(
+                msg.contains("sslrootcert") && msg.contains(&path.display().to_string()) && msg.contains(why),
+                "{msg}"
+            );
         }
         // prefer and disable never read it, like libpq.
         for mode in ["prefer", "disable"] {

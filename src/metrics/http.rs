@@ -23,12 +23,11 @@ pub struct MetricsServer {
 /// background thread.
 pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool>) -> Result<MetricsServer> {
     let server = tiny_http::Server::http((bind, port)).map_err(|e| {
-        AppError::failed(format!("cannot serve metrics on {bind}:{port} (OUTBOX_METRICS_BIND/OUTBOX_METRICS_PORT): {e}"))
+        AppError::failed(format!(
+            "cannot serve metrics on {bind}:{port} (OUTBOX_METRICS_BIND/OUTBOX_METRICS_PORT): {e}"
+        ))
     })?;
-    let addr = server
-        .server_addr()
-        .to_ip()
-        .ok_or_else(|| AppError::failed("the metrics server has no IP address"))?;
+    let addr = server.server_addr().to_ip().ok_or_else(|| AppError::failed("the metrics server has no IP address"))?;
     std::thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || {

@@ -118,11 +118,31 @@ impl Metrics {
         out.push_str(&format!("chronicle_build_info{{{lbl},version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION")));
 
         let gauge_rows: [(&str, &str, Option<f64>); 5] = [
-            ("chronicle_outbox_pending_events", "Outbox rows waiting to be projected (backlog).", gauges.map(|g| g.pending as f64)),
-            ("chronicle_outbox_oldest_pending_age_seconds", "Age of the oldest pending outbox row.", gauges.map(|g| g.oldest_pending_age_seconds)),
-            ("chronicle_outbox_inflight_events", "Outbox rows being processed (claimed under a lease).", gauges.map(|g| g.inflight as f64)),
-            ("chronicle_outbox_stuck_processing_events", "Processing rows past their lease or the maximum processing time.", gauges.map(|g| g.stuck as f64)),
-            ("chronicle_outbox_failed_events", "Outbox rows in the terminal failed state.", gauges.map(|g| g.failed as f64)),
+            (
+                "chronicle_outbox_pending_events",
+                "Outbox rows waiting to be projected (backlog).",
+                gauges.map(|g| g.pending as f64),
+            ),
+            (
+                "chronicle_outbox_oldest_pending_age_seconds",
+                "Age of the oldest pending outbox row.",
+                gauges.map(|g| g.oldest_pending_age_seconds),
+            ),
+            (
+                "chronicle_outbox_inflight_events",
+                "Outbox rows being processed (claimed under a lease).",
+                gauges.map(|g| g.inflight as f64),
+            ),
+            (
+                "chronicle_outbox_stuck_processing_events",
+                "Processing rows past their lease or the maximum processing time.",
+                gauges.map(|g| g.stuck as f64),
+            ),
+            (
+                "chronicle_outbox_failed_events",
+                "Outbox rows in the terminal failed state.",
+                gauges.map(|g| g.failed as f64),
+            ),
         ];
         for (name, help, value) in gauge_rows {
             family(&mut out, name, "gauge", help);
@@ -133,16 +153,33 @@ impl Metrics {
 
         let counters: [(&str, &str, &AtomicU64); 5] = [
             ("chronicle_outbox_processed_total", "Events projected into entries and marked done.", &self.processed),
-            ("chronicle_outbox_retry_scheduled_total", "Rows sent back to pending after a transient failure.", &self.retry_scheduled),
-            ("chronicle_outbox_reclaimed_total", "Stuck rows returned to pending (or failed) by the reclaim loop.", &self.reclaimed),
-            ("chronicle_outbox_lease_lost_total", "Rows this worker could not complete because its claim was lost.", &self.lease_lost),
+            (
+                "chronicle_outbox_retry_scheduled_total",
+                "Rows sent back to pending after a transient failure.",
+                &self.retry_scheduled,
+            ),
+            (
+                "chronicle_outbox_reclaimed_total",
+                "Stuck rows returned to pending (or failed) by the reclaim loop.",
+                &self.reclaimed,
+            ),
+            (
+                "chronicle_outbox_lease_lost_total",
+                "Rows this worker could not complete because its claim was lost.",
+                &self.lease_lost,
+            ),
             ("chronicle_outbox_db_errors_total", "Database errors met by this process.", &self.db_errors),
         ];
         for (name, help, c) in counters {
             family(&mut out, name, "counter", help);
             out.push_str(&format!("{name}{{{lbl}}} {}\n", Self::get(c)));
         }
-        family(&mut out, "chronicle_outbox_terminal_failed_total", "counter", "Rows that ended failed, by error_reason.");
+        family(
+            &mut out,
+            "chronicle_outbox_terminal_failed_total",
+            "counter",
+            "Rows that ended failed, by error_reason.",
+        );
         for (reason, c) in ERROR_REASONS.iter().zip(&self.terminal_failed) {
             out.push_str(&format!(
                 "chronicle_outbox_terminal_failed_total{{{lbl},error_reason=\"{reason}\"}} {}\n",
@@ -150,12 +187,38 @@ impl Metrics {
             ));
         }
 
-        histogram(&mut out, "chronicle_outbox_batch_duration_seconds", "Time to claim, project and complete one batch.", &lbl, &self.batch_duration);
-        histogram(&mut out, "chronicle_projection_latency_seconds", "Time from an event's insert to its entry's commit.", &lbl, &self.projection_latency);
-        histogram(&mut out, "chronicle_rebuild_duration_seconds", "Duration of rebuild runs.", &lbl, &self.rebuild_duration);
+        histogram(
+            &mut out,
+            "chronicle_outbox_batch_duration_seconds",
+            "Time to claim, project and complete one batch.",
+            &lbl,
+            &self.batch_duration,
+        );
+        histogram(
+            &mut out,
+            "chronicle_projection_latency_seconds",
+            "Time from an event's insert to its entry's commit.",
+            &lbl,
+            &self.projection_latency,
+        );
+        histogram(
+            &mut out,
+            "chronicle_rebuild_duration_seconds",
+            "Duration of rebuild runs.",
+            &lbl,
+            &self.rebuild_duration,
+        );
         for (name, help, v) in [
-            ("chronicle_rebuild_last_finished_timestamp_seconds", "When the last rebuild finished (seconds since the epoch).", &self.rebuild_last_finished),
-            ("chronicle_rebuild_last_success_timestamp_seconds", "When the last successful rebuild finished (seconds since the epoch).", &self.rebuild_last_success),
+            (
+                "chronicle_rebuild_last_finished_timestamp_seconds",
+                "When the last rebuild finished (seconds since the epoch).",
+                &self.rebuild_last_finished,
+            ),
+            (
+                "chronicle_rebuild_last_success_timestamp_seconds",
+                "When the last successful rebuild finished (seconds since the epoch).",
+                &self.rebuild_last_success,
+            ),
         ] {
             family(&mut out, name, "gauge", help);
             if let Some(t) = v.lock().map(|g| *g).unwrap_or(None) {
@@ -206,25 +269,37 @@ mod tests {
         m.processed.fetch_add(3, Ordering::Relaxed);
         m.terminal_failure("invalid_payload");
         m.batch_duration.observe(0.003);
-        *m.gauges.lock().unwrap() = Some(Gauges { pending: 5, oldest_pending_age_seconds: 1.5, inflight: 2, stuck: 0, failed: 1 });
+        *m.gauges.lock().unwrap() =
+            Some(Gauges { pending: 5, oldest_pending_age_seconds: 1.5, inflight: 2, stuck: 0, failed: 1 });
         let text = m.render();
         for name in [
-            "chronicle_outbox_pending_events", "chronicle_outbox_oldest_pending_age_seconds",
-            "chronicle_outbox_inflight_events", "chronicle_outbox_stuck_processing_events",
-            "chronicle_outbox_failed_events", "chronicle_outbox_processed_total",
-            "chronicle_outbox_retry_scheduled_total", "chronicle_outbox_terminal_failed_total",
-            "chronicle_outbox_reclaimed_total", "chronicle_outbox_lease_lost_total",
-            "chronicle_outbox_db_errors_total", "chronicle_outbox_batch_duration_seconds",
-            "chronicle_projection_latency_seconds", "chronicle_rebuild_duration_seconds",
+            "chronicle_outbox_pending_events",
+            "chronicle_outbox_oldest_pending_age_seconds",
+            "chronicle_outbox_inflight_events",
+            "chronicle_outbox_stuck_processing_events",
+            "chronicle_outbox_failed_events",
+            "chronicle_outbox_processed_total",
+            "chronicle_outbox_retry_scheduled_total",
+            "chronicle_outbox_terminal_failed_total",
+            "chronicle_outbox_reclaimed_total",
+            "chronicle_outbox_lease_lost_total",
+            "chronicle_outbox_db_errors_total",
+            "chronicle_outbox_batch_duration_seconds",
+            "chronicle_projection_latency_seconds",
+            "chronicle_rebuild_duration_seconds",
             "chronicle_rebuild_last_finished_timestamp_seconds",
-            "chronicle_rebuild_last_success_timestamp_seconds", "chronicle_build_info",
+            "chronicle_rebuild_last_success_timestamp_seconds",
+            "chronicle_build_info",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
         assert!(text.contains("chronicle_outbox_processed_total{worker_id=\"c\\\"1\"} 3\n"), "{text}");
         assert!(text.contains("error_reason=\"invalid_payload\"} 1\n"));
         assert!(text.contains("chronicle_outbox_pending_events{worker_id=\"c\\\"1\"} 5\n"));
-        assert!(text.contains("chronicle_outbox_batch_duration_seconds_bucket{worker_id=\"c\\\"1\",le=\"0.005\"} 1\n"), "{text}");
+        assert!(
+            text.contains("chronicle_outbox_batch_duration_seconds_bucket{worker_id=\"c\\\"1\",le=\"0.005\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("chronicle_outbox_batch_duration_seconds_count{worker_id=\"c\\\"1\"} 1\n"));
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.contains("worker_id="), "{line}");

@@ -155,18 +155,21 @@ fn copy_shape(client: &mut Client) -> Result<Renames> {
         let conname: Option<String> = r.try_get(2).map_err(|e| AppError::db(ctx, &e))?;
         let contype: Option<String> = r.try_get(3).map_err(|e| AppError::db(ctx, &e))?;
         let temp = format!("chronicle_rb_{n}");
-        let on_live = def.find(" ON ").ok_or_else(|| AppError::failed(format!("unexpected index definition: {def}")))?;
+        let on_live =
+            def.find(" ON ").ok_or_else(|| AppError::failed(format!("unexpected index definition: {def}")))?;
         let using = def[on_live..].find(" USING ").map(|i| on_live + i).unwrap_or(def.len());
         let head = if def.starts_with("CREATE UNIQUE INDEX") { "CREATE UNIQUE INDEX" } else { "CREATE INDEX" };
         ddl.push(format!("{head} {temp} ON {SHADOW}{}", &def[using..]));
         match (conname, contype.as_deref()) {
             (Some(con), Some("p")) => {
                 ddl.push(format!("ALTER TABLE {SHADOW} ADD CONSTRAINT {temp} PRIMARY KEY USING INDEX {temp}"));
-                renames.push(format!("ALTER TABLE chronicle_entries RENAME CONSTRAINT {temp} TO {}", quote_ident(&con)));
+                renames
+                    .push(format!("ALTER TABLE chronicle_entries RENAME CONSTRAINT {temp} TO {}", quote_ident(&con)));
             }
             (Some(con), Some("u")) => {
                 ddl.push(format!("ALTER TABLE {SHADOW} ADD CONSTRAINT {temp} UNIQUE USING INDEX {temp}"));
-                renames.push(format!("ALTER TABLE chronicle_entries RENAME CONSTRAINT {temp} TO {}", quote_ident(&con)));
+                renames
+                    .push(format!("ALTER TABLE chronicle_entries RENAME CONSTRAINT {temp} TO {}", quote_ident(&con)));
             }
             _ => renames.push(format!("ALTER INDEX {temp} RENAME TO {}", quote_ident(&name))),
         }
@@ -196,7 +199,11 @@ fn copy_shape(client: &mut Client) -> Result<Renames> {
         let check: Option<String> = p.try_get(5).map_err(|e| AppError::db(ctx, &e))?;
         let roles: Vec<String> =
             roles.iter().map(|r| if r == "public" { "PUBLIC".to_string() } else { quote_ident(r) }).collect();
-        let mut sql = format!("CREATE POLICY {} ON {SHADOW} AS {permissive} FOR {cmd} TO {}", quote_ident(&name), roles.join(", "));
+        let mut sql = format!(
+            "CREATE POLICY {} ON {SHADOW} AS {permissive} FOR {cmd} TO {}",
+            quote_ident(&name),
+            roles.join(", ")
+        );
         if let Some(q) = qual {
             sql.push_str(&format!(" USING ({q})"));
         }
@@ -275,7 +282,10 @@ fn swap_once(client: &mut Client, report: &mut Report, renames: &Renames) -> Res
 }
 
 fn quote_ident(s: &str) -> String {
-    if !s.is_empty() && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_') && !s.starts_with(|c: char| c.is_ascii_digit()) {
+    if !s.is_empty()
+        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+        && !s.starts_with(|c: char| c.is_ascii_digit())
+    {
         s.to_string()
     } else {
         format!("\"{}\"", s.replace('"', "\"\""))

@@ -128,13 +128,14 @@ pub fn run_once(
     let started = Instant::now();
     let token = Uuid::now_v7();
     hold(shared, token, true);
-    let claimed = match outbox::claim_batch_with(conn, &prepared.claim_batch, cfg.batch_size, &cfg.worker_id, token, cfg.lease) {
-        Ok(c) => c,
-        Err(e) => {
-            hold(shared, token, false);
-            return Err(e);
-        }
-    };
+    let claimed =
+        match outbox::claim_batch_with(conn, &prepared.claim_batch, cfg.batch_size, &cfg.worker_id, token, cfg.lease) {
+            Ok(c) => c,
+            Err(e) => {
+                hold(shared, token, false);
+                return Err(e);
+            }
+        };
     let mut report = BatchReport { claimed: claimed.len(), ..Default::default() };
     if claimed.is_empty() {
         hold(shared, token, false);
@@ -177,12 +178,17 @@ pub fn run_once(
                 // Interrupted by shutdown: the rows were not tried; give them back.
                 match outbox::release_claim(conn, &ids, token) {
                     Ok(n) => report.released = n,
-                    Err(e) => log::warn!("could not release rows on shutdown (the reclaim loop will): {}", db::describe_error(&e)),
+                    Err(e) => log::warn!(
+                        "could not release rows on shutdown (the reclaim loop will): {}",
+                        db::describe_error(&e)
+                    ),
                 }
             } else {
                 let delays: Vec<(i64, Duration)> = held
                     .iter()
-                    .map(|&(id, attempts)| (id, backoff(attempts.max(1) as u32, cfg.base_backoff, cfg.max_backoff, jitter.next_f64())))
+                    .map(|&(id, attempts)| {
+                        (id, backoff(attempts.max(1) as u32, cfg.base_backoff, cfg.max_backoff, jitter.next_f64()))
+                    })
                     .collect();
                 let msg = format!("transient: {}", db::describe_error(&e));
                 match outbox::schedule_retry(conn, &delays, cfg.max_attempts, &msg, token) {
@@ -211,7 +217,10 @@ pub fn run_once(
     Metrics::add(&m.retry_scheduled, report.retried);
     Metrics::add(&m.lease_lost, report.lease_lost);
     if report.lease_lost > 0 {
-        log::warn!("lost the claim on {} row(s) (reclaimed by another worker); changed nothing for them", report.lease_lost);
+        log::warn!(
+            "lost the claim on {} row(s) (reclaimed by another worker); changed nothing for them",
+            report.lease_lost
+        );
     }
     m.batch_duration.observe(started.elapsed().as_secs_f64());
     Ok(report)
@@ -246,7 +255,11 @@ fn project_batch(claimed: Vec<Claimed>) -> (Vec<(i64, Entry)>, Vec<Failure>) {
             }),
             Some(Ok(ev)) => match projection::project(ev) {
                 Ok(entry) => ok.push((c.outbox_id, entry)),
-                Err(e) => failures.push(Failure { outbox_id: c.outbox_id, error_reason: e.error_reason(), error: e.to_string() }),
+                Err(e) => failures.push(Failure {
+                    outbox_id: c.outbox_id,
+                    error_reason: e.error_reason(),
+                    error: e.to_string(),
+                }),
             },
         }
     }

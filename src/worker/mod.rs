@@ -300,7 +300,11 @@ pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
             shared.db_ok();
             let n = o.retried + o.exhausted;
             if n > 0 {
-                log::warn!("reclaimed {n} stuck row(s): {} back to pending, {} failed (max_attempts_exceeded)", o.retried, o.exhausted);
+                log::warn!(
+                    "reclaimed {n} stuck row(s): {} back to pending, {} failed (max_attempts_exceeded)",
+                    o.retried,
+                    o.exhausted
+                );
                 Metrics::add(&shared.metrics.reclaimed, n);
                 for _ in 0..o.exhausted {
                     shared.metrics.terminal_failure("max_attempts_exceeded");

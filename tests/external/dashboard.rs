@@ -68,7 +68,10 @@ fn the_dashboard_is_grafana_json_with_datasource_and_worker_id_variables() {
     let ds = variable(&d, "datasource");
     assert_eq!(ds["type"], "datasource");
     assert_eq!(ds["query"], "prometheus");
-    assert!(d["__inputs"].as_array().into_iter().flatten().any(|i| i["name"] == "DS_PROMETHEUS"), "__inputs DS_PROMETHEUS");
+    assert!(
+        d["__inputs"].as_array().into_iter().flatten().any(|i| i["name"] == "DS_PROMETHEUS"),
+        "__inputs DS_PROMETHEUS"
+    );
     let worker = variable(&d, "worker_id");
     assert_eq!(worker["type"], "query");
     assert!(worker["definition"].as_str().unwrap_or("").contains("worker_id"), "{worker}");
@@ -80,7 +83,11 @@ fn the_dashboard_is_grafana_json_with_datasource_and_worker_id_variables() {
         let title = p["title"].as_str().unwrap_or("?");
         assert!(ids.insert(p["id"].as_i64().expect("panel id")), "duplicate panel id in {title}");
         let g = &p["gridPos"];
-        assert!(g["w"].as_i64().is_some_and(|w| w > 0) && g["x"].as_i64().is_some_and(|x| x + g["w"].as_i64().unwrap() <= 24), "{title}: gridPos {g}");
+        assert!(
+            g["w"].as_i64().is_some_and(|w| w > 0)
+                && g["x"].as_i64().is_some_and(|x| x + g["w"].as_i64().unwrap() <= 24),
+            "{title}: gridPos {g}"
+        );
         if p["type"] == "row" {
             continue;
         }
@@ -135,9 +142,14 @@ fn the_dashboard_and_the_alert_rules_use_only_metric_names_a_worker_exports() {
 
     let d = dashboard();
     let mut on_dashboard = BTreeSet::new();
-    for (title, expr) in panel_exprs(&d).into_iter().chain(variable_queries(&d).into_iter().map(|q| ("variable".to_string(), q))) {
+    for (title, expr) in
+        panel_exprs(&d).into_iter().chain(variable_queries(&d).into_iter().map(|q| ("variable".to_string(), q)))
+    {
         for name in metric_names(&expr) {
-            assert!(exported.contains_key(&name), "dashboard panel {title:?} uses {name}, which the worker does not export: {expr}");
+            assert!(
+                exported.contains_key(&name),
+                "dashboard panel {title:?} uses {name}, which the worker does not export: {expr}"
+            );
             on_dashboard.insert(name);
         }
     }
@@ -147,7 +159,10 @@ fn the_dashboard_and_the_alert_rules_use_only_metric_names_a_worker_exports() {
 
     for (alert, expr) in alert_exprs() {
         for name in metric_names(&expr) {
-            assert!(exported.contains_key(&name), "alert {alert} uses {name}, which the worker does not export: {expr}");
+            assert!(
+                exported.contains_key(&name),
+                "alert {alert} uses {name}, which the worker does not export: {expr}"
+            );
         }
     }
 }

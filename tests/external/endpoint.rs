@@ -77,7 +77,11 @@ fn every_metric_moves_as_the_worker_drains() {
     worker.wait_for("chronicle_outbox_inflight_events", &[], "a batch held in flight", |v| v >= 1.0);
     let pending = worker.wait_for("chronicle_outbox_pending_events", &[], "a backlog", |v| v >= 1.0);
     assert!(pending <= (N + 1) as f64, "pending {pending}");
-    assert_eq!(worker_sample(&worker, "chronicle_outbox_processed_total", &[]), 0.0, "nothing completes while entries are locked");
+    assert_eq!(
+        worker_sample(&worker, "chronicle_outbox_processed_total", &[]),
+        0.0,
+        "nothing completes while entries are locked"
+    );
     tx.commit().unwrap();
 
     worker.wait_for("chronicle_outbox_processed_total", &[], "every event processed", |v| v == N as f64);
@@ -88,7 +92,9 @@ fn every_metric_moves_as_the_worker_drains() {
     worker.wait_for("chronicle_outbox_oldest_pending_age_seconds", &[], "no pending age", |v| v == 0.0);
 
     let text = worker.metrics();
-    let at = |name: &str, labels: &[(&str, &str)]| sample(&text, name, labels).unwrap_or_else(|| panic!("{name} missing:\n{text}"));
+    let at = |name: &str, labels: &[(&str, &str)]| {
+        sample(&text, name, labels).unwrap_or_else(|| panic!("{name} missing:\n{text}"))
+    };
     assert_eq!(at("chronicle_projection_latency_seconds_count", &[]), N as f64, "one latency per projected event");
     let batches = at("chronicle_outbox_batch_duration_seconds_count", &[]);
     assert!(batches >= (N / 20) as f64, "batches observed: {batches}");
@@ -191,9 +197,15 @@ fn silent_garbage_and_huge_header_clients_delay_neither_scrapes_nor_the_drain() 
 
     let mut bad: Vec<TcpStream> = Vec::new();
     for _ in 0..64 {
-        bad.push(TcpStream::connect(worker.addr).expect("a silent client connects")); // sends nothing
+        bad.push(TcpStream::connect(worker.addr).expect("a silent client connects"));
+        // sends nothing
     }
-    for garbage in [&b"\x00\xff\xfe garbage without a line end"[..], b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"] {
+    for garbage in [
+        &b"\x00\xff\xfe garbage without a line end"[..],
+        b"GARBAGE\r\n\r\n",
+        b"GET\r\n\r\n",
+        b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    ] {
         let mut s = TcpStream::connect(worker.addr).unwrap();
         s.write_all(garbage).unwrap();
         bad.push(s);

@@ -3,9 +3,9 @@
 //! poison event fires ChronicleTerminalFailures, and every dashboard query is valid
 //! PromQL that it answers.
 
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
@@ -106,7 +106,6 @@ impl Drop for Prometheus {
     }
 }
 
-
 /// The worker's target as Prometheus' API reports it, once it has been scraped: health.
 fn target_health(p: &Prometheus) -> Option<String> {
     let v = p.api("/api/v1/targets?state=active");
@@ -124,9 +123,12 @@ fn a_real_prometheus_reads_back_what_the_worker_did_and_fires_on_a_poison_event(
 
     // Scraped, with every counter at 0, before any work: increase() then sees the rises.
     prom.wait("the worker's target to be up", || target_health(&prom).as_deref() == Some("up"));
-    prom.wait("processed_total = 0 stored", || prom.value("chronicle_outbox_processed_total{job=\"chronicle\"}") == Some(0.0));
+    prom.wait("processed_total = 0 stored", || {
+        prom.value("chronicle_outbox_processed_total{job=\"chronicle\"}") == Some(0.0)
+    });
     prom.wait("terminal failures stored", || {
-        prom.value("chronicle_outbox_terminal_failed_total{job=\"chronicle\",error_reason=\"unknown_event_type\"}") == Some(0.0)
+        prom.value("chronicle_outbox_terminal_failed_total{job=\"chronicle\",error_reason=\"unknown_event_type\"}")
+            == Some(0.0)
     });
     assert_eq!(prom.value("up{job=\"chronicle\"}"), Some(1.0));
 
@@ -146,7 +148,12 @@ fn a_real_prometheus_reads_back_what_the_worker_did_and_fires_on_a_poison_event(
     let names: Vec<String> = alert_blocks().into_iter().map(|(n, _)| n).collect();
     prom.wait("every rule evaluated", || {
         let v = prom.api("/api/v1/rules");
-        let rules: Vec<Value> = v["data"]["groups"].as_array().into_iter().flatten().flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default()).collect();
+        let rules: Vec<Value> = v["data"]["groups"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+            .collect();
         for r in &rules {
             assert_ne!(r["health"], "err", "rule {} fails to evaluate: {r}", r["name"]);
         }
@@ -197,9 +204,16 @@ fn every_dashboard_query_runs_on_a_real_prometheus() {
             .replace("$worker_id", ".*");
         assert!(!promql.contains('$'), "{title}: an unknown variable in {expr}");
         let result = prom.query(&promql);
-        let outbox_gauge = ["pending_events", "inflight_events", "failed_events", "stuck_processing_events", "oldest_pending_age_seconds", "up{"]
-            .iter()
-            .any(|g| promql.contains(g));
+        let outbox_gauge = [
+            "pending_events",
+            "inflight_events",
+            "failed_events",
+            "stuck_processing_events",
+            "oldest_pending_age_seconds",
+            "up{",
+        ]
+        .iter()
+        .any(|g| promql.contains(g));
         if outbox_gauge {
             assert!(!result.is_empty(), "{title}: no data for {promql}");
         }

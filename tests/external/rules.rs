@@ -34,7 +34,9 @@ pub fn alert_exprs() -> Vec<(String, String)> {
                 if let Some(rest) = t.strip_prefix("expr:") {
                     in_expr = true;
                     expr.push_str(rest.trim().trim_start_matches('|'));
-                } else if in_expr && (t.starts_with("for:") || t.starts_with("labels:") || t.starts_with("annotations:")) {
+                } else if in_expr
+                    && (t.starts_with("for:") || t.starts_with("labels:") || t.starts_with("annotations:"))
+                {
                     in_expr = false;
                 } else if in_expr {
                     expr.push(' ');
@@ -104,6 +106,7 @@ fn every_alert_has_a_severity_and_says_what_to_run() {
         assert!(block.contains("description:"), "{name}: no description annotation");
         assert!(block.contains("`chronicle "), "{name}: the description names no chronicle command");
     }
-    let (_, failures) = alert_exprs().into_iter().find(|(n, _)| n == "ChronicleTerminalFailures").expect("ChronicleTerminalFailures");
+    let (_, failures) =
+        alert_exprs().into_iter().find(|(n, _)| n == "ChronicleTerminalFailures").expect("ChronicleTerminalFailures");
     assert!(failures.contains("by (job, error_reason)"), "terminal failures must keep error_reason: {failures}");
 }

@@ -161,7 +161,12 @@ pub fn watchdog(child: u32, file: &str, marker: &str, path: &Path) {
             path = path.display(),
             me = std::process::id()
         );
-        let _ = Command::new("sh").args(["-c", &script]).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null()).spawn();
+        let _ = Command::new("sh")
+            .args(["-c", &script])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn();
     }
 }
 
@@ -289,9 +294,11 @@ impl Gate {
     /// A closed gate to the server of `db`.
     pub fn new(db: &TestDb) -> Gate {
         let host = if db.server.host.starts_with('/') { "127.0.0.1" } else { db.server.host.as_str() };
-        let target = (host, db.server.port).to_socket_addrs().expect("the test server's address").next().expect("an address");
+        let target =
+            (host, db.server.port).to_socket_addrs().expect("the test server's address").next().expect("an address");
         let port = free_port();
-        let (open, listening, stop) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
+        let (open, listening, stop) =
+            (Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)), Arc::new(AtomicBool::new(false)));
         let conns: Arc<Mutex<Vec<TcpStream>>> = Arc::new(Mutex::new(Vec::new()));
         let thread = {
             let (open, listening, stop, conns) = (open.clone(), listening.clone(), stop.clone(), conns.clone());
@@ -336,12 +343,16 @@ impl Gate {
 
     pub fn open(&self) {
         self.open.store(true, Ordering::SeqCst);
-        crate::util::wait_until(Duration::from_secs(10), "the gate to listen", || self.listening.load(Ordering::SeqCst));
+        crate::util::wait_until(Duration::from_secs(10), "the gate to listen", || {
+            self.listening.load(Ordering::SeqCst)
+        });
     }
 
     pub fn close(&self) {
         self.open.store(false, Ordering::SeqCst);
-        crate::util::wait_until(Duration::from_secs(10), "the gate to stop listening", || !self.listening.load(Ordering::SeqCst));
+        crate::util::wait_until(Duration::from_secs(10), "the gate to stop listening", || {
+            !self.listening.load(Ordering::SeqCst)
+        });
         for s in self.conns.lock().unwrap().drain(..) {
             let _ = s.shutdown(std::net::Shutdown::Both);
         }
