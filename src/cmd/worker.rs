@@ -16,7 +16,8 @@ batch. Transient failures retry with exponential backoff and jitter; determinist
 failed with an error_reason (see `chronicle replay-failed`). A reclaim loop returns rows of
 crashed workers to pending. Idle threads wake on NOTIFY; polling is the fallback.
 Ctrl+C / SIGTERM: stop claiming, finish or release the current batch, exit 0. A second
-signal exits at once. An unreachable database is waited for, never fatal.
+signal exits at once. An unreachable database is waited for, never fatal; one that refuses us
+(credentials, database name) too, reported as an error at most once a minute.
 
 USAGE:
     chronicle worker [FLAGS]

@@ -8,6 +8,7 @@ pub mod migrate;
 pub mod tls;
 
 use std::error::Error as _;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use postgres::error::SqlState;
@@ -43,7 +44,7 @@ pub fn connect_for_command(url: &DbUrl) -> Result<Client> {
 /// server's error response (network, TLS negotiation or certificate, authentication
 /// exchange) means we could not get a connection: exit 3. The server's errors keep
 /// their SQLSTATE classification.
-fn connect_failure(url: &DbUrl, err: &postgres::Error) -> AppError {
+pub fn connect_failure(url: &DbUrl, err: &postgres::Error) -> AppError {
     let context = format!("cannot connect to {url}");
     match err.source().and_then(|s| s.downcast_ref::<tls::SetupError>()) {
         Some(setup) => AppError::Usage(format!("{context}: {setup}")),
@@ -65,6 +66,7 @@ pub fn cancel_query(url: &DbUrl, token: &CancelToken) -> Result<(), postgres::Er
 }
 
 /// Connects, retrying until `wait` has passed (for containers started in any order).
+/// A server that refuses us (`is_refusal`) is not waited for: it will not change its mind.
 pub fn connect_waiting(url: &DbUrl, wait: Duration) -> Result<Client> {
     tls::connector(url)?;
     let deadline = Instant::now() + wait;
@@ -73,7 +75,7 @@ pub fn connect_waiting(url: &DbUrl, wait: Duration) -> Result<Client> {
     loop {
         match connect(url) {
             Ok(c) => return Ok(c),
-            Err(e) if is_connection_error(&e) && Instant::now() < deadline => {
+            Err(e) if is_connection_error(&e) && !is_refusal(&e) && Instant::now() < deadline => {
                 if !logged {
                     log::warn!("waiting up to {wait:?} for the database at {url}: {}", describe_error(&e));
                     logged = true;
@@ -90,9 +92,9 @@ pub type Pool = r2d2::Pool<r2d2_postgres::PostgresConnectionManager<tls::Connect
 pub type PooledClient = r2d2::PooledConnection<r2d2_postgres::PostgresConnectionManager<tls::Connector>>;
 
 /// Builds a pool of `size` connections, with TLS as the URL's `sslmode` says (unusable
-/// TLS settings are exit 2). It does not connect until first used, so a worker can
+/// TLS settings are exit 2); refusals to open one are reported to `refusals`. It does not connect until first used, so a worker can
 /// start before the database does.
-pub fn pool(url: &DbUrl, size: u32) -> Result<Pool> {
+pub fn pool(url: &DbUrl, size: u32, refusals: Arc<RefusalLog>) -> Result<Pool> {
     let connector = tls::connector(url)?;
     let mut config = url.config.clone();
     if config.get_connect_timeout().is_none() {
@@ -100,11 +102,55 @@ pub fn pool(url: &DbUrl, size: u32) -> Result<Pool> {
     }
     let manager = r2d2_postgres::PostgresConnectionManager::new(config, connector);
     Ok(r2d2::Pool::builder()
+        .error_handler(Box::new(PoolErrors { url: url.clone(), refusals }))
         .max_size(size)
         .min_idle(Some(0))
         .connection_timeout(Duration::from_secs(5))
         .test_on_check_out(false)
         .build_unchecked(manager))
+}
+
+/// Reports a server that refuses us (a wrong or rotated password, a role no longer
+/// allowed to log in, a dropped database): an error an operator must fix, logged at error
+/// level at most once a minute while it lasts, naming the server (password masked) and
+/// its reason. One per worker process, shared by its connection attempts.
+#[derive(Debug, Default)]
+pub struct RefusalLog {
+    last_logged: std::sync::Mutex<Option<Instant>>,
+}
+
+const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
+
+impl RefusalLog {
+    pub fn report(&self, url: &DbUrl, err: &postgres::Error) {
+        let Ok(mut last) = self.last_logged.lock() else { return };
+        if last.is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY) {
+            *last = Some(Instant::now());
+            log::error!(
+                "the database at {url} refuses our connections: {}; retrying (check the credentials and the \
+                 database name; this message repeats at most once a minute while it lasts)",
+                describe_error(err)
+            );
+        }
+    }
+}
+
+/// What the pool does with a failed attempt to open a connection: a refusal is reported
+/// (see `RefusalLog`); an unreachable server is the callers' to report, once per outage.
+#[derive(Debug)]
+struct PoolErrors {
+    url: DbUrl,
+    refusals: Arc<RefusalLog>,
+}
+
+impl r2d2::HandleError<postgres::Error> for PoolErrors {
+    fn handle_error(&self, err: postgres::Error) {
+        if is_refusal(&err) {
+            self.refusals.report(&self.url, &err);
+        } else {
+            log::debug!("cannot open a connection to {}: {}", self.url, describe_error(&err));
+        }
+    }
 }
 
 /// Whether the error means we could not reach the database or it refused us: no
@@ -124,6 +170,14 @@ pub fn is_connection_error(err: &postgres::Error) -> bool {
         }
         None => err.is_closed() || err.source().is_some_and(|s| s.is::<std::io::Error>()),
     }
+}
+
+/// Whether the server answered and refused us for a reason that waiting does not cure:
+/// the credentials are wrong or the role may not log in (class 28), or the database
+/// does not exist (3D000). A server that is down, starting up (57P03) or full (53300) is
+/// not a refusal: those pass.
+pub fn is_refusal(err: &postgres::Error) -> bool {
+    err.code().is_some_and(|code| code.code().starts_with("28") || *code == SqlState::INVALID_CATALOG_NAME)
 }
 
 /// Whether retrying the same work later may succeed (DESIGN.md §3 "transient"): the

@@ -40,6 +40,8 @@ pub struct Shared {
     pub ready: Arc<AtomicBool>,
     /// Whether the database was last seen unreachable, so it is logged once per change.
     db_down: AtomicBool,
+    /// Refusals by the server (credentials, database name), reported at most once a minute.
+    pub refusals: Arc<db::RefusalLog>,
 }
 
 impl Shared {
@@ -54,6 +56,7 @@ impl Shared {
             cancel_tokens: Mutex::new(Vec::new()),
             ready: Arc::new(AtomicBool::new(false)),
             db_down: AtomicBool::new(false),
+            refusals: Arc::new(db::RefusalLog::default()),
         })
     }
 
@@ -174,7 +177,11 @@ pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
         cfg.run_for.map(|d| format!(", running for {d:?}")).unwrap_or_default()
     );
 
-    let pool = db::pool(&session_url(cfg), cfg.concurrency + 3 + u32::from(cfg.done_retention.is_some()))?;
+    let pool = db::pool(
+        &session_url(cfg),
+        cfg.concurrency + 3 + u32::from(cfg.done_retention.is_some()),
+        shared.refusals.clone(),
+    )?;
     let active_claimers = Arc::new(AtomicUsize::new(cfg.concurrency as usize));
     let mut claimers = Vec::new();
     for i in 0..cfg.concurrency {
@@ -246,19 +253,29 @@ fn install_signal_handler(shared: &Arc<Shared>) -> Result<()> {
     .map_err(|e| AppError::failed(format!("cannot install the signal handler: {e}")))
 }
 
-/// Waits (forever, with backoff, until stopped) for the database, then checks the schema:
-/// behind or ahead of this binary is an error. Returns false if stopped while waiting.
+/// Waits (with backoff, until stopped) for the database, then checks the schema: behind
+/// or ahead of this binary is an error. Returns false if stopped while waiting. A server
+/// that refuses us (wrong credentials, a role that may not log in, an unknown database)
+/// is waited for too, as the contract asks of the worker, but reported as an error (see
+/// `RefusalLog`); so is an `OUTBOX_RUN_SECONDS` that ends before the database ever
+/// answered, so a smoke run that never ran does not read like one that did.
 fn wait_for_schema(shared: &Shared, started: Instant) -> Result<bool> {
+    let url = &shared.cfg.database_url;
     let mut backoff = Reconnect::new();
+    let mut last_error = None;
     loop {
         if shared.stopping() {
             return Ok(false);
         }
-        if shared.cfg.run_for.is_some_and(|d| started.elapsed() >= d) {
-            log::warn!("OUTBOX_RUN_SECONDS reached while waiting for the database: stopping");
+        if let Some(limit) = shared.cfg.run_for.filter(|d| started.elapsed() >= *d) {
+            let why = last_error.unwrap_or_else(|| "no answer".to_string());
+            log::error!(
+                "OUTBOX_RUN_SECONDS ({limit:?}) reached before the database at {url} was reachable ({why}): \
+                 nothing was projected; stopping"
+            );
             return Ok(false);
         }
-        match db::connect(&shared.cfg.database_url) {
+        match db::connect(url) {
             Ok(mut client) => {
                 shared.db_ok();
                 let st = migrate::status(&mut client)?;
@@ -274,11 +291,19 @@ fn wait_for_schema(shared: &Shared, started: Instant) -> Result<bool> {
                 shared.ready.store(true, Ordering::Relaxed);
                 return Ok(true);
             }
-            Err(e) if db::is_connection_error(&e) => {
-                shared.db_error("at start", &e);
+            Err(e) if db::is_refusal(&e) => {
+                Metrics::add(&shared.metrics.db_errors, 1);
+                shared.ready.store(false, Ordering::Relaxed);
+                shared.refusals.report(url, &e);
+                last_error = Some(db::describe_error(&e));
                 backoff.wait(shared);
             }
-            Err(e) => return Err(AppError::db("while connecting at start", &e)),
+            Err(e) if db::is_connection_error(&e) => {
+                shared.db_error("at start", &e);
+                last_error = Some(db::describe_error(&e));
+                backoff.wait(shared);
+            }
+            Err(e) => return Err(db::connect_failure(url, &e)),
         }
     }
 }

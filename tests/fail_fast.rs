@@ -1,0 +1,166 @@
+//! A server that refuses us (wrong credentials, a role that may not log in, an unknown
+//! database) is exit 3 at once for a one-shot command, `migrate --wait` included: waiting
+//! does not change its answer. The worker waits instead, as the contract asks of it, but
+//! says so as an error an operator sees, answers `/readyz` with 503, and resumes by itself
+//! when let in; a smoke run that never reached its database says that nothing ran.
+
+use std::io::Read;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use crate::util::{chronicle_cmd, count, free_port, insert_events, run, signal, wait_until, worker_cmd, TestDb};
+
+/// The same server as `db`, as another role (with the harness's password, if any).
+fn url_as(db: &TestDb, user: &str, dbname: &str) -> String {
+    let mut server = db.server.clone();
+    server.user = user.to_string();
+    server.url(dbname)
+}
+
+fn refused_urls(db: &TestDb) -> [(&'static str, String, &'static str); 2] {
+    [
+        ("an unknown database", db.server.url(&format!("{}_missing", db.name)), "SQLSTATE 3D000"),
+        ("an unknown role", url_as(db, &format!("{}_nobody", db.name), &db.name), "SQLSTATE 28"),
+    ]
+}
+
+#[test]
+fn a_one_shot_command_refused_by_the_server_exits_3_at_once_even_with_wait() {
+    let db = TestDb::new();
+    for (what, url, code) in refused_urls(&db) {
+        for args in [&["status"][..], &["migrate", "--wait", "60s"][..]] {
+            let started = Instant::now();
+            let r = run(chronicle_cmd(args).env("DATABASE_URL", &url));
+            assert_eq!(r.code, Some(3), "{args:?}, {what}: {r}");
+            assert!(started.elapsed() < Duration::from_secs(20), "{args:?}, {what}: waited {:?}", started.elapsed());
+            assert!(r.stderr.contains(code), "{args:?}, {what}: the server's reason ({code}) is not shown: {r}");
+            assert!(r.stderr.contains("cannot connect to postgresql://"), "{args:?}, {what}: no server named: {r}");
+        }
+    }
+}
+
+/// The worker waits for a server that refuses it (an operator may be fixing the grant),
+/// but logs the refusal as an error once, not once per attempt, and a smoke run that
+/// ends this way says nothing was projected.
+#[test]
+fn a_worker_refused_at_start_reports_an_error_once_and_its_smoke_run_says_nothing_ran() {
+    let db = TestDb::new();
+    for (what, url, code) in refused_urls(&db) {
+        let port = free_port();
+        let mut child = chronicle_cmd(&["worker"])
+            .env("DATABASE_URL", &url)
+            .env("OUTBOX_METRICS_PORT", port.to_string())
+            .env("OUTBOX_RUN_SECONDS", "4")
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        wait_until(Duration::from_secs(10), "/healthz", || {
+            run(chronicle_cmd(&["healthcheck", "--timeout", "1s"]).env("OUTBOX_METRICS_PORT", port.to_string())).code
+                == Some(0)
+        });
+        let ready =
+            run(chronicle_cmd(&["healthcheck", "--ready", "--timeout", "1s"])
+                .env("OUTBOX_METRICS_PORT", port.to_string()));
+        assert_eq!(ready.code, Some(1), "{what}: /readyz must not be ready while refused: {ready}");
+        let mut stderr = String::new();
+        child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+        let status = child.wait().unwrap();
+        assert_eq!(
+            status.code(),
+            Some(0),
+            "{what}: OUTBOX_RUN_SECONDS ends the worker as the contract says:\n{stderr}"
+        );
+        let refusals: Vec<&str> = stderr.lines().filter(|l| l.contains("refuses our connections")).collect();
+        assert_eq!(refusals.len(), 1, "{what}: one error line, not one per attempt:\n{stderr}");
+        assert!(refusals[0].contains("ERROR") && refusals[0].contains(code), "{what}: {}", refusals[0]);
+        assert!(
+            stderr.lines().any(|l| l.contains("ERROR") && l.contains("nothing was projected")),
+            "{what}: the smoke run does not say it never ran:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn a_smoke_run_that_never_reached_its_database_says_so_and_ends_on_time() {
+    let started = Instant::now();
+    let r = run(chronicle_cmd(&["worker"])
+        .env("DATABASE_URL", format!("postgresql://u:pw@127.0.0.1:{}/db", free_port()))
+        .env("OUTBOX_METRICS_PORT", "0")
+        .env("OUTBOX_RUN_SECONDS", "1"));
+    assert!(started.elapsed() < Duration::from_secs(10), "OUTBOX_RUN_SECONDS=1 took {:?}", started.elapsed());
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stderr.contains("nothing was projected"), "{r}");
+    assert!(!r.stderr.contains(":pw@"), "the password is printed: {r}");
+}
+
+/// A worker whose role stops being allowed in (a rotated password looks the same to it)
+/// keeps running, logs the refusal as an error once (not once per attempt), answers
+/// `/readyz` with 503, and resumes by itself when it is let in again.
+#[test]
+fn a_refusal_after_the_worker_ran_is_an_error_it_survives() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    let role = format!("{}_rotated", db.name);
+    c.batch_execute(&format!("CREATE ROLE {role} LOGIN; GRANT {} TO {role}", db.server.user)).unwrap();
+    let _drop_role = DropRole { db: &db, role: role.clone() };
+
+    let port = free_port();
+    let mut child = worker_cmd(&db, &[])
+        .env("DATABASE_URL", url_as(&db, &role, &db.name))
+        .env("OUTBOX_METRICS_PORT", port.to_string())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let ready = |want: &str| {
+        let r =
+            run(chronicle_cmd(&["healthcheck", "--ready", "--timeout", "1s"])
+                .env("OUTBOX_METRICS_PORT", port.to_string()));
+        r.code == Some(if want == "ready" { 0 } else { 1 })
+    };
+    insert_events(&mut c, 20);
+    wait_until(Duration::from_secs(30), "the first events to be projected", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_entries") == 20
+    });
+    wait_until(Duration::from_secs(20), "/readyz 200", || ready("ready"));
+
+    c.batch_execute(&format!(
+        "ALTER ROLE {role} NOLOGIN;
+         SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{role}'"
+    ))
+    .unwrap();
+    insert_events(&mut c, 20);
+    wait_until(Duration::from_secs(30), "/readyz 503 while the server refuses the worker", || ready("not ready"));
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(child.try_wait().unwrap().is_none(), "the worker exited when it was refused");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 20, "entries written while refused");
+
+    c.batch_execute(&format!("ALTER ROLE {role} LOGIN")).unwrap();
+    wait_until(Duration::from_secs(30), "the worker to resume once let in again", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_entries") == 40
+    });
+    wait_until(Duration::from_secs(20), "/readyz 200 again", || ready("ready"));
+    signal(child.id(), "TERM");
+    let mut stderr = String::new();
+    child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
+    assert!(child.wait().unwrap().success(), "{stderr}");
+    let refusals: Vec<&str> = stderr.lines().filter(|l| l.contains("refuses our connections")).collect();
+    assert_eq!(refusals.len(), 1, "the refusal is logged once a minute at most:\n{stderr}");
+    assert!(refusals[0].contains("ERROR") && refusals[0].contains("SQLSTATE 28000"), "{}", refusals[0]);
+}
+
+/// Roles outlive test databases: drop the one a test made, even when the test fails.
+struct DropRole<'a> {
+    db: &'a TestDb,
+    role: String,
+}
+
+impl Drop for DropRole<'_> {
+    fn drop(&mut self) {
+        let mut c = self.db.client();
+        let _ = c.batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{0}';
+             DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}",
+            self.role
+        ));
+    }
+}
