@@ -17,6 +17,7 @@ pub mod projection;
 pub mod rebuild;
 pub mod retry;
 pub mod search;
+pub mod terminal;
 pub mod timeline;
 pub mod verify;
 pub mod worker;

@@ -45,7 +45,18 @@ pub fn init(env: &Env, format: &str) {
             writeln!(buf, "{line}")
         });
     } else {
-        b.format_timestamp_millis();
+        // env_logger's own layout, with the message made safe for a terminal: log lines
+        // quote event fields and database messages, which may hold escape sequences.
+        b.format(|buf, record| {
+            writeln!(
+                buf,
+                "[{} {:<5} {}] {}",
+                buf.timestamp_millis(),
+                record.level(),
+                record.target(),
+                crate::terminal::printable_lines(&record.args().to_string())
+            )
+        });
     }
     b.target(env_logger::Target::Stderr);
     // A second init (tests calling main-like code twice) is harmless.

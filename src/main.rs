@@ -2,7 +2,7 @@
 
 use std::process::ExitCode;
 
-use chronicle::{cli, config::Env, logging};
+use chronicle::{cli, config::Env, logging, terminal};
 
 fn main() -> ExitCode {
     let env = Env::from_process();
@@ -14,7 +14,7 @@ fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("chronicle: error: {e}");
+            eprintln!("chronicle: error: {}", terminal::printable_lines(&e.to_string()));
             ExitCode::from(e.exit_code() as u8)
         }
     }

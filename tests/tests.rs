@@ -11,5 +11,6 @@ mod outbox;
 mod read_model;
 mod rebuild;
 mod schema;
+mod terminal_safety;
 mod tls;
 mod worker;

@@ -12,6 +12,7 @@ use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
 use crate::event::ENTITY_TYPES;
+use crate::terminal::printable;
 use crate::timeline::{self, Cursor, EntryQuery, Page, DEFAULT_LIMIT, MAX_LIMIT};
 
 pub const SUMMARY: &str = "Show one page of a library's timeline (filters, search, cursor)";
@@ -221,10 +222,10 @@ pub fn page_table(page: &Page) -> String {
             } else {
                 e.summary.clone()
             };
-            // One line per entry, whatever the summary holds.
+            // One line per entry, whatever the summary holds, and nothing a terminal obeys.
             let summary = summary.replace(['\n', '\r', '\t'], " ");
             let actor = e.actor_user_id.map_or_else(|| "system".to_string(), |a| a.to_string());
-            [rfc3339(e.occurred_at), e.event_type.clone(), summary, actor]
+            [rfc3339(e.occurred_at), printable(&e.event_type).into_owned(), printable(&summary).into_owned(), actor]
         })
         .collect();
     let header = ["OCCURRED_AT", "EVENT_TYPE", "SUMMARY", "ACTOR"].map(String::from);

@@ -10,6 +10,7 @@ use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
 use crate::ops::{self, Columns, Shown};
+use crate::terminal;
 
 pub const SUMMARY: &str = "Show one event with every delivery of it (attempts, errors, replays) and its entry";
 
@@ -106,7 +107,7 @@ pub fn render_json(shown: &Shown) -> serde_json::Value {
 fn push_columns(s: &mut String, cols: &Columns, indent: &str) {
     let width = cols.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
     for (k, v) in cols {
-        s.push_str(&format!("{indent}{k:<width$}  {}\n", ops::value_text(v)));
+        s.push_str(&format!("{indent}{k:<width$}  {}\n", terminal::printable(&ops::value_text(v))));
     }
 }
 

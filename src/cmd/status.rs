@@ -7,6 +7,7 @@ use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
 use crate::ops::{self, Status};
+use crate::terminal::printable;
 
 pub const SUMMARY: &str = "Show the outbox by state, failures by reason, read-model coverage and the last rebuild";
 
@@ -93,7 +94,7 @@ pub fn render_text(st: &Status) -> String {
         for f in &st.failed_by_reason {
             s.push_str(&format!(
                 "  {:<24} {:>10}  {}\n",
-                f.error_reason.as_deref().unwrap_or("none"),
+                printable(f.error_reason.as_deref().unwrap_or("none")),
                 f.count,
                 f.example_event_id
             ));
@@ -113,9 +114,9 @@ pub fn render_text(st: &Status) -> String {
                 None if r.finished_at.is_none() => "running (or died)".to_string(),
                 None => "unknown".to_string(),
                 Some(true) => "success".to_string(),
-                Some(false) => format!("FAILED: {}", r.error.as_deref().unwrap_or("(no message)")),
+                Some(false) => format!("FAILED: {}", printable(r.error.as_deref().unwrap_or("(no message)"))),
             };
-            s.push_str(&format!("  run #{} {} ({scope}): {outcome}\n", r.id, r.mode));
+            s.push_str(&format!("  run #{} {} ({scope}): {outcome}\n", r.id, printable(&r.mode)));
             s.push_str(&format!(
                 "  started {}  finished {}\n",
                 r.started_at.to_rfc3339(),
