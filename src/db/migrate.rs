@@ -31,6 +31,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(5, "erasures", "0005_erasures.sql"),
     migration!(6, "row_level_security", "0006_row_level_security.sql"),
     migration!(7, "search_index_pending_list", "0007_search_index_pending_list.sql"),
+    migration!(8, "eraser_role", "0008_eraser_role.sql"),
 ];
 
 /// The schema version this binary expects.
