@@ -32,7 +32,7 @@ usage: .\run.ps1 <verb> [args...]
 verbs:
   help       show this list
   build      cargo build --release
-  test       cargo test --lib --bins --tests [args...] (the tests find or start a PostgreSQL themselves)
+  test       cargo test [args...]: unit, integration and doc tests (the tests find or start a PostgreSQL themselves)
   check-all  the external checks: promtool + Prometheus tests (installed if missing), chronicle.exe under Wine, the container image
              (alert rules, dashboard, a live scrape by a real Prometheus; see monitoring/README.md)
   migrate    build, then chronicle migrate [args...] on DATABASE_URL (unset: the dev database)
@@ -239,9 +239,9 @@ function Set-WorkerDefaults([string]$MetricsPort) {
 
 function Verb-Build([string[]]$Arguments) { Step 'cargo' (@('build', '--release') + $Arguments) }
 
-# The library, the binary and the integration tests. Not the benchmark (benches/: a
+# The library, the binary, the integration tests and the doc tests. Not the benchmark (benches/: a
 # program that runs for minutes, `cargo bench`) nor tests/external (`check-all`).
-function Verb-Test([string[]]$Arguments) { Step 'cargo' (@('test', '--lib', '--bins', '--tests') + $Arguments) }
+function Verb-Test([string[]]$Arguments) { Step 'cargo' (@('test') + $Arguments) }
 
 # Print a command, then run it; $true when it succeeded (bash: step ... || die ...).
 function Test-Step([string]$Exe, [string[]]$Arguments = @()) {

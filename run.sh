@@ -23,7 +23,7 @@ usage: ./run.sh <verb> [args...]
 verbs:
   help       show this list
   build      cargo build --release
-  test       cargo test --lib --bins --tests [args...] (the tests find or start a PostgreSQL themselves)
+  test       cargo test [args...]: unit, integration and doc tests (the tests find or start a PostgreSQL themselves)
   check-all  the external checks: promtool + Prometheus tests (installed if missing), chronicle.exe under Wine, the container image
              (alert rules, dashboard, a live scrape by a real Prometheus; see monitoring/README.md)
   migrate    build, then chronicle migrate [args...] on DATABASE_URL (unset: the dev database)
@@ -164,9 +164,9 @@ worker_defaults() {
 
 verb_build() { step cargo build --release "$@"; }
 
-# The library, the binary and the integration tests. Not the benchmark (benches/: a
+# The library, the binary, the integration tests and the doc tests. Not the benchmark (benches/: a
 # program that runs for minutes, `cargo bench`) nor tests/external (`check-all`).
-verb_test() { step cargo test --lib --bins --tests "$@"; }
+verb_test() { step cargo test "$@"; }
 
 # The checks that need promtool and prometheus (tests/external.rs): installed when missing
 # (Debian's package prometheus gives both), else the run fails saying what to install.

@@ -4,9 +4,11 @@
 //! claim (reclaimed after its lease, maybe claimed again by someone else) changes
 //! nothing.
 //!
-//!     pending ──claim_batch──▶ processing ──mark_done──▶ done
-//!        ▲                        │ ├──mark_failed──▶ failed ──replay (ops)──▶ pending
-//!        └──schedule_retry / release_claim / reclaim_stuck (attempts ≥ max: failed)
+//! ```text
+//! pending ──claim_batch──▶ processing ──mark_done──▶ done
+//!    ▲                        │ ├──mark_failed──▶ failed ──replay (ops)──▶ pending
+//!    └──schedule_retry / release_claim / reclaim_stuck (attempts ≥ max: failed)
+//! ```
 
 use std::time::Duration;
 
