@@ -133,36 +133,19 @@ impl Cursor {
     }
 }
 
-const BASE64URL: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-
 fn base64url_encode(bytes: &[u8; 24]) -> String {
-    // 24 bytes are exactly 32 characters: no padding, no partial group.
-    bytes
-        .chunks_exact(3)
-        .flat_map(|g| {
-            let n = (u32::from(g[0]) << 16) | (u32::from(g[1]) << 8) | u32::from(g[2]);
-            [18, 12, 6, 0].map(|shift| BASE64URL[((n >> shift) & 63) as usize] as char)
-        })
-        .collect()
+    use base64::Engine;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
 }
 
 fn base64url_decode(text: &str) -> Option<[u8; 24]> {
-    let chars = text.as_bytes();
-    if chars.len() != 32 {
+    use base64::Engine;
+    // A cursor is exactly 24 bytes: 32 characters, no padding.
+    if text.len() != 32 {
         return None;
     }
-    let mut out = [0u8; 24];
-    for (i, group) in chars.chunks_exact(4).enumerate() {
-        let mut n = 0u32;
-        for &c in group {
-            let v = BASE64URL.iter().position(|&b| b == c)? as u32;
-            n = (n << 6) | v;
-        }
-        out[i * 3] = (n >> 16) as u8;
-        out[i * 3 + 1] = (n >> 8) as u8;
-        out[i * 3 + 2] = n as u8;
-    }
-    Some(out)
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(text).ok()?;
+    bytes.try_into().ok()
 }
 
 /// The tsquery text for a user's search, or `None` when it has no searchable word.
