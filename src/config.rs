@@ -2,7 +2,7 @@
 //!
 //! Everything here is pure: it reads a snapshot of the environment (a map) and the
 //! flags a command received, and never touches the network, so every rule is
-//! unit-tested from a map. The variable names are a contract (DESIGN.md §4): each one
+//! unit-tested from a map. The variable names are a contract (docs/DESIGN.md §4): each one
 //! has a flag named after it without its prefix, and the flag wins.
 
 use std::collections::BTreeMap;
@@ -699,7 +699,7 @@ pub fn mask_password(raw: &str) -> String {
     out
 }
 
-/// The worker's validated configuration (DESIGN.md §4).
+/// The worker's validated configuration (docs/DESIGN.md §4).
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     pub database_url: DbUrl,

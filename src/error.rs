@@ -1,6 +1,6 @@
 //! The application error: every failure a command can end with, and its exit code.
 //!
-//! Exit codes are a contract (DESIGN.md §4): 0 success, 2 usage or configuration error,
+//! Exit codes are a contract (docs/DESIGN.md §4): 0 success, 2 usage or configuration error,
 //! 3 database unreachable or refusing us, 1 anything else.
 
 use std::fmt;

@@ -1,4 +1,4 @@
-//! The event model and the event catalog (DESIGN.md §2).
+//! The event model and the event catalog (docs/DESIGN.md §2).
 //!
 //! The catalog is one table: for each event type, the entity types it may concern and
 //! the payload fields `before` and `after` must carry. `append` and `inject` validate
@@ -76,7 +76,7 @@ macro_rules! catalog {
     };
 }
 
-/// The event catalog of DESIGN.md §2. Add a type here (and to the projection) to
+/// The event catalog of docs/DESIGN.md §2. Add a type here (and to the projection) to
 /// support it; more payload fields than these are allowed and kept.
 pub const CATALOG: &[EventType] = catalog! {
     "LibraryCreated":   ["library"]       before []                                    after [text("name")];

@@ -15,7 +15,7 @@ use uuid::Uuid;
 
 use crate::error::{AppError, Result};
 
-/// The outbox by state (DESIGN.md §3), with the backlog's age and the stuck rows.
+/// The outbox by state (docs/DESIGN.md §3), with the backlog's age and the stuck rows.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct OutboxCounts {
     pub pending: i64,

@@ -1,4 +1,4 @@
-//! The outbox state machine (DESIGN.md §3): one named SQL statement per transition,
+//! The outbox state machine (docs/DESIGN.md §3): one named SQL statement per transition,
 //! each guarded by the state it expects, and one function that runs it and reports
 //! what changed. Completion is fenced on the claim token, so a worker that lost its
 //! claim (reclaimed after its lease, maybe claimed again by someone else) changes
@@ -276,7 +276,7 @@ pub fn reclaim_stuck(
     RetryOutcome::from_statuses(&rows)
 }
 
-/// The gauges an operator watches, sampled in one query (DESIGN.md §6). Each figure is
+/// The gauges an operator watches, sampled in one query (docs/DESIGN.md §6). Each figure is
 /// its own sub-select on a partial index, so the cost follows the live rows (pending,
 /// processing, failed), never the `done` history: a scan of the whole outbox every second
 /// cost 138 ms at 1.2 M rows (BENCHMARKS.md). "Oldest pending" is the row with the

@@ -3,7 +3,7 @@
 //! It is pure (no database, no clock) so that a worker, a replay and a rebuild all
 //! build the same entry from the same event, and so every rule can be unit-tested. An
 //! event this version cannot project is refused with a `ProjectError` whose class is an
-//! `error_reason` of DESIGN.md §3: such an event fails deterministically and waits for a
+//! `error_reason` of docs/DESIGN.md §3: such an event fails deterministically and waits for a
 //! fix and a replay, it is never retried.
 
 use std::collections::BTreeSet;

@@ -1,4 +1,4 @@
-//! The retry policy (DESIGN.md §3), pure: a function of the attempt count and a random
+//! The retry policy (docs/DESIGN.md §3), pure: a function of the attempt count and a random
 //! draw, so it is tested without clocks or databases.
 
 use std::time::Duration;

@@ -1,7 +1,7 @@
 //! Reads of the read model: one page of a library's timeline, filtered and searched.
 //!
 //! This is the query the UI (and `chronicle entries`) runs. Its shape follows from the
-//! contract (DESIGN.md §2):
+//! contract (docs/DESIGN.md §2):
 //!
 //! - **Scope first**: every read names one library; there is no cross-library page.
 //! - **Newest first on `(occurred_at DESC, id DESC)`**, the order of the timeline index.

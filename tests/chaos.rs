@@ -406,7 +406,7 @@ fn chaos_kill_loop_leaves_exactly_one_entry_per_event() {
     const PROCESSES: usize = 3;
     const KILLS: u32 = 24;
     // Each kill can cost the rows its process held one attempt (a reclaimed row keeps
-    // its attempt, DESIGN.md §3); with 1 s leases and 24+ kills a row could in theory
+    // its attempt, docs/DESIGN.md §3); with 1 s leases and 24+ kills a row could in theory
     // be caught many times, so the maximum is raised well above what kills can burn.
     const MAX_ATTEMPTS: &str = "50";
     let spawn = |slot: usize, generation: u32| {
@@ -1328,7 +1328,7 @@ fn chaos_scope_under_attack_never_reaches_another_library() {
         "chaos scope under attack: an application role (SELECT, INSERT on events; SELECT on entries) scoped to library A \
          made {} probes, attacks on library B plus 4 controls on its own: {}. All {} held: no B row or count seen, the leaky function saw {} rows and none \
          of B's, B's events and entries unchanged, nothing planted. Note: the scope is whatever chronicle.library_id names; \
-         a role that sets it to B sees exactly B (by design, DESIGN.md §2). Run time {}",
+         a role that sets it to B sees exactly B (by design, docs/DESIGN.md §2). Run time {}",
         tried.len(),
         tried.join("; "),
         tried.len(),

@@ -2,7 +2,7 @@
 //! contract, and the two ways of writing them (a set-based INSERT, a COPY stream).
 //!
 //! Validation lives here, apart from the commands, because it is the writers' half of
-//! the contract (DESIGN.md §2): an event that passes it is one PostgreSQL stores and the
+//! the contract (docs/DESIGN.md §2): an event that passes it is one PostgreSQL stores and the
 //! projector can project. It is pure (bytes in, events or a list of problems out), so
 //! every rule is unit-tested, and the tests re-check what `inject` wrote with it.
 
@@ -331,7 +331,7 @@ pub fn event_from_json(v: &Value, rules: Rules) -> Result<NewEvent, Vec<String>>
 }
 
 /// Checks a catalog event's entity type and required payload fields, as the catalog of
-/// DESIGN.md §2 says; one message per problem. Empty for an unknown type.
+/// docs/DESIGN.md §2 says; one message per problem. Empty for an unknown type.
 pub fn check_catalog(
     event_type: &str,
     entity_type: &str,

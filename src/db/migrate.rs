@@ -178,7 +178,7 @@ fn migrate_locked(client: &mut Client) -> Result<Report> {
     Ok(report)
 }
 
-/// A column of `chronicle_events` as the contract fixes it (DESIGN.md §2).
+/// A column of `chronicle_events` as the contract fixes it (docs/DESIGN.md §2).
 struct ContractColumn {
     name: &'static str,
     udt: &'static str,
@@ -247,7 +247,7 @@ fn check_existing_events_table(client: &mut Client) -> Result<bool> {
         Ok(true)
     } else {
         Err(AppError::failed(format!(
-            "chronicle_events already exists and does not match the contract (DESIGN.md §2):\n  - {}\n\
+            "chronicle_events already exists and does not match the contract (docs/DESIGN.md §2):\n  - {}\n\
              change the table (or its migrations in the application) and run migrate again",
             differences.join("\n  - ")
         )))

@@ -180,7 +180,7 @@ pub fn is_refusal(err: &postgres::Error) -> bool {
     err.code().is_some_and(|code| code.code().starts_with("28") || *code == SqlState::INVALID_CATALOG_NAME)
 }
 
-/// Whether retrying the same work later may succeed (DESIGN.md §3 "transient"): the
+/// Whether retrying the same work later may succeed (docs/DESIGN.md §3 "transient"): the
 /// connection or server is in trouble, or we lost a race (serialization failure,
 /// deadlock), or hit a lock or statement timeout.
 pub fn is_transient(err: &postgres::Error) -> bool {

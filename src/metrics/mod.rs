@@ -1,4 +1,4 @@
-//! In-process metrics (DESIGN.md §6): atomics updated by the worker threads, rendered to
+//! In-process metrics (docs/DESIGN.md §6): atomics updated by the worker threads, rendered to
 //! Prometheus text by a pure function. Names and labels are a contract with dashboards
 //! and alert rules; every series carries `worker_id`.
 
@@ -9,7 +9,7 @@ use std::sync::Mutex;
 
 use crate::outbox::Gauges;
 
-/// The closed list of `error_reason` values (DESIGN.md §3).
+/// The closed list of `error_reason` values (docs/DESIGN.md §3).
 pub const ERROR_REASONS: &[&str] =
     &["unknown_event_type", "invalid_payload", "rejected_by_read_model", "max_attempts_exceeded"];
 

@@ -127,7 +127,7 @@ fn the_dashboard_is_grafana_json_with_datasource_and_worker_id_variables() {
     }
 }
 
-/// Names are the contract (DESIGN.md §6): a dashboard or rule naming a series the worker
+/// Names are the contract (docs/DESIGN.md §6): a dashboard or rule naming a series the worker
 /// does not export shows nothing and never fires. Checked against a real worker's
 /// exposition, both ways for the dashboard (every family has a panel).
 #[test]
