@@ -784,10 +784,68 @@ mod tests {
         assert!(entry.search_text.starts_with("created code block import lorem"), "{}", &entry.search_text[..40]);
     }
 
+    /// Every catalog type with Chinese names and titles: the summary written out by hand,
+    /// and the two-character words a reader would search for, each a search token.
     #[test]
-    fn projection_is_deterministic() {
-        for (e, _, _) in catalog_cases() {
-            assert_eq!(project(&e), project(&e));
+    fn every_catalog_type_in_chinese_has_its_summary_and_search_words() {
+        let none = None;
+        #[rustfmt::skip]
+        let cases: Vec<(Event, &str, Vec<&str>)> = vec![
+            (event("LibraryCreated", "library", none.clone(), Some(json!({"name": "家庭藏书"}))),
+             r#"Created library "家庭藏书""#, vec!["家庭", "藏书"]),
+            (event("LibraryRenamed", "library", Some(json!({"name": "家庭藏书"})), Some(json!({"name": "工作资料"}))),
+             r#"Renamed library "家庭藏书" → "工作资料""#, vec!["家庭", "工作", "资料"]),
+            (event("BookshelfCreated", "bookshelf", none.clone(), Some(json!({"name": "技术书架"}))),
+             r#"Created bookshelf "技术书架""#, vec!["技术", "书架"]),
+            (event("BookshelfRenamed", "bookshelf", Some(json!({"name": "技术书架"})), Some(json!({"name": "架构笔记"}))),
+             r#"Renamed bookshelf "技术书架" → "架构笔记""#, vec!["技术", "架构", "笔记"]),
+            (event("BookshelfDeleted", "bookshelf", Some(json!({"name": "旧书架"})), none.clone()),
+             r#"Deleted bookshelf "旧书架""#, vec!["书架"]),
+            (event("BookCreated", "book", none.clone(), Some(json!({"title": "分布式系统设计", "bookshelf_id": SHELF_A}))),
+             r#"Created book "分布式系统设计""#, vec!["分布", "系统", "设计"]),
+            (event("BookRenamed", "book", Some(json!({"title": "旧标题"})), Some(json!({"title": "新标题"}))),
+             r#"Renamed book "旧标题" → "新标题""#, vec!["标题"]),
+            (event("BookMoved", "book",
+                   Some(json!({"bookshelf_id": SHELF_A, "title": "运维手册"})),
+                   Some(json!({"bookshelf_id": SHELF_B, "title": "运维手册", "bookshelf_name": "工作"}))),
+             r#"Moved book "运维手册" to bookshelf "工作""#, vec!["运维", "手册", "工作"]),
+            (event("BookDeleted", "book", Some(json!({"title": "草稿本"})), none.clone()),
+             r#"Deleted book "草稿本""#, vec!["草稿"]),
+            (event("BookRestored", "book", none.clone(), Some(json!({"title": "草稿本"}))),
+             r#"Restored book "草稿本""#, vec!["草稿"]),
+            (event("BlockCreated", "block", none.clone(),
+                   Some(json!({"book_id": BOOK_ID, "kind": "paragraph", "text": "你好世界", "book_title": "运维手册"}))),
+             r#"Created paragraph block in "运维手册""#, vec!["运维", "手册", "世界"]),
+            (event("BlockUpdated", "block",
+                   Some(json!({"text": "初稿", "book_title": "运维手册"})),
+                   Some(json!({"text": "定稿", "book_title": "运维手册"}))),
+             r#"Edited block in "运维手册""#, vec!["手册", "初稿", "定稿"]),
+            (event("BlockMoved", "block", Some(json!({"position": 3})), Some(json!({"position": 5}))),
+             "Moved block from position 3 to 5", vec![]),
+            (event("BlockDeleted", "block", Some(json!({"text": "再见"})), none.clone()),
+             "Deleted block", vec![]),
+            (event("TagCreated", "tag", none.clone(), Some(json!({"name": "数据库"}))),
+             r#"Created tag "数据库""#, vec!["数据"]),
+            (event("TagRenamed", "tag", Some(json!({"name": "数据库"})), Some(json!({"name": "存储引擎"}))),
+             r#"Renamed tag "数据库" → "存储引擎""#, vec!["数据", "存储", "引擎"]),
+            (event("TagDeleted", "tag", Some(json!({"name": "存储引擎"})), none.clone()),
+             r#"Deleted tag "存储引擎""#, vec!["引擎"]),
+            (event("TagAdded", "book", none.clone(),
+                   Some(json!({"tag_id": TAG_ID, "tag_name": "数据库", "book_title": "运维手册"}))),
+             r#"Added tag "数据库" to book "运维手册""#, vec!["数据", "手册"]),
+            (event("TagRemoved", "block", Some(json!({"tag_id": TAG_ID, "tag_name": "数据库"})), none),
+             r#"Removed tag "数据库" from a block"#, vec!["数据"]),
+        ];
+        for ty in event::CATALOG {
+            assert!(cases.iter().any(|(e, _, _)| e.event_type == ty.name), "no Chinese case for {}", ty.name);
+        }
+        for (e, summary, words) in cases {
+            let entry = project(&e).unwrap_or_else(|err| panic!("{}: {err}", e.event_type));
+            assert_eq!(entry.summary, summary, "{}", e.event_type);
+            let tokens: Vec<&str> = entry.search_text.split(' ').collect();
+            for w in words {
+                assert!(tokens.contains(&w), "{}: {w} is not a search token of {:?}", e.event_type, entry.search_text);
+            }
         }
     }
 }

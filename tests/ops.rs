@@ -625,8 +625,9 @@ fn the_worker_prunes_done_rows_when_retention_is_set() {
     let r = run(&mut worker_cmd(&db, &["--until-empty"]));
     assert_eq!(r.code, Some(0), "{r}");
     c.batch_execute("UPDATE chronicle_outbox_events SET processed_at = now() - interval '1 hour'").unwrap();
+    // A 10 s retention: the prune runs every second (a tenth of it, at least 1 s).
     let mut child = worker_cmd(&db, &[])
-        .env("OUTBOX_DONE_RETENTION_SECONDS", "600")
+        .env("OUTBOX_DONE_RETENTION_SECONDS", "10")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
@@ -634,13 +635,21 @@ fn the_worker_prunes_done_rows_when_retention_is_set() {
     wait_until(Duration::from_secs(20), "the worker to prune the old done rows", || {
         count(&mut c, "SELECT count(*) FROM chronicle_outbox_events") == 0
     });
-    // New events are projected and their done rows kept (younger than the retention).
+    // New events are projected; their done rows are younger than the retention and kept,
+    // while a prune turn provably runs: one of them, aged by hand, goes.
     insert_events(&mut c, 5);
     wait_until(Duration::from_secs(20), "the new events to be projected", || {
         count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'") == 5
     });
-    std::thread::sleep(Duration::from_millis(1200));
-    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'"), 5);
+    c.batch_execute(
+        "UPDATE chronicle_outbox_events SET processed_at = now() - interval '1 hour'
+         WHERE id = (SELECT min(id) FROM chronicle_outbox_events)",
+    )
+    .unwrap();
+    wait_until(Duration::from_secs(20), "a prune turn to remove the aged row", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events") == 4
+    });
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'"), 4);
     signal(child.id(), "TERM");
     assert!(child.wait().unwrap().success());
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 45);

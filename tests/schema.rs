@@ -204,15 +204,32 @@ fn a_rolled_back_insert_enqueues_nothing() {
 }
 
 #[test]
-fn insert_notifies_listeners_once_per_statement_on_commit() {
+fn a_multi_row_insert_notifies_listeners_once_and_only_on_commit() {
     let db = TestDb::new();
     let mut listener = db.client();
     listener.batch_execute("LISTEN chronicle_outbox").unwrap();
+    let mut next = |wait_ms: u64| {
+        let mut n = listener.notifications();
+        let got = n.timeout_iter(std::time::Duration::from_millis(wait_ms)).next().unwrap();
+        got.map(|n| n.channel().to_string())
+    };
     let mut c = db.client();
-    c.batch_execute(INSERT_ONE).unwrap();
-    let mut n = listener.notifications();
-    let got = n.timeout_iter(std::time::Duration::from_secs(5)).next().unwrap();
-    assert!(got.is_some(), "no notification after a committed insert");
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at)
+         SELECT gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRestored', '{\"title\":\"t\"}', now()
+         FROM generate_series(1, 3)",
+    )
+    .unwrap();
+    assert_eq!(next(500), None, "notified before the commit");
+    tx.commit().unwrap();
+    assert_eq!(next(5000).as_deref(), Some("chronicle_outbox"), "no notification after the commit");
+    assert_eq!(next(500), None, "three rows, one statement: one notification, not one per row");
+    // A rolled-back insert notifies nobody.
+    let mut tx = c.transaction().unwrap();
+    tx.batch_execute(INSERT_ONE).unwrap();
+    tx.rollback().unwrap();
+    assert_eq!(next(500), None, "notified for a rolled-back insert");
 }
 
 #[test]

@@ -344,23 +344,43 @@ fn a_worker_refuses_an_unmigrated_or_newer_schema() {
 
 #[test]
 fn an_idle_worker_wakes_on_notify_and_not_only_by_polling() {
+    use std::io::BufRead;
     let db = TestDb::new();
     let mut c = db.client();
     for (listen, expect_done_quickly) in [("on", true), ("off", false)] {
         let mut child = worker_cmd(&db, &[])
             .env("OUTBOX_POLL_INTERVAL_SECONDS", "30")
             .env("OUTBOX_LISTEN", listen)
-            .stderr(Stdio::null())
+            .env("RUST_LOG", "chronicle::worker::claim=trace")
+            .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // Let it start, find nothing and go idle.
-        std::thread::sleep(Duration::from_millis(1500));
+        // The worker has claimed once, found nothing, and gone idle for 30 s.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stderr = child.stderr.take().unwrap();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+                if line.contains("nothing ready to claim") {
+                    let _ = tx.send(());
+                }
+            }
+        });
+        rx.recv_timeout(Duration::from_secs(20)).expect("the worker never went idle");
         insert_events(&mut c, 5);
-        std::thread::sleep(Duration::from_millis(1500));
-        let pending = count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'");
+        let mut not_done = || count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'");
+        let started = Instant::now();
+        let mut pending = not_done();
+        while pending > 0 && started.elapsed() < Duration::from_secs(3) {
+            std::thread::sleep(Duration::from_millis(50));
+            pending = not_done();
+        }
         signal(child.id(), "TERM");
         assert!(child.wait().unwrap().success());
-        assert_eq!(pending == 0, expect_done_quickly, "OUTBOX_LISTEN={listen}: {pending} rows not done after 1.5 s");
+        assert_eq!(
+            pending == 0,
+            expect_done_quickly,
+            "OUTBOX_LISTEN={listen}: {pending} rows not done 3 s after the insert (idle poll: 30 s)"
+        );
         // Leave nothing for the next round.
         run(&mut worker_cmd(&db, &["--until-empty"]));
     }

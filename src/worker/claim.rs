@@ -96,6 +96,7 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
                         if until_empty {
                             return;
                         }
+                        log::trace!("nothing ready to claim: idle for up to {:?}", shared.cfg.poll_interval);
                         shared.idle_wait_since(wakeups, shared.cfg.poll_interval);
                     }
                 }
