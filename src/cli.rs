@@ -30,6 +30,7 @@ pub enum Command {
     Show(cmd::show::Args),
     Prune(cmd::prune::Args),
     Erase(cmd::erase::Args),
+    Libraries(cmd::libraries::Args),
 }
 
 /// One subcommand: its name, a one-line summary and its full help.
@@ -44,6 +45,7 @@ pub const COMMANDS: &[CommandInfo] = &[
     CommandInfo { name: "append", summary: cmd::append::SUMMARY, help: cmd::append::help },
     CommandInfo { name: "inject", summary: cmd::inject::SUMMARY, help: cmd::inject::help },
     CommandInfo { name: "worker", summary: cmd::worker::SUMMARY, help: cmd::worker::help },
+    CommandInfo { name: "libraries", summary: cmd::libraries::SUMMARY, help: cmd::libraries::help },
     CommandInfo { name: "entries", summary: cmd::entries::SUMMARY, help: cmd::entries::help },
     CommandInfo { name: "verify", summary: cmd::verify::SUMMARY, help: cmd::verify::help },
     CommandInfo { name: "rebuild", summary: cmd::rebuild::SUMMARY, help: cmd::rebuild::help },
@@ -59,16 +61,13 @@ pub fn version_text() -> String {
     format!("chronicle {}", env!("CARGO_PKG_VERSION"))
 }
 
-/// The top-level help: every command, then every command's flags with their variables
-/// and defaults, so one page answers "what can I set".
+/// The top-level help: one screen. Each command in one line; a command's flags, variables
+/// and examples are in `chronicle help <COMMAND>`.
 pub fn main_help() -> String {
     let mut s = format!(
-        "{}\nProjects a notes application's activity events (chronicle_events) into its read model \
-         (chronicle_entries)\nthrough a transactional outbox.\n\n\
-         USAGE:\n    chronicle <COMMAND> [FLAGS]\n    chronicle help <COMMAND>\n\n\
-         GLOBAL FLAGS:\n    -h, --help       Print help (of a command: chronicle <COMMAND> --help)\n    \
-         -V, --version    Print the version\n    \
-         --log-format WORD  [CHRONICLE_LOG_FORMAT; default text] text, or json: one JSON object per log line\n\n\
+        "{}: keeps a notes application's activity timeline (chronicle_entries) projected\n\
+         from its events (chronicle_events) through a transactional outbox.\n\n\
+         USAGE:\n    chronicle [GLOBAL FLAGS] <COMMAND> [FLAGS]\n    chronicle help <COMMAND>\n\n\
          COMMANDS:\n",
         version_text()
     );
@@ -76,14 +75,14 @@ pub fn main_help() -> String {
         s.push_str(&format!("    {:<14} {}\n", c.name, c.summary));
     }
     s.push_str(
-        "\nEXIT CODES:\n    0 success, 1 failure, 2 usage or configuration error, \
-         3 database unreachable or refusing the connection\n\n\
-         Flags win over environment variables; durations take plain seconds (0.5) or 250ms, 90s, 15m, 2h, 7d.\n\
-         Logs go to stderr; set RUST_LOG (e.g. RUST_LOG=debug) to change the level.\n",
+        "\nGLOBAL FLAGS:\n    -h, --help           Print this help\n    -V, --version        Print the version\n    \
+         --log-format WORD    text (default), or json: one object per line [CHRONICLE_LOG_FORMAT]\n\n\
+         The database is DATABASE_URL (or --database-url). Flags win over environment variables.\n\
+         Logs go to stderr; RUST_LOG=debug shows more.\n\
+         Exit codes: 0 success, 1 failure, 2 usage or configuration error,\n            \
+         3 database unreachable or refusing us.\n\n\
+         Run `chronicle help <COMMAND>` for its flags, variables and examples (`chronicle help worker`).\n",
     );
-    for c in COMMANDS {
-        s.push_str(&format!("\n──── chronicle {} ────\n{}", c.name, (c.help)()));
-    }
     s
 }
 
@@ -154,6 +153,7 @@ fn parse_command(name: &str, p: &mut lexopt::Parser, env: &Env) -> Result<Comman
         "show" => wrap(name, cmd::show::parse(p, env)?.map(Command::Show)),
         "prune" => wrap(name, cmd::prune::parse(p, env)?.map(Command::Prune)),
         "erase" => wrap(name, cmd::erase::parse(p, env)?.map(Command::Erase)),
+        "libraries" => wrap(name, cmd::libraries::parse(p, env)?.map(Command::Libraries)),
         other => return Err(AppError::usage(format!("unknown command {other:?}\n{}", short_usage()))),
     })
 }
@@ -182,6 +182,7 @@ pub fn run(command: Command) -> Result<()> {
         Command::Show(a) => cmd::show::run(a),
         Command::Prune(a) => cmd::prune::run(a),
         Command::Erase(a) => cmd::erase::run(a),
+        Command::Libraries(a) => cmd::libraries::run(a),
     }
 }
 

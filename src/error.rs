@@ -37,6 +37,13 @@ impl AppError {
     /// error itself: a connection that could not be made or was refused is exit 3.
     pub fn db(context: &str, err: &postgres::Error) -> AppError {
         let msg = format!("{context}: {}", crate::db::describe_error(err));
+        if err.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) {
+            // Almost always a database nobody has migrated yet: say what to do.
+            return AppError::Failed(format!(
+                "{msg}\nThis database does not have chronicle's tables: run `chronicle migrate` first \
+                 (on the same DATABASE_URL)."
+            ));
+        }
         if crate::db::is_connection_error(err) {
             AppError::Unreachable(msg)
         } else {

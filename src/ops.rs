@@ -102,6 +102,52 @@ pub const STATUS_LAST_REBUILD: &str = "
     LIMIT 1";
 
 /// Reads the whole status in one snapshot.
+/// One library that has events, for `chronicle libraries`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Library {
+    pub library_id: Uuid,
+    /// From the library's latest `LibraryCreated` or `LibraryRenamed` event, if any.
+    pub name: Option<String>,
+    pub events: i64,
+    pub entries: i64,
+    pub newest_event_at: DateTime<Utc>,
+}
+
+/// Libraries by their newest event, most recent first. Both counts come from the
+/// library-leading indexes; the name from the library's own naming events.
+const LIBRARIES: &str = "
+    WITH ev AS (
+        SELECT library_id, count(*) AS events, max(occurred_at) AS newest
+        FROM chronicle_events GROUP BY library_id
+        ORDER BY newest DESC, library_id LIMIT $1
+    )
+    SELECT ev.library_id,
+           (SELECT coalesce(e.after->>'name', e.before->>'name')
+            FROM chronicle_events e
+            WHERE e.library_id = ev.library_id AND e.event_type IN ('LibraryCreated', 'LibraryRenamed')
+            ORDER BY e.occurred_at DESC, e.id DESC LIMIT 1),
+           ev.events,
+           (SELECT count(*) FROM chronicle_entries n WHERE n.library_id = ev.library_id),
+           ev.newest
+    FROM ev ORDER BY ev.newest DESC, ev.library_id";
+
+pub fn libraries(client: &mut impl GenericClient, limit: u64) -> Result<Vec<Library>, postgres::Error> {
+    let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+    client
+        .query(LIBRARIES, &[&limit])?
+        .iter()
+        .map(|r| {
+            Ok(Library {
+                library_id: r.try_get(0)?,
+                name: r.try_get(1)?,
+                events: r.try_get(2)?,
+                entries: r.try_get(3)?,
+                newest_event_at: r.try_get(4)?,
+            })
+        })
+        .collect()
+}
+
 pub fn status(client: &mut Client, max_processing: Duration) -> Result<Status, postgres::Error> {
     let mut tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?;
     let r = tx.query_one(STATUS_OUTBOX, &[&max_processing.as_secs_f64()])?;

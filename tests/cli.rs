@@ -159,3 +159,43 @@ fn run_sh_and_run_ps1_have_the_same_verbs() {
     }
     assert_eq!(a, b, "run.sh and run.ps1 differ");
 }
+
+#[test]
+fn the_main_help_fits_a_screen_and_points_at_each_command_help() {
+    let r = run(&mut chronicle_cmd(&["--help"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert!(lines.len() <= 40, "chronicle --help is {} lines long", lines.len());
+    for l in &lines {
+        assert!(l.chars().count() <= 100, "a line wider than 100 columns: {l:?}");
+    }
+    for c in chronicle::cli::COMMANDS {
+        let one = lines.iter().filter(|l| l.trim_start().starts_with(&format!("{} ", c.name))).count();
+        assert_eq!(one, 1, "{} should have exactly one line in chronicle --help", c.name);
+    }
+    assert!(r.stdout.contains("chronicle help <COMMAND>"), "{r}");
+}
+
+#[test]
+fn every_command_on_a_database_without_the_schema_says_to_run_migrate() {
+    let db = TestDb::empty();
+    let id = "0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10";
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["status"],
+        vec!["entries", "--library-id", id],
+        vec!["verify"],
+        vec!["inject", "--count", "10", "--seed", "1"],
+        vec!["show", id],
+        vec!["replay-failed", "--by", "ops", "--reason", "fix applied"],
+        vec!["prune", "--older-than", "1d"],
+        vec!["rebuild", "--truncate"],
+        vec!["erase", "--event-id", id, "--by", "dpo", "--reason", "r"],
+        vec!["libraries"],
+        vec!["worker", "--until-empty"],
+    ];
+    for args in commands {
+        let r = run(db.chronicle(&args).env("OUTBOX_METRICS_PORT", "0"));
+        assert_eq!(r.code, Some(1), "{args:?}: {r}");
+        assert!(r.stderr.contains("run `chronicle migrate` first"), "{args:?} does not say to migrate: {r}");
+    }
+}

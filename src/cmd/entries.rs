@@ -56,6 +56,9 @@ FLAGS:
       Entries per page, 1-{MAX_LIMIT} (default {DEFAULT_LIMIT}).
   --cursor CURSOR
       Continue after the page that printed CURSOR (same filters).
+  --wide
+      Every column at full width: times to the microsecond, whole actor ids and summaries (up
+      to {TABLE_SUMMARY_CHARS} characters). The default table fits 100 columns.
   --json
       Print {{\"entries\": [...], \"next_cursor\": \"...\" or null}}; each entry has every column of
       chronicle_entries but the search vector.
@@ -76,6 +79,8 @@ pub struct Args {
     pub database_url: DbUrl,
     pub query: EntryQuery,
     pub json: bool,
+    /// Every column at full width instead of a table that fits 100 columns.
+    pub wide: bool,
 }
 
 /// Parses a UUID flag value, naming the flag.
@@ -104,7 +109,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
     let mut src = Sources::new(env);
     let mut library_id = None;
     let mut q = EntryQuery::new(Uuid::nil());
-    let mut json = false;
+    let (mut json, mut wide) = (false, false);
     while let Some(arg) = p.next()? {
         if let Some(s) = setting_flag(&arg, SETTINGS) {
             src.set_flag(s, string_value(p, s.flag)?);
@@ -149,6 +154,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
                     Some(Cursor::decode(&v).map_err(|why| AppError::usage(format!("invalid --cursor {v:?}: {why}")))?);
             }
             Long("json") => json = true,
+            Long("wide") => wide = true,
             _ => return Err(arg.unexpected().into()),
         }
     }
@@ -165,7 +171,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
             )));
         }
     }
-    Ok(Some(Args { database_url: src.database_url()?, query: q, json }))
+    Ok(Some(Args { database_url: src.database_url()?, query: q, json, wide }))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -179,7 +185,7 @@ pub fn run(args: Args) -> Result<()> {
     if args.json {
         println!("{}", page_json(&page)?);
     } else {
-        print!("{}", page_table(&page));
+        print!("{}", page_table(&page, args.wide));
     }
     Ok(())
 }
@@ -196,7 +202,7 @@ fn rfc3339(t: DateTime<Utc>) -> String {
 }
 
 /// Terminal columns a text takes: CJK characters are two wide.
-fn columns(s: &str) -> usize {
+pub fn columns(s: &str) -> usize {
     s.chars()
         .map(|c| {
             if crate::search::is_cjk(c)
@@ -211,8 +217,29 @@ fn columns(s: &str) -> usize {
         .sum()
 }
 
-/// The page as an aligned table, then the next cursor when there is one.
-pub fn page_table(page: &Page) -> String {
+/// The width the default table fits in, for an 80-to-100-column terminal.
+const TABLE_COLUMNS: usize = 100;
+
+/// `text` cut to `width` terminal columns (CJK counts two), with `…` when cut.
+fn fit(text: &str, width: usize) -> String {
+    if columns(text) <= width {
+        return text.to_string();
+    }
+    let mut out = String::new();
+    for c in text.chars() {
+        if columns(&out) + columns(&c.to_string()) + 1 > width {
+            break;
+        }
+        out.push(c);
+    }
+    out.push('…');
+    out
+}
+
+/// The page as an aligned table, then the next cursor when there is one. The default fits
+/// `TABLE_COLUMNS`: times to the second, actors by the first 8 digits of their id, the
+/// summary cut to the room left; `wide` shows everything at full width.
+pub fn page_table(page: &Page, wide: bool) -> String {
     let rows: Vec<[String; 4]> = page
         .entries
         .iter()
@@ -223,18 +250,26 @@ pub fn page_table(page: &Page) -> String {
                 e.summary.clone()
             };
             // One line per entry, whatever the summary holds, and nothing a terminal obeys.
-            let summary = summary.replace(['\n', '\r', '\t'], " ");
-            let actor = e.actor_user_id.map_or_else(|| "system".to_string(), |a| a.to_string());
-            [rfc3339(e.occurred_at), printable(&e.event_type).into_owned(), printable(&summary).into_owned(), actor]
+            let summary = printable(&summary.replace(['\n', '\r', '\t'], " ")).into_owned();
+            let actor = match e.actor_user_id {
+                None => "system".to_string(),
+                Some(a) if wide => a.to_string(),
+                Some(a) => a.simple().to_string()[..8].to_string(),
+            };
+            let time =
+                if wide { rfc3339(e.occurred_at) } else { e.occurred_at.to_rfc3339_opts(SecondsFormat::Secs, true) };
+            [time, printable(&e.event_type).into_owned(), actor, summary]
         })
         .collect();
-    let header = ["OCCURRED_AT", "EVENT_TYPE", "SUMMARY", "ACTOR"].map(String::from);
+    let header = ["OCCURRED_AT", "EVENT_TYPE", "ACTOR", "SUMMARY"].map(String::from);
     let width = |i: usize| std::iter::once(&header).chain(&rows).map(|r| columns(&r[i])).max().unwrap_or(0);
     let widths = [width(0), width(1), width(2)];
+    let summary_room = TABLE_COLUMNS.saturating_sub(widths.iter().sum::<usize>() + 6).max(20);
     let mut out = String::new();
     for r in std::iter::once(&header).chain(&rows) {
         let pad = |i: usize| format!("{}{}", r[i], " ".repeat(widths[i].saturating_sub(columns(&r[i]))));
-        out.push_str(&format!("{}  {}  {}  {}\n", pad(0), pad(1), pad(2), r[3]));
+        let summary = if wide { r[3].clone() } else { fit(&r[3], summary_room) };
+        out.push_str(&format!("{}  {}  {}  {}\n", pad(0), pad(1), pad(2), summary));
     }
     if page.entries.is_empty() {
         out.push_str("(no entries)\n");
@@ -356,12 +391,22 @@ mod tests {
             projection_version: 1,
             projected_at: now,
         };
-        let t = page_table(&Page { entries: vec![row], next_cursor: Some("CUR".into()) });
+        let mut chinese = row.clone();
+        chinese.actor_user_id = Some(Uuid::now_v7());
+        chinese.summary = format!("Renamed book \"{}\" → \"{}\"", "旧标题".repeat(20), "分布式系统".repeat(20));
+        let page = Page { entries: vec![row, chinese], next_cursor: Some("CUR".into()) };
+        let t = page_table(&page, false);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 3, "{t}");
+        assert_eq!(lines.len(), 4, "{t}");
         assert!(lines[0].starts_with("OCCURRED_AT"));
-        assert!(lines[1].ends_with("system") && lines[1].contains('…'));
-        assert_eq!(lines[2], "more: --cursor CUR");
-        assert!(page_table(&Page { entries: vec![], next_cursor: None }).contains("(no entries)"));
+        assert!(lines[1].contains(" system ") && lines[1].ends_with('…'), "{t}");
+        assert_eq!(lines[3], "more: --cursor CUR");
+        for l in &lines {
+            assert!(columns(l) <= TABLE_COLUMNS, "{} columns: {l}", columns(l));
+        }
+        let wide = page_table(&page, true);
+        assert!(wide.lines().any(|l| columns(l) > TABLE_COLUMNS), "--wide cuts nothing:\n{wide}");
+        assert!(wide.contains(&page.entries[1].actor_user_id.unwrap().to_string()), "{wide}");
+        assert!(page_table(&Page { entries: vec![], next_cursor: None }, false).contains("(no entries)"));
     }
 }

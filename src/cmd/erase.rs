@@ -14,7 +14,7 @@ use crate::db;
 use crate::error::{AppError, Result};
 use crate::ops;
 
-pub const SUMMARY: &str = "Legal erasure: delete events with their deliveries and entries, and record who and why";
+pub const SUMMARY: &str = "Legal erasure of events, their deliveries and entries, audited (who, why)";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 

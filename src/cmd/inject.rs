@@ -26,7 +26,7 @@ use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
 
-pub const SUMMARY: &str = "Write N realistic synthetic events (reproducible from --seed), for demos and load tests";
+pub const SUMMARY: &str = "Write N realistic synthetic events (reproducible with --seed)";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 

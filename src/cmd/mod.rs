@@ -6,6 +6,7 @@ pub mod erase;
 pub mod events_input;
 pub mod healthcheck;
 pub mod inject;
+pub mod libraries;
 pub mod migrate;
 pub mod prune;
 pub mod rebuild;

@@ -12,7 +12,7 @@ use crate::db;
 use crate::error::{AppError, Result};
 use crate::outbox;
 
-pub const SUMMARY: &str = "Delete done outbox rows processed longer ago than a duration, in small batches";
+pub const SUMMARY: &str = "Delete done outbox rows older than a duration, in small batches";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 

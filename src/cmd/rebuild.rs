@@ -12,7 +12,7 @@ use crate::db;
 use crate::error::{AppError, Result};
 use crate::rebuild::{self, Mode, Options, Progress};
 
-pub const SUMMARY: &str = "Rebuild chronicle_entries from chronicle_events (--truncate, --emit-outbox, --swap)";
+pub const SUMMARY: &str = "Rebuild the read model from the events (--truncate, --emit-outbox, --swap)";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 

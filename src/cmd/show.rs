@@ -12,7 +12,7 @@ use crate::error::{AppError, Result};
 use crate::ops::{self, Columns, Shown};
 use crate::terminal;
 
-pub const SUMMARY: &str = "Show one event with every delivery of it (attempts, errors, replays) and its entry";
+pub const SUMMARY: &str = "One event with every delivery of it (attempts, errors, replays) and its entry";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 

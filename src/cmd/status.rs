@@ -9,7 +9,7 @@ use crate::error::{AppError, Result};
 use crate::ops::{self, Status};
 use crate::terminal::printable;
 
-pub const SUMMARY: &str = "Show the outbox by state, failures by reason, read-model coverage and the last rebuild";
+pub const SUMMARY: &str = "The outbox by state, failures by reason, coverage, the last rebuild";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::MAX_PROCESSING];
 

@@ -1,0 +1,154 @@
+//! `chronicle libraries`: which libraries have events, so an id for `entries --library-id`
+//! needs no psql.
+
+use lexopt::prelude::*;
+
+use crate::cli::{setting_flag, string_value};
+use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
+use crate::db;
+use crate::error::{AppError, Result};
+use crate::ops::{self, Library};
+use crate::terminal::printable;
+
+pub const SUMMARY: &str = "List the libraries: name, events, entries, newest event";
+
+const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
+
+const DEFAULT_LIMIT: u64 = 100;
+const MAX_LIMIT: u64 = 100_000;
+
+pub fn help() -> String {
+    format!(
+        "List the libraries that have events, the most recently active first: the library's
+name (from its latest LibraryCreated or LibraryRenamed event, if any), its id, how many
+events and entries it has, and the time of its newest event. Counting reads the events'
+and entries' library indexes whole.
+
+USAGE:
+    chronicle libraries [--limit N] [--json]
+
+FLAGS:
+{}  --limit N
+      At most N libraries (1-{MAX_LIMIT}; default {DEFAULT_LIMIT}).
+  --json
+      Print one JSON object: libraries (an array of objects with library_id, name, events,
+      entries, newest_event_at), and more (whether libraries were left out by --limit).
+
+EXAMPLES:
+    chronicle libraries
+    chronicle entries --library-id \"$(chronicle libraries --json | jq -r '.libraries[0].library_id')\"
+",
+        config::settings_help(SETTINGS)
+    )
+}
+
+#[derive(Debug)]
+pub struct Args {
+    pub database_url: DbUrl,
+    pub limit: u64,
+    pub json: bool,
+}
+
+pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
+    let mut src = Sources::new(env);
+    let (mut limit, mut json) = (DEFAULT_LIMIT, false);
+    while let Some(arg) = p.next()? {
+        if let Some(s) = setting_flag(&arg, SETTINGS) {
+            src.set_flag(s, string_value(p, s.flag)?);
+            continue;
+        }
+        match arg {
+            Short('h') | Long("help") => return Ok(None),
+            Long("limit") => {
+                let v = string_value(p, "limit")?;
+                limit = parse_count(v.trim(), 1, MAX_LIMIT)
+                    .map_err(|why| AppError::usage(format!("invalid --limit {v:?}: {why}")))?;
+            }
+            Long("json") => json = true,
+            _ => return Err(arg.unexpected().into()),
+        }
+    }
+    Ok(Some(Args { database_url: src.database_url()?, limit, json }))
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let mut client = db::connect_for_command(&args.database_url)?;
+    let mut libraries =
+        ops::libraries(&mut client, args.limit + 1).map_err(|e| AppError::db("while listing the libraries", &e))?;
+    let more = libraries.len() as u64 > args.limit;
+    libraries.truncate(args.limit as usize);
+    if args.json {
+        let v = serde_json::json!({ "libraries": libraries, "more": more });
+        println!("{v}");
+    } else {
+        print!("{}", render_text(&libraries, more));
+    }
+    Ok(())
+}
+
+/// Names are cut to keep a line within 100 columns; the id is never cut.
+const NAME_CHARS: usize = 24;
+
+pub fn render_text(libraries: &[Library], more: bool) -> String {
+    if libraries.is_empty() {
+        return "(no libraries: chronicle_events is empty)\n".to_string();
+    }
+    let mut s =
+        format!("{:<24}  {:<36}  {:>9}  {:>9}  {}\n", "NAME", "LIBRARY_ID", "EVENTS", "ENTRIES", "NEWEST_EVENT");
+    for l in libraries {
+        let name = l.name.as_deref().map(|n| printable(n).into_owned()).unwrap_or_else(|| "-".into());
+        let name: String = if name.chars().count() > NAME_CHARS {
+            name.chars().take(NAME_CHARS - 1).chain(['…']).collect()
+        } else {
+            name
+        };
+        let pad = NAME_CHARS.saturating_sub(crate::cmd::entries::columns(&name));
+        s.push_str(&format!(
+            "{name}{}  {:<36}  {:>9}  {:>9}  {}\n",
+            " ".repeat(pad),
+            l.library_id,
+            l.events,
+            l.entries,
+            l.newest_event_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+        ));
+    }
+    if more {
+        s.push_str("(more libraries: raise --limit)\n");
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_args(args: &[&str]) -> Result<Option<Args>> {
+        let mut p = lexopt::Parser::from_args(args.iter().copied());
+        parse(&mut p, &Env::from_pairs([("DATABASE_URL", "postgres://u@localhost/db")]))
+    }
+
+    #[test]
+    fn limit_is_bounded_and_named_when_wrong() {
+        assert_eq!(parse_args(&[]).unwrap().unwrap().limit, DEFAULT_LIMIT);
+        assert_eq!(parse_args(&["--limit", "7", "--json"]).unwrap().unwrap().limit, 7);
+        for bad in ["0", "x", "100001"] {
+            let e = parse_args(&["--limit", bad]).unwrap_err();
+            assert_eq!(e.exit_code(), 2);
+            assert!(e.to_string().contains("--limit"), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_table_fits_100_columns_whatever_the_name() {
+        let l = Library {
+            library_id: uuid::Uuid::nil(),
+            name: Some("分布式系统设计与实践：一本很长很长的书库名字".into()),
+            events: 123_456_789,
+            entries: 123_456_789,
+            newest_event_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        };
+        for line in render_text(&[l], true).lines() {
+            assert!(crate::cmd::entries::columns(line) <= 100, "{line}");
+        }
+    }
+}
