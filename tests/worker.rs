@@ -407,3 +407,30 @@ fn healthcheck_probes_a_running_worker() {
     let r = run(crate::util::chronicle_cmd(&["healthcheck"]).env("OUTBOX_METRICS_PORT", "0"));
     assert_eq!(r.code, Some(2), "{r}");
 }
+
+/// The exit line says what really happened: the rate while there was work (not over the
+/// whole run) and the backlog read at exit (rows released at shutdown are pending again).
+#[test]
+fn the_exit_line_reports_the_drain_rate_and_the_backlog_at_exit() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 500);
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let last = r.stderr.lines().rev().find(|l| l.contains("processed ")).unwrap_or_default().to_string();
+    assert!(last.contains("processed 500 in ") && last.contains(" s of work ("), "{last}");
+    assert!(last.contains("backlog now: 0 pending, 0 processing"), "{last}");
+
+    // A batch that cannot complete (the read model is locked) is released at exit: all 30
+    // rows are pending again, which the exit line reads from the database.
+    insert_events(&mut c, 30);
+    let mut locker = db.client();
+    let mut tx = locker.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE").unwrap();
+    let r =
+        run(worker_cmd(&db, &["--batch-size", "10"]).env("OUTBOX_RUN_SECONDS", "1").env("OUTBOX_LEASE_SECONDS", "3"));
+    tx.rollback().unwrap();
+    assert_eq!(r.code, Some(0), "{r}");
+    let last = r.stderr.lines().rev().find(|l| l.contains("processed ")).unwrap_or_default().to_string();
+    assert!(last.contains("processed 0;") && last.contains("backlog now: 30 pending, 0 processing"), "{last}\n{r}");
+}

@@ -224,6 +224,7 @@ pub fn run_once(
         );
     }
     m.batch_duration.observe(started.elapsed().as_secs_f64());
+    shared.note_work(started);
     Ok(report)
 }
 

@@ -42,6 +42,9 @@ pub struct Shared {
     db_down: AtomicBool,
     /// Refusals by the server (credentials, database name), reported at most once a minute.
     pub refusals: Arc<db::RefusalLog>,
+    /// When the first batch that claimed rows started, and when the latest one ended: the
+    /// time spent working, for the drain rate the exit line reports.
+    work_span: Mutex<Option<(Instant, Instant)>>,
 }
 
 impl Shared {
@@ -57,6 +60,7 @@ impl Shared {
             ready: Arc::new(AtomicBool::new(false)),
             db_down: AtomicBool::new(false),
             refusals: Arc::new(db::RefusalLog::default()),
+            work_span: Mutex::new(None),
         })
     }
 
@@ -111,6 +115,14 @@ impl Shared {
     pub fn db_ok(&self) {
         if self.db_down.swap(false, Ordering::SeqCst) {
             log::info!("database reachable again; resuming");
+        }
+    }
+
+    /// Records a batch that claimed rows and ran from `started` until now.
+    pub fn note_work(&self, started: Instant) {
+        if let Ok(mut span) = self.work_span.lock() {
+            let first = span.map_or(started, |(first, _)| first.min(started));
+            *span = Some((first, Instant::now()));
         }
     }
 
@@ -216,7 +228,7 @@ pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
 
     supervise(&shared, &active_claimers, started);
     shutdown(&shared, claimers, services);
-    log_progress(&shared, None);
+    log_exit(&shared, &pool);
     log::info!("worker {} stopped", shared.cfg.worker_id);
     Ok(())
 }
@@ -500,6 +512,38 @@ fn log_progress(shared: &Shared, since: Option<(Instant, u64)>) -> u64 {
         Metrics::get(&m.reclaimed)
     );
     processed
+}
+
+/// The last line: what this process did, at the rate it drained while it had work (the
+/// time from its first claim to its last completion, not the whole run), and the backlog
+/// read from the database now, not the gauges' last sample.
+fn log_exit(shared: &Shared, pool: &db::Pool) {
+    let m = &shared.metrics;
+    let processed = Metrics::get(&m.processed);
+    let span = shared.work_span.lock().ok().and_then(|s| *s).map(|(first, last)| last.duration_since(first));
+    let rate = match span {
+        Some(d) if processed > 0 => {
+            format!(
+                " in {:.2} s of work ({:.0} events/s)",
+                d.as_secs_f64(),
+                processed as f64 / d.as_secs_f64().max(1e-3)
+            )
+        }
+        _ => String::new(),
+    };
+    let backlog = match pool.get_timeout(Duration::from_secs(2)) {
+        Ok(mut c) => match outbox::sample_gauges(&mut *c, shared.cfg.max_processing) {
+            Ok(g) => format!("{} pending, {} processing", g.pending, g.inflight),
+            Err(e) => format!("unknown ({})", db::describe_error(&e)),
+        },
+        Err(e) => format!("unknown ({e})"),
+    };
+    log::info!(
+        "processed {processed}{rate}; failed {}, retries {}, reclaimed {}; backlog now: {backlog}",
+        m.terminal_failed_total(),
+        Metrics::get(&m.retry_scheduled),
+        Metrics::get(&m.reclaimed)
+    );
 }
 
 /// Stops the threads: claim threads finish their batch within the grace period, or are
