@@ -38,8 +38,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use chronicle::cmd::inject::Generator;
 use chronicle::config::DbUrl;
+use chronicle::synthetic::Generator;
 use chronicle::timeline::{self, Cursor, EntryQuery};
 use postgres::Client;
 use uuid::Uuid;
@@ -1634,7 +1634,7 @@ fn reader_loop(db: &DbUrl, lib: Uuid, stop: &AtomicBool) -> Res<ReaderSamples> {
 }
 
 /// Inserts events with `created_at` left to the server (now()).
-fn insert_events(c: &mut Client, events: &[chronicle::cmd::events_input::NewEvent]) -> Res<()> {
+fn insert_events(c: &mut Client, events: &[chronicle::input::NewEvent]) -> Res<()> {
     let ids: Vec<Uuid> = events.iter().map(|e| e.id.unwrap_or_else(Uuid::now_v7)).collect();
     let libs: Vec<Uuid> = events.iter().map(|e| e.library_id).collect();
     let actors: Vec<Option<Uuid>> = events.iter().map(|e| e.actor_user_id).collect();

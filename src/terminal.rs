@@ -3,7 +3,8 @@
 //! window, hide text or ring the bell, are shown escaped instead of sent raw, and so are
 //! the invisible characters that reorder text (bidirectional overrides). Everything
 //! human-readable that chronicle prints passes through here; JSON output does not need
-//! it (the encoder escapes control characters itself).
+//! it (the encoder escapes control characters itself). Tables measure text in terminal
+//! columns (`columns`, `fit`), CJK characters being two wide.
 
 use std::borrow::Cow;
 
@@ -42,6 +43,38 @@ fn escape(s: &str, keep_newlines: bool) -> Cow<'_, str> {
         }
     }
     Cow::Owned(out)
+}
+
+/// Terminal columns a text takes: CJK characters are two wide.
+pub fn columns(s: &str) -> usize {
+    s.chars()
+        .map(|c| {
+            if crate::search::is_cjk(c)
+                || ('\u{3000}'..='\u{303F}').contains(&c)
+                || ('\u{FF01}'..='\u{FF60}').contains(&c)
+            {
+                2
+            } else {
+                1
+            }
+        })
+        .sum()
+}
+
+/// `text` cut to `width` terminal columns (CJK counts two), with `…` when cut.
+pub fn fit(text: &str, width: usize) -> String {
+    if columns(text) <= width {
+        return text.to_string();
+    }
+    let mut out = String::new();
+    for c in text.chars() {
+        if columns(&out) + columns(&c.to_string()) + 1 > width {
+            break;
+        }
+        out.push(c);
+    }
+    out.push('…');
+    out
 }
 
 #[cfg(test)]

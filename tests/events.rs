@@ -3,9 +3,9 @@
 
 use std::collections::BTreeSet;
 
-use chronicle::cmd::events_input::{event_from_json, Rules};
-use chronicle::cmd::inject::Generator;
 use chronicle::event::CATALOG;
+use chronicle::input::{event_from_json, Rules};
+use chronicle::synthetic::Generator;
 use serde_json::{json, Value};
 
 use crate::util::{chronicle_cmd, count, free_port, run, run_with_input, TestDb};

@@ -13,10 +13,11 @@ use lexopt::prelude::*;
 use uuid::Uuid;
 
 use crate::cli::{setting_flag, string_value};
-use crate::cmd::events_input::{self, Rules, MAX_INPUT_BYTES, MAX_REPORTED_LINES};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::input::{self, Rules, MAX_INPUT_BYTES, MAX_REPORTED_LINES};
+use crate::writer;
 
 pub const SUMMARY: &str = "Write events given as JSON (one event, or JSON lines) into chronicle_events";
 
@@ -112,9 +113,9 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
 
 pub fn run(args: Args) -> Result<()> {
     let input = read_input(args.file.as_ref())?;
-    let events = events_input::parse_events(&input, args.rules).map_err(|e| AppError::usage(e.to_string()))?;
+    let events = input::parse_events(&input, args.rules).map_err(|e| AppError::usage(e.to_string()))?;
     drop(input);
-    let repeated = events_input::repeated_ids(&events);
+    let repeated = input::repeated_ids(&events);
     if !repeated.is_empty() {
         let lines: Vec<String> = repeated
             .iter()
@@ -133,12 +134,12 @@ pub fn run(args: Args) -> Result<()> {
     };
 
     // Ids are generated in input order, so events given without one keep it.
-    let with_ids: Vec<(Uuid, &events_input::NewEvent)> =
+    let with_ids: Vec<(Uuid, &input::NewEvent)> =
         events.iter().map(|e| (e.event.id.unwrap_or_else(Uuid::now_v7), &e.event)).collect();
 
     let mut client = db::connect_for_command(&url)?;
     let mut tx = client.transaction().map_err(|e| AppError::db("while starting the transaction", &e))?;
-    events_input::insert_events(&mut tx, &with_ids)?;
+    writer::insert_events(&mut tx, &with_ids)?;
     tx.commit().map_err(|e| AppError::db("while committing the events", &e))?;
 
     let ids: Vec<String> = with_ids.iter().map(|(id, _)| id.to_string()).collect();

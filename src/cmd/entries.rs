@@ -12,7 +12,7 @@ use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
 use crate::event::ENTITY_TYPES;
-use crate::terminal::printable;
+use crate::terminal::{columns, fit, printable};
 use crate::timeline::{self, Cursor, EntryQuery, Page, DEFAULT_LIMIT, MAX_LIMIT};
 
 pub const SUMMARY: &str = "Show one page of a library's timeline (filters, search, cursor)";
@@ -201,40 +201,8 @@ fn rfc3339(t: DateTime<Utc>) -> String {
     t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
 }
 
-/// Terminal columns a text takes: CJK characters are two wide.
-pub fn columns(s: &str) -> usize {
-    s.chars()
-        .map(|c| {
-            if crate::search::is_cjk(c)
-                || ('\u{3000}'..='\u{303F}').contains(&c)
-                || ('\u{FF01}'..='\u{FF60}').contains(&c)
-            {
-                2
-            } else {
-                1
-            }
-        })
-        .sum()
-}
-
 /// The width the default table fits in, for an 80-to-100-column terminal.
 const TABLE_COLUMNS: usize = 100;
-
-/// `text` cut to `width` terminal columns (CJK counts two), with `…` when cut.
-fn fit(text: &str, width: usize) -> String {
-    if columns(text) <= width {
-        return text.to_string();
-    }
-    let mut out = String::new();
-    for c in text.chars() {
-        if columns(&out) + columns(&c.to_string()) + 1 > width {
-            break;
-        }
-        out.push(c);
-    }
-    out.push('…');
-    out
-}
 
 /// The page as an aligned table, then the next cursor when there is one. The default fits
 /// `TABLE_COLUMNS`: times to the second, actors by the first 8 digits of their id, the

@@ -8,7 +8,7 @@ use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
 use crate::ops::{self, Library};
-use crate::terminal::printable;
+use crate::terminal::{columns, fit, printable};
 
 pub const SUMMARY: &str = "List the libraries: name, events, entries, newest event";
 
@@ -86,8 +86,9 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// Names are cut to keep a line within 100 columns; the id is never cut.
-const NAME_CHARS: usize = 24;
+/// Names are cut to this many terminal columns, to keep a line within 100; the id is never
+/// cut.
+const NAME_CHARS: usize = 18;
 
 pub fn render_text(libraries: &[Library], more: bool) -> String {
     if libraries.is_empty() {
@@ -97,12 +98,8 @@ pub fn render_text(libraries: &[Library], more: bool) -> String {
         format!("{:<24}  {:<36}  {:>9}  {:>9}  {}\n", "NAME", "LIBRARY_ID", "EVENTS", "ENTRIES", "NEWEST_EVENT");
     for l in libraries {
         let name = l.name.as_deref().map(|n| printable(n).into_owned()).unwrap_or_else(|| "-".into());
-        let name: String = if name.chars().count() > NAME_CHARS {
-            name.chars().take(NAME_CHARS - 1).chain(['…']).collect()
-        } else {
-            name
-        };
-        let pad = NAME_CHARS.saturating_sub(crate::cmd::entries::columns(&name));
+        let name = fit(&name, NAME_CHARS);
+        let pad = NAME_CHARS.saturating_sub(columns(&name));
         s.push_str(&format!(
             "{name}{}  {:<36}  {:>9}  {:>9}  {}\n",
             " ".repeat(pad),
@@ -148,7 +145,7 @@ mod tests {
             newest_event_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
         };
         for line in render_text(&[l], true).lines() {
-            assert!(crate::cmd::entries::columns(line) <= 100, "{line}");
+            assert!(columns(line) <= 100, "{line}");
         }
     }
 }

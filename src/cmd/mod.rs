@@ -3,7 +3,6 @@
 pub mod append;
 pub mod entries;
 pub mod erase;
-pub mod events_input;
 pub mod healthcheck;
 pub mod inject;
 pub mod libraries;
