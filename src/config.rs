@@ -502,11 +502,13 @@ impl std::fmt::Display for DbUrl {
 
 const URL_SCHEMES: &[&str] = &["postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"];
 
-/// Why a key of a connection string is refused, without showing what may be a secret.
-fn unknown_key(key: &str, after_secret: bool) -> String {
-    if after_secret {
-        "has a parameter after the password that is not a connection keyword (not shown: it may be part of \
-         the password; in a URL write & in a password as %26, in key=value form quote the password)"
+/// Why a key of a connection string is refused, without showing what may be a secret:
+/// when the string holds a `password=`, an unknown key may be a piece of it (an
+/// unencoded `&` or an unquoted space in the password).
+fn unknown_key(key: &str, may_be_secret: bool) -> String {
+    if may_be_secret {
+        "has a parameter that is not a connection keyword (not shown: it may be part of the password; in a \
+         URL write & in a password as %26, in key=value form quote the password)"
             .to_string()
     } else if conninfo::is_plain_word(key) {
         format!("has an unknown key {key:?}")
@@ -577,16 +579,16 @@ impl DbUrl {
                 password = pw.map(|p| percent_decode_str(p).collect());
             }
             let pairs = conninfo::query_pairs(parts.query.unwrap_or(""));
+            let has_secret = pairs.iter().any(|(k, _)| conninfo::is_secret_key(&decode(k)));
             let mut kept = Vec::new();
-            for (i, (k, v)) in pairs.iter().enumerate() {
+            for (k, v) in &pairs {
                 let key = decode(k);
                 if key == "password" {
                     password = Some(percent_decode_str(v).collect());
                     continue;
                 }
-                let after_secret = i > 0 && conninfo::is_secret_key(&decode(pairs[i - 1].0));
-                if !conninfo::is_keyword(&key) || (after_secret && v.is_empty()) {
-                    return Err(unknown_key(&key, after_secret));
+                if !conninfo::is_keyword(&key) || (has_secret && v.is_empty()) {
+                    return Err(unknown_key(&key, has_secret));
                 }
                 if !take_ours(&key, &decode(v))? {
                     kept.push(format!("{k}={v}"));
@@ -604,15 +606,15 @@ impl DbUrl {
             s
         } else if raw.contains('=') {
             let pairs = conninfo::parse_key_values(raw).map_err(|e| e.describe())?;
+            let has_secret = pairs.iter().any(|p| conninfo::is_secret_key(&p.key));
             let mut s = String::new();
-            for (i, pair) in pairs.iter().enumerate() {
+            for pair in &pairs {
                 if pair.key == "password" {
                     password = Some(pair.value.clone().into_bytes());
                     continue;
                 }
-                let after_secret = i > 0 && conninfo::is_secret_key(&pairs[i - 1].key);
                 if !conninfo::is_keyword(&pair.key) {
-                    return Err(unknown_key(&pair.key, after_secret));
+                    return Err(unknown_key(&pair.key, has_secret));
                 }
                 if take_ours(&pair.key, &pair.value)? {
                     continue;
@@ -1081,6 +1083,9 @@ mod tests {
             bad.push(format!("host=db.example pasword={}", kv_quote(pw)));
             bad.push(format!("postgresql://u@db.example/app?pasword={}", pct(pw)));
             bad.push(format!("u:{pw}@db.example/app"));
+            bad.push(format!("postgresql://u@db.example/app?password={pw}"));
+            bad.push(format!("postgresql://u@db.example/app?password={pw}&bogus=1"));
+            bad.push(format!("host=db.example user=u password={pw} dbname=app"));
             for raw in bad {
                 for origin in ["env", "flag"] {
                     let env = if origin == "env" {

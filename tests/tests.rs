@@ -4,6 +4,7 @@ mod util;
 
 mod chaos;
 mod cli;
+mod credentials;
 mod events;
 mod ops;
 mod outbox;
