@@ -94,7 +94,8 @@ setting!(
     "database-url",
     None,
     Kind::DatabaseUrl,
-    "PostgreSQL to use: postgres://, postgresql://, postgresql+psycopg(2):// or libpq key=value. Required."
+    "PostgreSQL to use: postgres://, postgresql://, postgresql+psycopg(2):// or libpq key=value. Required.\n      \
+     Without a password in it: PGPASSWORD, else the password file (passfile=, PGPASSFILE, ~/.pgpass)."
 );
 setting!(
     WORKER_ID,

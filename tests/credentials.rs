@@ -307,6 +307,8 @@ fn private_file(dir: &Path, name: &str, text: &str, mode: u32) -> PathBuf {
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).expect("chmod");
     }
+    #[cfg(not(unix))]
+    let _ = mode;
     path
 }
 
