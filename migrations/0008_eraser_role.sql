@@ -24,6 +24,8 @@
 -- for SELECT and DELETE only), and to add audit rows. It cannot change or remove one.
 
 -- The role is cluster-wide; several databases (or two migrations at once) may create it.
+-- A migrating role that may not create roles (no CREATEROLE) needs an administrator to
+-- create it once per server; the migration then stops, changing nothing, and says so.
 DO $$
 BEGIN
     IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'chronicle_eraser') THEN
@@ -31,6 +33,11 @@ BEGIN
     END IF;
 EXCEPTION
     WHEN duplicate_object OR unique_violation THEN NULL;
+    WHEN insufficient_privilege THEN
+        RAISE EXCEPTION 'the role chronicle_eraser does not exist, and % may not create roles', current_user
+            USING ERRCODE = 'insufficient_privilege',
+                  HINT = 'an administrator runs once on this server: CREATE ROLE chronicle_eraser NOLOGIN; '
+                         'then run chronicle migrate again';
 END
 $$;
 

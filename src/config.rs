@@ -5,8 +5,15 @@
 //! unit-tested from a map. The variable names are a contract (docs/DESIGN.md §4): each one
 //! has a flag named after it without its prefix, and the flag wins.
 
+mod conninfo;
+pub mod pgpass;
+
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::time::Duration;
+
+pub use conninfo::mask_password;
+use percent_encoding::percent_decode_str;
 
 use crate::error::{AppError, Result};
 
@@ -87,7 +94,8 @@ setting!(
     "database-url",
     None,
     Kind::DatabaseUrl,
-    "PostgreSQL to use: postgres://, postgresql://, postgresql+psycopg(2):// or libpq key=value. Required."
+    "PostgreSQL to use: postgres://, postgresql://, postgresql+psycopg(2):// or libpq key=value. Required.\n      \
+     Without a password in it: PGPASSWORD, else the password file (passfile=, PGPASSFILE, ~/.pgpass)."
 );
 setting!(
     WORKER_ID,
@@ -256,16 +264,37 @@ enum Origin {
     Default,
 }
 
+/// Reads a password file: the disk, or a test's data.
+pub type ReadFile<'a> = &'a dyn Fn(&Path) -> std::io::Result<pgpass::FileRead>;
+
 /// The flags a command received for its settings, plus the environment. Flags win.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Sources<'a> {
     env: &'a Env,
     flags: BTreeMap<&'static str, String>,
+    read_file: ReadFile<'a>,
 }
+
+impl std::fmt::Debug for Sources<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Flag values are not shown: --database-url may carry a password.
+        f.debug_struct("Sources").field("flags", &self.flags.keys().collect::<Vec<_>>()).finish()
+    }
+}
+
+/// The warning for a password given on the command line.
+pub const PASSWORD_ON_COMMAND_LINE: &str = "--database-url carries a password, which other local users can read \
+     (ps, /proc); set DATABASE_URL, PGPASSWORD or a password file (PGPASSFILE, ~/.pgpass) instead";
 
 impl<'a> Sources<'a> {
     pub fn new(env: &'a Env) -> Sources<'a> {
-        Sources { env, flags: BTreeMap::new() }
+        Sources { env, flags: BTreeMap::new(), read_file: &pgpass::read_from_disk }
+    }
+
+    /// Reads password files with `read` instead of from disk.
+    pub fn with_file_reader(mut self, read: ReadFile<'a>) -> Sources<'a> {
+        self.read_file = read;
+        self
     }
 
     /// Records a flag's value (the last one given wins, as usual for flags).
@@ -292,8 +321,29 @@ impl<'a> Sources<'a> {
         AppError::Usage(format!("invalid {name} {shown:?}: {why}"))
     }
 
-    /// The database URL, required.
+    /// The database URL, required, with its password filled in from `PGPASSWORD` or the
+    /// password file when it has none. Logs the warnings of `resolve_database_url`.
     pub fn database_url(&self) -> Result<DbUrl> {
+        let (url, warnings) = self.resolve_database_url()?;
+        for w in warnings {
+            log::warn!("{w}");
+        }
+        Ok(url)
+    }
+
+    /// The database URL and the warnings for the user: a password on the command line
+    /// (readable by other local users), a password file ignored.
+    pub fn resolve_database_url(&self) -> Result<(DbUrl, Vec<String>)> {
+        let (mut url, origin) = self.parse_database_url()?;
+        let mut warnings = Vec::new();
+        if origin == Origin::Flag && url.has_password() {
+            warnings.push(PASSWORD_ON_COMMAND_LINE.to_string());
+        }
+        warnings.extend(url.fill_password(self.env, self.read_file));
+        Ok((url, warnings))
+    }
+
+    fn parse_database_url(&self) -> Result<(DbUrl, Origin)> {
         let s = &DATABASE_URL;
         match self.raw(s) {
             None => Err(AppError::Usage(format!(
@@ -301,7 +351,7 @@ impl<'a> Sources<'a> {
                  e.g. postgresql://user:password@localhost:5432/dbname",
                 s.var, s.flag
             ))),
-            Some((v, origin)) => DbUrl::parse(&v).map_err(|why| {
+            Some((v, origin)) => DbUrl::parse_in(&v, self.env).map(|u| (u, origin)).map_err(|why| {
                 // A value that is neither a URL nor key=value pairs may be a pasted
                 // password: it is not repeated back.
                 if v.contains("://") || v.contains('=') || v.trim().is_empty() {
@@ -433,6 +483,9 @@ pub struct DbUrl {
     pub config: postgres::Config,
     pub ssl_mode: SslMode,
     pub ssl_root_cert: Option<String>,
+    /// `passfile=` of the connection string: the password file to use instead of
+    /// `PGPASSFILE` or `~/.pgpass`.
+    passfile: Option<String>,
     masked: String,
 }
 
@@ -450,18 +503,45 @@ impl std::fmt::Display for DbUrl {
 
 const URL_SCHEMES: &[&str] = &["postgres", "postgresql", "postgresql+psycopg", "postgresql+psycopg2"];
 
+/// Why a key of a connection string is refused, without showing what may be a secret:
+/// when the string holds a `password=`, an unknown key may be a piece of it (an
+/// unencoded `&` or an unquoted space in the password).
+fn unknown_key(key: &str, may_be_secret: bool) -> String {
+    if may_be_secret {
+        "has a parameter that is not a connection keyword (not shown: it may be part of the password; in a \
+         URL write & in a password as %26, in key=value form quote the password)"
+            .to_string()
+    } else if conninfo::is_plain_word(key) {
+        format!("has an unknown key {key:?}")
+    } else {
+        "has a key that is not a connection keyword (not shown)".to_string()
+    }
+}
+
 impl DbUrl {
     /// Accepts `postgres://`, `postgresql://`, the SQLAlchemy forms
     /// `postgresql+psycopg://` and `postgresql+psycopg2://`, and libpq `key=value`
-    /// strings (a `host` starting with `/` is a unix-socket directory).
+    /// strings (a `host` starting with `/` is a unix-socket directory). The user
+    /// defaults to `PGUSER`, `USER` or `USERNAME` of the process.
     pub fn parse(raw: &str) -> Result<DbUrl, String> {
+        DbUrl::parse_in(raw, &Env::from_process())
+    }
+
+    /// As `parse`, with the environment given. The password never reaches the driver's
+    /// parser (whose errors may quote what they read): it is set on the configuration
+    /// afterwards.
+    pub fn parse_in(raw: &str, env: &Env) -> Result<DbUrl, String> {
         let raw = raw.trim();
         if raw.is_empty() {
             return Err("is empty".into());
         }
         let mut ssl_mode = SslMode::Prefer;
         let mut ssl_root_cert = None;
-        let mut take_tls = |key: &str, value: &str| -> Result<bool, String> {
+        let mut passfile = None;
+        let mut password: Option<Vec<u8>> = None;
+        let mut url_user: Option<String> = None;
+        // Settings the driver does not know: taken out of the text it parses.
+        let mut take_ours = |key: &str, value: &str| -> Result<bool, String> {
             match key {
                 "sslmode" => {
                     ssl_mode = match value {
@@ -478,43 +558,70 @@ impl DbUrl {
                     ssl_root_cert = Some(value.to_string());
                     Ok(true)
                 }
+                "passfile" => {
+                    passfile = Some(value.to_string());
+                    Ok(true)
+                }
                 _ => Ok(false),
             }
         };
+        let decode = |s: &str| percent_decode_str(s).decode_utf8_lossy().into_owned();
 
-        let driver_text = if let Some((scheme, rest)) = raw.split_once("://") {
-            if !URL_SCHEMES.contains(&scheme) {
+        let driver_text = if let Some(parts) = conninfo::split_url(raw) {
+            if !URL_SCHEMES.contains(&parts.scheme) {
                 return Err(format!(
-                    "unsupported scheme {scheme:?}: use postgres://, postgresql://, \
-                     postgresql+psycopg:// or postgresql+psycopg2://"
+                    "unsupported scheme {:?}: use postgres://, postgresql://, postgresql+psycopg:// or \
+                     postgresql+psycopg2://",
+                    parts.scheme
                 ));
             }
-            let (base, query) = match rest.split_once('?') {
-                Some((b, q)) => (b, Some(q)),
-                None => (rest, None),
-            };
+            if let Some((user, pw)) = parts.credentials() {
+                url_user = Some(decode(user)).filter(|u| !u.is_empty());
+                password = pw.map(|p| percent_decode_str(p).collect());
+            }
+            let pairs = conninfo::query_pairs(parts.query.unwrap_or(""));
+            let has_secret = pairs.iter().any(|(k, _)| conninfo::is_secret_key(&decode(k)));
             let mut kept = Vec::new();
-            for pair in query.into_iter().flat_map(|q| q.split('&')).filter(|p| !p.is_empty()) {
-                let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-                if !take_tls(k, &percent_decode(v))? {
-                    kept.push(pair);
+            for (k, v) in &pairs {
+                let key = decode(k);
+                if key == "password" {
+                    password = Some(percent_decode_str(v).collect());
+                    continue;
+                }
+                if !conninfo::is_keyword(&key) || (has_secret && v.is_empty()) {
+                    return Err(unknown_key(&key, has_secret));
+                }
+                if !take_ours(&key, &decode(v))? {
+                    kept.push(format!("{k}={v}"));
                 }
             }
-            let mut s = format!("postgresql://{base}");
+            let mut s = format!("postgresql://{}", parts.hosts);
+            if let Some(path) = parts.path {
+                s.push('/');
+                s.push_str(path);
+            }
             if !kept.is_empty() {
                 s.push('?');
                 s.push_str(&kept.join("&"));
             }
             s
         } else if raw.contains('=') {
-            let pairs = parse_key_values(raw)?;
+            let pairs = conninfo::parse_key_values(raw).map_err(|e| e.describe())?;
+            let has_secret = pairs.iter().any(|p| conninfo::is_secret_key(&p.key));
             let mut s = String::new();
-            for (k, v) in pairs {
-                if take_tls(&k, &v)? {
+            for pair in &pairs {
+                if pair.key == "password" {
+                    password = Some(pair.value.clone().into_bytes());
                     continue;
                 }
-                let quoted = v.replace('\\', "\\\\").replace('\'', "\\'");
-                s.push_str(&format!("{k}='{quoted}' "));
+                if !conninfo::is_keyword(&pair.key) {
+                    return Err(unknown_key(&pair.key, has_secret));
+                }
+                if take_ours(&pair.key, &pair.value)? {
+                    continue;
+                }
+                let quoted = pair.value.replace('\\', "\\\\").replace('\'', "\\'");
+                s.push_str(&format!("{}='{quoted}' ", pair.key));
             }
             s
         } else {
@@ -531,12 +638,20 @@ impl DbUrl {
             #[cfg(not(unix))]
             config.host("localhost");
         }
+        // A user in the query wins over the URL's user information, as in libpq.
+        if let (None, Some(u)) = (config.get_user(), &url_user) {
+            config.user(u);
+        }
         if config.get_user().is_none() {
-            let user = std::env::var("PGUSER")
-                .or_else(|_| std::env::var("USER"))
-                .or_else(|_| std::env::var("USERNAME"))
-                .unwrap_or_else(|_| "postgres".to_string());
-            config.user(&user);
+            let user = ["PGUSER", "USER", "USERNAME"]
+                .iter()
+                .find_map(|v| env.get(v).filter(|u| !u.is_empty()))
+                .unwrap_or("postgres");
+            config.user(user);
+        }
+        // An empty password is no password (libpq then looks elsewhere).
+        if let Some(p) = password.filter(|p| !p.is_empty()) {
+            config.password(p);
         }
         if config.get_application_name().is_none() {
             config.application_name("chronicle");
@@ -551,7 +666,52 @@ impl DbUrl {
             SslMode::Prefer => postgres::config::SslMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => postgres::config::SslMode::Require,
         });
-        Ok(DbUrl { config, ssl_mode, ssl_root_cert, masked: mask_password(raw) })
+        Ok(DbUrl { config, ssl_mode, ssl_root_cert, passfile, masked: mask_password(raw) })
+    }
+
+    /// Whether the connection string itself carries a password.
+    pub fn has_password(&self) -> bool {
+        self.config.get_password().is_some()
+    }
+
+    /// What the password file is searched for: the first host (the driver keeps one
+    /// password for all the hosts of a multi-host URL), its port, the database (by
+    /// default the user's name) and the user.
+    pub fn password_target(&self) -> pgpass::Target {
+        use postgres::config::Host;
+        let host = match (self.config.get_hosts().first(), self.config.get_hostaddrs().first()) {
+            (Some(Host::Tcp(h)), _) => Some(h.clone()),
+            #[cfg(unix)]
+            (Some(Host::Unix(p)), _) => Some(p.to_string_lossy().into_owned()),
+            (None, Some(addr)) => Some(addr.to_string()),
+            (None, None) => None,
+        };
+        let user = self.config.get_user().unwrap_or("").to_string();
+        pgpass::Target {
+            host,
+            port: self.config.get_ports().first().copied().unwrap_or(5432),
+            dbname: self.config.get_dbname().map_or_else(|| user.clone(), str::to_string),
+            user,
+        }
+    }
+
+    /// When the connection string has no password: `PGPASSWORD`, else the password
+    /// file (see `pgpass`). Returns the warnings to show (a password file ignored).
+    pub fn fill_password(
+        &mut self,
+        env: &Env,
+        read: &dyn Fn(&Path) -> std::io::Result<pgpass::FileRead>,
+    ) -> Vec<String> {
+        let mut warnings = Vec::new();
+        if self.has_password() {
+            return warnings;
+        }
+        let target = self.password_target();
+        if let Some(found) = pgpass::find_password(&target, self.passfile.as_deref(), env, read, &mut warnings) {
+            log::debug!("password for user {:?} taken from {}", target.user, found.from);
+            self.config.password(found.password);
+        }
+        warnings
     }
 
     /// The same server and credentials, another database.
@@ -565,138 +725,6 @@ impl DbUrl {
 
 fn is_unix_socket(host: &postgres::config::Host) -> bool {
     !matches!(host, postgres::config::Host::Tcp(_))
-}
-
-/// Splits a libpq `key=value` string; values may be single-quoted with `\` escapes.
-fn parse_key_values(s: &str) -> Result<Vec<(String, String)>, String> {
-    let mut out = Vec::new();
-    let mut chars = s.chars().peekable();
-    loop {
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.peek().is_none() {
-            return Ok(out);
-        }
-        let mut key = String::new();
-        while let Some(&c) = chars.peek() {
-            if c == '=' || c.is_whitespace() {
-                break;
-            }
-            key.push(c);
-            chars.next();
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        if chars.next() != Some('=') {
-            return Err(format!("has a key without a value: {key:?}"));
-        }
-        while chars.peek().is_some_and(|c| c.is_whitespace()) {
-            chars.next();
-        }
-        let mut value = String::new();
-        if chars.peek() == Some(&'\'') {
-            chars.next();
-            loop {
-                match chars.next() {
-                    None => return Err(format!("has an unterminated quoted value for {key:?}")),
-                    Some('\'') => break,
-                    Some('\\') => match chars.next() {
-                        Some(c) => value.push(c),
-                        None => return Err(format!("has an unterminated quoted value for {key:?}")),
-                    },
-                    Some(c) => value.push(c),
-                }
-            }
-        } else {
-            while let Some(&c) = chars.peek() {
-                if c.is_whitespace() {
-                    break;
-                }
-                if c == '\\' {
-                    chars.next();
-                    if let Some(e) = chars.next() {
-                        value.push(e);
-                    }
-                    continue;
-                }
-                value.push(c);
-                chars.next();
-            }
-        }
-        out.push((key, value));
-    }
-}
-
-fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' && i + 3 <= bytes.len() {
-            let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-            if let Some(b) = hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                out.push(b);
-                i += 3;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// Replaces the password in a connection string (URL userinfo, `?password=` or libpq
-/// `password=`) with `***`. Works on anything, valid or not, so errors can use it.
-pub fn mask_password(raw: &str) -> String {
-    let mut s = raw.to_string();
-    if let Some(start) = s.find("://").map(|i| i + 3) {
-        let end = s[start..].find(['/', '?']).map_or(s.len(), |i| start + i);
-        if let Some(at) = s[start..end].rfind('@').map(|i| start + i) {
-            if let Some(colon) = s[start..at].find(':').map(|i| start + i) {
-                s.replace_range(colon + 1..at, "***");
-            }
-        }
-    }
-    // `password=...` in a query string or a key=value string, quoted or not.
-    let mut out = String::with_capacity(s.len());
-    let mut rest = s.as_str();
-    while let Some(pos) = rest.find("password") {
-        let (before, after) = rest.split_at(pos);
-        out.push_str(before);
-        out.push_str("password");
-        let after = &after["password".len()..];
-        let trimmed = after.trim_start();
-        let boundary_ok = before.is_empty() || before.ends_with(|c: char| c.is_whitespace() || c == '?' || c == '&');
-        if boundary_ok && trimmed.starts_with('=') {
-            let value = trimmed[1..].trim_start();
-            out.push_str("=***");
-            let consumed = if let Some(q) = value.strip_prefix('\'') {
-                let mut end = q.len();
-                let mut esc = false;
-                for (i, c) in q.char_indices() {
-                    if esc {
-                        esc = false;
-                    } else if c == '\\' {
-                        esc = true;
-                    } else if c == '\'' {
-                        end = i + 1;
-                        break;
-                    }
-                }
-                1 + end.min(q.len())
-            } else {
-                value.find(|c: char| c.is_whitespace() || c == '&').unwrap_or(value.len())
-            };
-            rest = &value[consumed.min(value.len())..];
-        } else {
-            rest = after;
-        }
-    }
-    out.push_str(rest);
-    out
 }
 
 /// The worker's validated configuration (docs/DESIGN.md §4).
@@ -969,11 +997,188 @@ mod tests {
     fn masking_covers_every_form() {
         assert_eq!(mask_password("postgres://u:hunter2@h/db"), "postgres://u:***@h/db");
         assert_eq!(mask_password("postgres://u:p@ss@h/db"), "postgres://u:***@h/db");
-        assert_eq!(mask_password("postgres://u@h/db?password=hunter2&x=1"), "postgres://u@h/db?password=***&x=1");
+        assert_eq!(mask_password("postgres://u@h/db?password=hunter2&port=1"), "postgres://u@h/db?password=***&port=1");
         assert_eq!(mask_password("host=h password=hunter2 user=u"), "host=h password=*** user=u");
         assert_eq!(mask_password("host=h password = 'hun ter2' user=u"), "host=h password=*** user=u");
         assert_eq!(mask_password("postgres://h/db"), "postgres://h/db");
         let dbu = DbUrl::parse("postgresql+psycopg://wordloom:hunter2@localhost:5435/x").unwrap();
         assert!(!format!("{dbu} {dbu:?}").contains("hunter2"));
+    }
+
+    /// Passwords with every character that has a meaning somewhere in a connection string.
+    const HOSTILE: &[&str] = &[
+        "p/ss?w#rd",
+        "a@b:c/d?e#f@",
+        "q'uo\"te d\\back\\",
+        "100%sure&port=1",
+        "%41%zz%",
+        "::@@//??##",
+        "pass word=with=eq",
+        "ünï密码 ",
+        "password=x&sslmode=disable",
+    ];
+
+    fn pct(s: &str) -> String {
+        percent_encoding::utf8_percent_encode(s, percent_encoding::NON_ALPHANUMERIC).to_string()
+    }
+
+    fn kv_quote(s: &str) -> String {
+        format!("'{}'", s.replace('\\', "\\\\").replace('\'', "\\'"))
+    }
+
+    /// Each form a password can take, and whether the form keeps it exactly (a raw `%`
+    /// in a URL is a percent-escape, as in libpq).
+    fn forms(pw: &str) -> Vec<(String, bool)> {
+        let raw_ok = !pw.contains('%') && !pw.starts_with(' ') && !pw.ends_with(' ');
+        let mut v = Vec::new();
+        for scheme in URL_SCHEMES {
+            v.push((format!("{scheme}://u:{}@db.example:5433/app", pct(pw)), true));
+            v.push((format!("{scheme}://u:{pw}@db.example:5433/app"), raw_ok));
+        }
+        v.push((format!("postgresql://u@db.example:5433/app?password={}", pct(pw)), true));
+        v.push((format!("postgresql://u@db.example:5433/app?sslmode=disable&password={}", pct(pw)), true));
+        v.push((format!("host=db.example port=5433 user=u dbname=app password={}", kv_quote(pw)), true));
+        v.push((format!("password = {} host=db.example port=5433 user=u dbname=app", kv_quote(pw)), true));
+        v
+    }
+
+    #[test]
+    fn hostile_passwords_are_read_exactly_and_never_shown() {
+        for pw in HOSTILE {
+            for (raw, exact) in forms(pw) {
+                let u = DbUrl::parse_in(&raw, &Env::default()).unwrap_or_else(|e| panic!("{raw}: {e}"));
+                let c = &u.config;
+                if exact {
+                    assert_eq!(c.get_password(), Some(pw.as_bytes()), "{raw}");
+                }
+                assert_eq!(c.get_user(), Some("u"), "{raw}");
+                assert_eq!(c.get_hosts(), &[postgres::config::Host::Tcp("db.example".into())], "{raw}");
+                assert_eq!((c.get_ports(), c.get_dbname()), (&[5433][..], Some("app")), "{raw}");
+                let shown = format!("{u} {u:?} {c:?}");
+                for secret in [pw.to_string(), pct(pw), pw.trim().to_string()] {
+                    assert!(!shown.contains(&secret), "{raw}: shown as {shown}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn hostile_passwords_in_refused_values_are_never_shown() {
+        for pw in HOSTILE {
+            let mut bad = Vec::new();
+            for (raw, _) in forms(pw) {
+                if raw.contains("://") {
+                    bad.push(raw.replace(":5433", ":notaport"));
+                    bad.push(raw.replace("postgres", "mysql"));
+                    bad.push(format!("{raw}{}sslmode=sometimes", if raw.contains('?') { '&' } else { '?' }));
+                    bad.push(raw.replace("@db.example:5433", ""));
+                } else {
+                    bad.push(format!("{raw} bogus=1"));
+                    bad.push(format!("{raw} sslmode=sometimes"));
+                    bad.push(raw.replace("port=5433", "port=x"));
+                }
+            }
+            // Passwords pasted where they do not belong.
+            bad.push(pw.to_string());
+            bad.push(format!("host=db.example password={pw}"));
+            bad.push(format!("host=db.example pasword={}", kv_quote(pw)));
+            bad.push(format!("postgresql://u@db.example/app?pasword={}", pct(pw)));
+            bad.push(format!("u:{pw}@db.example/app"));
+            bad.push(format!("postgresql://u@db.example/app?password={pw}"));
+            bad.push(format!("postgresql://u@db.example/app?password={pw}&bogus=1"));
+            bad.push(format!("host=db.example user=u password={pw} dbname=app"));
+            for raw in bad {
+                for origin in ["env", "flag"] {
+                    let env = if origin == "env" {
+                        Env::from_pairs([("DATABASE_URL", raw.as_str())])
+                    } else {
+                        Env::default()
+                    };
+                    let mut src = Sources::new(&env);
+                    if origin == "flag" {
+                        src.set_flag(&DATABASE_URL, raw.clone());
+                    }
+                    let msg = match src.resolve_database_url() {
+                        Err(e) => e.to_string(),
+                        // Some of these are valid after all (a password of the form
+                        // `x&sslmode=...`): then what is shown is the masked form.
+                        Ok((u, w)) => format!("{u} {u:?} {w:?}"),
+                    };
+                    for secret in [pw.to_string(), pct(pw), pw.trim().to_string()] {
+                        assert!(!msg.contains(&secret), "{origin} {raw:?}: {msg}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_password_on_the_command_line_is_warned_about_and_not_in_the_variable() {
+        let url = "postgresql://u:pw@h/db";
+        let env = Env::from_pairs([("DATABASE_URL", url)]);
+        let (_, warnings) = Sources::new(&env).resolve_database_url().unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+        for with_password in [url, "host=h user=u password=pw", "postgresql://u@h/db?password=pw"] {
+            let mut src = Sources::new(&env);
+            src.set_flag(&DATABASE_URL, with_password.to_string());
+            let (_, warnings) = src.resolve_database_url().unwrap();
+            assert_eq!(warnings, [PASSWORD_ON_COMMAND_LINE], "{with_password}");
+            for alternative in ["DATABASE_URL", "PGPASSWORD", "PGPASSFILE", "~/.pgpass", "ps"] {
+                assert!(PASSWORD_ON_COMMAND_LINE.contains(alternative));
+            }
+        }
+        let mut src = Sources::new(&env);
+        src.set_flag(&DATABASE_URL, "postgresql://u@h/db".to_string());
+        let (_, warnings) = src.resolve_database_url().unwrap();
+        assert!(warnings.is_empty(), "{warnings:?}");
+    }
+
+    #[test]
+    fn without_a_password_pgpassword_then_the_password_file_is_used() {
+        let file = |text: &'static str, mode: u32| {
+            move |p: &Path| -> std::io::Result<pgpass::FileRead> {
+                assert_eq!(p, Path::new("/home/u/.pgpass"));
+                Ok(pgpass::FileRead { text: text.into(), is_file: true, mode: Some(mode) })
+            }
+        };
+        let resolve = |url: &str, extra: &[(&str, &str)], read: ReadFile| {
+            let mut pairs = vec![("DATABASE_URL", url), ("HOME", "/home/u")];
+            pairs.extend_from_slice(extra);
+            let env = Env::from_pairs(pairs);
+            let (u, w) = Sources::new(&env).with_file_reader(read).resolve_database_url().unwrap();
+            (u.config.get_password().map(|p| String::from_utf8_lossy(p).into_owned()), w)
+        };
+        let good = file("h:5432:db:u:from-file\n*:*:*:*:any", 0o600);
+        // The URL's own password wins; then PGPASSWORD; then the file.
+        assert_eq!(resolve("postgresql://u:own@h/db", &[("PGPASSWORD", "env")], &good).0.as_deref(), Some("own"));
+        assert_eq!(resolve("postgresql://u@h/db", &[("PGPASSWORD", "env")], &good).0.as_deref(), Some("env"));
+        assert_eq!(resolve("postgresql://u:@h/db", &[], &good).0.as_deref(), Some("from-file"));
+        assert_eq!(resolve("host=h user=u dbname=db", &[], &good).0.as_deref(), Some("from-file"));
+        assert_eq!(resolve("postgresql://u@h:5433/db", &[], &good).0.as_deref(), Some("any"));
+        // The first host of a multi-host URL is the one looked up.
+        assert_eq!(resolve("postgresql://u@h:5432,other:5432/db", &[], &good).0.as_deref(), Some("from-file"));
+        assert_eq!(resolve("postgresql://u@other:5432,h:5432/db", &[], &good).0.as_deref(), Some("any"));
+        // The database defaults to the user's name.
+        let by_user = file("h:5432:u:u:db-is-user", 0o600);
+        assert_eq!(resolve("postgresql://u@h", &[], &by_user).0.as_deref(), Some("db-is-user"));
+        // No host: the default socket directory, which the file calls localhost.
+        let local = file("localhost:5432:db:u:local", 0o600);
+        assert_eq!(resolve("postgresql://u@/db", &[], &local).0.as_deref(), Some("local"));
+        assert_eq!(resolve("host=/var/run/postgresql user=u dbname=db", &[], &local).0.as_deref(), Some("local"));
+        // A file others can read is refused, with a warning naming it.
+        let (pw, w) = resolve("postgresql://u@h/db", &[], &file("h:5432:db:u:from-file", 0o644));
+        assert_eq!(pw, None);
+        assert!(w.len() == 1 && w[0].contains("/home/u/.pgpass") && w[0].contains("0644"), "{w:?}");
+        // PGPASSFILE and passfile= choose the file.
+        let other = |p: &Path| -> std::io::Result<pgpass::FileRead> {
+            let text = if p == Path::new("/etc/chronicle.pgpass") { "*:*:*:*:chosen" } else { "*:*:*:*:wrong" };
+            Ok(pgpass::FileRead { text: text.into(), is_file: true, mode: Some(0o600) })
+        };
+        let pf = [("PGPASSFILE", "/etc/chronicle.pgpass")];
+        assert_eq!(resolve("postgresql://u@h/db", &pf, &other).0.as_deref(), Some("chosen"));
+        let url = "postgresql://u@h/db?passfile=%2Fetc%2Fchronicle.pgpass";
+        assert_eq!(resolve(url, &[("PGPASSFILE", "/x")], &other).0.as_deref(), Some("chosen"));
+        let kv = "host=h user=u dbname=db passfile='/etc/chronicle.pgpass'";
+        assert_eq!(resolve(kv, &[], &other).0.as_deref(), Some("chosen"));
     }
 }

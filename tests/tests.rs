@@ -4,6 +4,7 @@ mod util;
 
 mod chaos;
 mod cli;
+mod credentials;
 mod eraser_role;
 mod events;
 mod fail_fast;
