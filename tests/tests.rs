@@ -5,6 +5,7 @@ mod util;
 mod chaos;
 mod cli;
 mod events;
+mod isolation;
 mod ops;
 mod outbox;
 mod read_model;
