@@ -248,3 +248,67 @@ fn fail_points_error_and_stall_are_survived_without_losing_an_event() {
     stalled.kill().unwrap();
     stalled.wait().unwrap();
 }
+
+/// The worker's peak resident memory (VmHWM), in MB.
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let kb: f64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kb / 1024.0
+}
+
+/// Runs a worker (batch 50, one thread) until no row is pending or processing, and
+/// returns its peak RSS in MB.
+fn drain_measuring(db: &TestDb, c: &mut Client) -> f64 {
+    let mut w = worker_cmd(db, &["--batch-size", "50", "--concurrency", "1"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    crate::util::wait_until(Duration::from_secs(40), "the drain", || {
+        count(c, "SELECT count(*) FROM chronicle_outbox_events WHERE status IN ('pending', 'processing')") == 0
+    });
+    let peak = peak_rss_mb(w.id());
+    crate::util::signal(w.id(), "TERM");
+    assert!(w.wait().unwrap().success());
+    peak
+}
+
+/// Inserts `n` events (one statement) whose `after` holds `keys` extra keys, and `n_big`
+/// whose `after` holds a text of `big_mb` MB.
+fn insert_heavy(c: &mut Client, n: i64, keys: i64, n_big: i64, big_mb: i64) {
+    c.execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at)
+         SELECT gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed',
+                jsonb_build_object('title', 'Old ' || g),
+                CASE WHEN g <= $1::bigint
+                     THEN (SELECT jsonb_object_agg('key_' || k, 'value number ' || k) FROM generate_series(1, $2::bigint) k)
+                     ELSE jsonb_build_object('text', repeat('x', ($4::bigint * 1000000)::int)) END
+                  || jsonb_build_object('title', 'New ' || g),
+                now()
+         FROM generate_series(1, $1::bigint + $3::bigint) g",
+        &[&n, &keys, &n_big, &big_mb],
+    )
+    .unwrap();
+}
+
+#[test]
+fn events_over_the_size_limit_fail_unread_and_the_worker_stays_small() {
+    // One event of 50 MB: never loaded, failed with its size; the worker's peak memory
+    // stays near its baseline (generous bound: a debug build, shared machine).
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_heavy(&mut c, 0, 0, 1, 50);
+    let peak = drain_measuring(&db, &mut c);
+    assert_eq!(outbox_by_status(&mut c), [("failed/invalid_payload".to_string(), 1)].into());
+    let error: String = c.query_one("SELECT error FROM chronicle_outbox_events", &[]).unwrap().get(0);
+    assert!(
+        error.starts_with("event is 500000") && error.ends_with("bytes; OUTBOX_MAX_EVENT_BYTES is 16777216"),
+        "{error}"
+    );
+    assert!(peak <= 40.0, "peak RSS {peak:.0} MB for one 50 MB event");
+    // The rest of the backlog is not held up by it.
+    insert_events(&mut c, 100);
+    drain_measuring(&db, &mut c);
+    assert_eq!(outbox_by_status(&mut c), [("done".to_string(), 100), ("failed/invalid_payload".to_string(), 1)].into());
+}
