@@ -234,6 +234,22 @@ setting!(
     Kind::Choice(&["on", "off"]),
     "Wake idle claim threads on NOTIFY (on), or rely on polling alone (off)."
 );
+setting!(
+    MAX_EVENT_BYTES,
+    "OUTBOX_MAX_EVENT_BYTES",
+    "max-event-bytes",
+    Some("16777216"),
+    Kind::Count { min: 1024, max: 1 << 30 },
+    "Largest event loaded, in bytes of its text (16 MiB, as append); a larger one fails invalid_payload unread."
+);
+setting!(
+    BATCH_MAX_BYTES,
+    "OUTBOX_BATCH_MAX_BYTES",
+    "batch-max-bytes",
+    Some("33554432"),
+    Kind::Count { min: 1024, max: 1 << 32 },
+    "A claim stops adding rows once their events' text passes this many bytes (at least one row)."
+);
 
 /// Every setting the worker reads, in help order.
 pub const WORKER_SETTINGS: &[&Setting] = &[
@@ -254,6 +270,8 @@ pub const WORKER_SETTINGS: &[&Setting] = &[
     &STATEMENT_TIMEOUT,
     &DONE_RETENTION,
     &LISTEN,
+    &MAX_EVENT_BYTES,
+    &BATCH_MAX_BYTES,
 ];
 
 /// Where a value came from, so an error can name exactly what the user set.
@@ -749,6 +767,8 @@ pub struct WorkerConfig {
     pub done_retention: Option<Duration>,
     /// `OUTBOX_LISTEN`: whether a listener connection wakes idle claim threads.
     pub listen: bool,
+    /// `OUTBOX_MAX_EVENT_BYTES` and `OUTBOX_BATCH_MAX_BYTES`.
+    pub sizes: crate::outbox::SizeLimits,
 }
 
 /// Reads a setting that has a default, so it is always present.
@@ -776,6 +796,10 @@ impl WorkerConfig {
             statement_timeout: required(src.seconds(&STATEMENT_TIMEOUT), &STATEMENT_TIMEOUT)?,
             done_retention: src.seconds(&DONE_RETENTION)?,
             listen: required(src.choice(&LISTEN), &LISTEN)? == "on",
+            sizes: crate::outbox::SizeLimits {
+                max_event_bytes: required(src.count(&MAX_EVENT_BYTES), &MAX_EVENT_BYTES)?,
+                batch_max_bytes: required(src.count(&BATCH_MAX_BYTES), &BATCH_MAX_BYTES)?,
+            },
         };
         if cfg.worker_id.chars().count() > 200 {
             return Err(AppError::Usage(format!("invalid {}: longer than 200 characters", WORKER_ID.var)));

@@ -162,10 +162,15 @@ impl Event {
 pub struct Unreadable {
     pub id: Uuid,
     pub error: String,
+    /// Not read at all: larger than `OUTBOX_MAX_EVENT_BYTES` (`error` says so).
+    pub too_large: bool,
 }
 
 impl Unreadable {
     pub fn message(&self) -> String {
+        if self.too_large {
+            return self.error.clone();
+        }
         format!("event {} cannot be read by this version: {}", self.id, self.error)
     }
 }
@@ -174,7 +179,11 @@ impl Unreadable {
 /// Only an unreadable `id` (the primary key: never) is an error of the query itself.
 pub fn read_event(row: &postgres::Row, offset: usize) -> Result<Result<Event, Unreadable>, postgres::Error> {
     let id: Uuid = row.try_get(offset)?;
-    Ok(Event::from_row(row, offset).map_err(|e| Unreadable { id, error: crate::db::describe_error(&e) }))
+    Ok(Event::from_row(row, offset).map_err(|e| Unreadable {
+        id,
+        error: crate::db::describe_error(&e),
+        too_large: false,
+    }))
 }
 
 #[cfg(test)]

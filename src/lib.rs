@@ -9,6 +9,7 @@ pub mod db;
 pub mod entries;
 pub mod error;
 pub mod event;
+pub mod failpoint;
 pub mod input;
 pub mod logging;
 pub mod metrics;

@@ -2,9 +2,11 @@
 
 use std::process::ExitCode;
 
-use chronicle::{cli, config::Env, logging, terminal};
+use chronicle::{cli, config::Env, failpoint, logging, terminal};
 
 fn main() -> ExitCode {
+    // Fail points read FAILPOINTS (builds with the `failpoints` feature only: the tests').
+    let _failpoints = failpoint::setup();
     let env = Env::from_process();
     let args: Vec<String> = std::env::args_os().skip(1).map(|a| a.to_string_lossy().into_owned()).collect();
     let result = logging::format_from(&env, &args).and_then(|format| {

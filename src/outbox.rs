@@ -19,43 +19,135 @@ use uuid::Uuid;
 
 use crate::event::{read_event, Event, Unreadable, EVENT_COLUMNS};
 
-/// A row claimed for projection, with its event: None if the event no longer exists,
-/// `Err` if it exists but cannot be read (it fails alone, not its batch).
+/// A row claimed for projection, with its event: None if the event no longer exists or
+/// is over the size limit (then `bytes` says so), `Err` if it exists but cannot be read
+/// (it fails alone, not its batch).
 #[derive(Debug, Clone)]
 pub struct Claimed {
     pub outbox_id: i64,
     pub attempts: i32,
     pub event_id: Uuid,
+    /// The event's size as text (its jsonb and text columns), measured by the database;
+    /// None if the event does not exist.
+    pub bytes: Option<i64>,
     pub event: Option<Result<Event, Unreadable>>,
 }
 
+/// The size limits of a claim, in bytes of the events' text (DESIGN: the worker's
+/// memory follows them, not the events' count).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SizeLimits {
+    /// An event larger than this is never loaded: it fails `invalid_payload`.
+    pub max_event_bytes: u64,
+    /// A claim stops adding rows once their total passes this (always at least one row).
+    pub batch_max_bytes: u64,
+}
+
+impl Default for SizeLimits {
+    fn default() -> Self {
+        SizeLimits { max_event_bytes: 16 << 20, batch_max_bytes: 32 << 20 }
+    }
+}
+
+impl SizeLimits {
+    /// The message of an event over the limit.
+    pub fn too_large(&self, bytes: i64) -> Option<String> {
+        (bytes > self.max_event_bytes as i64)
+            .then(|| format!("event is {bytes} bytes; OUTBOX_MAX_EVENT_BYTES is {}", self.max_event_bytes))
+    }
+}
+
+/// One claim's parameters.
+#[derive(Debug, Clone, Copy)]
+pub struct ClaimRequest<'a> {
+    /// The batch size (`OUTBOX_BATCH_SIZE`): a healthy claim takes up to this many rows.
+    pub limit: u32,
+    pub worker_id: &'a str,
+    pub token: Uuid,
+    pub lease: Duration,
+    /// Whether suspect rows (reclaimed after an expired lease) go before healthy ones
+    /// this turn. Suspects are always taken when no healthy row is ready.
+    pub suspects_first: bool,
+    pub sizes: SizeLimits,
+}
+
+/// The size of an event as text, the measure of both limits: what the driver receives.
+pub const EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octet_length(e.event_type)
+    + coalesce(octet_length(e.before::text), 0)::bigint + coalesce(octet_length(e.after::text), 0)
+    + coalesce(octet_length(e.diff::text), 0)::bigint + coalesce(octet_length(e.request_id), 0)
+    + coalesce(octet_length(e.client), 0)::bigint + coalesce(octet_length(e.reason), 0)";
+
 /// pending → processing: the oldest ready rows, skipping rows other workers hold, each
 /// attempt counted, with their events loaded in the same round trip.
+///
+/// Crash isolation: a row that came back from an expired lease (`reclaims` > 0) is a
+/// suspect. Suspects are claimed alone, never with healthy rows, and in a claim of
+/// `$1 >> reclaims` rows (of the oldest suspect; at least one): every reclaim halves the
+/// claim, so an event that kills the process is cornered in a claim of its own within
+/// log2(batch) crashes and fails `max_attempts_exceeded` alone. `$5` says whether
+/// suspects go first this turn; the worker alternates, so suspects never starve the
+/// healthy backlog (and are taken anyway when nothing healthy is ready).
+///
+/// Size limits: each candidate's size is measured here (`EVENT_BYTES`); rows are taken
+/// in order until their total passes `$7` (the first always), and an event over `$6` is
+/// claimed without being loaded (the worker fails it).
 pub const CLAIM_BATCH: &str = "
-    WITH ready AS (
-        SELECT id FROM chronicle_outbox_events
-        WHERE status = 'pending' AND (next_retry_at IS NULL OR next_retry_at <= now())
+    WITH lead AS (
+        SELECT reclaims FROM chronicle_outbox_events
+        WHERE status = 'pending' AND reclaims > 0 AND (next_retry_at IS NULL OR next_retry_at <= now())
+        ORDER BY id
+        LIMIT 1
+    ), plan AS (
+        SELECT CASE WHEN $5::bool OR NOT EXISTS (
+                        SELECT 1 FROM chronicle_outbox_events
+                        WHERE status = 'pending' AND reclaims = 0
+                          AND (next_retry_at IS NULL OR next_retry_at <= now()))
+                    THEN (SELECT reclaims FROM lead) END AS k
+    ), suspects AS (
+        SELECT id, event_id FROM chronicle_outbox_events
+        WHERE status = 'pending' AND reclaims > 0 AND (next_retry_at IS NULL OR next_retry_at <= now())
+          AND (SELECT k FROM plan) IS NOT NULL
+        ORDER BY id
+        LIMIT greatest(1, $1::bigint >> least((SELECT k FROM plan), 62))
+        FOR UPDATE SKIP LOCKED
+    ), healthy AS (
+        SELECT id, event_id FROM chronicle_outbox_events
+        WHERE status = 'pending' AND reclaims = 0 AND (next_retry_at IS NULL OR next_retry_at <= now())
+          AND (SELECT k FROM plan) IS NULL
         ORDER BY id
         LIMIT $1
         FOR UPDATE SKIP LOCKED
+    ), sized AS (
+        SELECT r.id, (SELECT {EVENT_BYTES} FROM chronicle_events e WHERE e.id = r.event_id) AS bytes
+        FROM (SELECT id, event_id FROM suspects UNION ALL SELECT id, event_id FROM healthy) r
+    ), picked AS (
+        SELECT id, bytes FROM (
+            SELECT id, bytes,
+                   coalesce(sum(CASE WHEN bytes <= $6::bigint THEN bytes ELSE 0 END)
+                            OVER (ORDER BY id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+            FROM sized
+        ) s
+        WHERE before < $7::bigint
     ), claimed AS (
         UPDATE chronicle_outbox_events o
         SET status = 'processing', claimed_by = $2, claim_token = $3, claimed_at = now(),
             lease_until = now() + make_interval(secs => $4), attempts = o.attempts + 1,
             updated_at = now()
-        FROM ready
-        WHERE o.id = ready.id AND o.status = 'pending'
-        RETURNING o.id, o.attempts, o.event_id
+        FROM picked
+        WHERE o.id = picked.id AND o.status = 'pending'
+        RETURNING o.id, o.attempts, o.event_id, picked.bytes
     )
-    SELECT c.id, c.attempts, c.event_id, e.id IS NOT NULL AS found, e.* FROM claimed c
-    LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM chronicle_events WHERE id = c.event_id) e ON true
+    SELECT c.id, c.attempts, c.event_id, c.bytes, e.* FROM claimed c
+    LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM chronicle_events
+                       WHERE id = c.event_id AND c.bytes <= $6::bigint) e ON true
     ORDER BY c.id";
 
 /// `CLAIM_BATCH` with the event columns filled in: the text that is prepared or run.
 pub fn claim_batch_sql() -> String {
-    CLAIM_BATCH.replace("{EVENT_COLUMNS}", EVENT_COLUMNS)
+    CLAIM_BATCH.replace("{EVENT_COLUMNS}", EVENT_COLUMNS).replace("{EVENT_BYTES}", EVENT_BYTES)
 }
 
+/// A claim with the default size limits, suspects first (tests, tools).
 pub fn claim_batch(
     client: &mut impl GenericClient,
     limit: u32,
@@ -63,34 +155,38 @@ pub fn claim_batch(
     token: Uuid,
     lease: Duration,
 ) -> Result<Vec<Claimed>, postgres::Error> {
-    claim_batch_with(client, claim_batch_sql().as_str(), limit, worker_id, token, lease)
+    let req = ClaimRequest { limit, worker_id, token, lease, suspects_first: true, sizes: SizeLimits::default() };
+    claim_batch_with(client, claim_batch_sql().as_str(), &req, |c| c)
 }
 
-/// `claim_batch` with the statement given: its text, or the same text prepared once on
-/// this connection (the worker's hot path: no parse and plan per batch).
-pub fn claim_batch_with<S: ToStatement + ?Sized>(
+/// A claim with the statement given: its text, or the same text prepared once on this
+/// connection (the worker's hot path: no parse and plan per batch). Each row is handed
+/// to `each` as it arrives from the server (the worker projects it there), so a batch's
+/// raw rows and its events are never in memory at once.
+pub fn claim_batch_with<S: ToStatement + ?Sized, T>(
     client: &mut impl GenericClient,
     statement: &S,
-    limit: u32,
-    worker_id: &str,
-    token: Uuid,
-    lease: Duration,
-) -> Result<Vec<Claimed>, postgres::Error> {
-    let limit = limit as i64;
-    let lease = lease.as_secs_f64();
-    let params: [&(dyn ToSql + Sync); 4] = [&limit, &worker_id, &token, &lease];
-    // Each row is read as it arrives, so a batch's raw rows and its events are never in
-    // memory at once.
+    req: &ClaimRequest<'_>,
+    mut each: impl FnMut(Claimed) -> T,
+) -> Result<Vec<T>, postgres::Error> {
+    let limit = req.limit as i64;
+    let lease = req.lease.as_secs_f64();
+    let max_event = req.sizes.max_event_bytes.min(i64::MAX as u64) as i64;
+    let max_batch = req.sizes.batch_max_bytes.clamp(1, i64::MAX as u64) as i64;
+    let params: [&(dyn ToSql + Sync); 7] =
+        [&limit, &req.worker_id, &req.token, &lease, &req.suspects_first, &max_event, &max_batch];
     let mut rows = client.query_raw(statement, params)?;
     let mut claimed = Vec::with_capacity(limit.clamp(0, 10_000) as usize);
     while let Some(r) = rows.next()? {
-        let found: bool = r.try_get(3)?;
-        claimed.push(Claimed {
+        let bytes: Option<i64> = r.try_get(3)?;
+        let loaded = bytes.is_some_and(|b| b <= max_event);
+        claimed.push(each(Claimed {
             outbox_id: r.try_get(0)?,
             attempts: r.try_get(1)?,
             event_id: r.try_get(2)?,
-            event: if found { Some(read_event(&r, 4)?) } else { None },
-        });
+            bytes,
+            event: if loaded { Some(read_event(&r, 4)?) } else { None },
+        }));
     }
     Ok(claimed)
 }
@@ -247,6 +343,8 @@ pub fn extend_lease(
 /// processing → pending for stuck rows (lease expired, or processing longer than
 /// `OUTBOX_MAX_PROCESSING_SECONDS`), keeping the attempt so an event that kills every
 /// worker still ends; a row that has used its attempts → failed `max_attempts_exceeded`.
+/// Each reclaim is counted on the row (`reclaims`): the claim takes such suspects alone,
+/// in ever smaller claims (`CLAIM_BATCH`).
 pub const RECLAIM_STUCK: &str = "
     WITH stuck AS (
         SELECT id FROM chronicle_outbox_events
@@ -263,7 +361,8 @@ pub const RECLAIM_STUCK: &str = "
                      THEN 'reclaimed after its lease expired with every attempt used (last claimed by '
                           || coalesce(o.claimed_by, '?') || ')'
                      ELSE o.error END,
-        claim_token = NULL, lease_until = NULL, next_retry_at = NULL, updated_at = now()
+        claim_token = NULL, lease_until = NULL, next_retry_at = NULL, reclaims = o.reclaims + 1,
+        updated_at = now()
     FROM stuck WHERE o.id = stuck.id
     RETURNING o.status";
 
@@ -360,7 +459,7 @@ macro_rules! replay_filter {
 
 /// failed → pending (ops), set-based, for the oldest matching rows not held by anyone
 /// else (SKIP LOCKED, so it is safe while workers and other replays run). Each row gets
-/// a fresh start (attempts 0, no retry time, no claim) and the replay audit (count, when,
+/// a fresh start (attempts 0, reclaims 0, no retry time, no claim) and the replay audit (count, when,
 /// who, why); `error` and `error_reason` stay readable until the row succeeds
 /// (`MARK_DONE` clears them). A row whose event already has a pending or processing
 /// delivery is not touched (the partial unique index allows one live delivery per
@@ -385,7 +484,7 @@ pub const REPLAY_FAILED: &str = concat!(
         FOR UPDATE OF o SKIP LOCKED
     ), replayed AS (
         UPDATE chronicle_outbox_events o
-        SET status = 'pending', attempts = 0, next_retry_at = NULL, claimed_by = NULL,
+        SET status = 'pending', attempts = 0, reclaims = 0, next_retry_at = NULL, claimed_by = NULL,
             claim_token = NULL, claimed_at = NULL, lease_until = NULL,
             replay_count = o.replay_count + 1, last_replayed_at = now(),
             last_replayed_by = $5, last_replayed_reason = $6, updated_at = now()

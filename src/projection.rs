@@ -23,7 +23,12 @@ use crate::search;
 /// - 1: the first rules.
 /// - 2: the search column holds the projector's tokens as they are (`array_to_tsvector`,
 ///   no positions) instead of Postgres' parse of them; same lexemes for ordinary text.
-pub const PROJECTION_VERSION: i32 = 2;
+/// - 3: text values longer than `MAX_DETAIL_TEXT_BYTES` are cut in `details` (with a
+///   marker and their full length); the event keeps the whole value.
+pub const PROJECTION_VERSION: i32 = 3;
+
+/// The longest text value kept whole in an entry's `details`, in bytes.
+pub const MAX_DETAIL_TEXT_BYTES: usize = 4096;
 
 /// The most characters of a value quoted in a summary.
 const MAX_QUOTED_CHARS: usize = 120;
@@ -367,9 +372,27 @@ fn details(e: &Event) -> Value {
     let parts = [("before", &e.before), ("after", &e.after), ("diff", &e.diff)];
     let present = parts.into_iter().filter_map(|(key, v)| match v {
         None | Some(Value::Null) => None,
-        Some(v) => Some((key.to_string(), v.clone())),
+        Some(v) => Some((key.to_string(), cut_long_texts(v))),
     });
     Value::Object(present.collect())
+}
+
+/// A copy of `v` whose strings longer than `MAX_DETAIL_TEXT_BYTES` are cut at a
+/// character boundary and end with a marker giving their full length, e.g.
+/// `"xxxx… [cut: 52428800 bytes in the event]"`. Long texts are never copied whole.
+fn cut_long_texts(v: &Value) -> Value {
+    match v {
+        Value::String(s) if s.len() > MAX_DETAIL_TEXT_BYTES => {
+            let mut end = MAX_DETAIL_TEXT_BYTES;
+            while !s.is_char_boundary(end) {
+                end -= 1;
+            }
+            Value::String(format!("{}… [cut: {} bytes in the event]", &s[..end], s.len()))
+        }
+        Value::Array(items) => Value::Array(items.iter().map(cut_long_texts).collect()),
+        Value::Object(fields) => Value::Object(fields.iter().map(|(k, v)| (k.clone(), cut_long_texts(v))).collect()),
+        other => other.clone(),
+    }
 }
 
 /// The search document: the summary and the reason first (never cut), then names and
@@ -718,6 +741,26 @@ mod tests {
 
         e.diff = Some(json!(["not", "an", "object"]));
         assert_eq!(project(&e).expect("projects").changed_fields, ["added", "gone", "text"]);
+    }
+
+    #[test]
+    fn long_texts_are_cut_in_details_with_their_full_length() {
+        let long = "é".repeat(3000); // 6000 bytes, two per character
+        let e = event(
+            "BookRenamed",
+            "book",
+            Some(json!({"title": "Old"})),
+            Some(json!({"title": "New", "notes": [long.clone()], "n": {"t": long}})),
+        );
+        let details = project(&e).expect("projects").details;
+        let cut = format!("{}… [cut: 6000 bytes in the event]", "é".repeat(2048));
+        assert_eq!(details["after"]["notes"][0], json!(cut));
+        assert_eq!(details["after"]["n"]["t"], json!(cut));
+        assert_eq!(details["after"]["title"], json!("New"));
+        assert_eq!(details["before"], json!({"title": "Old"}));
+        let exact = "x".repeat(MAX_DETAIL_TEXT_BYTES);
+        let e = event("BookRenamed", "book", Some(json!({"title": "Old"})), Some(json!({"title": "New", "t": exact})));
+        assert_eq!(project(&e).expect("projects").details["after"]["t"], json!(exact), "4 KiB is kept whole");
     }
 
     #[test]

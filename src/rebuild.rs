@@ -29,6 +29,7 @@ use crate::db;
 use crate::entries;
 use crate::error::{AppError, Result};
 use crate::event::{read_event, Event, Unreadable, EVENT_COLUMNS};
+use crate::outbox::{SizeLimits, EVENT_BYTES};
 use crate::projection::{self, Entry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,6 +69,10 @@ pub struct Options {
     /// Where the writers connect: the database of the main connection.
     pub database_url: DbUrl,
     pub started_by: String,
+    /// The worker's limits: an event over `max_event_bytes` is never loaded (it is
+    /// recorded as a failed delivery, `invalid_payload`), and a batch read stops adding
+    /// events once their text passes `batch_max_bytes`.
+    pub sizes: SizeLimits,
 }
 
 /// The most writer connections a rebuild opens (`--writers`).
@@ -253,7 +258,7 @@ fn load(
         return load_in_parallel(client, opts, writers, library, statement, &mut tally);
     }
     let prepared = client.prepare(statement).map_err(|e| AppError::db("while preparing the entries' statement", &e))?;
-    scan_events(client, library, opts.batch_size, &mut |c, batch| {
+    scan_events(client, library, opts.batch_size, &opts.sizes, &mut |c, batch| {
         let mut failures = BTreeMap::new();
         let rows = project_and_write(c, &batch, &prepared, &mut failures)?;
         tally.add(Written { events: batch.len() as u64, rows, failures });
@@ -344,7 +349,7 @@ fn load_in_parallel(
 
         let scanned = match tally.error.take() {
             Some(e) => Err(e),
-            None => scan_events(client, library, opts.batch_size, &mut |_, batch| {
+            None => scan_events(client, library, opts.batch_size, &opts.sizes, &mut |_, batch| {
                 for outcome in result_rx.try_iter() {
                     tally.take(outcome);
                 }
@@ -427,53 +432,79 @@ fn scan_events(
     client: &mut Client,
     library: Option<Uuid>,
     batch: usize,
+    sizes: &SizeLimits,
     f: &mut dyn FnMut(&mut Client, Batch) -> Result<()>,
 ) -> Result<()> {
     // The keyset time travels as text: an event may hold a time chrono cannot
     // (`infinity`), and the walk must go past it.
-    let by_id = format!("SELECT {EVENT_COLUMNS}, occurred_at::text AS keyset_at FROM chronicle_events WHERE id > $1 ORDER BY id LIMIT $2");
-    let by_library = format!(
-        "SELECT {EVENT_COLUMNS}, occurred_at::text AS keyset_at FROM chronicle_events
-         WHERE library_id = $1 AND (occurred_at, id) > ($2::text::timestamptz, $3)
-         ORDER BY occurred_at, id LIMIT $4"
+    let by_id = sized_scan("WHERE id > $1 ORDER BY id LIMIT $2", "id", "$3", "$4");
+    let by_library = sized_scan(
+        "WHERE library_id = $1 AND (occurred_at, id) > ($2::text::timestamptz, $3) ORDER BY occurred_at, id LIMIT $4",
+        "occurred_at, id",
+        "$5",
+        "$6",
     );
-    let first_of_library = format!(
-        "SELECT {EVENT_COLUMNS}, occurred_at::text AS keyset_at FROM chronicle_events WHERE library_id = $1
-         ORDER BY occurred_at, id LIMIT $2"
-    );
+    let first_of_library =
+        sized_scan("WHERE library_id = $1 ORDER BY occurred_at, id LIMIT $2", "occurred_at, id", "$3", "$4");
     let limit = batch as i64;
-    let keyset_at = EVENT_COLUMNS.split(", ").count();
+    let max_event = sizes.max_event_bytes.min(i64::MAX as u64) as i64;
+    let max_batch = sizes.batch_max_bytes.clamp(1, i64::MAX as u64) as i64;
     let mut last: Option<(String, Uuid)> = None;
     loop {
         let rows = match (library, &last) {
             (None, _) => {
                 let after = last.as_ref().map(|l| l.1).unwrap_or(Uuid::nil());
-                client.query(&by_id, &[&after, &limit])
+                client.query(&by_id, &[&after, &limit, &max_event, &max_batch])
             }
-            (Some(lib), Some((t, id))) => client.query(&by_library, &[&lib, t, id, &limit]),
-            (Some(lib), None) => client.query(&first_of_library, &[&lib, &limit]),
+            (Some(lib), Some((t, id))) => client.query(&by_library, &[&lib, t, id, &limit, &max_event, &max_batch]),
+            (Some(lib), None) => client.query(&first_of_library, &[&lib, &limit, &max_event, &max_batch]),
         }
         .map_err(|e| AppError::db("while reading events", &e))?;
+        // A batch cut by its size is shorter than `batch`: only an empty one ends the walk.
         let Some(tail) = rows.last() else { return Ok(()) };
         last = Some((
-            tail.try_get(keyset_at).map_err(|e| AppError::db("while reading events", &e))?,
+            tail.try_get(1).map_err(|e| AppError::db("while reading events", &e))?,
             tail.try_get(0).map_err(|e| AppError::db("while reading events", &e))?,
         ));
-        let events = read_events(&rows)?;
-        let last_batch = events.len() < batch;
+        let events = read_events(&rows, sizes)?;
         f(client, events)?;
-        if last_batch {
-            return Ok(());
-        }
     }
 }
 
-/// Reads a batch of event rows (selected with `EVENT_COLUMNS` first).
-fn read_events(rows: &[postgres::Row]) -> Result<Batch> {
-    rows.iter()
-        .map(|r| read_event(r, 0))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| AppError::db("while reading events", &e))
+/// A read of events in keyset order (`inner`: the filter, order and limit over
+/// `chronicle_events`; `order`: its order's columns) that measures each event (as the
+/// claim does), stops once the events' text passes `p_batch` bytes (at least one event),
+/// and loads only the events of at most `p_max` bytes. Columns: id, the keyset time as
+/// text, the size, then `EVENT_COLUMNS` (NULL for an event not loaded).
+fn sized_scan(inner: &str, order: &str, p_max: &str, p_batch: &str) -> String {
+    let order_s: Vec<String> = order.split(", ").map(|c| format!("s.{c}")).collect();
+    let order_k: Vec<String> = order.split(", ").map(|c| format!("k.{c}")).collect();
+    let (order_s, order_k) = (order_s.join(", "), order_k.join(", "));
+    format!(
+        "SELECT k.id, k.keyset_at, k.bytes, e.* FROM (
+             SELECT s.id, s.occurred_at, s.occurred_at::text AS keyset_at, s.bytes,
+                    coalesce(sum(CASE WHEN s.bytes <= {p_max}::bigint THEN s.bytes ELSE 0 END)
+                             OVER (ORDER BY {order_s} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+             FROM (SELECT e.id, e.occurred_at, {EVENT_BYTES} AS bytes FROM chronicle_events e {inner}) s
+         ) k
+         LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM chronicle_events
+                            WHERE id = k.id AND k.bytes <= {p_max}::bigint) e ON true
+         WHERE k.before < {p_batch}::bigint
+         ORDER BY {order_k}"
+    )
+}
+
+/// Reads a batch of event rows (selected by `sized_scan`): an event over the size limit
+/// is unreadable (it fails alone, recorded as a failed delivery).
+fn read_events(rows: &[postgres::Row], sizes: &SizeLimits) -> Result<Batch> {
+    let read = |r: &postgres::Row| -> Result<Result<Event, Unreadable>, postgres::Error> {
+        let bytes: i64 = r.try_get(2)?;
+        match sizes.too_large(bytes) {
+            Some(error) => Ok(Err(Unreadable { id: r.try_get(0)?, error, too_large: true })),
+            None => read_event(r, 3),
+        }
+    };
+    rows.iter().map(read).collect::<Result<Vec<_>, _>>().map_err(|e| AppError::db("while reading events", &e))
 }
 
 /// How often a batch write that failed with a transient error is tried again (after

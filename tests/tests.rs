@@ -8,6 +8,7 @@ mod credentials;
 mod eraser_role;
 mod events;
 mod fail_fast;
+mod isolation;
 mod ops;
 mod outbox;
 mod read_model;

@@ -14,7 +14,7 @@ use crate::rebuild::{self, Mode, Options, Progress};
 
 pub const SUMMARY: &str = "Rebuild the read model from the events (--truncate, --emit-outbox, --swap)";
 
-const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
+const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::MAX_EVENT_BYTES, &config::BATCH_MAX_BYTES];
 
 /// Writer connections by default: on two cores, two writers keep the server busy while
 /// this connection reads and the writers project.
@@ -75,6 +75,7 @@ pub struct Args {
     pub writers: usize,
     pub json: bool,
     pub started_by: String,
+    pub sizes: crate::outbox::SizeLimits,
 }
 
 pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
@@ -129,7 +130,15 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
         return Err(AppError::usage("--swap rebuilds the whole read model; it cannot be combined with --library-id"));
     }
     let started_by = env.get("USER").or_else(|| env.get("USERNAME")).unwrap_or("unknown").to_string();
-    Ok(Some(Args { database_url: src.database_url()?, mode, library_id, batch_size, writers, json, started_by }))
+    let sizes = crate::outbox::SizeLimits {
+        max_event_bytes: src
+            .count(&config::MAX_EVENT_BYTES)?
+            .unwrap_or(crate::outbox::SizeLimits::default().max_event_bytes),
+        batch_max_bytes: src
+            .count(&config::BATCH_MAX_BYTES)?
+            .unwrap_or(crate::outbox::SizeLimits::default().batch_max_bytes),
+    };
+    Ok(Some(Args { database_url: src.database_url()?, mode, library_id, batch_size, writers, json, started_by, sizes }))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -141,6 +150,7 @@ pub fn run(args: Args) -> Result<()> {
         writers: args.writers,
         database_url: args.database_url.clone(),
         started_by: args.started_by,
+        sizes: args.sizes,
     };
     let mut reporter = ProgressLine::new();
     let report = rebuild::rebuild(&mut client, &opts, &mut |p| reporter.show(p))?;

@@ -19,6 +19,7 @@ use super::{load, project_and_write, read_events, Options, Progress, Report};
 use crate::entries::INSERT_SHADOW_ENTRIES;
 use crate::error::{AppError, Result};
 use crate::event::EVENT_COLUMNS;
+use crate::outbox::{SizeLimits, EVENT_BYTES};
 
 const SHADOW: &str = "chronicle_entries_rebuild";
 
@@ -58,13 +59,18 @@ const SELECT_TRIGGERS: &str = "
 
 /// Events with no entry in the shadow table yet (written during the load), except those
 /// that could not be projected (already recorded as failed deliveries).
+/// Columns as `rebuild::read_events` reads them: id, keyset time, size, then the event
+/// (NULL when over `$1` bytes: it is recorded as failed, not loaded).
 fn select_missing() -> String {
     format!(
-        "SELECT {} FROM chronicle_events e
-         WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries_rebuild s WHERE s.id = e.id)
-           AND NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o
-                           WHERE o.event_id = e.id AND o.status = 'failed')",
-        EVENT_COLUMNS.split(", ").map(|c| format!("e.{c}")).collect::<Vec<_>>().join(", ")
+        "SELECT k.id, k.occurred_at::text, k.bytes, e.* FROM (
+             SELECT e.id, e.occurred_at, {EVENT_BYTES} AS bytes FROM chronicle_events e
+             WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries_rebuild s WHERE s.id = e.id)
+               AND NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o
+                               WHERE o.event_id = e.id AND o.status = 'failed')
+         ) k
+         LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM chronicle_events
+                            WHERE id = k.id AND k.bytes <= $1::bigint) e ON true"
     )
 }
 
@@ -110,10 +116,10 @@ fn load_and_swap(
         .batch_execute(&format!("ANALYZE {SHADOW}"))
         .map_err(|e| AppError::db("while analyzing the shadow table", &e))?;
     // Most of what was written during the load, without holding any lock.
-    report.rows_written += catch_up(client, report)?;
+    report.rows_written += catch_up(client, report, &opts.sizes)?;
 
     for attempt in 1..=SWAP_TRIES {
-        match swap_once(client, report, &renames) {
+        match swap_once(client, report, &renames, &opts.sizes) {
             Ok(held) => {
                 report.swap_lock_held = Some(held);
                 return Ok(());
@@ -129,9 +135,10 @@ fn load_and_swap(
 }
 
 /// Projects the events that have no shadow entry yet.
-fn catch_up(client: &mut impl GenericClient, report: &mut Report) -> Result<u64> {
-    let rows = client.query(&select_missing(), &[]).map_err(|e| AppError::db("while catching up", &e))?;
-    let events = read_events(&rows)?;
+fn catch_up(client: &mut impl GenericClient, report: &mut Report, sizes: &SizeLimits) -> Result<u64> {
+    let max_event = sizes.max_event_bytes.min(i64::MAX as u64) as i64;
+    let rows = client.query(&select_missing(), &[&max_event]).map_err(|e| AppError::db("while catching up", &e))?;
+    let events = read_events(&rows, sizes)?;
     if events.is_empty() {
         return Ok(0);
     }
@@ -258,12 +265,17 @@ impl SwapFailure {
 }
 
 /// The final transaction. Returns how long it held the read model's lock.
-fn swap_once(client: &mut Client, report: &mut Report, renames: &Renames) -> Result<Duration, SwapFailure> {
+fn swap_once(
+    client: &mut Client,
+    report: &mut Report,
+    renames: &Renames,
+    sizes: &SizeLimits,
+) -> Result<Duration, SwapFailure> {
     let mut tx = client.transaction().map_err(SwapFailure::db)?;
     // Writers of events wait (readers do not) while the last events are caught up.
     tx.batch_execute("SET LOCAL lock_timeout = '5s'; LOCK TABLE chronicle_events IN EXCLUSIVE MODE")
         .map_err(SwapFailure::db)?;
-    report.rows_written += catch_up(&mut tx, report).map_err(SwapFailure::Failed)?;
+    report.rows_written += catch_up(&mut tx, report, sizes).map_err(SwapFailure::Failed)?;
     tx.batch_execute(DELETE_ORPHANS).map_err(SwapFailure::db)?;
     tx.batch_execute(&format!("SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'")).map_err(SwapFailure::db)?;
     tx.batch_execute("LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE").map_err(SwapFailure::db)?;

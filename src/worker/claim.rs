@@ -11,8 +11,9 @@ use uuid::Uuid;
 
 use crate::db;
 use crate::entries;
+use crate::failpoint::{self, Hit};
 use crate::metrics::Metrics;
-use crate::outbox::{self, Claimed, Failure};
+use crate::outbox::{self, ClaimRequest, Claimed, Failure, SizeLimits};
 use crate::projection::{self, Entry};
 use crate::retry::{backoff, Jitter};
 
@@ -81,6 +82,10 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             }
         };
         shared.register_cancel(conn.cancel_token());
+        // Suspect rows (back from an expired lease) go first every other turn, and the
+        // first turn of a process is a healthy one: a process restarted after a crash
+        // projects the healthy backlog before it tries a suspect again.
+        let mut suspects_first = false;
         // Keep this connection while it works; a broken one goes back to the pool, which
         // discards it, and the next turn gets a fresh one.
         while !shared.stopping() {
@@ -88,10 +93,11 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             // rows committed just after its snapshot) ends the idle wait at once instead
             // of being missed until the next poll.
             let wakeups = shared.wakeups();
-            match run_once(shared, &mut conn, &mut prepared, &mut jitter) {
+            match run_once(shared, &mut conn, &mut prepared, &mut jitter, suspects_first) {
                 Ok(r) => {
                     shared.db_ok();
                     reconnect.reset();
+                    suspects_first = !suspects_first;
                     if r.claimed == 0 {
                         if until_empty {
                             return;
@@ -124,28 +130,47 @@ pub fn run_once(
     conn: &mut Client,
     prepared: &mut Prepared,
     jitter: &mut Jitter,
+    suspects_first: bool,
 ) -> Result<BatchReport, postgres::Error> {
     let cfg = &shared.cfg;
     let started = Instant::now();
     let token = Uuid::now_v7();
+    if failpoint::check("claim", None) == Hit::Error {
+        conn.batch_execute(failpoint::RAISE_TRANSIENT)?;
+    }
     hold(shared, token, true);
-    let claimed =
-        match outbox::claim_batch_with(conn, &prepared.claim_batch, cfg.batch_size, &cfg.worker_id, token, cfg.lease) {
-            Ok(c) => c,
-            Err(e) => {
-                hold(shared, token, false);
-                return Err(e);
-            }
-        };
-    let mut report = BatchReport { claimed: claimed.len(), ..Default::default() };
-    if claimed.is_empty() {
+    let req = ClaimRequest {
+        limit: cfg.batch_size,
+        worker_id: &cfg.worker_id,
+        token,
+        lease: cfg.lease,
+        suspects_first,
+        sizes: cfg.sizes,
+    };
+    // Each event is projected as its row arrives and dropped at once: what stays in
+    // memory is the entries.
+    let projected = match outbox::claim_batch_with(conn, &prepared.claim_batch, &req, |c| project_one(c, &cfg.sizes)) {
+        Ok(c) => c,
+        Err(e) => {
+            hold(shared, token, false);
+            return Err(e);
+        }
+    };
+    let mut report = BatchReport { claimed: projected.len(), ..Default::default() };
+    if projected.is_empty() {
         hold(shared, token, false);
         return Ok(report);
     }
 
-    // Each event is dropped once projected: what stays in memory is the entries.
-    let held: Vec<(i64, i32)> = claimed.iter().map(|c| (c.outbox_id, c.attempts)).collect();
-    let (ok, failures) = project_batch(claimed);
+    let held: Vec<(i64, i32)> = projected.iter().map(|p| (p.outbox_id, p.attempts)).collect();
+    let mut ok = Vec::with_capacity(projected.len());
+    let mut failures = Vec::new();
+    for p in projected {
+        match p.result {
+            Ok(entry) => ok.push((p.outbox_id, entry)),
+            Err(f) => failures.push(f),
+        }
+    }
     let result = complete(conn, prepared, &ok, &failures, token).or_else(|e| {
         if db::is_transient(&e) {
             Err(e)
@@ -238,34 +263,32 @@ fn hold(shared: &Shared, token: Uuid, held: bool) {
     }
 }
 
-/// Projects every claimed row: entries to write, or deterministic failures. Takes the
-/// rows, so each event is freed as soon as its entry exists.
-fn project_batch(claimed: Vec<Claimed>) -> (Vec<(i64, Entry)>, Vec<Failure>) {
-    let mut ok = Vec::with_capacity(claimed.len());
-    let mut failures = Vec::new();
-    for c in claimed {
-        match &c.event {
-            None => failures.push(Failure {
-                outbox_id: c.outbox_id,
-                error_reason: "invalid_payload",
-                error: format!("event {} does not exist in chronicle_events", c.event_id),
-            }),
-            Some(Err(unreadable)) => failures.push(Failure {
-                outbox_id: c.outbox_id,
-                error_reason: "invalid_payload",
-                error: unreadable.message(),
-            }),
-            Some(Ok(ev)) => match projection::project(ev) {
-                Ok(entry) => ok.push((c.outbox_id, entry)),
-                Err(e) => failures.push(Failure {
-                    outbox_id: c.outbox_id,
-                    error_reason: e.error_reason(),
-                    error: e.to_string(),
-                }),
+/// One claimed row, projected: its entry, or its deterministic failure.
+struct Projected {
+    outbox_id: i64,
+    attempts: i32,
+    result: Result<Entry, Failure>,
+}
+
+/// Projects one claimed row. Takes it, so its event is freed as soon as its entry exists.
+fn project_one(c: Claimed, sizes: &SizeLimits) -> Projected {
+    let fail = |error_reason: &'static str, error: String| Err(Failure { outbox_id: c.outbox_id, error_reason, error });
+    let result = match (&c.event, c.bytes) {
+        (_, None) => fail("invalid_payload", format!("event {} does not exist in chronicle_events", c.event_id)),
+        (None, Some(bytes)) => match sizes.too_large(bytes) {
+            Some(message) => fail("invalid_payload", message),
+            None => fail("invalid_payload", format!("event {} was not loaded", c.event_id)),
+        },
+        (Some(Err(unreadable)), _) => fail("invalid_payload", unreadable.message()),
+        (Some(Ok(ev)), _) => match failpoint::check("project", Some(ev)) {
+            Hit::Error => fail("invalid_payload", "fail point project: injected error".to_string()),
+            Hit::Pass => match projection::project(ev) {
+                Ok(entry) => Ok(entry),
+                Err(e) => fail(e.error_reason(), e.to_string()),
             },
-        }
-    }
-    (ok, failures)
+        },
+    };
+    Projected { outbox_id: c.outbox_id, attempts: c.attempts, result }
 }
 
 /// What a completion committed.
@@ -288,6 +311,9 @@ fn complete(
     token: Uuid,
 ) -> Result<Completed, postgres::Error> {
     let mut tx = conn.transaction()?;
+    if failpoint::check("complete", None) == Hit::Error {
+        tx.batch_execute(failpoint::RAISE_TRANSIENT)?;
+    }
     let ids: Vec<i64> = ok.iter().map(|(id, _)| *id).collect();
     let done: HashSet<i64> = outbox::mark_done_with(&mut tx, &prepared.mark_done, &ids, token)?.into_iter().collect();
     let held: Vec<&Entry> = ok.iter().filter(|(id, _)| done.contains(id)).map(|(_, e)| e).collect();
