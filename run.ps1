@@ -677,6 +677,7 @@ function Verb-Monitoring {
   $metricsPort = if ($env:OUTBOX_METRICS_PORT) { $env:OUTBOX_METRICS_PORT } else { '9110' }
   $target = "127.0.0.1:$metricsPort"
   if ($env:PROMETHEUS_PORT) {
+    if ($env:PROMETHEUS_PORT -notmatch '^[0-9]+$') { Die "PROMETHEUS_PORT=$env:PROMETHEUS_PORT is not a port number" }
     $port = [int]$env:PROMETHEUS_PORT
     if (Test-TcpOpen '127.0.0.1' $port) { Die "PROMETHEUS_PORT=${port}: 127.0.0.1:$port is taken" }
   } else {

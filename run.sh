@@ -559,6 +559,7 @@ verb_monitoring() {
   ensure_prometheus
   target="127.0.0.1:${OUTBOX_METRICS_PORT:-9110}"
   if [[ -n "$port" ]]; then
+    [[ "$port" =~ ^[0-9]+$ ]] || die "PROMETHEUS_PORT=$port is not a port number"
     if tcp_open 127.0.0.1 "$port"; then die "PROMETHEUS_PORT=$port: 127.0.0.1:$port is taken"; fi
   else
     for (( port = 9090; port < 9110; port++ )); do
