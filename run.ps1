@@ -1,12 +1,11 @@
 # chronicle developer tasks for Windows PowerShell 5.1 and PowerShell 7 (Windows, Linux, macOS).
 # run.sh is the line-by-line bash mirror: same verbs, same order, same messages.
 # Usage: .\run.ps1 <verb> [args...]     (.\run.ps1 help lists the verbs)
-param(
-  [Parameter(Position = 0)][string]$Verb = 'help',
-  [Parameter(Position = 1, ValueFromRemainingArguments = $true)][string[]]$Rest
-)
+# No param() block: every argument, -h and --help included, arrives as it is in $args
+# (declared parameters would make PowerShell take -h and the like for itself).
 $ErrorActionPreference = 'Stop'
-$Rest = @($Rest | Where-Object { $null -ne $_ })
+$Verb = if ($args.Count -gt 0) { [string]$args[0] } else { 'help' }
+$Rest = @($args | Select-Object -Skip 1 | Where-Object { $null -ne $_ } | ForEach-Object { [string]$_ })
 
 $Root = $PSScriptRoot
 $OnWindows = ($PSVersionTable.PSEdition -eq 'Desktop') -or ($IsWindows -eq $true)
@@ -20,9 +19,11 @@ $DevDbUser = 'wordloom'
 $DevDbPassword = 'wordloom'
 $DevDatabaseUrl = "postgresql+psycopg://${DevDbUser}:${DevDbPassword}@localhost:${DevDbPort}/${DevDbName}"
 $DemoDatabaseUrl = 'postgres://postgres@127.0.0.1:5432/chronicle_demo'
-$DockerName = 'wordloom-devtest-db'
+# The runbook's Docker container (docker-compose name): reused when Docker has it, else created.
+$DockerName = 'wordloom-devtest-db_devtest-1'
 $TargetDir = if ($env:CARGO_TARGET_DIR) { $env:CARGO_TARGET_DIR } else { 'target' }
-$Bin = Join-Path (Join-Path $TargetDir 'release') "chronicle$ExeSuffix"
+# CHRONICLE_BIN=path: use that binary, build nothing (relative paths start at the repository).
+$Bin = if ($env:CHRONICLE_BIN) { $env:CHRONICLE_BIN } else { Join-Path (Join-Path $TargetDir 'release') "chronicle$ExeSuffix" }
 if (-not [IO.Path]::IsPathRooted($Bin)) { $Bin = Join-Path '.' $Bin }
 
 function Show-Usage {
@@ -30,7 +31,7 @@ function Show-Usage {
 usage: .\run.ps1 <verb> [args...]
 
 verbs:
-  help       show this list
+  help       show this list (also -h, --help)
   build      cargo build --release
   test       cargo test [args...]: unit, integration and doc tests (the tests find or start a PostgreSQL themselves)
   check-all  the external checks: promtool + Prometheus tests (installed if missing), chronicle.exe under Wine, the container image
@@ -40,8 +41,16 @@ verbs:
   db-start   start the dev PostgreSQL: 127.0.0.1:5435, user/password wordloom, database wordloom_test
   db-stop    stop the dev PostgreSQL
   demo       migrate, inject 5000 events, run the worker for 5 s, show the results
+  smoke      the runbook's smoke run: dev database, migrate, worker for 2 s, the acceptance queries;
+             exits 1 when anything is off (see README.md)
+  monitoring a local Prometheus with monitoring/alerts.yml scraping the local worker, in the foreground
+             (PROMETHEUS_PORT, default 9090 or the next free port; OUTBOX_METRICS_PORT, default 9110)
 
-PowerShell keeps a bare -- and short words like -v for itself: quote them, e.g. .\run.ps1 test '--' '--nocapture'
+environment:
+  DATABASE_URL    the database of migrate, worker, demo and smoke (then no dev database is started)
+  CHRONICLE_BIN   a chronicle binary to use instead of building target\release\chronicle.exe
+
+PowerShell keeps a bare -- for itself: quote it, e.g. .\run.ps1 test '--' --nocapture
 '@
 }
 
@@ -197,7 +206,15 @@ function Start-AsOwner([string]$Exe, [string[]]$Arguments = @()) {
   return ($p.ExitCode -eq 0)
 }
 
-function Build-Release { Step 'cargo' @('build', '--release') }
+# cargo build --release, unless CHRONICLE_BIN names the binary to use.
+function Build-Release {
+  if ($env:CHRONICLE_BIN) {
+    if (-not (Test-Path -PathType Leaf $Bin)) { Die "CHRONICLE_BIN=$Bin is not a file" }
+    Write-Host "    CHRONICLE_BIN=${Bin}: using it, not building"
+    return
+  }
+  Step 'cargo' @('build', '--release')
+}
 
 # DATABASE_URL from the environment, else the dev database (.\run.ps1 db-start).
 function Use-DatabaseUrl {
@@ -252,9 +269,9 @@ function Test-Step([string]$Exe, [string[]]$Arguments = @()) {
   return ($LASTEXITCODE -eq 0)
 }
 
-# The checks that need promtool and prometheus (tests/external.rs): installed when missing
-# (Debian's package prometheus gives both), else the run fails saying what to install.
-function Verb-CheckAll([string[]]$Arguments) {
+# promtool and prometheus on PATH: installed from the Debian package prometheus when missing
+# (it gives both), else the run fails saying what to install.
+function Assert-Prometheus {
   $missing = @()
   foreach ($tool in @('promtool', 'prometheus')) {
     $found = Get-Command $tool -CommandType Application -ErrorAction SilentlyContinue | Select-Object -First 1
@@ -282,6 +299,11 @@ function Verb-CheckAll([string[]]$Arguments) {
       if (-not (Test-Command $tool)) { Die "$tool is still missing after installing the package prometheus" }
     }
   }
+}
+
+# The checks that need promtool and prometheus (tests/external.rs).
+function Verb-CheckAll([string[]]$Arguments) {
+  Assert-Prometheus
   Step 'cargo' (@('test', '--test', 'external') + $Arguments)
   # Packaging, for real: chronicle.exe under Wine, and the container image (Linux
   # tools; on Windows the exe runs natively and the image is built with podman/docker).
@@ -315,6 +337,27 @@ function Get-DockerState {
   return (Get-Output 'docker' @('ps', '-a', '--filter', ('name=^' + $DockerName + '$'), '--format', '{{.State}}') -Optional)
 }
 
+# Does the devtest database on 127.0.0.1:5435 accept the runbook's user and password?
+# Without psql nobody can ask: then yes, and `chronicle migrate` will say if it is not.
+function Test-DevDbAnswers {
+  $psql = Find-Psql
+  if (-not $psql) {
+    Write-Host "    psql is not installed to check who answers on 127.0.0.1:$DevDbPort; assuming the runbook's database"
+    return $true
+  }
+  Set-Env 'PGPASSWORD' $DevDbPassword
+  return (Test-Quiet $psql @('-X', '-w', '-h', '127.0.0.1', '-p', "$DevDbPort", '-U', $DevDbUser, '-d', $DevDbName, '-c', 'select 1'))
+}
+
+# Something listens on 127.0.0.1:5435: use it when it is the runbook's database, else stop.
+function Use-DevDbOnPort {
+  if (-not (Test-DevDbAnswers)) {
+    Die "port $DevDbPort on 127.0.0.1 is taken by a server that refuses wordloom/wordloom on ${DevDbName}; stop it first"
+  }
+  Write-Host "a devtest database already answers on 127.0.0.1:$DevDbPort (not started by run.ps1); using it"
+  Write-Host "DATABASE_URL=$DevDatabaseUrl"
+}
+
 function Start-DockerDb {
   Write-Host "    docker is available: using the runbook's container $DockerName"
   $state = Get-DockerState
@@ -323,10 +366,15 @@ function Start-DockerDb {
     Write-Host "DATABASE_URL=$DevDatabaseUrl"
     return
   }
+  if ($state -and (Test-TcpOpen '127.0.0.1' $DevDbPort)) {
+    Write-Host "    port $DevDbPort is held by another server; not starting the container"
+    Use-DevDbOnPort
+    return
+  }
   if ($state) {
     Step 'docker' @('start', $DockerName)
   } else {
-    if (Test-TcpOpen '127.0.0.1' $DevDbPort) { Die "port $DevDbPort on 127.0.0.1 is taken by another program; stop it first" }
+    if (Test-TcpOpen '127.0.0.1' $DevDbPort) { Use-DevDbOnPort; return }
     Step 'docker' @('run', '-d', '--name', $DockerName, '-e', "POSTGRES_USER=$DevDbUser", '-e', "POSTGRES_PASSWORD=$DevDbPassword",
       '-e', "POSTGRES_DB=$DevDbName", '-p', "${DevDbPort}:5432", 'postgres:15')
   }
@@ -354,24 +402,17 @@ function Verb-DbStart {
   $version = ''
   if (Test-Path (Join-Path $data 'PG_VERSION')) { $version = (Get-Content (Join-Path $data 'PG_VERSION') -TotalCount 1).Trim() }
   $bindir = Find-PgBinDir $version
-  if (-not $bindir) { Die 'no PostgreSQL server binaries (initdb, pg_ctl) found; install PostgreSQL server binaries (https://www.postgresql.org/download/), or Docker' }
-  Write-Host "    PostgreSQL server binaries: $bindir"
-  $pgctl = Join-Path $bindir "pg_ctl$ExeSuffix"
-  $psql = Join-Path $bindir "psql$ExeSuffix"
-  if ($version -and (Test-QuietAsOwner $pgctl @('status', '-D', $data))) {
+  if ($version -and $bindir -and (Test-QuietAsOwner (Join-Path $bindir "pg_ctl$ExeSuffix") @('status', '-D', $data))) {
     Write-Host "dev database already running (data: $data)"
     Write-Host "DATABASE_URL=$DevDatabaseUrl"
     return
   }
+  if (Test-TcpOpen '127.0.0.1' $DevDbPort) { Use-DevDbOnPort; return }
+  if (-not $bindir) { Die 'no PostgreSQL server binaries (initdb, pg_ctl) found; install PostgreSQL server binaries (https://www.postgresql.org/download/), or Docker' }
+  Write-Host "    PostgreSQL server binaries: $bindir"
+  $pgctl = Join-Path $bindir "pg_ctl$ExeSuffix"
+  $psql = Join-Path $bindir "psql$ExeSuffix"
   Set-Env 'PGPASSWORD' $DevDbPassword
-  if (Test-TcpOpen '127.0.0.1' $DevDbPort) {
-    if (Test-Quiet $psql @('-X', '-w', '-h', '127.0.0.1', '-p', "$DevDbPort", '-U', $DevDbUser, '-d', $DevDbName, '-c', 'select 1')) {
-      Write-Host "a devtest database already answers on 127.0.0.1:$DevDbPort (not started by run.ps1); using it"
-      Write-Host "DATABASE_URL=$DevDatabaseUrl"
-      return
-    }
-    Die "port $DevDbPort on 127.0.0.1 is taken by another program; stop it first"
-  }
   if ($IsRoot) {
     if (-not (Test-Quiet 'id' @('postgres'))) { Die "running as root: initdb refuses root and there is no 'postgres' OS user; run as a normal user" }
     if ((Test-Path $devdb) -and (Get-Item $devdb -Force).LinkType) { Die "$devdb is a symbolic link; remove it" }
@@ -523,9 +564,164 @@ function Verb-Demo {
   }
 }
 
+# `chronicle status --json`: entries and the outbox by state, or $null when status fails or its
+# answer lacks one of them.
+function Read-Status {
+  $json = Get-Output $Bin @('status', '--json') -Optional
+  if (-not $json) { return $null }
+  try { $o = $json | ConvertFrom-Json } catch { return $null }
+  if ($null -eq $o.entries -or $null -eq $o.outbox -or $null -eq $o.outbox.pending -or $null -eq $o.outbox.processing -or
+      $null -eq $o.outbox.done -or $null -eq $o.outbox.failed) { return $null }
+  return [pscustomobject]@{
+    Entries    = [long]$o.entries
+    Pending    = [long]$o.outbox.pending
+    Processing = [long]$o.outbox.processing
+    Done       = [long]$o.outbox.done
+    Failed     = [long]$o.outbox.failed
+  }
+}
+
+function Format-Status($St) {
+  return "$($St.Entries) entries; outbox: pending $($St.Pending), processing $($St.Processing), done $($St.Done), failed $($St.Failed)"
+}
+
+# The runbook's smoke run (section 6.2, steps 1-4), with a verdict: exit 1 when the worker
+# exits non-zero or logs an ERROR line, or afterwards rows are processing or failed, or
+# chronicle_entries did not grow. An empty outbox first gets 100 injected events.
+function Verb-Smoke {
+  $problems = @()
+  $container = ''
+  $injected = $false
+  $q1 = 'select status, count(*) from chronicle_outbox_events group by 1 order by 1;'
+  $q2 = 'select count(*) from chronicle_entries;'
+  if ($env:DATABASE_URL) {
+    Write-Host ('    DATABASE_URL from the environment: ' + (Hide-Password $env:DATABASE_URL))
+  } else {
+    Write-Host "    DATABASE_URL is not set; using the runbook's dev database: $DevDatabaseUrl"
+    Verb-DbStart
+    if ((Test-Docker) -and ((Get-DockerState) -eq 'running')) { $container = $DockerName }
+    Set-Env 'DATABASE_URL' $DevDatabaseUrl
+  }
+  Build-Release
+  Step $Bin @('migrate')
+  $st = Read-Status
+  if (-not $st) { Die 'chronicle status --json failed or answered something unexpected' }
+  $before = $st.Entries
+  Write-Host ('    before: ' + (Format-Status $st))
+  if ($st.Pending -eq 0) {
+    Write-Host '    nothing is pending in the outbox: injecting 100 synthetic events (1 library) for the worker to project'
+    Step $Bin @('inject', '--count', '100', '--libraries', '1')
+    $injected = $true
+  }
+  if (-not $env:OUTBOX_RUN_SECONDS) { Set-Env 'OUTBOX_RUN_SECONDS' '2' }
+  Set-WorkerDefaults '9110'
+  # The worker's log (stderr) is shown as it comes and kept, to look for ERROR lines.
+  Show-Command $Bin @('worker')
+  $log = New-Object System.Collections.Generic.List[string]
+  $ErrorActionPreference = 'Continue'
+  & $Bin worker 2>&1 | ForEach-Object {
+    $line = "$_"
+    if ($_ -is [System.Management.Automation.ErrorRecord]) { [Console]::Error.WriteLine($line) } else { Write-Host $line }
+    $log.Add($line)
+  }
+  $rc = $LASTEXITCODE
+  $ErrorActionPreference = 'Stop'
+  if ($rc -ne 0) {
+    $problems += "the worker exited with $rc (1: failure, 2: configuration, 3: database unreachable or refusing us)"
+  }
+  $errors = @($log | Where-Object { $_ -match '^\[[^\]]* ERROR |"level": ?"ERROR"' })
+  if ($errors.Count -gt 0) { $problems += ("the worker logged ERROR lines:`n" + ($errors -join "`n")) }
+  Write-Host "==> the runbook's acceptance queries"
+  $psql = Find-Psql
+  if ($psql) {
+    if (-not (Test-Step $psql @('-X', '-w', '-v', 'ON_ERROR_STOP=1', '-d', (ConvertTo-LibpqUrl $env:DATABASE_URL), '-c', $q1, '-c', $q2))) {
+      $problems += 'psql could not run the acceptance queries'
+    }
+  } elseif ($container) {
+    if (-not (Test-Step 'docker' @('exec', $container, 'psql', '-U', $DevDbUser, '-d', $DevDbName, '-c', $q1)) -or
+        -not (Test-Step 'docker' @('exec', $container, 'psql', '-U', $DevDbUser, '-d', $DevDbName, '-c', $q2))) {
+      $problems += "docker exec $container psql could not run the acceptance queries"
+    }
+  } else {
+    Write-Host '    psql is not installed: chronicle status shows the same counts'
+    if (-not (Test-Step $Bin @('status'))) { $problems += 'chronicle status failed' }
+  }
+  $st = Read-Status
+  if ($st) {
+    Write-Host ('    after: ' + (Format-Status $st))
+    if ($st.Processing -gt 0) {
+      $problems += "$($st.Processing) outbox row(s) still processing after the worker stopped (another worker on this database?)"
+    }
+    if ($st.Failed -gt 0) {
+      $problems += "$($st.Failed) outbox row(s) failed: see chronicle status and chronicle show EVENT_ID; after the fix, chronicle replay-failed"
+    }
+    if ($st.Entries -le $before) {
+      $problems += "chronicle_entries did not grow ($before before, $($st.Entries) after): the worker projected nothing new in $env:OUTBOX_RUN_SECONDS s"
+    }
+  } else {
+    $problems += 'chronicle status --json failed after the worker ran'
+  }
+  if ($problems.Count -gt 0) {
+    [Console]::Error.WriteLine('smoke run FAILED:')
+    foreach ($p in $problems) { [Console]::Error.WriteLine("  - $p") }
+    exit 1
+  }
+  $note = if ($injected) { ' (100 events injected)' } else { '' }
+  Write-Host "smoke run OK: the worker exited 0 without an ERROR line; entries $before -> $($st.Entries)$note; none processing or failed"
+}
+
+# A local Prometheus in the foreground (Ctrl+C stops it): monitoring/alerts.yml loaded, job
+# chronicle scraping the local worker; its config and data in a folder per port under the temp folder.
+function Verb-Monitoring {
+  Assert-Prometheus
+  $metricsPort = if ($env:OUTBOX_METRICS_PORT) { $env:OUTBOX_METRICS_PORT } else { '9110' }
+  $target = "127.0.0.1:$metricsPort"
+  if ($env:PROMETHEUS_PORT) {
+    if ($env:PROMETHEUS_PORT -notmatch '^[0-9]+$') { Die "PROMETHEUS_PORT=$env:PROMETHEUS_PORT is not a port number" }
+    $port = [int]$env:PROMETHEUS_PORT
+    if (Test-TcpOpen '127.0.0.1' $port) { Die "PROMETHEUS_PORT=${port}: 127.0.0.1:$port is taken" }
+  } else {
+    $port = 9090
+    while ($port -lt 9110 -and (Test-TcpOpen '127.0.0.1' $port)) {
+      Write-Host "    127.0.0.1:$port is taken; trying the next port"
+      $port++
+    }
+    if ($port -ge 9110) { Die 'no free port in 9090-9109; set PROMETHEUS_PORT' }
+  }
+  $dir = Join-Path ([IO.Path]::GetTempPath()) "chronicle-prometheus-$port"
+  $data = Join-Path $dir 'data'
+  New-Item -ItemType Directory -Force -Path $data | Out-Null
+  $yml = Join-Path $dir 'prometheus.yml'
+  $rules = (Join-Path (Join-Path $Root 'monitoring') 'alerts.yml') -replace "'", "''"
+  Write-Host "==> write ${yml}: job chronicle scraping $target every 5 s, rules monitoring/alerts.yml"
+  $lines = @(
+    '# Written by .\run.ps1 monitoring.'
+    'global:'
+    '  scrape_interval: 5s'
+    '  evaluation_interval: 5s'
+    'rule_files:'
+    "  - '$rules'"
+    'scrape_configs:'
+    '  - job_name: chronicle'
+    '    static_configs:'
+    "      - targets: ['$target']"
+  )
+  # UTF-8 without a byte order mark (Set-Content -Encoding UTF8 writes one in Windows PowerShell).
+  [IO.File]::WriteAllText($yml, (($lines -join "`n") + "`n"))
+  Step 'promtool' @('check', 'config', $yml)
+  Write-Host "Prometheus: http://127.0.0.1:$port  (targets: /targets, alerts: /alerts); Ctrl+C stops it"
+  Write-Host "    it scrapes the worker's metrics on $target (.\run.ps1 worker); Grafana: import monitoring/grafana-dashboard.json"
+  $promArgs = @("--config.file=$yml", "--storage.tsdb.path=$data", "--web.listen-address=127.0.0.1:$port")
+  Show-Command 'prometheus' $promArgs
+  $ErrorActionPreference = 'Continue'
+  & prometheus @promArgs
+  exit $LASTEXITCODE
+}
+
 # ---------------------------------------------------------------- dispatch
 # One verb per arm, in the same order as the case in run.sh (a test compares them).
 
+if ($Verb -eq '-h' -or $Verb -eq '--help') { $Verb = 'help' }
 Push-Location $Root
 try {
 switch ($Verb) {
@@ -538,6 +734,8 @@ switch ($Verb) {
   'db-start' { Verb-DbStart }
   'db-stop' { Verb-DbStop }
   'demo' { Verb-Demo }
+  'smoke' { Verb-Smoke }
+  'monitoring' { Verb-Monitoring }
   default { Show-Usage; [Console]::Error.WriteLine("error: unknown verb '$Verb'"); exit 2 }
 }
 } finally {

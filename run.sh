@@ -14,14 +14,17 @@ DEV_DB_USER=wordloom
 DEV_DB_PASSWORD=wordloom
 DEV_DATABASE_URL="postgresql+psycopg://$DEV_DB_USER:$DEV_DB_PASSWORD@localhost:$DEV_DB_PORT/$DEV_DB_NAME"
 DEMO_DATABASE_URL="postgres://postgres@127.0.0.1:5432/chronicle_demo"
-BIN="${CARGO_TARGET_DIR:-target}/release/chronicle"
+# The runbook's Docker container (docker-compose name): reused when Docker has it.
+RUNBOOK_CONTAINER=wordloom-devtest-db_devtest-1
+# CHRONICLE_BIN=path: use that binary, build nothing (relative paths start at the repository).
+BIN="${CHRONICLE_BIN:-${CARGO_TARGET_DIR:-target}/release/chronicle}"
 
 usage() {
   cat <<'EOF'
 usage: ./run.sh <verb> [args...]
 
 verbs:
-  help       show this list
+  help       show this list (also -h, --help)
   build      cargo build --release
   test       cargo test [args...]: unit, integration and doc tests (the tests find or start a PostgreSQL themselves)
   check-all  the external checks: promtool + Prometheus tests (installed if missing), chronicle.exe under Wine, the container image
@@ -31,6 +34,14 @@ verbs:
   db-start   start the dev PostgreSQL: 127.0.0.1:5435, user/password wordloom, database wordloom_test
   db-stop    stop the dev PostgreSQL
   demo       migrate, inject 5000 events, run the worker for 5 s, show the results
+  smoke      the runbook's smoke run: dev database, migrate, worker for 2 s, the acceptance queries;
+             exits 1 when anything is off (see README.md)
+  monitoring a local Prometheus with monitoring/alerts.yml scraping the local worker, in the foreground
+             (PROMETHEUS_PORT, default 9090 or the next free port; OUTBOX_METRICS_PORT, default 9110)
+
+environment:
+  DATABASE_URL    the database of migrate, worker, demo and smoke (then no dev database is started)
+  CHRONICLE_BIN   a chronicle binary to use instead of building target/release/chronicle
 EOF
 }
 
@@ -125,7 +136,15 @@ owner_step() {
   as_owner "$@"
 }
 
-build_release() { step cargo build --release; }
+# cargo build --release, unless CHRONICLE_BIN names the binary to use.
+build_release() {
+  if [[ -n "${CHRONICLE_BIN:-}" ]]; then
+    [[ -f "$BIN" && -x "$BIN" ]] || die "CHRONICLE_BIN=$BIN is not an executable file"
+    echo "    CHRONICLE_BIN=$BIN: using it, not building"
+    return 0
+  fi
+  step cargo build --release
+}
 
 # DATABASE_URL from the environment, else the dev database (./run.sh db-start).
 use_database_url() {
@@ -160,17 +179,59 @@ worker_defaults() {
   echo "$line"
 }
 
-# ---------------------------------------------------------------- verbs
+# Does the devtest database on 127.0.0.1:5435 accept the runbook's user and password?
+# Without psql nobody can ask: then yes, and `chronicle migrate` will say if it is not.
+dev_db_answers() {
+  local psql
+  if ! psql="$(find_psql)"; then
+    echo "    psql is not installed to check who answers on 127.0.0.1:$DEV_DB_PORT; assuming the runbook's database"
+    return 0
+  fi
+  PGPASSWORD="$DEV_DB_PASSWORD" quiet "$psql" -X -w -h 127.0.0.1 -p "$DEV_DB_PORT" \
+    -U "$DEV_DB_USER" -d "$DEV_DB_NAME" -c 'select 1'
+}
 
-verb_build() { step cargo build --release "$@"; }
+# The state of the runbook's Docker container (running, exited, ...); nothing when Docker
+# is not running here or has no such container.
+container_state() {
+  if command -v docker >/dev/null 2>&1 && quiet docker info; then
+    docker ps -a --filter "name=^${RUNBOOK_CONTAINER}\$" --format '{{.State}}' 2>/dev/null || true
+  fi
+}
 
-# The library, the binary, the integration tests and the doc tests. Not the benchmark (benches/: a
-# program that runs for minutes, `cargo bench`) nor tests/external (`check-all`).
-verb_test() { step cargo test "$@"; }
+# The runbook's Docker container, when Docker runs and has it: started when stopped (unless
+# something else holds the port), then waited for. Returns 1 when it is not there to use.
+use_runbook_container() {
+  local state i ready=""
+  state="$(container_state)"
+  [[ -n "$state" ]] || return 1
+  echo "    docker has the runbook's container $RUNBOOK_CONTAINER ($state)"
+  if [[ "$state" != running ]]; then
+    if tcp_open 127.0.0.1 "$DEV_DB_PORT"; then
+      echo "    port $DEV_DB_PORT is held by another server; not starting the container"
+      return 1
+    fi
+    step docker start "$RUNBOOK_CONTAINER"
+  fi
+  echo "==> waiting for the container to accept connections"
+  # Over TCP inside the container: the image's first-start initialisation listens on the socket only.
+  for (( i = 0; i < 60; i++ )); do
+    if quiet docker exec "$RUNBOOK_CONTAINER" pg_isready -q -h 127.0.0.1 -p 5432 -U "$DEV_DB_USER" -d "$DEV_DB_NAME"; then
+      ready=1; break
+    fi
+    sleep 1
+  done
+  if [[ -z "$ready" ]]; then
+    docker logs --tail 20 "$RUNBOOK_CONTAINER" >&2 || true
+    die "the runbook's container $RUNBOOK_CONTAINER does not accept connections (docker logs $RUNBOOK_CONTAINER)"
+  fi
+  echo "dev database running (docker container $RUNBOOK_CONTAINER)"
+  echo "DATABASE_URL=$DEV_DATABASE_URL"
+}
 
-# The checks that need promtool and prometheus (tests/external.rs): installed when missing
-# (Debian's package prometheus gives both), else the run fails saying what to install.
-verb_check_all() {
+# promtool and prometheus on PATH: installed from the Debian package prometheus when missing
+# (it gives both), else the run fails saying what to install.
+ensure_prometheus() {
   local tool missing=() sudo=()
   for tool in promtool prometheus; do
     if command -v "$tool" >/dev/null 2>&1; then
@@ -195,6 +256,34 @@ verb_check_all() {
       command -v "$tool" >/dev/null 2>&1 || die "$tool is still missing after installing the package prometheus"
     done
   fi
+}
+
+# `chronicle status --json` into ST_ENTRIES and ST_PENDING, ST_PROCESSING, ST_DONE, ST_FAILED
+# (the outbox by state). Returns 1 when status fails or its answer lacks one of them.
+read_status() {
+  local json
+  json="$("$BIN" status --json)" || return 1
+  ST_ENTRIES="$(sed -nE 's/.*"entries":([0-9]+).*/\1/p' <<<"$json")"
+  ST_PENDING="$(outbox_count pending "$json")"
+  ST_PROCESSING="$(outbox_count processing "$json")"
+  ST_DONE="$(outbox_count done "$json")"
+  ST_FAILED="$(outbox_count failed "$json")"
+  [[ -n "$ST_ENTRIES" && -n "$ST_PENDING" && -n "$ST_PROCESSING" && -n "$ST_DONE" && -n "$ST_FAILED" ]]
+}
+outbox_count() { sed -nE "s/.*\"outbox\":\{[^}]*\"$1\":([0-9]+).*/\1/p" <<<"$2"; }
+
+# ---------------------------------------------------------------- verbs
+
+verb_build() { step cargo build --release "$@"; }
+
+# The library, the binary, the integration tests and the doc tests. Not the benchmark (benches/: a
+# program that runs for minutes, `cargo bench`) nor tests/external (`check-all`).
+verb_test() { step cargo test "$@"; }
+
+# The checks that need promtool and prometheus (tests/external.rs): installed when missing
+# (Debian's package prometheus gives both), else the run fails saying what to install.
+verb_check_all() {
+  ensure_prometheus
   step cargo test --test external "$@"
   # Packaging, for real: chronicle.exe under Wine, and the container image.
   step bash packaging/check-run-ps1.sh
@@ -216,29 +305,30 @@ verb_worker() {
 }
 
 verb_db_start() {
-  local devdb data log bindir version="" pwfile psql exists
+  local devdb data log bindir="" version="" pwfile psql exists
+  if use_runbook_container; then return 0; fi
   devdb="$(devdb_dir)"
   data="$devdb/data"
   log="$devdb/postgres.log"
   if [[ -f "$data/PG_VERSION" ]]; then version="$(cat "$data/PG_VERSION")"; fi
-  bindir="$(find_pg_bindir "$version")" ||
-    die "no PostgreSQL server binaries (initdb, pg_ctl) found; install PostgreSQL server binaries, e.g. apt-get install postgresql"
-  echo "    PostgreSQL server binaries: $bindir"
-  psql="$bindir/psql"
-  if [[ -n "$version" ]] && quiet as_owner "$bindir/pg_ctl" status -D "$data"; then
+  bindir="$(find_pg_bindir "$version")" || bindir=""
+  if [[ -n "$version" && -n "$bindir" ]] && quiet as_owner "$bindir/pg_ctl" status -D "$data"; then
     echo "dev database already running (data: $data)"
     echo "DATABASE_URL=$DEV_DATABASE_URL"
     return 0
   fi
   if tcp_open 127.0.0.1 "$DEV_DB_PORT"; then
-    if PGPASSWORD="$DEV_DB_PASSWORD" quiet "$psql" -X -w -h 127.0.0.1 -p "$DEV_DB_PORT" \
-         -U "$DEV_DB_USER" -d "$DEV_DB_NAME" -c 'select 1'; then
+    if dev_db_answers; then
       echo "a devtest database already answers on 127.0.0.1:$DEV_DB_PORT (not started by run.sh); using it"
       echo "DATABASE_URL=$DEV_DATABASE_URL"
       return 0
     fi
-    die "port $DEV_DB_PORT on 127.0.0.1 is taken by another program; stop it first"
+    die "port $DEV_DB_PORT on 127.0.0.1 is taken by a server that refuses wordloom/wordloom on $DEV_DB_NAME; stop it first"
   fi
+  [[ -n "$bindir" ]] ||
+    die "no PostgreSQL server binaries (initdb, pg_ctl) found; install PostgreSQL server binaries, e.g. apt-get install postgresql"
+  echo "    PostgreSQL server binaries: $bindir"
+  psql="$bindir/psql"
   if (( EUID == 0 )); then
     id postgres >/dev/null 2>&1 ||
       die "running as root: initdb refuses root and there is no 'postgres' OS user; run as a normal user"
@@ -291,7 +381,10 @@ verb_db_start() {
 }
 
 verb_db_stop() {
-  local devdb data bindir
+  local devdb data bindir state
+  state="$(container_state)"
+  if [[ "$state" == running ]]; then step docker stop "$RUNBOOK_CONTAINER"; return 0; fi
+  if [[ -n "$state" ]]; then echo "dev database is not running (docker container $RUNBOOK_CONTAINER: $state)"; return 0; fi
   devdb="$(devdb_dir)"
   data="$devdb/data"
   if [[ ! -f "$data/PG_VERSION" ]]; then
@@ -381,11 +474,128 @@ verb_demo() {
   fi
 }
 
+# The runbook's smoke run (section 6.2, steps 1-4), with a verdict: exit 1 when the worker
+# exits non-zero or logs an ERROR line, or afterwards rows are processing or failed, or
+# chronicle_entries did not grow. An empty outbox first gets 100 injected events.
+verb_smoke() {
+  local before injected="" rc errlog errors psql p problems=() container=""
+  local q1='select status, count(*) from chronicle_outbox_events group by 1 order by 1;'
+  local q2='select count(*) from chronicle_entries;'
+  if [[ -n "${DATABASE_URL:-}" ]]; then
+    echo "    DATABASE_URL from the environment: $(mask "$DATABASE_URL")"
+  else
+    echo "    DATABASE_URL is not set; using the runbook's dev database: $DEV_DATABASE_URL"
+    verb_db_start
+    if [[ "$(container_state)" == running ]]; then container="$RUNBOOK_CONTAINER"; fi
+    export DATABASE_URL="$DEV_DATABASE_URL"
+  fi
+  build_release
+  step "$BIN" migrate
+  read_status || die "chronicle status --json failed or answered something unexpected"
+  before="$ST_ENTRIES"
+  echo "    before: $ST_ENTRIES entries; outbox: pending $ST_PENDING, processing $ST_PROCESSING, done $ST_DONE, failed $ST_FAILED"
+  if (( ST_PENDING == 0 )); then
+    echo "    nothing is pending in the outbox: injecting 100 synthetic events (1 library) for the worker to project"
+    step "$BIN" inject --count 100 --libraries 1
+    injected=1
+  fi
+  export OUTBOX_RUN_SECONDS="${OUTBOX_RUN_SECONDS:-2}"
+  worker_defaults 9110
+  # The worker's log (stderr) is shown as it comes and kept, to look for ERROR lines.
+  errlog="$(mktemp "${TMPDIR:-/tmp}/chronicle-smoke.XXXXXX")"
+  trap "rm -f $(printf '%q' "$errlog")" EXIT
+  show "$BIN" worker
+  exec 3>&1
+  set +e
+  "$BIN" worker 2>&1 >&3 3>&- | tee "$errlog" >&2
+  rc="${PIPESTATUS[0]}"
+  set -e
+  exec 3>&-
+  if (( rc != 0 )); then
+    problems+=("the worker exited with $rc (1: failure, 2: configuration, 3: database unreachable or refusing us)")
+  fi
+  errors="$(grep -E '^\[[^]]* ERROR |"level": ?"ERROR"' "$errlog" || true)"
+  if [[ -n "$errors" ]]; then problems+=("the worker logged ERROR lines:"$'\n'"$errors"); fi
+  echo "==> the runbook's acceptance queries"
+  if psql="$(find_psql)"; then
+    if ! step "$psql" -X -w -v ON_ERROR_STOP=1 -d "$(libpq_url "$DATABASE_URL")" -c "$q1" -c "$q2"; then
+      problems+=("psql could not run the acceptance queries")
+    fi
+  elif [[ -n "$container" ]]; then
+    if ! step docker exec "$container" psql -U "$DEV_DB_USER" -d "$DEV_DB_NAME" -c "$q1" ||
+       ! step docker exec "$container" psql -U "$DEV_DB_USER" -d "$DEV_DB_NAME" -c "$q2"; then
+      problems+=("docker exec $container psql could not run the acceptance queries")
+    fi
+  else
+    echo "    psql is not installed: chronicle status shows the same counts"
+    step "$BIN" status || problems+=("chronicle status failed")
+  fi
+  if read_status; then
+    echo "    after: $ST_ENTRIES entries; outbox: pending $ST_PENDING, processing $ST_PROCESSING, done $ST_DONE, failed $ST_FAILED"
+    if (( ST_PROCESSING > 0 )); then
+      problems+=("$ST_PROCESSING outbox row(s) still processing after the worker stopped (another worker on this database?)")
+    fi
+    if (( ST_FAILED > 0 )); then
+      problems+=("$ST_FAILED outbox row(s) failed: see chronicle status and chronicle show EVENT_ID; after the fix, chronicle replay-failed")
+    fi
+    if (( ST_ENTRIES <= before )); then
+      problems+=("chronicle_entries did not grow ($before before, $ST_ENTRIES after): the worker projected nothing new in $OUTBOX_RUN_SECONDS s")
+    fi
+  else
+    problems+=("chronicle status --json failed after the worker ran")
+  fi
+  if (( ${#problems[@]} > 0 )); then
+    echo "smoke run FAILED:" >&2
+    for p in "${problems[@]}"; do echo "  - $p" >&2; done
+    exit 1
+  fi
+  echo "smoke run OK: the worker exited 0 without an ERROR line; entries $before -> $ST_ENTRIES${injected:+ (100 events injected)}; none processing or failed"
+}
+
+# A local Prometheus in the foreground (Ctrl+C stops it): monitoring/alerts.yml loaded, job
+# chronicle scraping the local worker; its config and data in a folder per port under /tmp.
+verb_monitoring() {
+  local port="${PROMETHEUS_PORT:-}" target dir
+  ensure_prometheus
+  target="127.0.0.1:${OUTBOX_METRICS_PORT:-9110}"
+  if [[ -n "$port" ]]; then
+    [[ "$port" =~ ^[0-9]+$ ]] || die "PROMETHEUS_PORT=$port is not a port number"
+    if tcp_open 127.0.0.1 "$port"; then die "PROMETHEUS_PORT=$port: 127.0.0.1:$port is taken"; fi
+  else
+    for (( port = 9090; port < 9110; port++ )); do
+      if ! tcp_open 127.0.0.1 "$port"; then break; fi
+      echo "    127.0.0.1:$port is taken; trying the next port"
+    done
+    (( port < 9110 )) || die "no free port in 9090-9109; set PROMETHEUS_PORT"
+  fi
+  dir="${TMPDIR:-/tmp}/chronicle-prometheus-$port"
+  mkdir -p "$dir/data"
+  echo "==> write $dir/prometheus.yml: job chronicle scraping $target every 5 s, rules monitoring/alerts.yml"
+  {
+    echo "# Written by ./run.sh monitoring."
+    echo "global:"
+    echo "  scrape_interval: 5s"
+    echo "  evaluation_interval: 5s"
+    echo "rule_files:"
+    echo "  - '$ROOT/monitoring/alerts.yml'"
+    echo "scrape_configs:"
+    echo "  - job_name: chronicle"
+    echo "    static_configs:"
+    echo "      - targets: ['$target']"
+  } >"$dir/prometheus.yml"
+  step promtool check config "$dir/prometheus.yml"
+  echo "Prometheus: http://127.0.0.1:$port  (targets: /targets, alerts: /alerts); Ctrl+C stops it"
+  echo "    it scrapes the worker's metrics on $target (./run.sh worker); Grafana: import monitoring/grafana-dashboard.json"
+  show prometheus "--config.file=$dir/prometheus.yml" "--storage.tsdb.path=$dir/data" "--web.listen-address=127.0.0.1:$port"
+  exec prometheus "--config.file=$dir/prometheus.yml" "--storage.tsdb.path=$dir/data" "--web.listen-address=127.0.0.1:$port"
+}
+
 # ---------------------------------------------------------------- dispatch
 # One verb per arm, in the same order as the switch in run.ps1 (a test compares them).
 
 verb="${1:-help}"
 if (( $# > 0 )); then shift; fi
+if [[ "$verb" == -h || "$verb" == --help ]]; then verb=help; fi
 case "$verb" in
   help) usage ;;
   build) verb_build "$@" ;;
@@ -396,5 +606,7 @@ case "$verb" in
   db-start) verb_db_start ;;
   db-stop) verb_db_stop ;;
   demo) verb_demo ;;
+  smoke) verb_smoke ;;
+  monitoring) verb_monitoring ;;
   *) usage >&2; echo "error: unknown verb '$verb'" >&2; exit 2 ;;
 esac

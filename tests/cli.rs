@@ -127,7 +127,7 @@ fn migrate_wait_waits_for_a_database_that_comes_up_later() {
 
 /// The verbs of a dispatch: run.sh's `case` arms (`  verb) ...`) or run.ps1's `switch`
 /// arms (`  'verb' { ... }`), in order.
-fn verbs(text: &str, powershell: bool) -> Vec<String> {
+pub(crate) fn verbs(text: &str, powershell: bool) -> Vec<String> {
     text.lines()
         .map(|l| l.trim_end_matches('\r'))
         .filter_map(|l| {

@@ -21,3 +21,5 @@ mod endpoint;
 mod prometheus;
 #[path = "external/rules.rs"]
 mod rules;
+#[path = "external/run_sh.rs"]
+mod run_sh;

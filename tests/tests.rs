@@ -14,6 +14,7 @@ mod outbox;
 mod read_model;
 mod rebuild;
 mod schema;
+mod scripts;
 mod terminal_safety;
 mod tls;
 mod worker;
