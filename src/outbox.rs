@@ -191,16 +191,25 @@ pub fn claim_batch_with<S: ToStatement + ?Sized, T>(
     Ok(claimed)
 }
 
-/// processing → done, for the rows this claim still holds. Returns the ids marked and
-/// the database's clock (for the latency histogram).
+/// processing → done, for the rows this claim still holds. Returns the ids marked and,
+/// for the latency histogram, how long ago each delivery was enqueued, by the database's
+/// clock on both ends (the outbox row's `created_at` is stamped by the enqueue trigger,
+/// whatever the writer put in the event's `created_at`).
 pub const MARK_DONE: &str = "
     UPDATE chronicle_outbox_events
     SET status = 'done', processed_at = now(), lease_until = NULL, next_retry_at = NULL,
         error_reason = NULL, error = NULL, updated_at = now()
     WHERE id = ANY($1) AND status = 'processing' AND claim_token = $2
-    RETURNING id";
+    RETURNING id, extract(epoch FROM clock_timestamp() - created_at)::float8";
 
-pub fn mark_done(client: &mut impl GenericClient, ids: &[i64], token: Uuid) -> Result<Vec<i64>, postgres::Error> {
+/// A row marked done, and the seconds since its delivery was enqueued.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Done {
+    pub outbox_id: i64,
+    pub since_enqueued_seconds: f64,
+}
+
+pub fn mark_done(client: &mut impl GenericClient, ids: &[i64], token: Uuid) -> Result<Vec<Done>, postgres::Error> {
     mark_done_with(client, MARK_DONE, ids, token)
 }
 
@@ -210,12 +219,12 @@ pub fn mark_done_with<S: ToStatement + ?Sized>(
     statement: &S,
     ids: &[i64],
     token: Uuid,
-) -> Result<Vec<i64>, postgres::Error> {
+) -> Result<Vec<Done>, postgres::Error> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }
     let rows = client.query(statement, &[&ids, &token])?;
-    rows.iter().map(|r| r.try_get(0)).collect()
+    rows.iter().map(|r| Ok(Done { outbox_id: r.try_get(0)?, since_enqueued_seconds: r.try_get(1)? })).collect()
 }
 
 /// A deterministic failure of one row: its closed-list reason and the full message.

@@ -22,8 +22,8 @@ use serde_json::{json, Value};
 use uuid::Uuid;
 
 use crate::util::{
-    chronicle_cmd, count, free_port, insert_events, outbox_by_status, run, run_with_input, signal, sql_state,
-    wait_until, worker_cmd, AppRole, Cluster, Ran, Server, TestDb,
+    chronicle_cmd, count, free_port, http_get, insert_events, metric_sum, outbox_by_status, run, run_with_input,
+    signal, sql_state, wait_until, worker_cmd, AppRole, Cluster, Ran, Server, TestDb,
 };
 
 // ---------------------------------------------------------------------------------
@@ -381,29 +381,6 @@ fn inject(db: &TestDb, n: u32, seed: u32) {
     let r =
         run(&mut db.chronicle(&["inject", "--count", &n.to_string(), "--libraries", "3", "--seed", &seed.to_string()]));
     assert_eq!(r.code, Some(0), "inject: {r}");
-}
-
-/// One HTTP GET on loopback; the body, or None if nothing answers.
-fn http_get(port: u16, path: &str) -> Option<String> {
-    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], port));
-    let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").as_bytes()).ok()?;
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    Some(text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or(text))
-}
-
-/// The sum of a metric's samples over its label sets.
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (key, value) = l.rsplit_once(' ')?;
-            (key.split('{').next()? == name).then(|| value.parse::<f64>().ok()).flatten()
-        })
-        .sum()
 }
 
 fn json_of(r: &Ran) -> Value {

@@ -434,3 +434,53 @@ fn the_exit_line_reports_the_drain_rate_and_the_backlog_at_exit() {
     let last = r.stderr.lines().rev().find(|l| l.contains("processed ")).unwrap_or_default().to_string();
     assert!(last.contains("processed 0;") && last.contains("backlog now: 30 pending, 0 processing"), "{last}\n{r}");
 }
+
+/// Lag as the runbook means it (pending + processing), and the projection latency from
+/// the delivery's enqueueing, so backdated events (a backfill, `inject`) give real
+/// figures instead of falling in +Inf.
+#[test]
+fn lag_counts_pending_and_processing_and_latency_starts_at_enqueueing() {
+    use crate::util::{http_get, metric_sum};
+    let db = TestDb::new();
+    let mut c = db.client();
+    // Written a year ago, as far as the events say.
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at, created_at)
+         SELECT gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed',
+                '{\"title\": \"a\"}', '{\"title\": \"b\"}', now() - interval '1 year', now() - interval '1 year'
+         FROM generate_series(1, 30)",
+    )
+    .unwrap();
+    let mut locker = db.client();
+    let mut tx = locker.transaction().unwrap();
+    tx.batch_execute("LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE").unwrap();
+    let port = crate::util::free_port();
+    let mut child = worker_cmd(&db, &["--batch-size", "10"])
+        .env("OUTBOX_METRICS_PORT", port.to_string())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let scrape = || http_get(port, "/metrics").unwrap_or_default();
+    wait_until(Duration::from_secs(30), "lag 30 with 10 rows in flight", || {
+        let m = scrape();
+        metric_sum(&m, "chronicle_outbox_lag_events") == 30.0
+            && metric_sum(&m, "chronicle_outbox_inflight_events") == 10.0
+    });
+    tx.rollback().unwrap();
+    wait_until(Duration::from_secs(30), "the drain and lag 0", || {
+        let m = scrape();
+        metric_sum(&m, "chronicle_outbox_processed_total") == 30.0
+            && metric_sum(&m, "chronicle_outbox_lag_events") == 0.0
+    });
+    let m = scrape();
+    signal(child.id(), "TERM");
+    assert!(child.wait().unwrap().success());
+    let count = metric_sum(&m, "chronicle_projection_latency_seconds_count");
+    let within_5m = m
+        .lines()
+        .find(|l| l.starts_with("chronicle_projection_latency_seconds_bucket") && l.contains("le=\"300\""))
+        .and_then(|l| l.rsplit_once(' '))
+        .and_then(|(_, v)| v.parse::<f64>().ok());
+    assert_eq!(count, 30.0, "{m}");
+    assert_eq!(within_5m, Some(30.0), "events written 'a year ago' were enqueued seconds ago:\n{m}");
+}

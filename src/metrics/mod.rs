@@ -117,11 +117,16 @@ impl Metrics {
         family(&mut out, "chronicle_build_info", "gauge", "Build information; always 1.");
         out.push_str(&format!("chronicle_build_info{{{lbl},version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION")));
 
-        let gauge_rows: [(&str, &str, Option<f64>); 5] = [
+        let gauge_rows: [(&str, &str, Option<f64>); 6] = [
             (
                 "chronicle_outbox_pending_events",
                 "Outbox rows waiting to be projected (backlog).",
                 gauges.map(|g| g.pending as f64),
+            ),
+            (
+                "chronicle_outbox_lag_events",
+                "Outbox rows not projected yet: pending plus processing (the runbook's lag).",
+                gauges.map(|g| (g.pending + g.inflight) as f64),
             ),
             (
                 "chronicle_outbox_oldest_pending_age_seconds",
@@ -197,7 +202,7 @@ impl Metrics {
         histogram(
             &mut out,
             "chronicle_projection_latency_seconds",
-            "Time from an event's insert to its entry's commit.",
+            "Time from an event's delivery being enqueued (its outbox row, stamped by the database) to its completion.",
             &lbl,
             &self.projection_latency,
         );
@@ -274,6 +279,7 @@ mod tests {
         let text = m.render();
         for name in [
             "chronicle_outbox_pending_events",
+            "chronicle_outbox_lag_events",
             "chronicle_outbox_oldest_pending_age_seconds",
             "chronicle_outbox_inflight_events",
             "chronicle_outbox_stuck_processing_events",
@@ -296,6 +302,7 @@ mod tests {
         assert!(text.contains("chronicle_outbox_processed_total{worker_id=\"c\\\"1\"} 3\n"), "{text}");
         assert!(text.contains("error_reason=\"invalid_payload\"} 1\n"));
         assert!(text.contains("chronicle_outbox_pending_events{worker_id=\"c\\\"1\"} 5\n"));
+        assert!(text.contains("chronicle_outbox_lag_events{worker_id=\"c\\\"1\"} 7\n"), "lag = pending + processing");
         assert!(
             text.contains("chronicle_outbox_batch_duration_seconds_bucket{worker_id=\"c\\\"1\",le=\"0.005\"} 1\n"),
             "{text}"

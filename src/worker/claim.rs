@@ -182,10 +182,8 @@ pub fn run_once(
     });
     match result {
         Ok(c) => {
-            let now = chrono::Utc::now();
-            for (_, entry) in ok.iter().filter(|(id, _)| c.done.contains(id)) {
-                let latency = (now - entry.created_at).to_std().unwrap_or_default();
-                shared.metrics.projection_latency.observe(latency.as_secs_f64());
+            for seconds in &c.latencies {
+                shared.metrics.projection_latency.observe(*seconds);
             }
             report.done = c.done.len() as u64;
             report.failed = c.failed_reasons.len() as u64;
@@ -298,6 +296,12 @@ struct Completed {
     failed_reasons: Vec<String>,
     /// Entries the read model refused (isolated path only).
     rejected: Vec<Failure>,
+    /// Seconds from each done row's enqueueing to its completion (the latency histogram).
+    latencies: Vec<f64>,
+}
+
+fn latencies(marked: &[outbox::Done]) -> Vec<f64> {
+    marked.iter().map(|d| d.since_enqueued_seconds.max(0.0)).collect()
 }
 
 /// The normal completion, one transaction: mark done the rows this claim still holds
@@ -315,7 +319,8 @@ fn complete(
         tx.batch_execute(failpoint::RAISE_TRANSIENT)?;
     }
     let ids: Vec<i64> = ok.iter().map(|(id, _)| *id).collect();
-    let done: HashSet<i64> = outbox::mark_done_with(&mut tx, &prepared.mark_done, &ids, token)?.into_iter().collect();
+    let marked = outbox::mark_done_with(&mut tx, &prepared.mark_done, &ids, token)?;
+    let done: HashSet<i64> = marked.iter().map(|d| d.outbox_id).collect();
     let held: Vec<&Entry> = ok.iter().filter(|(id, _)| done.contains(id)).map(|(_, e)| e).collect();
     if !held.is_empty() {
         let upsert = prepared.upsert_entries(&mut tx)?;
@@ -323,7 +328,7 @@ fn complete(
     }
     let failed_reasons = outbox::mark_failed(&mut tx, failures, token)?;
     tx.commit()?;
-    Ok(Completed { done, failed_reasons, rejected: Vec::new() })
+    Ok(Completed { done, latencies: latencies(&marked), failed_reasons, rejected: Vec::new() })
 }
 
 /// The completion after a deterministic database error: each entry in its own savepoint;
@@ -356,16 +361,22 @@ fn complete_isolating(
             Err(e) => return Err(e),
         }
     }
-    let done: HashSet<i64> = outbox::mark_done(&mut tx, &written, token)?.into_iter().collect();
+    let marked = outbox::mark_done(&mut tx, &written, token)?;
+    let done: HashSet<i64> = marked.iter().map(|d| d.outbox_id).collect();
     if done.len() != written.len() {
         // Some rows were lost meanwhile: undo everything and let the next turn or the
         // new holder handle them. Rolled back on drop.
         let lost: Vec<i64> = written.iter().filter(|id| !done.contains(id)).copied().collect();
         log::warn!("claim lost on rows {lost:?} while isolating a failure; nothing written for this batch");
-        return Ok(Completed { done: HashSet::new(), failed_reasons: Vec::new(), rejected: Vec::new() });
+        return Ok(Completed {
+            done: HashSet::new(),
+            latencies: Vec::new(),
+            failed_reasons: Vec::new(),
+            rejected: Vec::new(),
+        });
     }
     let all_failures: Vec<Failure> = failures.iter().chain(&rejected).cloned().collect();
     let failed_reasons = outbox::mark_failed(&mut tx, &all_failures, token)?;
     tx.commit()?;
-    Ok(Completed { done, failed_reasons, rejected })
+    Ok(Completed { done, latencies: latencies(&marked), failed_reasons, rejected })
 }
