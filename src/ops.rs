@@ -50,6 +50,20 @@ pub struct RebuildRun {
     pub failures_by_reason: Value,
     pub success: Option<bool>,
     pub error: Option<String>,
+    /// For a run through the outbox (`--emit-outbox`): when its deliveries were queued,
+    /// and where they stand. The run is finished when none is waiting any more.
+    pub deliveries: Option<RunDeliveries>,
+}
+
+/// The deliveries a rebuild through the outbox queued, by where they stand now.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RunDeliveries {
+    pub queued_at: DateTime<Utc>,
+    pub queued: i64,
+    pub done: i64,
+    pub failed: i64,
+    /// Pending or processing: not projected yet.
+    pub waiting: i64,
 }
 
 /// `chronicle status`: its JSON form is this struct (keys documented in README.md).
@@ -95,10 +109,17 @@ pub const STATUS_READ_MODEL: &str = "
 
 /// The latest rebuild run (running or finished).
 pub const STATUS_LAST_REBUILD: &str = "
-    SELECT id, mode, library_id, started_at, finished_at, events_total, rows_written, failures,
-           failures_by_reason, success, error
-    FROM chronicle_rebuild_runs
-    ORDER BY started_at DESC, id DESC
+    SELECT r.id, r.mode, r.library_id, r.started_at, r.finished_at, r.events_total, r.rows_written, r.failures,
+           r.failures_by_reason, r.success, r.error, r.queued_at, r.deliveries_queued,
+           d.done, d.failed, d.waiting
+    FROM chronicle_rebuild_runs r
+    LEFT JOIN LATERAL (
+        SELECT count(*) FILTER (WHERE o.status = 'done') AS done,
+               count(*) FILTER (WHERE o.status = 'failed') AS failed,
+               count(*) FILTER (WHERE o.status IN ('pending', 'processing')) AS waiting
+        FROM chronicle_outbox_events o WHERE r.queued_at IS NOT NULL AND o.rebuild_run_id = r.id
+    ) d ON true
+    ORDER BY r.started_at DESC, r.id DESC
     LIMIT 1";
 
 /// Reads the whole status in one snapshot.
@@ -182,6 +203,16 @@ pub fn status(client: &mut Client, max_processing: Duration) -> Result<Status, p
             failures_by_reason: r.try_get(8)?,
             success: r.try_get(9)?,
             error: r.try_get(10)?,
+            deliveries: match r.try_get::<_, Option<DateTime<Utc>>>(11)? {
+                None => None,
+                Some(queued_at) => Some(RunDeliveries {
+                    queued_at,
+                    queued: r.try_get::<_, Option<i64>>(12)?.unwrap_or(0),
+                    done: r.try_get(13)?,
+                    failed: r.try_get(14)?,
+                    waiting: r.try_get(15)?,
+                }),
+            },
         }),
     };
     tx.commit()?;

@@ -120,16 +120,64 @@ const FINISH_RUN: &str = "
         failures_by_reason = $5, success = $6, error = $7
     WHERE id = $1";
 
+/// The end of an `--emit-outbox` run's own work: its deliveries are queued ($2 of them);
+/// the run stays unfinished until they are done or failed (`finish_queued_runs`).
+const RECORD_QUEUED: &str = "
+    UPDATE chronicle_rebuild_runs
+    SET queued_at = now(), events_total = $2, deliveries_queued = $3, rows_written = 0
+    WHERE id = $1";
+
+/// Closes the queued runs none of whose deliveries is pending or processing any more:
+/// finished when the last one was, successful when none failed, with the failures by
+/// reason. Runs held by another worker's statement are left to it (SKIP LOCKED).
+const FINISH_QUEUED_RUNS: &str = "
+    WITH closing AS (
+        SELECT r.id FROM chronicle_rebuild_runs r
+        WHERE r.queued_at IS NOT NULL AND r.finished_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o
+                          WHERE o.rebuild_run_id = r.id AND o.status IN ('pending', 'processing'))
+        FOR UPDATE SKIP LOCKED
+    ), tally AS (
+        SELECT o.rebuild_run_id AS id,
+               count(*) FILTER (WHERE o.status = 'done') AS done,
+               count(*) FILTER (WHERE o.status = 'failed') AS failed,
+               max(o.processed_at) AS last
+        FROM chronicle_outbox_events o JOIN closing c ON o.rebuild_run_id = c.id
+        GROUP BY 1
+    ), reasons AS (
+        SELECT id, jsonb_object_agg(error_reason, n) AS by_reason
+        FROM (SELECT o.rebuild_run_id AS id, coalesce(o.error_reason, 'none') AS error_reason, count(*) AS n
+              FROM chronicle_outbox_events o JOIN closing c ON o.rebuild_run_id = c.id
+              WHERE o.status = 'failed' GROUP BY 1, 2) f
+        GROUP BY id
+    )
+    UPDATE chronicle_rebuild_runs r
+    SET finished_at = greatest(r.queued_at, coalesce(t.last, r.queued_at)),
+        rows_written = coalesce(t.done, 0),
+        failures = coalesce(t.failed, 0),
+        failures_by_reason = coalesce(rs.by_reason, '{}'),
+        success = coalesce(t.failed, 0) = 0 AND r.error IS NULL
+    FROM closing c LEFT JOIN tally t USING (id) LEFT JOIN reasons rs USING (id)
+    WHERE r.id = c.id
+    RETURNING r.id";
+
+/// Closes the `--emit-outbox` runs whose deliveries are all done or failed (see
+/// `FINISH_QUEUED_RUNS`); returns how many. The worker calls it as it samples its gauges.
+pub fn finish_queued_runs(client: &mut impl GenericClient) -> Result<u64, postgres::Error> {
+    Ok(client.query(FINISH_QUEUED_RUNS, &[])?.len() as u64)
+}
+
 const COUNT_EVENTS: &str = "SELECT count(*) FROM chronicle_events WHERE ($1::uuid IS NULL OR library_id = $1)";
 
 const TRUNCATE_ENTRIES: &str = "TRUNCATE chronicle_entries";
 const DELETE_LIBRARY_ENTRIES: &str = "DELETE FROM chronicle_entries WHERE library_id = $1";
 
-/// One delivery per event of the scope, except events that already have a live one.
+/// One delivery per event of the scope, except events that already have a live one, each
+/// marked with the run that queued it ($2).
 const ENQUEUE_EVENTS: &str = "
     WITH enqueued AS (
-        INSERT INTO chronicle_outbox_events (event_id)
-        SELECT id FROM chronicle_events
+        INSERT INTO chronicle_outbox_events (event_id, rebuild_run_id)
+        SELECT id, $2 FROM chronicle_events
         WHERE ($1::uuid IS NULL OR library_id = $1)
         ORDER BY occurred_at, id
         ON CONFLICT (event_id) WHERE status IN ('pending', 'processing') DO NOTHING
@@ -174,6 +222,14 @@ fn run_locked(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Prog
     let outcome = run_mode(client, opts, &mut report, started, progress);
     report.seconds = started.elapsed().as_secs_f64();
     let error = outcome.as_ref().err().map(|e| e.to_string());
+    if error.is_none() && matches!(opts.mode, Mode::EmitOutbox | Mode::TruncateEmitOutbox) {
+        // Finished only when its deliveries are: the worker closes the run.
+        let queued = client.execute(RECORD_QUEUED, &[&run_id, &report.events_total, &(report.rows_written as i64)]);
+        if let Err(e) = queued {
+            log::warn!("could not record the deliveries of rebuild run {run_id}: {}", db::describe_error(&e));
+        }
+        return outcome.map(|()| report);
+    }
     let success = error.is_none() && report.failures() == 0;
     let by_reason = serde_json::to_value(&report.failures_by_reason).unwrap_or_default();
     let finish = client.execute(
@@ -215,7 +271,7 @@ fn run_mode(
     match opts.mode {
         Mode::EmitOutbox | Mode::TruncateEmitOutbox => {
             let n: i64 = client
-                .query_one(ENQUEUE_EVENTS, &[&opts.library_id])
+                .query_one(ENQUEUE_EVENTS, &[&opts.library_id, &report.run_id])
                 .and_then(|r| r.try_get(0))
                 .map_err(|e| AppError::db("while enqueueing deliveries", &e))?;
             let _ = client.execute("SELECT pg_notify('chronicle_outbox', '')", &[]);

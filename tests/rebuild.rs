@@ -424,3 +424,47 @@ fn swap_under_readers_writers_and_a_worker_keeps_the_timeline_whole() {
         "leftover tables"
     );
 }
+
+/// A rebuild through the outbox is queued, not finished, until the workers have delivered
+/// it: then it is finished, successful only if none of its deliveries failed, with their
+/// counts, and `status` shows its progress meanwhile.
+#[test]
+fn an_emit_outbox_rebuild_finishes_when_its_deliveries_do() {
+    let db = injected_and_drained("300");
+    let mut c = db.client();
+    // One event the projector does not know: its delivery will fail.
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at)
+         VALUES (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookVanished', '{}', now())",
+    )
+    .unwrap();
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--emit-outbox"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let last = || -> Value {
+        let r = run(&mut db.chronicle(&["status", "--json"]));
+        assert_eq!(r.code, Some(0), "{r}");
+        let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        v["last_rebuild"].clone()
+    };
+    let queued = last();
+    assert!(queued["finished_at"].is_null() && queued["success"].is_null(), "queued, not finished: {queued}");
+    assert_eq!(queued["deliveries"]["queued"], 301, "{queued}");
+    assert_eq!(queued["deliveries"]["waiting"], 301, "{queued}");
+    let text = run(&mut db.chronicle(&["status"]));
+    assert!(text.stdout.contains("301 waiting"), "{text}");
+
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    // The worker closes the run as it samples its gauges: run one that lives a little.
+    let r = run(worker_cmd(&db, &[]).env("OUTBOX_RUN_SECONDS", "2"));
+    assert_eq!(r.code, Some(0), "{r}");
+    let done = last();
+    assert!(done["finished_at"].is_string(), "{done}");
+    assert_eq!(done["success"], false, "one delivery failed: {done}");
+    assert_eq!((done["rows_written"].as_i64(), done["failures"].as_i64()), (Some(300), Some(1)), "{done}");
+    assert_eq!(done["failures_by_reason"]["unknown_event_type"], 1, "{done}");
+    assert_eq!(done["deliveries"]["waiting"], 0, "{done}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 300);
+}

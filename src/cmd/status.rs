@@ -111,6 +111,9 @@ pub fn render_text(st: &Status) -> String {
         Some(r) => {
             let scope = r.library_id.map(|l| format!("library {l}")).unwrap_or_else(|| "all libraries".into());
             let outcome = match r.success {
+                None if r.finished_at.is_none() && r.deliveries.is_some() => {
+                    "queued: finished when the workers have delivered it".to_string()
+                }
                 None if r.finished_at.is_none() => "running (or died)".to_string(),
                 None => "unknown".to_string(),
                 Some(true) => "success".to_string(),
@@ -129,6 +132,16 @@ pub fn render_text(st: &Status) -> String {
                 r.failures,
                 if r.failures > 0 { r.failures_by_reason.to_string() } else { String::new() }
             ));
+            if let Some(d) = &r.deliveries {
+                s.push_str(&format!(
+                    "  deliveries queued {} at {}: {} done, {} failed, {} waiting\n",
+                    d.queued,
+                    d.queued_at.to_rfc3339(),
+                    d.done,
+                    d.failed,
+                    d.waiting
+                ));
+            }
         }
     }
     s

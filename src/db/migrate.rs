@@ -33,6 +33,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(7, "search_index_pending_list", "0007_search_index_pending_list.sql"),
     migration!(8, "eraser_role", "0008_eraser_role.sql"),
     migration!(9, "outbox_reclaims", "0009_outbox_reclaims.sql"),
+    migration!(10, "rebuild_deliveries", "0010_rebuild_deliveries.sql"),
 ];
 
 /// The schema version this binary expects.

@@ -395,6 +395,9 @@ fn sample_gauges_once(shared: &Shared, pool: &db::Pool, last_run_seen: &mut i64)
         }
         Err(e) => return shared.db_error("while sampling gauges", &e),
     }
+    if let Err(e) = crate::rebuild::finish_queued_runs(&mut *c) {
+        shared.db_error("while closing rebuilds delivered through the outbox", &e);
+    }
     match crate::rebuild::finished_runs_after(&mut *c, *last_run_seen) {
         Ok(runs) => {
             let m = &shared.metrics;
