@@ -5,6 +5,8 @@ mod util;
 mod chaos;
 mod cli;
 mod events;
+#[cfg(target_os = "linux")]
+mod metrics_endpoint;
 mod ops;
 mod outbox;
 mod read_model;
