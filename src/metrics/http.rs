@@ -8,18 +8,20 @@
 //! - The listening socket is ours: tiny_http gets a clone of it, and a new server is
 //!   started on another clone (same socket, so the same address) when the old one stops:
 //!   when `recv` reports its accept error, when a tiny_http thread panics (seen by a panic
-//!   hook), or when the endpoint fails its own probe twice in a row. Restarts back off (250 ms doubling to 1 s) and are counted in
-//!   `chronicle_metrics_server_restarts_total`.
+//!   hook), or when the endpoint fails its own probe twice in a row. Restarts back off
+//!   (250 ms, then 500 ms) and are counted in `chronicle_metrics_server_restarts_total`.
 //! - Timeouts and small buffers are set on the listening socket and inherited by every
-//!   accepted one (unix):
-//!   a connection that sends nothing for [`IO_TIMEOUT`] is closed by tiny_http, and a
-//!   write to a client that does not read fails after [`IO_TIMEOUT`]. The accept call
-//!   itself honours the receive timeout, so the probe (every second) keeps it from firing.
+//!   accepted one (unix): a connection that sends nothing for [`IO_TIMEOUT`] is closed by
+//!   tiny_http, and a write to a client that does not read fails after [`IO_TIMEOUT`].
+//!   The accept call itself honours the receive timeout, so the probe (every second)
+//!   keeps it from firing.
 //! - Answers are written by one thread per connection with requests in flight, from a
 //!   queue of [`QUEUE_PER_CONNECTION`] requests; an answer is rendered only when that
 //!   thread gets to it. A connection whose queue is full, or whose write fails, is dropped:
 //!   its requests are discarded from then on without rendering or writing anything.
 //!   At most [`MAX_WRITERS`] connections are answered at once.
+//! - On Linux, a reaper thread closes from outside the connections dropped above, those
+//!   older than 30 s and the oldest beyond 512 (see `reaper.rs`).
 //! - tiny_http drains an unread request body when the request is dropped, into one buffer
 //!   of the declared size: a `Content-Length` beyond the memory aborts the process. A
 //!   request declaring more than [`BODY_LIMIT`] is therefore never dropped: it is
@@ -55,7 +57,7 @@ const PROBE_EVERY: Duration = Duration::from_secs(1);
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 const PROBE_FAILURES_BEFORE_RESTART: u32 = 2;
 const BACKOFF_MIN: Duration = Duration::from_millis(250);
-const BACKOFF_MAX: Duration = Duration::from_secs(1);
+const BACKOFF_MAX: Duration = Duration::from_millis(500);
 /// Stopped servers still drained (a server judged dead by its probe may still deliver).
 const RETIRED_KEPT: usize = 4;
 /// How long a dropped connection's address is remembered after its last request.
@@ -119,6 +121,7 @@ pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool
         .name("metrics-retire".into())
         .spawn(move || retire_rx.iter().for_each(drop))
         .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")))?;
+    let to_close = start_reaper(addr)?;
     let (drain_tx, drain_rx) = mpsc::sync_channel::<tiny_http::Request>(DRAIN_QUEUE);
     std::thread::Builder::new()
         .name("metrics-drain".into())
@@ -130,7 +133,7 @@ pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool
         server,
         retired: VecDeque::new(),
         retire_tx,
-        writers: Writers::new(drain_tx),
+        writers: Writers::new(drain_tx, to_close),
         metrics,
         ready,
         probe,
@@ -145,6 +148,23 @@ pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool
         .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")))?;
     log::info!("serving metrics on http://{addr}/metrics");
     Ok(MetricsServer { addr })
+}
+
+/// The thread closing connections tiny_http keeps (Linux): returns where to send the
+/// connections to close.
+#[cfg(target_os = "linux")]
+fn start_reaper(addr: SocketAddr) -> Result<Option<mpsc::Sender<SocketAddr>>> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::Builder::new()
+        .name("metrics-reaper".into())
+        .spawn(move || super::reaper::run(addr, rx))
+        .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")))?;
+    Ok(Some(tx))
+}
+
+#[cfg(not(target_os = "linux"))]
+fn start_reaper(_addr: SocketAddr) -> Result<Option<mpsc::Sender<SocketAddr>>> {
+    Ok(None)
 }
 
 /// A tiny_http server on a clone of `listener`. Starting its accept thread can panic
@@ -349,6 +369,8 @@ struct Writers {
     last_sweep: Instant,
     drain: mpsc::SyncSender<tiny_http::Request>,
     abandoned: u64,
+    /// The reaper (Linux), which closes the connections sent to it.
+    to_close: Option<mpsc::Sender<SocketAddr>>,
 }
 
 struct Writer {
@@ -364,8 +386,15 @@ struct WriterState {
 }
 
 impl Writers {
-    fn new(drain: mpsc::SyncSender<tiny_http::Request>) -> Writers {
-        Writers { by_peer: HashMap::new(), dropped: HashMap::new(), last_sweep: Instant::now(), drain, abandoned: 0 }
+    fn new(drain: mpsc::SyncSender<tiny_http::Request>, to_close: Option<mpsc::Sender<SocketAddr>>) -> Writers {
+        Writers {
+            by_peer: HashMap::new(),
+            dropped: HashMap::new(),
+            last_sweep: Instant::now(),
+            drain,
+            abandoned: 0,
+            to_close,
+        }
     }
 
     fn answer(&mut self, req: tiny_http::Request, metrics: &Arc<Metrics>, ready: &Arc<AtomicBool>) {
@@ -401,14 +430,17 @@ impl Writers {
         }
         let (tx, rx) = mpsc::sync_channel::<tiny_http::Request>(QUEUE_PER_CONNECTION);
         let state = Arc::new(WriterState::default());
-        let (m, r, s) = (metrics.clone(), ready.clone(), state.clone());
+        let (m, r, s, close) = (metrics.clone(), ready.clone(), state.clone(), self.to_close.clone());
         let spawned = std::thread::Builder::new().name("metrics-answer".into()).spawn(move || {
             while let Ok(req) = rx.recv_timeout(WRITER_IDLE) {
                 if s.dropped.load(Ordering::SeqCst) {
                     release(req);
                 } else if let Err(e) = respond(req, &m, &r) {
-                    log::debug!("metrics endpoint: dropping a connection: {e}");
+                    log::debug!("metrics endpoint: dropping {peer:?}: {e}");
                     s.dropped.store(true, Ordering::SeqCst);
+                    if let (Some(close), Some(peer)) = (&close, peer) {
+                        let _ = close.send(peer);
+                    }
                 }
             }
             s.ended.store(true, Ordering::SeqCst);
@@ -458,6 +490,9 @@ impl Writers {
             w.state.dropped.store(true, Ordering::SeqCst);
         }
         self.dropped.insert(peer, Instant::now());
+        if let (Some(close), Some(peer)) = (&self.to_close, peer) {
+            let _ = close.send(peer);
+        }
     }
 
     /// Forgets writers that ended and dropped connections long silent.

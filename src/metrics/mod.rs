@@ -3,6 +3,8 @@
 //! and alert rules; every series carries `worker_id`.
 
 pub mod http;
+#[cfg(target_os = "linux")]
+mod reaper;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
