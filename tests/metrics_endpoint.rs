@@ -375,3 +375,23 @@ fn a_huge_declared_body_does_not_abort_the_worker() {
     insert_events(&mut c, 5);
     wait_until(Duration::from_secs(10), "events to be projected", || entries(&db) == 5);
 }
+
+/// The bounds do not cost ordinary clients: many scrapes in a row (more connections than
+/// are answered at once) and a short pipeline on one connection are all answered.
+#[test]
+fn quick_successive_scrapes_and_a_short_pipeline_are_all_answered() {
+    let db = TestDb::new();
+    let w = Worker::start(&db, "", false);
+    for i in 0..300 {
+        assert_eq!(w.get("/metrics").map(|(s, _)| s), Some(200), "scrape {i} of 300 in a row");
+    }
+    let mut s = TcpStream::connect(w.addr()).expect("connecting");
+    s.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    let one = "GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n";
+    let last = "GET /readyz HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    s.write_all(format!("{one}{one}{last}").as_bytes()).expect("sending a pipeline of 3");
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).expect("reading the 3 answers");
+    assert_eq!(raw.matches("HTTP/1.1 200").count(), 3, "{raw}");
+    assert!(raw.rfind("ready").unwrap_or(0) > raw.rfind("\"ok\"").unwrap_or(usize::MAX), "answers out of order: {raw}");
+}

@@ -19,7 +19,8 @@
 //!   queue of [`QUEUE_PER_CONNECTION`] requests; an answer is rendered only when that
 //!   thread gets to it. A connection whose queue is full, or whose write fails, is dropped:
 //!   its requests are discarded from then on without rendering or writing anything.
-//!   At most [`MAX_WRITERS`] connections are answered at once.
+//!   At most [`MAX_WRITERS`] connections are answered at once (idle writers end to make
+//!   room).
 //! - On Linux, a reaper thread closes from outside the connections dropped above, those
 //!   older than 30 s and the oldest beyond 512 (see `reaper.rs`).
 //! - tiny_http drains an unread request body when the request is dropped, into one buffer
@@ -32,7 +33,7 @@
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -378,8 +379,24 @@ struct Writer {
     state: Arc<WriterState>,
 }
 
+impl Writer {
+    /// Queues a request, counted as pending until its writer is done with it. The error
+    /// gives the request back, as `try_send` does.
+    #[allow(clippy::result_large_err)]
+    fn send(&self, req: tiny_http::Request) -> std::result::Result<(), mpsc::TrySendError<tiny_http::Request>> {
+        self.state.pending.fetch_add(1, Ordering::SeqCst);
+        let sent = self.tx.try_send(req);
+        if sent.is_err() {
+            self.state.pending.fetch_sub(1, Ordering::SeqCst);
+        }
+        sent
+    }
+}
+
 #[derive(Default)]
 struct WriterState {
+    /// Requests queued or being answered.
+    pending: AtomicUsize,
     ended: AtomicBool,
     /// Set when the connection is dropped: the writer discards what is queued.
     dropped: AtomicBool,
@@ -413,7 +430,7 @@ impl Writers {
                 self.drop_connection(peer);
                 return self.discard(req);
             }
-            Some(w) => match w.tx.try_send(req) {
+            Some(w) => match w.send(req) {
                 Ok(()) => return,
                 Err(mpsc::TrySendError::Full(req)) => {
                     log::debug!("metrics endpoint: dropping {peer:?}: it does not read its answers");
@@ -424,6 +441,9 @@ impl Writers {
             },
             None => req,
         };
+        if self.by_peer.len() >= MAX_WRITERS {
+            self.evict_idle();
+        }
         if self.by_peer.len() >= MAX_WRITERS {
             log::debug!("metrics endpoint: {MAX_WRITERS} connections being answered; discarding a request");
             return self.discard(req);
@@ -442,13 +462,15 @@ impl Writers {
                         let _ = close.send(peer);
                     }
                 }
+                s.pending.fetch_sub(1, Ordering::SeqCst);
             }
             s.ended.store(true, Ordering::SeqCst);
         });
+        let writer = Writer { tx, state };
         match spawned {
-            Ok(_) => match tx.try_send(req) {
+            Ok(_) => match writer.send(req) {
                 Ok(()) => {
-                    self.by_peer.insert(peer, Writer { tx, state });
+                    self.by_peer.insert(peer, writer);
                 }
                 Err(mpsc::TrySendError::Full(req) | mpsc::TrySendError::Disconnected(req)) => self.discard(req),
             },
@@ -483,6 +505,25 @@ impl Writers {
             self.abandoned
         );
         std::mem::forget(req);
+    }
+
+    /// Lets the writers with nothing to do end (their queue closes), keeping in mind the
+    /// connections they dropped. A later request of theirs starts a new writer; tiny_http
+    /// still writes answers in request order.
+    fn evict_idle(&mut self) {
+        let idle: Vec<Option<SocketAddr>> = self
+            .by_peer
+            .iter()
+            .filter(|(_, w)| w.state.pending.load(Ordering::SeqCst) == 0 || w.state.ended.load(Ordering::SeqCst))
+            .map(|(p, _)| *p)
+            .collect();
+        for peer in idle {
+            if let Some(w) = self.by_peer.remove(&peer) {
+                if w.state.dropped.load(Ordering::SeqCst) {
+                    self.dropped.insert(peer, Instant::now());
+                }
+            }
+        }
     }
 
     fn drop_connection(&mut self, peer: Option<SocketAddr>) {
