@@ -583,3 +583,35 @@ fn respond(req: tiny_http::Request, metrics: &Metrics, ready: &AtomicBool) -> st
     }
     req.respond(resp)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_probe_goes_to_loopback_for_a_wildcard_bind() {
+        let at = |s: &str| probe_target(s.parse().unwrap()).to_string();
+        assert_eq!(at("0.0.0.0:9110"), "127.0.0.1:9110");
+        assert_eq!(at("[::]:9110"), "[::1]:9110");
+        assert_eq!(at("10.1.2.3:9110"), "10.1.2.3:9110");
+    }
+
+    #[test]
+    fn only_bodies_not_read_with_the_headers_are_to_drain() {
+        let with = |headers: &[(&str, &str)]| {
+            let mut t = tiny_http::TestRequest::new().with_method(tiny_http::Method::Post);
+            for (k, v) in headers {
+                t = t.with_header(tiny_http::Header::from_bytes(k.as_bytes(), v.as_bytes()).unwrap());
+            }
+            let req = tiny_http::Request::from(t);
+            let n = body_to_drain(&req);
+            // Dropping it would drain the declared body, which these requests lack.
+            std::mem::forget(req);
+            n
+        };
+        assert_eq!(with(&[]), 0);
+        assert_eq!(with(&[("Content-Length", "1000000000000")]), 1_000_000_000_000);
+        assert_eq!(with(&[("Content-Length", "2000")]), 2000);
+        assert_eq!(with(&[("Content-Length", "20"), ("Expect", "100-continue")]), 20);
+    }
+}
