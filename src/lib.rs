@@ -18,6 +18,7 @@ pub mod outbox;
 pub mod projection;
 pub mod rebuild;
 pub mod retry;
+pub mod rlimit;
 pub mod search;
 pub mod synthetic;
 pub mod terminal;

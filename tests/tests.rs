@@ -9,6 +9,8 @@ mod eraser_role;
 mod events;
 mod fail_fast;
 mod isolation;
+#[cfg(target_os = "linux")]
+mod metrics_endpoint;
 mod ops;
 mod outbox;
 mod read_model;

@@ -3,6 +3,8 @@
 //! and alert rules; every series carries `worker_id`.
 
 pub mod http;
+#[cfg(target_os = "linux")]
+mod reaper;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -59,6 +61,8 @@ pub struct Metrics {
     pub reclaimed: AtomicU64,
     pub lease_lost: AtomicU64,
     pub db_errors: AtomicU64,
+    /// Times the metrics endpoint's server was started again after it stopped serving.
+    pub metrics_server_restarts: AtomicU64,
     pub batch_duration: Histogram,
     pub projection_latency: Histogram,
     pub rebuild_duration: Histogram,
@@ -79,6 +83,7 @@ impl Metrics {
             reclaimed: AtomicU64::new(0),
             lease_lost: AtomicU64::new(0),
             db_errors: AtomicU64::new(0),
+            metrics_server_restarts: AtomicU64::new(0),
             batch_duration: Histogram::new(BATCH_BUCKETS),
             projection_latency: Histogram::new(LATENCY_BUCKETS),
             rebuild_duration: Histogram::new(REBUILD_BUCKETS),
@@ -156,7 +161,7 @@ impl Metrics {
             }
         }
 
-        let counters: [(&str, &str, &AtomicU64); 5] = [
+        let counters: [(&str, &str, &AtomicU64); 6] = [
             ("chronicle_outbox_processed_total", "Events projected into entries and marked done.", &self.processed),
             (
                 "chronicle_outbox_retry_scheduled_total",
@@ -174,6 +179,11 @@ impl Metrics {
                 &self.lease_lost,
             ),
             ("chronicle_outbox_db_errors_total", "Database errors met by this process.", &self.db_errors),
+            (
+                "chronicle_metrics_server_restarts_total",
+                "Times the metrics endpoint was started again after it stopped serving.",
+                &self.metrics_server_restarts,
+            ),
         ];
         for (name, help, c) in counters {
             family(&mut out, name, "counter", help);
@@ -290,6 +300,7 @@ mod tests {
             "chronicle_outbox_reclaimed_total",
             "chronicle_outbox_lease_lost_total",
             "chronicle_outbox_db_errors_total",
+            "chronicle_metrics_server_restarts_total",
             "chronicle_outbox_batch_duration_seconds",
             "chronicle_projection_latency_seconds",
             "chronicle_rebuild_duration_seconds",

@@ -169,6 +169,7 @@ pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
     // Unusable TLS settings (an unreadable sslrootcert) are a configuration error, found
     // before anything connects.
     db::tls::connector(&cfg.database_url)?;
+    crate::rlimit::raise_open_files_limit();
     if cfg.metrics_port != 0 {
         http::serve(&cfg.metrics_bind, cfg.metrics_port, shared.metrics.clone(), shared.ready.clone())?;
     }
