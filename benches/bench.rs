@@ -1,4 +1,4 @@
-//! The chronicle benchmark (issue 6): one program, one table.
+//! The chronicle benchmark: one program, one table.
 //!
 //!     cargo bench --bench bench                 # full (about 15 minutes on 2 cores)
 //!     cargo bench --bench bench -- --quick      # small sizes, 1-2 minutes
@@ -50,7 +50,7 @@ const BIN: &str = env!("CARGO_BIN_EXE_chronicle");
 
 /// What the full run should fit in on the reference machine (2 cores).
 const BUDGET: Duration = Duration::from_secs(15 * 60);
-/// The worker's peak RSS target (issue 6): the "best settings" of the drain must meet it.
+/// The worker's peak RSS target: the "best settings" of the drain must meet it.
 const RSS_TARGET_MB: f64 = 20.0;
 
 // ---------------------------------------------------------------------------------
@@ -76,7 +76,7 @@ struct Plan {
     /// `--only drain,latency,…`: run only these sections (inject always runs: it makes
     /// the dataset; the raw limits run when a ratio needs them). None: all.
     only: Option<Vec<String>>,
-    /// What was reduced from the issue's sizes, said in the report.
+    /// What was reduced from the target sizes, said in the report.
     reductions: Vec<String>,
 }
 
@@ -136,7 +136,7 @@ impl Plan {
                 reductions: Vec::new(),
             }
         } else {
-            // The issue's sizes: rebuilds of 1,000,000 events, `--runs` times in each mode
+            // The target sizes: rebuilds of 1,000,000 events, `--runs` times in each mode
             // (about 7 of the 13 minutes here since the rebuild writes in parallel).
             // `--rebuild-on-big no` runs them on the drain dataset instead, with one
             // `--truncate` of the 1,000,000-event library for the queries.
@@ -1020,7 +1020,7 @@ impl Bench {
             }
         }
         // Scaling out: 1, 2 and 4 worker processes of one thread, and 2 × 2, at the best
-        // batch (issue 6, item 3).
+        // batch.
         let best_batch = grid.iter().max_by(|a, b| a.1.partial_cmp(&b.1).unwrap()).map(|g| g.0.batch).unwrap_or(500);
         let mut scaling: Vec<(Settings, f64)> =
             grid.iter().filter(|(s, _)| s.batch == best_batch && s.threads == 1).copied().collect();

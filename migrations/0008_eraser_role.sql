@@ -15,7 +15,7 @@
 --     `chronicle.erased_by` and `chronicle.erase_reason` (and, for ids that had only a
 --     delivery or an entry left, `chronicle.erase_extra_ids` with the counts it deleted,
 --     so one erasure is one audit row); a DELETE that sets none is recorded with the
---     session's role and a reason saying so.
+--     connected role and a reason saying so.
 --
 -- Granting the right to erase, to a login role `dpo` (see README "Security"):
 --     GRANT chronicle_eraser TO dpo;

@@ -24,9 +24,9 @@ macro_rules! entry_columns {
 /// - `search` is the projector's tokens taken as they are (`array_to_tsvector`): the
 ///   document is already tokenized (`search::document`: words lowercased, CJK split into
 ///   bigrams), and queries are tsquery lexemes made by the same tokenizer, so Postgres'
-///   parser has nothing to add. It used to be `to_tsvector('simple', …)`, which parsed
-///   the text a second time (4 µs of the server's time per entry, BENCHMARKS.md) and could
-///   split a token the query keeps whole; positions are not stored (no query uses them).
+///   parser has nothing to add. `to_tsvector('simple', …)` would parse the text a second
+///   time (its cost is in BENCHMARKS.md) and could split a token the query keeps whole;
+///   positions are not stored (no query uses them).
 /// - `changed_fields` arrives as one array literal per entry (`text_array_literal`),
 ///   which the cast reads without a jsonb parse and sub-select per row.
 macro_rules! entry_rows {

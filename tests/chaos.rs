@@ -1,4 +1,4 @@
-//! Chaos and bad input (issue 7): the real `chronicle` binary, as separate processes,
+//! Chaos and bad input: the real `chronicle` binary, as separate processes,
 //! against a real server, broken on purpose; afterwards the data is checked.
 //!
 //! `cargo test --test tests chaos:: -- --nocapture` shows each scenario's figures: what

@@ -216,12 +216,13 @@ fn append_to_an_unreachable_database_exits_3() {
     assert_eq!(r.code, Some(3), "{r}");
 }
 
-/// The JSON examples of the README's event catalog section, one per code block.
+/// The JSON examples of the event catalog (docs/events.md, its "Examples" section), one
+/// per code block: what users copy is what this test feeds to `append`.
 fn catalog_examples() -> Vec<Value> {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/README.md");
-    let readme = std::fs::read_to_string(path).expect("reading README.md");
-    let start = readme.find("\n## The event catalog").expect("README has the event catalog section");
-    let section = &readme[start + 1..];
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/events.md");
+    let doc = std::fs::read_to_string(path).expect("reading docs/events.md");
+    let start = doc.find("\n## Examples").expect("docs/events.md has the Examples section");
+    let section = &doc[start + 1..];
     let text = &section[..section[3..].find("\n## ").map_or(section.len(), |i| i + 3)];
     let mut examples = Vec::new();
     let mut block: Option<String> = None;
@@ -229,7 +230,9 @@ fn catalog_examples() -> Vec<Value> {
         match (&mut block, line.trim()) {
             (None, "```json") => block = Some(String::new()),
             (Some(b), "```") => {
-                examples.push(serde_json::from_str(b).unwrap_or_else(|e| panic!("README catalog example: {e}\n{b}")));
+                examples.push(
+                    serde_json::from_str(b).unwrap_or_else(|e| panic!("docs/events.md catalog example: {e}\n{b}")),
+                );
                 block = None;
             }
             (Some(b), _) => {
@@ -247,7 +250,7 @@ fn the_catalog_examples_are_valid_appends_one_per_type() {
     let examples = catalog_examples();
     let types: BTreeSet<&str> = examples.iter().skip(1).filter_map(|e| e["event_type"].as_str()).collect();
     let all: BTreeSet<&str> = CATALOG.iter().map(|t| t.name).collect();
-    assert_eq!(types, all, "the README catalog needs one example per catalog type");
+    assert_eq!(types, all, "docs/events.md needs one example per catalog type");
     assert_eq!(examples.len(), CATALOG.len() + 1);
     let db = TestDb::new();
     let r = run_with_input(&mut db.chronicle(&["append"]), &json_lines(&examples));

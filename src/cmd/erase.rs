@@ -35,7 +35,7 @@ tables (the role that ran `chronicle migrate`) or a member of the role chronicle
 (created by the migrations, NOLOGIN). An administrator grants it to the person's role:
     GRANT chronicle_eraser TO dpo;
 The audit row is written by the database itself in the same transaction, so an event
-deleted any other way still leaves one (with the session's role as erased_by).
+deleted any other way still leaves one (with the connected role as erased_by).
 
 Ids with nothing to erase are reported. If no given id has anything, nothing is written
 (no audit row) and the exit code is 1.
