@@ -35,7 +35,7 @@ verbs:
   db-stop    stop the dev PostgreSQL
   demo       migrate, inject 5000 events, run the worker for 5 s, show the results
   smoke      the runbook's smoke run: dev database, migrate, worker for 2 s, the acceptance queries;
-             exits 1 when anything is off (see README.md)
+             exits 1 when anything is off (see docs/operations.md)
   monitoring a local Prometheus with monitoring/alerts.yml scraping the local worker, in the foreground
              (PROMETHEUS_PORT, default 9090 or the next free port; OUTBOX_METRICS_PORT, default 9110)
 

@@ -66,7 +66,7 @@ pub struct RunDeliveries {
     pub waiting: i64,
 }
 
-/// `chronicle status`: its JSON form is this struct (keys documented in README.md).
+/// `chronicle status`: its JSON form is this struct (keys documented in docs/operations.md).
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct Status {
     pub outbox: OutboxCounts,

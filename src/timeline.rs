@@ -182,7 +182,7 @@ pub fn search_tsquery(text: &str) -> Option<String> {
 /// predicate folds away, because the driver prepares the statement for each call and
 /// PostgreSQL plans it with the parameter values (a custom plan; a generic plan, reused
 /// by a named prepared statement after five runs, would scan the whole library: see
-/// README.md for other languages). Checked with EXPLAIN ANALYZE on 15,000 injected entries in 3
+/// docs/operations.md for other languages). Checked with EXPLAIN ANALYZE on 15,000 injected entries in 3
 /// libraries (8,000 in the one read), after VACUUM ANALYZE:
 /// - the timeline, and its later pages: Index Scan on `chronicle_entries_timeline_idx`,
 ///   `library_id` and the row comparison `(occurred_at, id) < (...)` as index

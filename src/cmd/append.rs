@@ -26,7 +26,7 @@ const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 pub fn help() -> String {
     format!(
         "Read one JSON event, or JSON lines (one event per line; blank lines ignored), from stdin
-or --file, check every event against the contract and the event catalog (the README, section The event catalog),
+or --file, check every event against the contract and the event catalog (docs/events.md),
 then write them all in one transaction. The enqueue trigger gives each its outbox row.
 Prints the id of each event written, one per line, in input order.
 

@@ -52,7 +52,7 @@ FLAGS:
       Required. Why, e.g. the request's reference (recorded verbatim).
   --json
       Print one JSON object: erasure_id, event_ids, not_found, events_erased,
-      deliveries_erased, entries_erased, erased_by, reason, erased_at (see README.md).
+      deliveries_erased, entries_erased, erased_by, reason, erased_at (see docs/operations.md).
 
 EXAMPLES:
     chronicle erase --event-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10 --by dpo@example.com --reason 'GDPR request #4411'

@@ -39,7 +39,7 @@ FLAGS:
       Count the rows that would be deleted; delete nothing.
   --json
       Print one JSON object: deleted, batches, dry_run, older_than_seconds, cutoff
-      (see README.md).
+      (see docs/operations.md).
 
 EXAMPLES:
     chronicle prune --older-than 7d

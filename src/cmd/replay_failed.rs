@@ -55,7 +55,7 @@ FLAGS:
       Show what would be replayed (the same statement, rolled back); change nothing.
   --json
       Print one JSON object: replayed, by_error_reason, skipped_live_delivery, dry_run, rows
-      (see README.md).
+      (see docs/operations.md).
 
 Exit codes: 0 done (also when nothing matched), 2 bad or missing flags, 3 database
 unreachable, 1 other failures.

@@ -29,7 +29,7 @@ USAGE:
 
 FLAGS:
 {}  --json
-      Print one JSON object: event, deliveries, entry (see README.md).
+      Print one JSON object: event, deliveries, entry (see docs/operations.md).
 
 EXAMPLES:
     chronicle show 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10

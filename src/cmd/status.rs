@@ -28,7 +28,7 @@ USAGE:
 FLAGS:
 {}  --json
       Print one JSON object: outbox, failed_by_reason, events, entries, events_without_entry,
-      last_rebuild (see README.md).
+      last_rebuild (see docs/operations.md).
 
 EXAMPLES:
     chronicle status
