@@ -8,7 +8,7 @@ use std::ffi::OsString;
 use lexopt::prelude::*;
 
 use crate::cmd;
-use crate::config::{Env, Setting};
+use crate::config::Env;
 use crate::error::{AppError, Result};
 
 /// What the user asked for.
@@ -184,21 +184,6 @@ pub fn run(command: Command) -> Result<()> {
         Command::Erase(a) => cmd::erase::run(a),
         Command::Libraries(a) => cmd::libraries::run(a),
     }
-}
-
-/// The setting whose flag `arg` is, if any. Commands check this first in their loop,
-/// so every setting flag works the same way:
-/// `if let Some(s) = setting_flag(&arg, SETTINGS) { src.set_flag(s, string_value(p, s.flag)?); continue; }`
-pub fn setting_flag(arg: &lexopt::Arg, settings: &[&'static Setting]) -> Option<&'static Setting> {
-    match arg {
-        Long(name) => settings.iter().copied().find(|s| s.flag == *name),
-        _ => None,
-    }
-}
-
-/// Reads a flag's value as UTF-8 text, naming the flag when it is not.
-pub fn string_value(p: &mut lexopt::Parser, flag: &str) -> Result<String> {
-    p.value()?.into_string().map_err(|_| AppError::usage(format!("invalid --{flag}: not valid UTF-8")))
 }
 
 #[cfg(test)]

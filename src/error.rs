@@ -36,7 +36,7 @@ impl AppError {
     /// Wraps a database error with what we were doing, choosing the exit code from the
     /// error itself: a connection that could not be made or was refused is exit 3.
     pub fn db(context: &str, err: &postgres::Error) -> AppError {
-        let msg = format!("{context}: {}", crate::db::describe_error(err));
+        let msg = format!("{context}: {}", crate::sqlstate::describe_error(err));
         if err.code() == Some(&postgres::error::SqlState::UNDEFINED_TABLE) {
             // Almost always a database nobody has migrated yet: say what to do.
             return AppError::Failed(format!(
@@ -44,7 +44,7 @@ impl AppError {
                  (on the same DATABASE_URL)."
             ));
         }
-        if crate::db::is_connection_error(err) {
+        if crate::sqlstate::is_connection_error(err) {
             AppError::Unreachable(msg)
         } else {
             AppError::Failed(msg)

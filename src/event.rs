@@ -181,7 +181,7 @@ pub fn read_event(row: &postgres::Row, offset: usize) -> Result<Result<Event, Un
     let id: Uuid = row.try_get(offset)?;
     Ok(Event::from_row(row, offset).map_err(|e| Unreadable {
         id,
-        error: crate::db::describe_error(&e),
+        error: crate::sqlstate::describe_error(&e),
         too_large: false,
     }))
 }

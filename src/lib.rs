@@ -20,6 +20,7 @@ pub mod rebuild;
 pub mod retry;
 pub mod rlimit;
 pub mod search;
+pub mod sqlstate;
 pub mod synthetic;
 pub mod terminal;
 pub mod timeline;

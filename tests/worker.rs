@@ -484,3 +484,35 @@ fn lag_counts_pending_and_processing_and_latency_starts_at_enqueueing() {
     assert_eq!(count, 30.0, "{m}");
     assert_eq!(within_5m, Some(30.0), "events written 'a year ago' were enqueued seconds ago:\n{m}");
 }
+
+/// One turn of a background service, in this process, without starting a worker: the
+/// reclaim loop returns a row whose lease expired to pending, keeping its attempt, and
+/// counts it.
+#[test]
+fn one_turn_of_the_reclaim_loop_runs_in_process() {
+    use chronicle::config::{Env, Sources, WorkerConfig};
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 3);
+    c.batch_execute(
+        "UPDATE chronicle_outbox_events
+         SET status = 'processing', attempts = 1, claim_token = gen_random_uuid(), claimed_by = 'gone',
+             claimed_at = now() - interval '1 minute', lease_until = now() - interval '1 second'
+         WHERE id = (SELECT min(id) FROM chronicle_outbox_events)",
+    )
+    .unwrap();
+    let url = db.url();
+    let env = Env::from_pairs([("DATABASE_URL", url.as_str())]);
+    let cfg = WorkerConfig::resolve(&Sources::new(&env)).unwrap();
+    let shared = chronicle::worker::Shared::new(cfg);
+    let pool = chronicle::db::pool(&shared.cfg.database_url, 1, shared.refusals.clone()).unwrap();
+    chronicle::worker::reclaim_once(&shared, &pool);
+    assert_eq!(chronicle::metrics::Metrics::get(&shared.metrics.reclaimed), 1);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending' AND attempts = 1"),
+        1,
+        "reclaimed to pending, its attempt kept"
+    );
+    chronicle::worker::reclaim_once(&shared, &pool);
+    assert_eq!(chronicle::metrics::Metrics::get(&shared.metrics.reclaimed), 1, "nothing more to reclaim");
+}

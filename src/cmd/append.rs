@@ -12,7 +12,7 @@ use std::path::PathBuf;
 use lexopt::prelude::*;
 use uuid::Uuid;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};

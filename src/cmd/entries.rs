@@ -7,7 +7,7 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use lexopt::prelude::*;
 use uuid::Uuid;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};

@@ -8,7 +8,7 @@ use postgres::GenericClient;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use lexopt::prelude::*;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, Env, Setting, Sources};
 use crate::error::{AppError, Result};
 

@@ -17,7 +17,7 @@ use lexopt::prelude::*;
 use postgres::error::SqlState;
 use serde_json::json;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use lexopt::prelude::*;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_duration, DbUrl, Env, Setting, Sources};
 use crate::db::{self, migrate};
 use crate::error::{AppError, Result};

@@ -14,3 +14,23 @@ pub mod show;
 pub mod status;
 pub mod verify;
 pub mod worker;
+
+use lexopt::prelude::*;
+
+use crate::config::Setting;
+use crate::error::{AppError, Result};
+
+/// The setting whose flag `arg` is, if any. Commands check this first in their loop,
+/// so every setting flag works the same way:
+/// `if let Some(s) = setting_flag(&arg, SETTINGS) { src.set_flag(s, string_value(p, s.flag)?); continue; }`
+pub fn setting_flag(arg: &lexopt::Arg, settings: &[&'static Setting]) -> Option<&'static Setting> {
+    match arg {
+        Long(name) => settings.iter().copied().find(|s| s.flag == *name),
+        _ => None,
+    }
+}
+
+/// Reads a flag's value as UTF-8 text, naming the flag when it is not.
+pub fn string_value(p: &mut lexopt::Parser, flag: &str) -> Result<String> {
+    p.value()?.into_string().map_err(|_| AppError::usage(format!("invalid --{flag}: not valid UTF-8")))
+}

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 use lexopt::prelude::*;
 use uuid::Uuid;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};

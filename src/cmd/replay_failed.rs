@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use lexopt::prelude::*;
 use serde_json::json;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_count, parse_duration, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};

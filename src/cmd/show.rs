@@ -5,7 +5,7 @@ use lexopt::prelude::*;
 use serde_json::json;
 use uuid::Uuid;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};

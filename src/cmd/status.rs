@@ -2,7 +2,7 @@
 
 use lexopt::prelude::*;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};

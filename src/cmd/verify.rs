@@ -3,8 +3,8 @@
 use lexopt::prelude::*;
 use uuid::Uuid;
 
-use crate::cli::{setting_flag, string_value};
 use crate::cmd::entries::uuid_value;
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};

@@ -2,9 +2,12 @@
 
 use lexopt::prelude::*;
 
-use crate::cli::{setting_flag, string_value};
+use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, Env, Sources, WorkerConfig};
-use crate::error::Result;
+use std::sync::Arc;
+
+use crate::error::{AppError, Result};
+use crate::worker::{self, Shared};
 
 pub const SUMMARY: &str = "Run the projector: claim outbox rows, project them into chronicle_entries";
 
@@ -59,5 +62,22 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    crate::worker::run(args.config, args.until_empty)
+    let shared = Shared::new(args.config);
+    install_signal_handler(&shared)?;
+    worker::run(shared, args.until_empty)
+}
+
+/// Ctrl+C, SIGTERM (and Windows console events): the first stops cleanly, a second
+/// exits at once.
+fn install_signal_handler(shared: &Arc<Shared>) -> Result<()> {
+    let s = shared.clone();
+    ctrlc::set_handler(move || {
+        if s.stopping() {
+            eprintln!("chronicle: second signal, exiting now");
+            std::process::exit(130);
+        }
+        log::info!("stop requested: finishing or releasing the current batches");
+        s.request_stop();
+    })
+    .map_err(|e| AppError::failed(format!("cannot install the signal handler: {e}")))
 }

@@ -7,11 +7,12 @@
 pub mod migrate;
 pub mod tls;
 
+pub use crate::sqlstate::{describe_error, is_connection_error, is_refusal, is_transient};
+
 use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use postgres::error::SqlState;
 use postgres::{CancelToken, Client};
 
 use crate::config::DbUrl;
@@ -150,71 +151,5 @@ impl r2d2::HandleError<postgres::Error> for PoolErrors {
         } else {
             log::debug!("cannot open a connection to {}: {}", self.url, describe_error(&err));
         }
-    }
-}
-
-/// Whether the error means we could not reach the database or it refused us: no
-/// connection, a closed connection, an authentication failure, an unknown database,
-/// too many connections, or a server shutting down or starting up.
-pub fn is_connection_error(err: &postgres::Error) -> bool {
-    match err.code() {
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("08") // connection exception
-                || c.starts_with("28") // invalid authorization
-                || *code == SqlState::INVALID_CATALOG_NAME // database does not exist
-                || *code == SqlState::TOO_MANY_CONNECTIONS
-                || *code == SqlState::ADMIN_SHUTDOWN
-                || *code == SqlState::CRASH_SHUTDOWN
-                || *code == SqlState::CANNOT_CONNECT_NOW
-        }
-        None => err.is_closed() || err.source().is_some_and(|s| s.is::<std::io::Error>()),
-    }
-}
-
-/// Whether the server answered and refused us for a reason that waiting does not cure:
-/// the credentials are wrong or the role may not log in (class 28), or the database
-/// does not exist (3D000). A server that is down, starting up (57P03) or full (53300) is
-/// not a refusal: those pass.
-pub fn is_refusal(err: &postgres::Error) -> bool {
-    err.code().is_some_and(|code| code.code().starts_with("28") || *code == SqlState::INVALID_CATALOG_NAME)
-}
-
-/// Whether retrying the same work later may succeed (docs/DESIGN.md §3 "transient"): the
-/// connection or server is in trouble, or we lost a race (serialization failure,
-/// deadlock), or hit a lock or statement timeout.
-pub fn is_transient(err: &postgres::Error) -> bool {
-    if is_connection_error(err) {
-        return true;
-    }
-    match err.code() {
-        Some(code) => {
-            let c = code.code();
-            c.starts_with("40") // transaction rollback: serialization failure, deadlock
-                || c.starts_with("53") // insufficient resources
-                || c.starts_with("57") // operator intervention: query_canceled (statement timeout), shutdown
-                || c.starts_with("58") // system error (I/O)
-                || *code == SqlState::LOCK_NOT_AVAILABLE
-                || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
-        }
-        None => false,
-    }
-}
-
-/// A one-line description of a database error with its SQLSTATE, detail and hint.
-pub fn describe_error(err: &postgres::Error) -> String {
-    if let Some(db) = err.as_db_error() {
-        let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
-        if let Some(d) = db.detail() {
-            s.push_str(&format!("; detail: {d}"));
-        }
-        if let Some(h) = db.hint() {
-            s.push_str(&format!("; hint: {h}"));
-        }
-        return s;
-    }
-    match err.source() {
-        Some(src) => format!("{err}: {src}"),
-        None => err.to_string(),
     }
 }

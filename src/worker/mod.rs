@@ -1,10 +1,12 @@
 //! The projector worker: claim threads, the reclaim loop, the lease keeper, the gauge
 //! sampler and the listener, started and stopped together.
 //!
-//! Each background service has one job and is a `run_once` inside a dumb loop (River's
-//! shape), so tests and benchmarks can call one turn directly. Database trouble never
-//! ends the process: every loop logs the change of state once, waits with backoff and
-//! resumes by itself.
+//! Each background service has one job and is a `*_once` function inside a dumb loop
+//! (River's shape): `reclaim_once`, `prune_once`, `claim::run_once`. A test can run one
+//! turn against a database without starting a worker (tests/worker.rs does for the
+//! reclaim loop). Database trouble never ends the process: every loop logs the change of
+//! state once, waits with backoff and resumes by itself. Signals are the command's
+//! business (`cmd/worker.rs`): it asks the worker to stop through `Shared`.
 
 pub mod claim;
 
@@ -161,10 +163,9 @@ fn shutdown_grace(lease: Duration) -> Duration {
     (lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(5))
 }
 
-/// Runs the worker until stopped (signal, `OUTBOX_RUN_SECONDS`, or `until_empty`).
-pub fn run(cfg: WorkerConfig, until_empty: bool) -> Result<()> {
-    let shared = Shared::new(cfg);
-    install_signal_handler(&shared)?;
+/// Runs the worker until stopped (`Shared::request_stop`, which the command's signal
+/// handler calls; `OUTBOX_RUN_SECONDS`; or `until_empty`).
+pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
     let cfg = &shared.cfg;
     // Unusable TLS settings (an unreadable sslrootcert) are a configuration error, found
     // before anything connects.
@@ -249,21 +250,6 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
         .name(name.to_string())
         .spawn(f)
         .map_err(|e| AppError::failed(format!("cannot start thread {name}: {e}")))
-}
-
-/// Ctrl+C, SIGTERM (and Windows console events): the first stops cleanly, a second
-/// exits at once.
-fn install_signal_handler(shared: &Arc<Shared>) -> Result<()> {
-    let s = shared.clone();
-    ctrlc::set_handler(move || {
-        if s.stopping() {
-            eprintln!("chronicle: second signal, exiting now");
-            std::process::exit(130);
-        }
-        log::info!("stop requested: finishing or releasing the current batches");
-        s.request_stop();
-    })
-    .map_err(|e| AppError::failed(format!("cannot install the signal handler: {e}")))
 }
 
 /// Waits (with backoff, until stopped) for the database, then checks the schema: behind
