@@ -790,3 +790,48 @@ fn missing_by_or_reason_exits_2_naming_them() {
     let r = run(&mut db.chronicle(&["replay-failed", "--by", "a", "--reason", "r", "--event-id", "42"]));
     assert_eq!(r.code, Some(2), "{r}");
 }
+
+/// The keys each `--json` prints are the keys docs/operations.md documents for it, no
+/// more and no fewer: the test reads the tables users read, not a list copied from the
+/// code.
+#[test]
+fn every_json_key_printed_is_documented_and_every_documented_key_printed() {
+    let doc = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).unwrap();
+    let documented = |command: &str| -> std::collections::BTreeSet<String> {
+        let start = doc.find(&format!("\n### {command}\n")).unwrap_or_else(|| panic!("no section for {command}"));
+        let section = &doc[start + 1..];
+        let section = &section[..section[4..].find("\n### ").map_or(section.len(), |i| i + 4)];
+        let table =
+            section.split("| key | type | meaning |").nth(1).unwrap_or_else(|| panic!("{command}: no key table"));
+        table
+            .lines()
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .flat_map(|l| l.split('|').nth(1).unwrap_or("").split(", ").map(str::trim).collect::<Vec<_>>())
+            .map(|k| k.trim_matches('`').split('.').next().unwrap_or("").to_string())
+            .collect()
+    };
+    let printed = |r: &crate::util::Ran| -> std::collections::BTreeSet<String> {
+        let v: serde_json::Value = serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {r}"));
+        v.as_object().unwrap().keys().cloned().collect()
+    };
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 3);
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let id: Uuid = c.query_one("SELECT id FROM chronicle_events LIMIT 1", &[]).unwrap().get(0);
+    let id = id.to_string();
+    let runs: Vec<(&str, Vec<&str>)> = vec![
+        ("status", vec!["status", "--json"]),
+        ("show", vec!["show", &id, "--json"]),
+        ("replay-failed", vec!["replay-failed", "--by", "ops", "--reason", "r", "--dry-run", "--json"]),
+        ("prune", vec!["prune", "--older-than", "1d", "--dry-run", "--json"]),
+        ("erase", vec!["erase", "--event-id", &id, "--by", "dpo", "--reason", "r", "--json"]),
+    ];
+    for (command, args) in runs {
+        let r = run(&mut db.chronicle(&args));
+        assert_eq!(r.code, Some(0), "{args:?}: {r}");
+        assert_eq!(printed(&r), documented(command), "{command} --json against docs/operations.md");
+    }
+}
