@@ -36,7 +36,7 @@ macro_rules! entry_rows {
                 x.changed_fields::text[], x.details,
                 array_to_tsvector(array_remove(string_to_array(x.search_text, ' '), '')), x.projection_version, now()
          FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::uuid[], $6::text[],
-                     $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::inet[],
+                     $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::text[]::inet[],
                      $12::text[], $13::text[], $14::text[], $15::jsonb[], $16::text[], $17::int[])
               AS x(id, library_id, actor_user_id, entity_type, entity_id, event_type, occurred_at,
                    created_at, request_id, client, ip, reason, summary, changed_fields, details,
@@ -95,7 +95,7 @@ pub fn write_entries<S: ToStatement + ?Sized>(
     let created: Vec<_> = entries.iter().map(|e| e.created_at).collect();
     let request_ids: Vec<Option<&str>> = entries.iter().map(|e| e.request_id.as_deref()).collect();
     let clients: Vec<Option<&str>> = entries.iter().map(|e| e.client.as_deref()).collect();
-    let ips: Vec<_> = entries.iter().map(|e| e.ip).collect();
+    let ips: Vec<Option<&str>> = entries.iter().map(|e| e.ip.as_deref()).collect();
     let reasons: Vec<Option<&str>> = entries.iter().map(|e| e.reason.as_deref()).collect();
     let summaries: Vec<&str> = entries.iter().map(|e| e.summary.as_str()).collect();
     let changed: Vec<String> = entries.iter().map(|e| text_array_literal(&e.changed_fields)).collect();

@@ -5,8 +5,6 @@
 //! against it, and the projector reads it, so there is one definition of what a
 //! well-formed event is.
 
-use std::net::IpAddr;
-
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 use uuid::Uuid;
@@ -122,12 +120,15 @@ pub struct Event {
     pub request_id: Option<String>,
     pub client: Option<String>,
     pub reason: Option<String>,
-    pub ip: Option<IpAddr>,
+    /// The `inet` as PostgreSQL shows it (`abbrev`): the address, and its netmask unless
+    /// it is the whole address (`10.1.2.3/8`, `2001:db8::1/64`, `192.0.2.7`).
+    pub ip: Option<String>,
 }
 
-/// The columns of `chronicle_events` in the order `Event::from_row` reads them.
+/// The columns of `chronicle_events` in the order `Event::from_row` reads them. `ip` is
+/// read as text: the driver's address type has no netmask.
 pub const EVENT_COLUMNS: &str = "id, library_id, actor_user_id, entity_type, entity_id, event_type, \
-     before, after, diff, occurred_at, created_at, request_id, client, reason, ip";
+     before, after, diff, occurred_at, created_at, request_id, client, reason, abbrev(ip) AS ip";
 
 impl Event {
     /// Reads an event from a row selected with `EVENT_COLUMNS` (possibly prefixed by
@@ -155,7 +156,7 @@ impl Event {
 }
 
 /// An event row the driver cannot read although PostgreSQL stored it: jsonb nested past
-/// serde_json's 128 levels, a jsonb number beyond f64, an `infinity` timestamp. It can
+/// serde_json's 128 levels, an `infinity` timestamp. It can
 /// never be projected by this version: a deterministic `invalid_payload`, for that event
 /// alone.
 #[derive(Debug, Clone, PartialEq)]

@@ -27,8 +27,9 @@ pub struct Claimed {
     pub outbox_id: i64,
     pub attempts: i32,
     pub event_id: Uuid,
-    /// The event's size as text (its jsonb and text columns), measured by the database;
-    /// None if the event does not exist.
+    /// The event's size as text (its jsonb and text columns), measured by the database,
+    /// or its stored size when that is already over the limit; None if the event does
+    /// not exist.
     pub bytes: Option<i64>,
     pub event: Option<Result<Event, Unreadable>>,
 }
@@ -77,6 +78,16 @@ pub const EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octet_lengt
     + coalesce(octet_length(e.diff::text), 0)::bigint + coalesce(octet_length(e.request_id), 0)
     + coalesce(octet_length(e.client), 0)::bigint + coalesce(octet_length(e.reason), 0)";
 
+/// The size of an event as stored (its jsonb columns as PostgreSQL keeps them, possibly
+/// compressed, and its text columns): cheap, since it reads no value. The claim uses it
+/// first: an event whose stored size is already over the limit fails without being
+/// turned into text (costly for a large event, and paid again on every claim that
+/// considers it if the claim does not finish).
+pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octet_length(e.event_type)
+    + coalesce(pg_column_size(e.before), 0)::bigint + coalesce(pg_column_size(e.after), 0)
+    + coalesce(pg_column_size(e.diff), 0)::bigint + coalesce(octet_length(e.request_id), 0)
+    + coalesce(octet_length(e.client), 0)::bigint + coalesce(octet_length(e.reason), 0)";
+
 /// pending → processing: the oldest ready rows, skipping rows other workers hold, each
 /// attempt counted, with their events loaded in the same round trip.
 ///
@@ -88,9 +99,14 @@ pub const EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octet_lengt
 /// suspects go first this turn; the worker alternates, so suspects never starve the
 /// healthy backlog (and are taken anyway when nothing healthy is ready).
 ///
-/// Size limits: each candidate's size is measured here (`EVENT_BYTES`); rows are taken
-/// in order until their total passes `$7` (the first always), and an event over `$6` is
-/// claimed without being loaded (the worker fails it).
+/// Size limits: each candidate is measured once here: its stored size
+/// (`STORED_EVENT_BYTES`) when that is over `$6`, else its size as text (`EVENT_BYTES`).
+/// Rows are taken in order until their total passes `$7` (the first always), and an
+/// event over `$6` is claimed without being loaded (the worker fails it): an over-limit
+/// event costs one cheap measure and fails on the first claim that sees it. `sized` and
+/// `picked` are MATERIALIZED: inlined, the planner may run the measure once per row of
+/// the join that follows (a claim over a few large events then ran past the statement
+/// timeout, every time, and the backlog behind them stalled).
 pub const CLAIM_BATCH: &str = "
     WITH lead AS (
         SELECT reclaims FROM chronicle_outbox_events
@@ -117,10 +133,12 @@ pub const CLAIM_BATCH: &str = "
         ORDER BY id
         LIMIT $1
         FOR UPDATE SKIP LOCKED
-    ), sized AS (
-        SELECT r.id, (SELECT {EVENT_BYTES} FROM chronicle_events e WHERE e.id = r.event_id) AS bytes
+    ), sized AS MATERIALIZED (
+        SELECT r.id, (SELECT CASE WHEN {STORED_EVENT_BYTES} > $6::bigint THEN {STORED_EVENT_BYTES}
+                                  ELSE {EVENT_BYTES} END
+                      FROM chronicle_events e WHERE e.id = r.event_id) AS bytes
         FROM (SELECT id, event_id FROM suspects UNION ALL SELECT id, event_id FROM healthy) r
-    ), picked AS (
+    ), picked AS MATERIALIZED (
         SELECT id, bytes FROM (
             SELECT id, bytes,
                    coalesce(sum(CASE WHEN bytes <= $6::bigint THEN bytes ELSE 0 END)
@@ -144,7 +162,10 @@ pub const CLAIM_BATCH: &str = "
 
 /// `CLAIM_BATCH` with the event columns filled in: the text that is prepared or run.
 pub fn claim_batch_sql() -> String {
-    CLAIM_BATCH.replace("{EVENT_COLUMNS}", EVENT_COLUMNS).replace("{EVENT_BYTES}", EVENT_BYTES)
+    CLAIM_BATCH
+        .replace("{EVENT_COLUMNS}", EVENT_COLUMNS)
+        .replace("{STORED_EVENT_BYTES}", STORED_EVENT_BYTES)
+        .replace("{EVENT_BYTES}", EVENT_BYTES)
 }
 
 /// A claim with the default size limits, suspects first (tests, tools).

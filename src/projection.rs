@@ -8,7 +8,6 @@
 
 use std::collections::BTreeSet;
 use std::fmt;
-use std::net::IpAddr;
 
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
@@ -49,7 +48,8 @@ pub struct Entry {
     pub created_at: DateTime<Utc>,
     pub request_id: Option<String>,
     pub client: Option<String>,
-    pub ip: Option<IpAddr>,
+    /// The event's `inet` as text, netmask included (`Event::ip`).
+    pub ip: Option<String>,
     pub reason: Option<String>,
     pub summary: String,
     pub changed_fields: Vec<String>,
@@ -108,7 +108,7 @@ pub fn project(e: &Event) -> Result<Entry, ProjectError> {
         created_at: e.created_at,
         request_id: e.request_id.clone(),
         client: e.client.clone(),
-        ip: e.ip,
+        ip: e.ip.clone(),
         reason: e.reason.clone(),
         summary,
         changed_fields: changed_fields(e),
@@ -438,7 +438,7 @@ mod tests {
             request_id: Some("req-1".to_string()),
             client: Some("web".to_string()),
             reason: None,
-            ip: Some("192.0.2.7".parse().unwrap()),
+            ip: Some("192.0.2.7".to_string()),
         }
     }
 

@@ -18,8 +18,6 @@
 //!   have to score every match before the first row is returned, where recency lets the
 //!   index stop after one page. With CJK bigrams and short titles, a rank says little.
 
-use std::net::IpAddr;
-
 use chrono::{DateTime, Utc};
 use postgres::GenericClient;
 use serde::Serialize;
@@ -86,7 +84,8 @@ pub struct EntryRow {
     pub created_at: DateTime<Utc>,
     pub request_id: Option<String>,
     pub client: Option<String>,
-    pub ip: Option<IpAddr>,
+    /// As PostgreSQL shows an `inet` (`abbrev`): with its netmask unless a whole address.
+    pub ip: Option<String>,
     pub reason: Option<String>,
     pub summary: String,
     pub changed_fields: Vec<String>,
@@ -198,7 +197,7 @@ pub fn search_tsquery(text: &str) -> Option<String> {
 /// merges it; the list is bounded by `gin_pending_list_limit` (4 MB by default).
 pub const SELECT_PAGE: &str = "
     SELECT id, library_id, actor_user_id, entity_type, entity_id, event_type, occurred_at,
-           created_at, request_id, client, ip, reason, summary, changed_fields, details,
+           created_at, request_id, client, abbrev(ip), reason, summary, changed_fields, details,
            projection_version, projected_at
     FROM chronicle_entries
     WHERE library_id = $1

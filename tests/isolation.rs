@@ -312,3 +312,24 @@ fn events_over_the_size_limit_fail_unread_and_the_worker_stays_small() {
     drain_measuring(&db, &mut c);
     assert_eq!(outbox_by_status(&mut c), [("done".to_string(), 100), ("failed/invalid_payload".to_string(), 1)].into());
 }
+
+#[test]
+fn several_large_events_in_one_insert_fail_once_and_the_backlog_behind_them_drains() {
+    // Five 50 MB events written by one statement, then the ordinary backlog: the first
+    // claim that sees them measures each once and fails them unread; the backlog is
+    // projected behind them, and the worker stays small (generous bound: debug build).
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_heavy(&mut c, 0, 0, 5, 50);
+    insert_events(&mut c, 100);
+    let peak = drain_measuring(&db, &mut c);
+    assert_eq!(outbox_by_status(&mut c), [("done".to_string(), 100), ("failed/invalid_payload".to_string(), 5)].into());
+    let attempts = count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts = 1");
+    assert_eq!(attempts, 105, "every row took one claim");
+    let errors = count(
+        &mut c,
+        "SELECT count(*) FROM chronicle_outbox_events WHERE error LIKE 'event is 500000% bytes; OUTBOX_MAX_EVENT_BYTES is 16777216'",
+    );
+    assert_eq!(errors, 5);
+    assert!(peak <= 80.0, "peak RSS {peak:.0} MB with five 50 MB events");
+}
