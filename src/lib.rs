@@ -8,6 +8,7 @@ pub mod config;
 pub mod db;
 pub mod entries;
 pub mod error;
+pub mod error_reason;
 pub mod event;
 pub mod failpoint;
 pub mod input;

@@ -17,6 +17,7 @@ use postgres::types::ToSql;
 use postgres::{GenericClient, ToStatement};
 use uuid::Uuid;
 
+use crate::error_reason::ErrorReason;
 use crate::event::{read_event, Event, Unreadable, EVENT_COLUMNS};
 
 /// A row claimed for projection, with its event: None if the event no longer exists or
@@ -252,7 +253,7 @@ pub fn mark_done_with<S: ToStatement + ?Sized>(
 #[derive(Debug, Clone)]
 pub struct Failure {
     pub outbox_id: i64,
-    pub error_reason: &'static str,
+    pub error_reason: ErrorReason,
     pub error: String,
 }
 
@@ -270,15 +271,17 @@ pub fn mark_failed(
     client: &mut impl GenericClient,
     failures: &[Failure],
     token: Uuid,
-) -> Result<Vec<String>, postgres::Error> {
+) -> Result<Vec<ErrorReason>, postgres::Error> {
     if failures.is_empty() {
         return Ok(Vec::new());
     }
     let ids: Vec<i64> = failures.iter().map(|f| f.outbox_id).collect();
-    let reasons: Vec<&str> = failures.iter().map(|f| f.error_reason).collect();
+    let reasons: Vec<&str> = failures.iter().map(|f| f.error_reason.as_str()).collect();
     let errors: Vec<&str> = failures.iter().map(|f| f.error.as_str()).collect();
     let rows = client.query(MARK_FAILED, &[&ids, &reasons, &errors, &token])?;
-    rows.iter().map(|r| r.try_get(1)).collect()
+    // The reasons of the rows it failed (those this claim still held).
+    let failed: std::collections::HashSet<i64> = rows.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+    Ok(failures.iter().filter(|f| failed.contains(&f.outbox_id)).map(|f| f.error_reason).collect())
 }
 
 /// processing → pending with a retry time (transient failure), or → failed with

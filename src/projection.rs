@@ -13,6 +13,7 @@ use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
+use crate::error_reason::ErrorReason;
 use crate::event::{self, Event, EventType, Field, FieldKind};
 use crate::search;
 
@@ -70,10 +71,10 @@ pub enum ProjectError {
 
 impl ProjectError {
     /// The `error_reason` recorded in the outbox and used as a metrics label.
-    pub fn error_reason(&self) -> &'static str {
+    pub fn error_reason(&self) -> ErrorReason {
         match self {
-            ProjectError::UnknownEventType(_) => "unknown_event_type",
-            ProjectError::InvalidPayload(_) => "invalid_payload",
+            ProjectError::UnknownEventType(_) => ErrorReason::UnknownEventType,
+            ProjectError::InvalidPayload(_) => ErrorReason::InvalidPayload,
         }
     }
 }
@@ -445,7 +446,7 @@ mod tests {
     fn invalid(e: &Event) -> String {
         match project(e) {
             Err(err @ ProjectError::InvalidPayload(_)) => {
-                assert_eq!(err.error_reason(), "invalid_payload");
+                assert_eq!(err.error_reason(), ErrorReason::InvalidPayload);
                 err.to_string()
             }
             other => panic!("expected invalid_payload, got {other:?}"),
@@ -640,7 +641,7 @@ mod tests {
             let e = event(name, "book", Some(json!({"title": "Old"})), Some(json!({"title": "New"})));
             let err = project(&e).expect_err(name);
             assert_eq!(err, ProjectError::UnknownEventType(name.to_string()));
-            assert_eq!(err.error_reason(), "unknown_event_type");
+            assert_eq!(err.error_reason(), ErrorReason::UnknownEventType);
         }
         let err = ProjectError::UnknownEventType("BookExploded".to_string());
         assert_eq!(err.to_string(), r#"unknown event type "BookExploded": not in the event catalog of this version"#);

@@ -28,6 +28,7 @@ use crate::config::DbUrl;
 use crate::db;
 use crate::entries;
 use crate::error::{AppError, Result};
+use crate::error_reason::ErrorReason;
 use crate::event::{read_event, Event, Unreadable, EVENT_COLUMNS};
 use crate::outbox::{SizeLimits, EVENT_BYTES};
 use crate::projection::{self, Entry};
@@ -584,11 +585,11 @@ fn project_and_write<S: ToStatement + ?Sized>(
                 continue;
             }
             Ok((id, Err(e))) => (id, e.error_reason(), e.to_string()),
-            Err(unreadable) => (unreadable.id, "invalid_payload", unreadable.message()),
+            Err(unreadable) => (unreadable.id, ErrorReason::InvalidPayload, unreadable.message()),
         };
         *failures.entry(reason.to_string()).or_default() += 1;
         ids.push(id);
-        reasons.push(reason);
+        reasons.push(reason.as_str());
         errors.push(error);
     }
     let refs: Vec<&Entry> = ok.iter().collect();
@@ -630,9 +631,10 @@ fn project_and_write<S: ToStatement + ?Sized>(
                     }
                     Err(e) if !db::is_transient(&e) => {
                         drop(tx);
-                        *failures.entry("rejected_by_read_model".to_string()).or_default() += 1;
+                        let reason = ErrorReason::RejectedByReadModel;
+                        *failures.entry(reason.to_string()).or_default() += 1;
                         ids.push(entry.id);
-                        reasons.push("rejected_by_read_model");
+                        reasons.push(reason.as_str());
                         errors.push(format!("the read model refused the entry: {}", db::describe_error(&e)));
                     }
                     Err(e) => return Err(AppError::db("while writing entries", &e)),

@@ -35,7 +35,11 @@ fn a_worker_whose_claim_was_reclaimed_and_reclaimed_again_changes_nothing() {
     assert!(outbox::mark_done(&mut c, &ids, old).unwrap().is_empty());
     let f: Vec<outbox::Failure> = ids
         .iter()
-        .map(|id| outbox::Failure { outbox_id: *id, error_reason: "invalid_payload", error: "x".into() })
+        .map(|id| outbox::Failure {
+            outbox_id: *id,
+            error_reason: chronicle::error_reason::ErrorReason::InvalidPayload,
+            error: "x".into(),
+        })
         .collect();
     assert!(outbox::mark_failed(&mut c, &f, old).unwrap().is_empty());
     let delays: Vec<(i64, Duration)> = ids.iter().map(|id| (*id, Duration::from_secs(1))).collect();

@@ -10,7 +10,7 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_count, parse_duration, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
-use crate::metrics::ERROR_REASONS;
+use crate::error_reason::ErrorReason;
 use crate::ops;
 use crate::outbox::{self, ReplayFilter, ReplayOutcome};
 
@@ -67,7 +67,7 @@ EXAMPLES:
     chronicle replay-failed --by alice --reason check --older-than 1h --dry-run --json
 ",
         config::settings_help(SETTINGS),
-        ERROR_REASONS.join(", ")
+        ErrorReason::names()
     )
 }
 
@@ -104,10 +104,10 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
             }
             Long("error-reason") => {
                 let v = string_value(p, "error-reason")?;
-                if !ERROR_REASONS.contains(&v.as_str()) {
+                if ErrorReason::parse(&v).is_none() {
                     return Err(AppError::usage(format!(
                         "invalid --error-reason {v:?}: must be one of {}",
-                        ERROR_REASONS.join(", ")
+                        ErrorReason::names()
                     )));
                 }
                 filter.error_reason = Some(v);

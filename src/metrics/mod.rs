@@ -9,11 +9,8 @@ mod reaper;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
+use crate::error_reason::ErrorReason;
 use crate::outbox::Gauges;
-
-/// The closed list of `error_reason` values (docs/DESIGN.md §3).
-pub const ERROR_REASONS: &[&str] =
-    &["unknown_event_type", "invalid_payload", "rejected_by_read_model", "max_attempts_exceeded"];
 
 /// A histogram with fixed buckets (seconds).
 pub struct Histogram {
@@ -99,8 +96,8 @@ impl Metrics {
 
     /// Counts a terminal failure by its reason (an unknown reason is a bug: counted as
     /// the closest, `rejected_by_read_model`, rather than lost).
-    pub fn terminal_failure(&self, reason: &str) {
-        let i = ERROR_REASONS.iter().position(|r| *r == reason).unwrap_or(2);
+    pub fn terminal_failure(&self, reason: ErrorReason) {
+        let i = reason as usize;
         self.terminal_failed[i].fetch_add(1, Ordering::Relaxed);
     }
 
@@ -195,7 +192,7 @@ impl Metrics {
             "counter",
             "Rows that ended failed, by error_reason.",
         );
-        for (reason, c) in ERROR_REASONS.iter().zip(&self.terminal_failed) {
+        for (reason, c) in ErrorReason::ALL.iter().zip(&self.terminal_failed) {
             out.push_str(&format!(
                 "chronicle_outbox_terminal_failed_total{{{lbl},error_reason=\"{reason}\"}} {}\n",
                 Self::get(c)
@@ -282,7 +279,7 @@ mod tests {
     fn renders_every_family_with_help_type_and_worker_id() {
         let m = Metrics::new("c\"1");
         m.processed.fetch_add(3, Ordering::Relaxed);
-        m.terminal_failure("invalid_payload");
+        m.terminal_failure(ErrorReason::InvalidPayload);
         m.batch_duration.observe(0.003);
         *m.gauges.lock().unwrap() =
             Some(Gauges { pending: 5, oldest_pending_age_seconds: 1.5, inflight: 2, stuck: 0, failed: 1 });

@@ -11,6 +11,7 @@ use uuid::Uuid;
 
 use crate::db;
 use crate::entries;
+use crate::error_reason::ErrorReason;
 use crate::failpoint::{self, Hit};
 use crate::metrics::Metrics;
 use crate::outbox::{self, ClaimRequest, Claimed, Failure, SizeLimits};
@@ -188,7 +189,7 @@ pub fn run_once(
             report.done = c.done.len() as u64;
             report.failed = c.failed_reasons.len() as u64;
             for r in &c.failed_reasons {
-                shared.metrics.terminal_failure(r);
+                shared.metrics.terminal_failure(*r);
             }
             for f in failures.iter().chain(&c.rejected) {
                 log::warn!("outbox row {} failed ({}): {}", f.outbox_id, f.error_reason, f.error);
@@ -220,7 +221,7 @@ pub fn run_once(
                         report.retried = o.retried;
                         report.failed = o.exhausted;
                         for _ in 0..o.exhausted {
-                            shared.metrics.terminal_failure("max_attempts_exceeded");
+                            shared.metrics.terminal_failure(ErrorReason::MaxAttemptsExceeded);
                         }
                         report.lease_lost = ids.len() as u64 - o.retried - o.exhausted;
                     }
@@ -270,16 +271,18 @@ struct Projected {
 
 /// Projects one claimed row. Takes it, so its event is freed as soon as its entry exists.
 fn project_one(c: Claimed, sizes: &SizeLimits) -> Projected {
-    let fail = |error_reason: &'static str, error: String| Err(Failure { outbox_id: c.outbox_id, error_reason, error });
+    let fail = |error_reason: ErrorReason, error: String| Err(Failure { outbox_id: c.outbox_id, error_reason, error });
     let result = match (&c.event, c.bytes) {
-        (_, None) => fail("invalid_payload", format!("event {} does not exist in chronicle_events", c.event_id)),
+        (_, None) => {
+            fail(ErrorReason::InvalidPayload, format!("event {} does not exist in chronicle_events", c.event_id))
+        }
         (None, Some(bytes)) => match sizes.too_large(bytes) {
-            Some(message) => fail("invalid_payload", message),
-            None => fail("invalid_payload", format!("event {} was not loaded", c.event_id)),
+            Some(message) => fail(ErrorReason::InvalidPayload, message),
+            None => fail(ErrorReason::InvalidPayload, format!("event {} was not loaded", c.event_id)),
         },
-        (Some(Err(unreadable)), _) => fail("invalid_payload", unreadable.message()),
+        (Some(Err(unreadable)), _) => fail(ErrorReason::InvalidPayload, unreadable.message()),
         (Some(Ok(ev)), _) => match failpoint::check("project", Some(ev)) {
-            Hit::Error => fail("invalid_payload", "fail point project: injected error".to_string()),
+            Hit::Error => fail(ErrorReason::InvalidPayload, "fail point project: injected error".to_string()),
             Hit::Pass => match projection::project(ev) {
                 Ok(entry) => Ok(entry),
                 Err(e) => fail(e.error_reason(), e.to_string()),
@@ -293,7 +296,7 @@ fn project_one(c: Claimed, sizes: &SizeLimits) -> Projected {
 struct Completed {
     /// The rows marked done (this claim still held them).
     done: HashSet<i64>,
-    failed_reasons: Vec<String>,
+    failed_reasons: Vec<ErrorReason>,
     /// Entries the read model refused (isolated path only).
     rejected: Vec<Failure>,
     /// Seconds from each done row's enqueueing to its completion (the latency histogram).
@@ -354,7 +357,7 @@ fn complete_isolating(
                 drop(sp);
                 rejected.push(Failure {
                     outbox_id: *id,
-                    error_reason: "rejected_by_read_model",
+                    error_reason: ErrorReason::RejectedByReadModel,
                     error: format!("the read model refused the entry: {}", db::describe_error(&e)),
                 });
             }

@@ -23,6 +23,7 @@ use uuid::Uuid;
 use crate::config::WorkerConfig;
 use crate::db::{self, migrate};
 use crate::error::{AppError, Result};
+use crate::error_reason::ErrorReason;
 use crate::metrics::{http, Metrics};
 use crate::outbox;
 
@@ -331,7 +332,7 @@ pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
                 );
                 Metrics::add(&shared.metrics.reclaimed, n);
                 for _ in 0..o.exhausted {
-                    shared.metrics.terminal_failure("max_attempts_exceeded");
+                    shared.metrics.terminal_failure(ErrorReason::MaxAttemptsExceeded);
                 }
             }
         }
