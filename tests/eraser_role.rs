@@ -6,44 +6,7 @@
 
 use uuid::Uuid;
 
-use crate::util::{count, insert_events, run, sql_state, worker_cmd, TestDb};
-
-/// A login role for one test, dropped with its grants when the test ends.
-struct Role<'a> {
-    db: &'a TestDb,
-    name: String,
-}
-
-impl<'a> Role<'a> {
-    fn create(db: &'a TestDb, suffix: &str, setup: &str) -> Role<'a> {
-        let name = format!("{}_{suffix}", db.name);
-        db.client().batch_execute(&format!("CREATE ROLE {name} LOGIN; {}", setup.replace("{role}", &name))).unwrap();
-        Role { db, name }
-    }
-
-    fn url(&self) -> String {
-        let mut server = self.db.server.clone();
-        server.user = self.name.clone();
-        server.url(&self.db.name)
-    }
-
-    fn client(&self) -> postgres::Client {
-        let mut server = self.db.server.clone();
-        server.user = self.name.clone();
-        server.connect(&self.db.name)
-    }
-}
-
-impl Drop for Role<'_> {
-    fn drop(&mut self) {
-        let mut c = self.db.client();
-        let _ = c.batch_execute(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{0}';
-             DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}",
-            self.name
-        ));
-    }
-}
+use crate::util::{count, insert_events, run, sql_state, worker_cmd, LoginRole, TestDb};
 
 fn one_event_id(c: &mut postgres::Client) -> Uuid {
     c.query_one("SELECT id FROM chronicle_events ORDER BY id LIMIT 1", &[]).unwrap().get(0)
@@ -54,7 +17,7 @@ fn a_role_granted_delete_cannot_erase_even_with_the_setting_on() {
     let db = TestDb::new();
     let mut c = db.client();
     let library = insert_events(&mut c, 3);
-    let app = Role::create(&db, "deleter", "GRANT SELECT, DELETE ON chronicle_events TO {role}");
+    let app = LoginRole::create(&db, "deleter", "GRANT SELECT, DELETE ON chronicle_events TO {role}");
     let mut a = app.client();
     let mut tx = a.transaction().unwrap();
     tx.batch_execute(&format!("SET LOCAL chronicle.library_id = '{library}'; SET LOCAL chronicle.allow_erase = 'on'"))
@@ -80,7 +43,7 @@ fn a_member_of_chronicle_eraser_can_erase_and_the_database_writes_the_audit_row(
     insert_events(&mut c, 4);
     let r = run(&mut worker_cmd(&db, &["--until-empty"]));
     assert_eq!(r.code, Some(0), "{r}");
-    let dpo = Role::create(&db, "dpo", "GRANT chronicle_eraser TO {role}");
+    let dpo = LoginRole::create(&db, "dpo", "GRANT chronicle_eraser TO {role}");
 
     // A plain DELETE, no library named: the eraser sees every library; the database
     // records the erasure and removes the delivery and the entry.

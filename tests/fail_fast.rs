@@ -8,7 +8,9 @@ use std::io::Read;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::util::{chronicle_cmd, count, free_port, insert_events, run, signal, wait_until, worker_cmd, TestDb};
+use crate::util::{
+    chronicle_cmd, count, free_port, insert_events, run, signal, wait_until, worker_cmd, LoginRole, TestDb,
+};
 
 /// The same server as `db`, as another role (with the harness's password, if any).
 fn url_as(db: &TestDb, user: &str, dbname: &str) -> String {
@@ -100,9 +102,8 @@ fn a_smoke_run_that_never_reached_its_database_says_so_and_ends_on_time() {
 fn a_refusal_after_the_worker_ran_is_an_error_it_survives() {
     let db = TestDb::new();
     let mut c = db.client();
-    let role = format!("{}_rotated", db.name);
-    c.batch_execute(&format!("CREATE ROLE {role} LOGIN; GRANT {} TO {role}", db.server.user)).unwrap();
-    let _drop_role = DropRole { db: &db, role: role.clone() };
+    let login = LoginRole::create(&db, "rotated", &format!("GRANT {} TO {{role}}", db.server.user));
+    let role = login.name.clone();
 
     let port = free_port();
     let mut child = worker_cmd(&db, &[])
@@ -146,21 +147,4 @@ fn a_refusal_after_the_worker_ran_is_an_error_it_survives() {
     let refusals: Vec<&str> = stderr.lines().filter(|l| l.contains("refuses our connections")).collect();
     assert_eq!(refusals.len(), 1, "the refusal is logged once a minute at most:\n{stderr}");
     assert!(refusals[0].contains("ERROR") && refusals[0].contains("SQLSTATE 28000"), "{}", refusals[0]);
-}
-
-/// Roles outlive test databases: drop the one a test made, even when the test fails.
-struct DropRole<'a> {
-    db: &'a TestDb,
-    role: String,
-}
-
-impl Drop for DropRole<'_> {
-    fn drop(&mut self) {
-        let mut c = self.db.client();
-        let _ = c.batch_execute(&format!(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{0}';
-             DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}",
-            self.role
-        ));
-    }
 }

@@ -212,11 +212,21 @@ fn fail_points_error_and_stall_are_survived_without_losing_an_event() {
     insert_events(&mut c, 30);
     // The first completion fails with a (transient) database error, the first claim too:
     // the rows are retried and all end done.
-    let r = run(worker_cmd(&db, &["--until-empty", "--batch-size", "10", "--base-backoff-seconds", "0.05"])
-        .env("FAILPOINTS", "claim=1*return(error);complete=1*return(error)"));
-    assert_eq!(r.code, Some(0), "{r}");
-    assert!(r.stderr.contains("fail point complete: returning an error"), "{r}");
-    assert_eq!(outbox_by_status(&mut c), [("done".to_string(), 30)].into());
+    // Not --until-empty: the retried rows wait for their backoff, and a worker that found
+    // nothing ready meanwhile would stop before them.
+    let child = worker_cmd(&db, &["--batch-size", "10", "--base-backoff-seconds", "0.05"])
+        .env("FAILPOINTS", "claim=1*return(error);complete=1*return(error)")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    crate::util::wait_until(Duration::from_secs(60), "every row done after the injected errors", || {
+        outbox_by_status(&mut c) == [("done".to_string(), 30)].into()
+    });
+    crate::util::signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("fail point complete: returning an error"), "{stderr}");
     assert_eq!(
         count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts = 2"),
         10,

@@ -607,3 +607,41 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         })
         .sum()
 }
+
+/// A login role for one test (`{role}` in `setup` is its name), dropped with what it owns
+/// and was granted when the test ends, even when it fails: roles outlive test databases.
+pub struct LoginRole<'a> {
+    db: &'a TestDb,
+    pub name: String,
+}
+
+impl<'a> LoginRole<'a> {
+    pub fn create(db: &'a TestDb, suffix: &str, setup: &str) -> LoginRole<'a> {
+        let name = format!("{}_{suffix}", db.name);
+        db.client().batch_execute(&format!("CREATE ROLE {name} LOGIN; {}", setup.replace("{role}", &name))).unwrap();
+        LoginRole { db, name }
+    }
+
+    pub fn url(&self) -> String {
+        let mut server = self.db.server.clone();
+        server.user = self.name.clone();
+        server.url(&self.db.name)
+    }
+
+    pub fn client(&self) -> postgres::Client {
+        let mut server = self.db.server.clone();
+        server.user = self.name.clone();
+        server.connect(&self.db.name)
+    }
+}
+
+impl Drop for LoginRole<'_> {
+    fn drop(&mut self) {
+        let mut c = self.db.client();
+        let _ = c.batch_execute(&format!(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = '{0}';
+             DROP OWNED BY {0}; DROP ROLE IF EXISTS {0}",
+            self.name
+        ));
+    }
+}
