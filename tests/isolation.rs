@@ -10,7 +10,7 @@ use chronicle::outbox::{self, ClaimRequest, SizeLimits};
 use postgres::Client;
 use uuid::Uuid;
 
-use crate::util::{count, insert_events, outbox_by_status, run, worker_cmd, TestDb};
+use crate::util::{count, insert_events, outbox_by_status, worker_cmd, TestDb};
 
 const LEASE: Duration = Duration::from_secs(30);
 
