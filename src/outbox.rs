@@ -652,3 +652,70 @@ pub const NOTIFY_WORKERS: &str = "SELECT pg_notify('chronicle_outbox', '')";
 pub fn notify_workers(client: &mut impl GenericClient) -> Result<(), postgres::Error> {
     client.execute(NOTIFY_WORKERS, &[]).map(|_| ())
 }
+
+// ---------------------------------------------------------------------------------
+// Deliveries created in bulk by the operations (rebuild, verify --fix)
+
+/// An event's current delivery status (live first, else latest), or NULL if it has none.
+/// Used as a lateral subquery over `e`.
+macro_rules! current_delivery {
+    () => {
+        "SELECT o.status FROM chronicle_outbox_events o WHERE o.event_id = e.id
+         ORDER BY (o.status IN ('pending', 'processing')) DESC, o.id DESC LIMIT 1"
+    };
+}
+pub(crate) use current_delivery;
+
+/// none → pending, for `verify --fix`: one new delivery for every event of the scope
+/// without an entry of the
+/// current projection version, unless its current delivery is live (the partial unique
+/// index also stops a race with another writer: DO NOTHING) or failed (replay-failed's
+/// job). Counts what it enqueued, missing and stale apart.
+pub const ENQUEUE_MISSING_AND_STALE: &str = concat!(
+    "WITH todo AS (
+        SELECT e.id, e.occurred_at, (n.id IS NULL) AS missing
+        FROM chronicle_events e
+        LEFT JOIN chronicle_entries n ON n.id = e.id
+        LEFT JOIN LATERAL (",
+    current_delivery!(),
+    ") d ON true
+        WHERE ($1::uuid IS NULL OR e.library_id = $1)
+          AND (n.id IS NULL OR n.projection_version < $2)
+          AND (d.status IS NULL OR d.status = 'done')
+    ), enqueued AS (
+        INSERT INTO chronicle_outbox_events (event_id)
+        SELECT id FROM todo ORDER BY occurred_at, id
+        ON CONFLICT (event_id) WHERE status IN ('pending', 'processing') DO NOTHING
+        RETURNING event_id
+    )
+    SELECT count(*) FILTER (WHERE t.missing), count(*) FILTER (WHERE NOT t.missing)
+    FROM enqueued q JOIN todo t ON t.id = q.event_id"
+);
+
+/// none → pending, for `rebuild --emit-outbox`: one delivery per event of the scope ($1,
+/// NULL for all), except events that already have a live one, each marked with the run
+/// that queued it ($2). Returns how many.
+pub const ENQUEUE_FOR_REBUILD: &str = "
+    WITH enqueued AS (
+        INSERT INTO chronicle_outbox_events (event_id, rebuild_run_id)
+        SELECT id, $2 FROM chronicle_events
+        WHERE ($1::uuid IS NULL OR library_id = $1)
+        ORDER BY occurred_at, id
+        ON CONFLICT (event_id) WHERE status IN ('pending', 'processing') DO NOTHING
+        RETURNING 1
+    )
+    SELECT count(*) FROM enqueued";
+
+/// none → failed, for `rebuild`: events it cannot project become failed deliveries, so `status` and
+/// `replay-failed` see them; an event already failed for that reason is not doubled.
+pub const RECORD_FAILED_DELIVERIES: &str = "
+    INSERT INTO chronicle_outbox_events (event_id, status, error_reason, error)
+    SELECT f.event_id, 'failed', f.reason, f.error
+    FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(event_id, reason, error)
+    WHERE NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o
+                      WHERE o.event_id = f.event_id AND o.status = 'failed'
+                        AND o.error_reason = f.reason)";
+
+/// any → gone, for `erase`: the deliveries of events that have no event left (the
+/// database's erasure trigger removes those of the events it deletes).
+pub const ERASE_DELIVERIES: &str = "DELETE FROM chronicle_outbox_events WHERE event_id = ANY($1) RETURNING event_id";

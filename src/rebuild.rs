@@ -30,7 +30,7 @@ use crate::entries;
 use crate::error::{AppError, Result};
 use crate::error_reason::ErrorReason;
 use crate::event::{read_event, Event, Unreadable, EVENT_COLUMNS};
-use crate::outbox::{SizeLimits, EVENT_BYTES};
+use crate::outbox::{self, SizeLimits, EVENT_BYTES};
 use crate::projection::{self, Entry};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -173,29 +173,6 @@ const COUNT_EVENTS: &str = "SELECT count(*) FROM chronicle_events WHERE ($1::uui
 const TRUNCATE_ENTRIES: &str = "TRUNCATE chronicle_entries";
 const DELETE_LIBRARY_ENTRIES: &str = "DELETE FROM chronicle_entries WHERE library_id = $1";
 
-/// One delivery per event of the scope, except events that already have a live one, each
-/// marked with the run that queued it ($2).
-const ENQUEUE_EVENTS: &str = "
-    WITH enqueued AS (
-        INSERT INTO chronicle_outbox_events (event_id, rebuild_run_id)
-        SELECT id, $2 FROM chronicle_events
-        WHERE ($1::uuid IS NULL OR library_id = $1)
-        ORDER BY occurred_at, id
-        ON CONFLICT (event_id) WHERE status IN ('pending', 'processing') DO NOTHING
-        RETURNING 1
-    )
-    SELECT count(*) FROM enqueued";
-
-/// Events that cannot be projected become failed deliveries, so `status` and
-/// `replay-failed` see them; an event already failed for that reason is not doubled.
-const RECORD_FAILED_DELIVERIES: &str = "
-    INSERT INTO chronicle_outbox_events (event_id, status, error_reason, error)
-    SELECT f.event_id, 'failed', f.reason, f.error
-    FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(event_id, reason, error)
-    WHERE NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o
-                      WHERE o.event_id = f.event_id AND o.status = 'failed'
-                        AND o.error_reason = f.reason)";
-
 /// Runs a rebuild. `progress` is called after every batch.
 pub fn rebuild(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Report> {
     if opts.mode == Mode::Swap && opts.library_id.is_some() {
@@ -272,7 +249,7 @@ fn run_mode(
     match opts.mode {
         Mode::EmitOutbox | Mode::TruncateEmitOutbox => {
             let n: i64 = client
-                .query_one(ENQUEUE_EVENTS, &[&opts.library_id, &report.run_id])
+                .query_one(outbox::ENQUEUE_FOR_REBUILD, &[&opts.library_id, &report.run_id])
                 .and_then(|r| r.try_get(0))
                 .map_err(|e| AppError::db("while enqueueing deliveries", &e))?;
             let _ = client.execute("SELECT pg_notify('chronicle_outbox', '')", &[]);
@@ -646,7 +623,7 @@ fn project_and_write<S: ToStatement + ?Sized>(
     };
     if !ids.is_empty() {
         client
-            .execute(RECORD_FAILED_DELIVERIES, &[&ids, &reasons, &errors])
+            .execute(outbox::RECORD_FAILED_DELIVERIES, &[&ids, &reasons, &errors])
             .map_err(|e| AppError::db("while recording failed deliveries", &e))?;
     }
     Ok(written)

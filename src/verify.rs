@@ -20,6 +20,7 @@ use postgres::{Client, GenericClient, IsolationLevel};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::outbox::{self, current_delivery};
 use crate::projection::PROJECTION_VERSION;
 
 /// The most example ids reported per kind.
@@ -112,15 +113,6 @@ impl Fixed {
     }
 }
 
-/// An event's current delivery status (live first, else latest), or NULL if it has none.
-/// Used as a lateral subquery over `e`.
-macro_rules! current_delivery {
-    () => {
-        "SELECT o.status FROM chronicle_outbox_events o WHERE o.event_id = e.id
-         ORDER BY (o.status IN ('pending', 'processing')) DESC, o.id DESC LIMIT 1"
-    };
-}
-
 /// Events of the scope without an entry, with their current delivery status: count of
 /// the drifted ones, of the failed among them, of those in flight, and examples.
 pub const CHECK_EVENTS_WITHOUT_ENTRY: &str = concat!(
@@ -204,31 +196,6 @@ fn event_drift(r: &postgres::Row) -> Result<(EventDrift, i64), postgres::Error> 
     Ok((drift, r.try_get(2)?))
 }
 
-/// One new pending delivery for every event of the scope without an entry of the
-/// current projection version, unless its current delivery is live (the partial unique
-/// index also stops a race with another writer: DO NOTHING) or failed (replay-failed's
-/// job). Counts what it enqueued, missing and stale apart.
-pub const ENQUEUE_MISSING_AND_STALE: &str = concat!(
-    "WITH todo AS (
-        SELECT e.id, e.occurred_at, (n.id IS NULL) AS missing
-        FROM chronicle_events e
-        LEFT JOIN chronicle_entries n ON n.id = e.id
-        LEFT JOIN LATERAL (",
-    current_delivery!(),
-    ") d ON true
-        WHERE ($1::uuid IS NULL OR e.library_id = $1)
-          AND (n.id IS NULL OR n.projection_version < $2)
-          AND (d.status IS NULL OR d.status = 'done')
-    ), enqueued AS (
-        INSERT INTO chronicle_outbox_events (event_id)
-        SELECT id FROM todo ORDER BY occurred_at, id
-        ON CONFLICT (event_id) WHERE status IN ('pending', 'processing') DO NOTHING
-        RETURNING event_id
-    )
-    SELECT count(*) FILTER (WHERE t.missing), count(*) FILTER (WHERE NOT t.missing)
-    FROM enqueued q JOIN todo t ON t.id = q.event_id"
-);
-
 /// Deletes the entries of the scope whose event does not exist. Safe against a
 /// concurrent projection: an entry is only ever written after its event committed, so
 /// an entry this statement sees has its event visible too, unless it really is gone.
@@ -241,7 +208,7 @@ pub const DELETE_ORPHAN_ENTRIES: &str = "
 /// deletes the orphan entries, then wakes idle workers.
 pub fn fix(client: &mut impl GenericClient, library_id: Option<Uuid>) -> Result<Fixed, postgres::Error> {
     let mut tx = client.transaction()?;
-    let r = tx.query_one(ENQUEUE_MISSING_AND_STALE, &[&library_id, &PROJECTION_VERSION])?;
+    let r = tx.query_one(outbox::ENQUEUE_MISSING_AND_STALE, &[&library_id, &PROJECTION_VERSION])?;
     let (missing_enqueued, stale_enqueued): (i64, i64) = (r.try_get(0)?, r.try_get(1)?);
     let orphans_deleted = tx.execute(DELETE_ORPHAN_ENTRIES, &[&library_id])? as i64;
     if missing_enqueued + stale_enqueued > 0 {

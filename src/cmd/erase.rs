@@ -136,10 +136,9 @@ pub const ALLOW_ERASE: &str = "SELECT set_config('chronicle.allow_erase', 'on', 
 /// too.
 pub const FIND_EVENTS: &str = "SELECT id FROM chronicle_events WHERE id = ANY($1)";
 
-/// Deliveries first: a worker completing one of them holds its row, so this waits for
-/// it to commit (and the next statement then sees its entry), or the worker's fenced
-/// completion finds the row gone and writes nothing.
-pub const ERASE_DELIVERIES: &str = "DELETE FROM chronicle_outbox_events WHERE event_id = ANY($1) RETURNING event_id";
+/// For ids without an event: their deliveries first (`outbox::ERASE_DELIVERIES`; a worker
+/// completing one holds its row, so this waits for it to commit and the next statement
+/// sees its entry, or the worker's fenced completion finds the row gone), then entries.
 pub const ERASE_ENTRIES: &str = "DELETE FROM chronicle_entries WHERE id = ANY($1) RETURNING id";
 
 /// What was cleaned up for ids without an event, for the audit row of the event DELETE.
@@ -179,7 +178,8 @@ pub fn erase(client: &mut postgres::Client, ids: &[Uuid], by: &str, reason: &str
     tx.execute(ALLOW_ERASE, &[&by, &reason]).map_err(ctx("while enabling the erase path"))?;
     let with_event = ids_of(&mut tx, FIND_EVENTS, ids).map_err(ctx("while finding the events"))?;
     let without: Vec<Uuid> = ids.iter().copied().filter(|id| !with_event.contains(id)).collect();
-    let deliveries = ids_of(&mut tx, ERASE_DELIVERIES, &without).map_err(ctx("while erasing deliveries"))?;
+    let deliveries =
+        ids_of(&mut tx, crate::outbox::ERASE_DELIVERIES, &without).map_err(ctx("while erasing deliveries"))?;
     let entries = ids_of(&mut tx, ERASE_ENTRIES, &without).map_err(ctx("while erasing entries"))?;
     let extras: Vec<Uuid> =
         without.iter().copied().filter(|id| deliveries.contains(id) || entries.contains(id)).collect();
