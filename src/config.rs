@@ -336,7 +336,7 @@ impl<'a> Sources<'a> {
             Origin::Var => s.var.to_string(),
             Origin::Default => format!("the default of {}", s.var),
         };
-        AppError::Usage(format!("invalid {name} {shown:?}: {why}"))
+        AppError::usage(format!("invalid {name} {shown:?}: {why}"))
     }
 
     /// The database URL, required, with its password filled in from `PGPASSWORD` or the
@@ -364,7 +364,7 @@ impl<'a> Sources<'a> {
     fn parse_database_url(&self) -> Result<(DbUrl, Origin)> {
         let s = &DATABASE_URL;
         match self.raw(s) {
-            None => Err(AppError::Usage(format!(
+            None => Err(AppError::usage(format!(
                 "{} is not set: set it (or pass --{}) to the PostgreSQL database to use, \
                  e.g. postgresql://user:password@localhost:5432/dbname",
                 s.var, s.flag
@@ -376,7 +376,7 @@ impl<'a> Sources<'a> {
                     Self::invalid(s, origin, &mask_password(&v), &why)
                 } else {
                     let name = if origin == Origin::Flag { format!("--{}", s.flag) } else { s.var.to_string() };
-                    AppError::Usage(format!("invalid {name} (value not shown, it may be a secret): {why}"))
+                    AppError::usage(format!("invalid {name} (value not shown, it may be a secret): {why}"))
                 }
             }),
         }
@@ -773,7 +773,7 @@ pub struct WorkerConfig {
 
 /// Reads a setting that has a default, so it is always present.
 fn required<T>(v: Result<Option<T>>, s: &Setting) -> Result<T> {
-    v?.ok_or_else(|| AppError::Usage(format!("{} is required", s.var)))
+    v?.ok_or_else(|| AppError::usage(format!("{} is required", s.var)))
 }
 
 impl WorkerConfig {
@@ -802,10 +802,10 @@ impl WorkerConfig {
             },
         };
         if cfg.worker_id.chars().count() > 200 {
-            return Err(AppError::Usage(format!("invalid {}: longer than 200 characters", WORKER_ID.var)));
+            return Err(AppError::usage(format!("invalid {}: longer than 200 characters", WORKER_ID.var)));
         }
         if cfg.max_backoff < cfg.base_backoff {
-            return Err(AppError::Usage(format!(
+            return Err(AppError::usage(format!(
                 "invalid {} {:?}: must be at least {} ({:?})",
                 MAX_BACKOFF.var,
                 cfg.max_backoff.as_secs_f64(),
@@ -834,6 +834,7 @@ pub fn settings_help(settings: &[&Setting]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     fn worker(env: &[(&str, &str)], flags: &[(&Setting, &str)]) -> Result<WorkerConfig> {
         let mut pairs = vec![("DATABASE_URL", "postgres://u:secret@localhost/db")];
@@ -848,7 +849,7 @@ mod tests {
 
     fn usage_err(r: Result<WorkerConfig>) -> String {
         match r {
-            Err(AppError::Usage(m)) => m,
+            Err(e) if e.kind() == crate::error::Kind::Usage => e.to_string(),
             other => panic!("expected a usage error, got {other:?}"),
         }
     }
@@ -1007,13 +1008,13 @@ mod tests {
             let env = Env::from_pairs([("DATABASE_URL", url)]);
             let err = Sources::new(&env).database_url().unwrap_err();
             let msg = err.to_string();
-            assert_eq!(err.exit_code(), 2, "{url}");
+            assert_eq!(err.kind(), Kind::Usage, "{url}");
             assert!(msg.contains("DATABASE_URL"), "{msg}");
             assert!(!msg.contains("hunter2"), "password leaked: {msg}");
         }
         let env = Env::from_pairs([]);
         let err = Sources::new(&env).database_url().unwrap_err();
-        assert_eq!(err.exit_code(), 2);
+        assert_eq!(err.kind(), Kind::Usage);
         assert!(err.to_string().contains("DATABASE_URL is not set"));
     }
 

@@ -17,7 +17,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("chronicle: error: {}", terminal::printable_lines(&e.to_string()));
-            ExitCode::from(e.exit_code() as u8)
+            ExitCode::from(cli::exit_code(&e))
         }
     }
 }

@@ -321,6 +321,7 @@ pub fn parse_event_id(flag: &str, v: &str) -> Result<Uuid> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     #[test]
     fn audit_fields_name_what_is_missing() {
@@ -334,7 +335,7 @@ mod tests {
             (s("ana"), s(""), "--reason is"),
         ] {
             let e = audit_fields(by, reason).unwrap_err();
-            assert_eq!(e.exit_code(), 2);
+            assert_eq!(e.kind(), Kind::Usage);
             assert!(e.to_string().contains(expect), "{e}");
         }
     }
@@ -343,7 +344,7 @@ mod tests {
     fn event_ids_must_be_uuids() {
         assert!(parse_event_id("--event-id", "0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10").is_ok());
         let e = parse_event_id("--event-id", "42").unwrap_err();
-        assert_eq!(e.exit_code(), 2);
+        assert_eq!(e.kind(), Kind::Usage);
         assert!(e.to_string().contains("--event-id") && e.to_string().contains("\"42\""), "{e}");
     }
 

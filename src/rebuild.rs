@@ -181,7 +181,7 @@ pub fn rebuild(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Pro
     let locked: bool = client
         .query_one("SELECT pg_try_advisory_lock($1)", &[&REBUILD_LOCK_KEY])
         .and_then(|r| r.try_get(0))
-        .map_err(|e| AppError::db("while taking the rebuild lock", &e))?;
+        .map_err(|e| AppError::db("while taking the rebuild lock", e))?;
     if !locked {
         return Err(AppError::failed("another rebuild is running on this database; wait for it to finish"));
     }
@@ -195,7 +195,7 @@ fn run_locked(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Prog
     let run_id: i64 = client
         .query_one(START_RUN, &[&opts.mode.name(), &opts.library_id, &opts.started_by])
         .and_then(|r| r.try_get(0))
-        .map_err(|e| AppError::db("while recording the rebuild run", &e))?;
+        .map_err(|e| AppError::db("while recording the rebuild run", e))?;
     let mut report = Report { run_id, mode: opts.mode.name(), ..Default::default() };
     let outcome = run_mode(client, opts, &mut report, started, progress);
     report.seconds = started.elapsed().as_secs_f64();
@@ -238,20 +238,20 @@ fn run_mode(
     report.events_total = client
         .query_one(COUNT_EVENTS, &[&opts.library_id])
         .and_then(|r| r.try_get(0))
-        .map_err(|e| AppError::db("while counting events", &e))?;
+        .map_err(|e| AppError::db("while counting events", e))?;
     if matches!(opts.mode, Mode::Truncate | Mode::TruncateEmitOutbox) {
         let r = match opts.library_id {
             None => client.execute(TRUNCATE_ENTRIES, &[]),
             Some(lib) => client.execute(DELETE_LIBRARY_ENTRIES, &[&lib]),
         };
-        r.map_err(|e| AppError::db("while emptying chronicle_entries", &e))?;
+        r.map_err(|e| AppError::db("while emptying chronicle_entries", e))?;
     }
     match opts.mode {
         Mode::EmitOutbox | Mode::TruncateEmitOutbox => {
             let n: i64 = client
                 .query_one(outbox::ENQUEUE_FOR_REBUILD, &[&opts.library_id, &report.run_id])
                 .and_then(|r| r.try_get(0))
-                .map_err(|e| AppError::db("while enqueueing deliveries", &e))?;
+                .map_err(|e| AppError::db("while enqueueing deliveries", e))?;
             let _ = client.execute("SELECT pg_notify('chronicle_outbox', '')", &[]);
             report.rows_written = n as u64;
             progress(Progress {
@@ -291,7 +291,7 @@ fn load(
     if writers > 1 {
         return load_in_parallel(client, opts, writers, library, statement, &mut tally);
     }
-    let prepared = client.prepare(statement).map_err(|e| AppError::db("while preparing the entries' statement", &e))?;
+    let prepared = client.prepare(statement).map_err(|e| AppError::db("while preparing the entries' statement", e))?;
     scan_events(client, library, opts.batch_size, &opts.sizes, &mut |c, batch| {
         let mut failures = BTreeMap::new();
         let rows = project_and_write(c, &batch, &prepared, &mut failures)?;
@@ -353,7 +353,7 @@ fn load_in_parallel(
     for _ in 0..n_writers {
         let mut c = db::connect_for_command(&opts.database_url)?;
         let prepared =
-            c.prepare(statement).map_err(|e| AppError::db("while preparing a rebuild writer's statement", &e))?;
+            c.prepare(statement).map_err(|e| AppError::db("while preparing a rebuild writer's statement", e))?;
         writers.push((c, prepared));
     }
     log::debug!("rebuild: {} writer connections, batches of {}", writers.len(), opts.batch_size);
@@ -373,7 +373,8 @@ fn load_in_parallel(
             match spawned {
                 Ok(h) => handles.push(h),
                 Err(e) => {
-                    tally.error = Some(AppError::failed(format!("cannot start a rebuild writer thread: {e}")));
+                    tally.error =
+                        Some(AppError::failed(format!("cannot start a rebuild writer thread: {e}")).caused_by(e));
                     break;
                 }
             }
@@ -493,12 +494,12 @@ fn scan_events(
             (Some(lib), Some((t, id))) => client.query(&by_library, &[&lib, t, id, &limit, &max_event, &max_batch]),
             (Some(lib), None) => client.query(&first_of_library, &[&lib, &limit, &max_event, &max_batch]),
         }
-        .map_err(|e| AppError::db("while reading events", &e))?;
+        .map_err(|e| AppError::db("while reading events", e))?;
         // A batch cut by its size is shorter than `batch`: only an empty one ends the walk.
         let Some(tail) = rows.last() else { return Ok(()) };
         last = Some((
-            tail.try_get(1).map_err(|e| AppError::db("while reading events", &e))?,
-            tail.try_get(0).map_err(|e| AppError::db("while reading events", &e))?,
+            tail.try_get(1).map_err(|e| AppError::db("while reading events", e))?,
+            tail.try_get(0).map_err(|e| AppError::db("while reading events", e))?,
         ));
         let events = read_events(&rows, sizes)?;
         f(client, events)?;
@@ -538,7 +539,7 @@ fn read_events(rows: &[postgres::Row], sizes: &SizeLimits) -> Result<Batch> {
             None => read_event(r, 3),
         }
     };
-    rows.iter().map(read).collect::<Result<Vec<_>, _>>().map_err(|e| AppError::db("while reading events", &e))
+    rows.iter().map(read).collect::<Result<Vec<_>, _>>().map_err(|e| AppError::db("while reading events", e))
 }
 
 /// How often a batch write that failed with a transient error is tried again (after
@@ -600,10 +601,10 @@ fn project_and_write<S: ToStatement + ?Sized>(
             // by one and record the refused ones.
             let mut n = 0;
             for entry in &refs {
-                let mut tx = client.transaction().map_err(|e| AppError::db("while isolating a refused entry", &e))?;
+                let mut tx = client.transaction().map_err(|e| AppError::db("while isolating a refused entry", e))?;
                 match entries::write_entries(&mut tx, statement, &[entry]) {
                     Ok(w) => {
-                        tx.commit().map_err(|e| AppError::db("while writing entries", &e))?;
+                        tx.commit().map_err(|e| AppError::db("while writing entries", e))?;
                         n += w;
                     }
                     Err(e) if !db::is_transient(&e) => {
@@ -614,17 +615,17 @@ fn project_and_write<S: ToStatement + ?Sized>(
                         reasons.push(reason.as_str());
                         errors.push(format!("the read model refused the entry: {}", db::describe_error(&e)));
                     }
-                    Err(e) => return Err(AppError::db("while writing entries", &e)),
+                    Err(e) => return Err(AppError::db("while writing entries", e)),
                 }
             }
             n
         }
-        Err(e) => return Err(AppError::db("while writing entries", &e)),
+        Err(e) => return Err(AppError::db("while writing entries", e)),
     };
     if !ids.is_empty() {
         client
             .execute(outbox::RECORD_FAILED_DELIVERIES, &[&ids, &reasons, &errors])
-            .map_err(|e| AppError::db("while recording failed deliveries", &e))?;
+            .map_err(|e| AppError::db("while recording failed deliveries", e))?;
     }
     Ok(written)
 }

@@ -44,11 +44,11 @@ pub fn insert_events(client: &mut impl GenericClient, events: &[(Uuid, &NewEvent
     let ids: Vec<Uuid> = events.iter().map(|(id, _)| *id).collect();
     let existing: Vec<Uuid> = client
         .query(EXISTING_IDS, &[&ids, &(MAX_REPORTED_LINES as i64 + 1)])
-        .map_err(|e| AppError::db("while looking for ids already written", &e))?
+        .map_err(|e| AppError::db("while looking for ids already written", e))?
         .iter()
         .map(|r| r.try_get(0))
         .collect::<Result<_, _>>()
-        .map_err(|e| AppError::db("while looking for ids already written", &e))?;
+        .map_err(|e| AppError::db("while looking for ids already written", e))?;
     if !existing.is_empty() {
         return Err(duplicate_ids_error(&existing));
     }
@@ -95,7 +95,7 @@ pub fn insert_events(client: &mut impl GenericClient, events: &[(Uuid, &NewEvent
                 Some(c) if *c == SqlState::UNIQUE_VIOLATION => {
                     AppError::failed(format!("an id is already in chronicle_events: {}", crate::db::describe_error(&e)))
                 }
-                _ => AppError::db("while inserting the events", &e),
+                _ => AppError::db("while inserting the events", e),
             })?;
     }
     Ok(())

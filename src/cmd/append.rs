@@ -138,9 +138,9 @@ pub fn run(args: Args) -> Result<()> {
         events.iter().map(|e| (e.event.id.unwrap_or_else(Uuid::now_v7), &e.event)).collect();
 
     let mut client = db::connect_for_command(&url)?;
-    let mut tx = client.transaction().map_err(|e| AppError::db("while starting the transaction", &e))?;
+    let mut tx = client.transaction().map_err(|e| AppError::db("while starting the transaction", e))?;
     writer::insert_events(&mut tx, &with_ids)?;
-    tx.commit().map_err(|e| AppError::db("while committing the events", &e))?;
+    tx.commit().map_err(|e| AppError::db("while committing the events", e))?;
 
     let ids: Vec<String> = with_ids.iter().map(|(id, _)| id.to_string()).collect();
     if args.json {
@@ -174,7 +174,7 @@ fn read_input(file: Option<&PathBuf>) -> Result<Vec<u8>> {
             ("stdin".to_string(), stdin.lock().take(limit).read_to_end(&mut buf))
         }
     };
-    read.map_err(|e| AppError::failed(format!("cannot read {what}: {e}")))?;
+    read.map_err(|e| AppError::failed(format!("cannot read {what}: {e}")).caused_by(e))?;
     if buf.len() > MAX_INPUT_BYTES {
         return Err(AppError::usage(format!(
             "{what} holds more than {} MiB: split it into several appends (each is atomic on its own); \
@@ -188,6 +188,7 @@ fn read_input(file: Option<&PathBuf>) -> Result<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     fn parse_args(args: &[&str], env: &[(&str, &str)]) -> Result<Option<Args>> {
         let mut p = lexopt::Parser::from_args(args.iter().copied());
@@ -203,8 +204,8 @@ mod tests {
         let a = parse_args(&["--file", "-"], &url).unwrap().unwrap();
         assert_eq!(a.file, None);
         assert!(parse_args(&["--check"], &[]).unwrap().unwrap().check_only);
-        assert_eq!(parse_args(&[], &[]).unwrap_err().exit_code(), 2);
-        assert_eq!(parse_args(&["--bogus"], &url).unwrap_err().exit_code(), 2);
+        assert_eq!(parse_args(&[], &[]).unwrap_err().kind(), Kind::Usage);
+        assert_eq!(parse_args(&["--bogus"], &url).unwrap_err().kind(), Kind::Usage);
         assert!(parse_args(&["--help"], &[]).unwrap().is_none());
     }
 }

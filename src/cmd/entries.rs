@@ -180,8 +180,8 @@ pub fn run(args: Args) -> Result<()> {
     // the application's role; the table owner is not subject to the policies anyway.
     client
         .execute("SELECT set_config('chronicle.library_id', $1, false)", &[&args.query.library_id.to_string()])
-        .map_err(|e| AppError::db("while setting chronicle.library_id", &e))?;
-    let page = timeline::page(&mut client, &args.query).map_err(|e| AppError::db("while reading the timeline", &e))?;
+        .map_err(|e| AppError::db("while setting chronicle.library_id", e))?;
+    let page = timeline::page(&mut client, &args.query).map_err(|e| AppError::db("while reading the timeline", e))?;
     if args.json {
         println!("{}", page_json(&page)?);
     } else {
@@ -193,7 +193,7 @@ pub fn run(args: Args) -> Result<()> {
 /// `{"entries": [...], "next_cursor": ... }`.
 pub fn page_json(page: &Page) -> Result<serde_json::Value> {
     let entries = serde_json::to_value(&page.entries)
-        .map_err(|e| AppError::failed(format!("while writing the entries as JSON: {e}")))?;
+        .map_err(|e| AppError::failed(format!("while writing the entries as JSON: {e}")).caused_by(e))?;
     Ok(serde_json::json!({ "entries": entries, "next_cursor": page.next_cursor }))
 }
 
@@ -261,7 +261,7 @@ mod tests {
 
     fn usage(args: &[&str]) -> String {
         match parse_args(args) {
-            Err(AppError::Usage(m)) => m,
+            Err(e) if e.kind() == crate::error::Kind::Usage => e.to_string(),
             other => panic!("{args:?}: expected a usage error, got {other:?}"),
         }
     }

@@ -163,7 +163,7 @@ pub const READ_ERASURE: &str = "
 /// Erases `ids` in one transaction; `Ok(None)` (nothing written) when none of them has
 /// any row.
 pub fn erase(client: &mut postgres::Client, ids: &[Uuid], by: &str, reason: &str) -> Result<Option<Erasure>> {
-    let ctx = |what: &'static str| move |e: postgres::Error| AppError::db(what, &e);
+    let ctx = |what: &'static str| move |e: postgres::Error| AppError::db(what, e);
     let mut tx = client.transaction().map_err(ctx("while starting the erasure"))?;
     let locked: bool = tx
         .query_one(TAKE_REBUILD_LOCK, &[&crate::rebuild::REBUILD_LOCK_KEY])
@@ -264,6 +264,7 @@ pub fn run(args: Args) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
         let mut p = lexopt::Parser::from_args(args.iter().copied());
@@ -281,7 +282,7 @@ mod tests {
             &["--event-id", id, "--by", "dpo"],
             &["--event-id", "x", "--by", "dpo", "--reason", "r"],
         ] {
-            assert_eq!(parse_args(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+            assert_eq!(parse_args(bad).unwrap_err().kind(), Kind::Usage, "{bad:?}");
         }
     }
 }

@@ -110,7 +110,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
 pub fn run(args: Args) -> Result<()> {
     let started = Instant::now();
     let mut client = db::connect_for_command(&args.database_url)?;
-    let mut tx = client.transaction().map_err(|e| AppError::db("while starting the transaction", &e))?;
+    let mut tx = client.transaction().map_err(|e| AppError::db("while starting the transaction", e))?;
 
     // Generating rows and copying them overlap: one thread renders chunks of COPY text
     // while this one streams the previous chunk to the server.
@@ -142,7 +142,7 @@ pub fn run(args: Args) -> Result<()> {
     let mut next_report = 1_000_000;
     let copied = (|| -> Result<()> {
         for (buf, rows) in chunks.iter() {
-            let mut w = tx.copy_in(COPY_EVENTS).map_err(|e| AppError::db("while starting COPY", &e))?;
+            let mut w = tx.copy_in(COPY_EVENTS).map_err(|e| AppError::db("while starting COPY", e))?;
             let wrote = w.write_all(&buf);
             let finished = w.finish();
             match (wrote, finished) {
@@ -153,8 +153,8 @@ pub fn run(args: Args) -> Result<()> {
                         db::describe_error(&e)
                     )))
                 }
-                (_, Err(e)) => return Err(AppError::db("while copying events", &e)),
-                (Err(e), Ok(_)) => return Err(AppError::failed(format!("while copying events: {e}"))),
+                (_, Err(e)) => return Err(AppError::db("while copying events", e)),
+                (Err(e), Ok(_)) => return Err(AppError::failed(format!("while copying events: {e}")).caused_by(e)),
                 (Ok(()), Ok(_)) => {}
             }
             written += rows as u64;
@@ -171,7 +171,7 @@ pub fn run(args: Args) -> Result<()> {
     if written != count {
         return Err(AppError::failed(format!("generated {written} events instead of {count}; nothing was written")));
     }
-    tx.commit().map_err(|e| AppError::db("while committing the events", &e))?;
+    tx.commit().map_err(|e| AppError::db("while committing the events", e))?;
 
     let seconds = started.elapsed().as_secs_f64();
     let rate = written as f64 / seconds.max(1e-9);
@@ -189,6 +189,7 @@ pub fn run(args: Args) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
         let mut p = lexopt::Parser::from_args(args.iter().copied());
@@ -210,7 +211,7 @@ mod tests {
             (&["--count", "1", "--seed", "-1"], "--seed"),
         ] {
             let e = parse_args(args).unwrap_err();
-            assert_eq!(e.exit_code(), 2, "{args:?}");
+            assert_eq!(e.kind(), Kind::Usage, "{args:?}");
             assert!(e.to_string().contains(names), "{args:?}: {e}");
         }
     }

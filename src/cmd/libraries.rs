@@ -74,7 +74,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
 pub fn run(args: Args) -> Result<()> {
     let mut client = db::connect_for_command(&args.database_url)?;
     let mut libraries =
-        ops::libraries(&mut client, args.limit + 1).map_err(|e| AppError::db("while listing the libraries", &e))?;
+        ops::libraries(&mut client, args.limit + 1).map_err(|e| AppError::db("while listing the libraries", e))?;
     let more = libraries.len() as u64 > args.limit;
     libraries.truncate(args.limit as usize);
     if args.json {
@@ -118,6 +118,7 @@ pub fn render_text(libraries: &[Library], more: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
         let mut p = lexopt::Parser::from_args(args.iter().copied());
@@ -130,7 +131,7 @@ mod tests {
         assert_eq!(parse_args(&["--limit", "7", "--json"]).unwrap().unwrap().limit, 7);
         for bad in ["0", "x", "100001"] {
             let e = parse_args(&["--limit", bad]).unwrap_err();
-            assert_eq!(e.exit_code(), 2);
+            assert_eq!(e.kind(), Kind::Usage);
             assert!(e.to_string().contains("--limit"), "{e}");
         }
     }

@@ -98,14 +98,13 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
 pub fn run(args: Args) -> Result<()> {
     let mut client = db::connect_for_command(&args.database_url)?;
     let cutoff = outbox::prune_cutoff(&mut client, args.older_than)
-        .map_err(|e| AppError::db("while reading the database clock", &e))?;
+        .map_err(|e| AppError::db("while reading the database clock", e))?;
     let (deleted, batches) = if args.dry_run {
-        let n =
-            outbox::count_prunable(&mut client, cutoff).map_err(|e| AppError::db("while counting done rows", &e))?;
+        let n = outbox::count_prunable(&mut client, cutoff).map_err(|e| AppError::db("while counting done rows", e))?;
         (n, 0)
     } else {
         let r = outbox::prune_done(&mut client, cutoff, args.batch_size, || true)
-            .map_err(|e| AppError::db("while deleting done rows", &e))?;
+            .map_err(|e| AppError::db("while deleting done rows", e))?;
         (r.deleted, r.batches)
     };
     if args.json {
@@ -128,6 +127,7 @@ pub fn run(args: Args) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
         let mut p = lexopt::Parser::from_args(args.iter().copied());
@@ -141,7 +141,7 @@ mod tests {
         let a = parse_args(&["--older-than", "0", "--batch-size", "5", "--dry-run", "--json"]).unwrap().unwrap();
         assert_eq!((a.older_than, a.batch_size, a.dry_run, a.json), (Duration::ZERO, 5, true, true));
         for bad in [&[][..], &["--older-than", "week"], &["--older-than", "1d", "--batch-size", "0"]] {
-            assert_eq!(parse_args(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+            assert_eq!(parse_args(bad).unwrap_err().kind(), Kind::Usage, "{bad:?}");
         }
     }
 }

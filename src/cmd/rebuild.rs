@@ -238,6 +238,7 @@ impl ProgressLine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
         let mut p = lexopt::Parser::from_args(args.iter().copied());
@@ -253,10 +254,10 @@ mod tests {
         assert_eq!(parse_args(&["--writers", " 1 "]).unwrap().unwrap().writers, 1);
         for bad in ["0", "17", "x", "", "-1", "2.5"] {
             let e = parse_args(&["--truncate", "--writers", bad]).unwrap_err();
-            assert_eq!(e.exit_code(), 2, "{bad:?}");
+            assert_eq!(e.kind(), Kind::Usage, "{bad:?}");
             assert!(e.to_string().contains("--writers"), "{bad:?}: {e}");
         }
-        assert_eq!(parse_args(&["--writers"]).unwrap_err().exit_code(), 2);
+        assert_eq!(parse_args(&["--writers"]).unwrap_err().kind(), Kind::Usage);
     }
 
     #[test]

@@ -135,15 +135,15 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
 
 pub fn run(args: Args) -> Result<()> {
     let mut client = db::connect_for_command(&args.database_url)?;
-    let mut tx = client.transaction().map_err(|e| AppError::db("while starting the replay", &e))?;
-    let outcome = outbox::replay_failed(&mut tx, &args.filter, &args.by, &args.reason).map_err(|e| replay_error(&e))?;
+    let mut tx = client.transaction().map_err(|e| AppError::db("while starting the replay", e))?;
+    let outcome = outbox::replay_failed(&mut tx, &args.filter, &args.by, &args.reason).map_err(replay_error)?;
     if args.dry_run {
-        tx.rollback().map_err(|e| AppError::db("while rolling back the dry run", &e))?;
+        tx.rollback().map_err(|e| AppError::db("while rolling back the dry run", e))?;
     } else {
         if !outcome.replayed.is_empty() {
-            outbox::notify_workers(&mut tx).map_err(|e| AppError::db("while notifying the workers", &e))?;
+            outbox::notify_workers(&mut tx).map_err(|e| AppError::db("while notifying the workers", e))?;
         }
-        tx.commit().map_err(|e| AppError::db("while committing the replay", &e))?;
+        tx.commit().map_err(|e| AppError::db("while committing the replay", e))?;
         log::info!("replayed {} failed row(s) by {:?} because {:?}", outcome.replayed.len(), args.by, args.reason);
     }
     if args.json {
@@ -156,13 +156,14 @@ pub fn run(args: Args) -> Result<()> {
 
 /// A concurrent writer (a rebuild enqueuing deliveries) may have given one of the events
 /// a live delivery after our statement looked: the unique index refuses, nothing changed.
-fn replay_error(e: &postgres::Error) -> AppError {
+fn replay_error(e: postgres::Error) -> AppError {
     if e.code() == Some(&postgres::error::SqlState::UNIQUE_VIOLATION) {
         return AppError::failed(format!(
             "while replaying: an event got a pending delivery meanwhile (probably a rebuild enqueuing); \
              nothing was replayed, run again: {}",
-            db::describe_error(e)
-        ));
+            db::describe_error(&e)
+        ))
+        .caused_by(e);
     }
     AppError::db("while replaying failed rows", e)
 }
@@ -249,6 +250,7 @@ pub fn report_text(outcome: &ReplayOutcome, dry_run: bool, filter: &ReplayFilter
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
     use std::time::Duration;
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
@@ -259,7 +261,7 @@ mod tests {
     fn usage(args: &[&str]) -> String {
         match parse_args(args) {
             Err(e) => {
-                assert_eq!(e.exit_code(), 2, "{args:?}: {e}");
+                assert_eq!(e.kind(), Kind::Usage, "{args:?}: {e}");
                 e.to_string()
             }
             Ok(a) => panic!("{args:?} parsed: {a:?}"),

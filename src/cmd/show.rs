@@ -73,7 +73,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
 
 pub fn run(args: Args) -> Result<()> {
     let mut client = db::connect_for_command(&args.database_url)?;
-    let shown = ops::show(&mut client, args.event_id).map_err(|e| AppError::db("while reading the event", &e))?;
+    let shown = ops::show(&mut client, args.event_id).map_err(|e| AppError::db("while reading the event", e))?;
     if shown.is_empty() {
         return Err(AppError::failed(format!(
             "no event {} in chronicle_events (and no delivery or entry of it)",
@@ -138,6 +138,7 @@ pub fn render_text(id: Uuid, shown: &Shown) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
         let mut p = lexopt::Parser::from_args(args.iter().copied());
@@ -151,7 +152,7 @@ mod tests {
         assert_eq!(a.event_id.to_string(), id);
         assert!(a.json);
         for bad in [&[][..], &["not-a-uuid"], &[id, id]] {
-            assert_eq!(parse_args(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+            assert_eq!(parse_args(bad).unwrap_err().kind(), Kind::Usage, "{bad:?}");
         }
     }
 }

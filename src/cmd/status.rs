@@ -68,9 +68,10 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
 
 pub fn run(args: Args) -> Result<()> {
     let mut client = db::connect_for_command(&args.database_url)?;
-    let st = ops::status(&mut client, args.max_processing).map_err(|e| AppError::db("while reading the status", &e))?;
+    let st = ops::status(&mut client, args.max_processing).map_err(|e| AppError::db("while reading the status", e))?;
     if args.json {
-        let v = serde_json::to_value(&st).map_err(|e| AppError::failed(format!("cannot render the status: {e}")))?;
+        let v = serde_json::to_value(&st)
+            .map_err(|e| AppError::failed(format!("cannot render the status: {e}")).caused_by(e))?;
         println!("{v}");
     } else {
         print!("{}", render_text(&st));

@@ -90,9 +90,9 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
 pub fn run(args: Args) -> Result<()> {
     let mut client = db::connect_for_command(&args.database_url)?;
     let report = verify::check(&mut client, args.library_id)
-        .map_err(|e| AppError::db("while comparing chronicle_entries with chronicle_events", &e))?;
+        .map_err(|e| AppError::db("while comparing chronicle_entries with chronicle_events", e))?;
     let fixed = if args.fix && !report.is_clean() {
-        Some(verify::fix(&mut client, args.library_id).map_err(|e| AppError::db("while fixing the drift", &e))?)
+        Some(verify::fix(&mut client, args.library_id).map_err(|e| AppError::db("while fixing the drift", e))?)
     } else if args.fix {
         Some(Fixed::default())
     } else {
@@ -177,6 +177,7 @@ pub fn report_text(r: &Report, fixed: Option<&Fixed>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::error::Kind;
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
         let mut p = lexopt::Parser::from_args(args.iter().copied());
@@ -191,7 +192,7 @@ mod tests {
         let a = parse_args(&[]).unwrap().unwrap();
         assert!(!a.fix && !a.json && a.library_id.is_none());
         for bad in [&["--library-id", "x"][..], &["--frob"], &["--fix=yes"]] {
-            assert_eq!(parse_args(bad).unwrap_err().exit_code(), 2, "{bad:?}");
+            assert_eq!(parse_args(bad).unwrap_err().kind(), Kind::Usage, "{bad:?}");
         }
     }
 
@@ -204,11 +205,11 @@ mod tests {
         let clean = Report::default();
         assert!(outcome(&clean, None).is_ok());
         let fixable = Report { events_without_entry: drift(2, 0), ..Report::default() };
-        assert_eq!(outcome(&fixable, None).unwrap_err().exit_code(), 1);
+        assert_eq!(outcome(&fixable, None).unwrap_err().kind(), Kind::Failed);
         assert!(outcome(&fixable, Some(&Fixed::default())).is_ok());
         let failed = Report { stale_entries: drift(1, 1), ..Report::default() };
         let err = outcome(&failed, Some(&Fixed::default())).unwrap_err();
-        assert_eq!(err.exit_code(), 1);
+        assert_eq!(err.kind(), Kind::Failed);
         assert!(err.to_string().contains("replay-failed"));
         let orphans = Report { entries_without_event: Finding { count: 1, examples: vec![] }, ..Report::default() };
         assert!(!orphans.is_clean());

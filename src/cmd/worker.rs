@@ -79,5 +79,5 @@ fn install_signal_handler(shared: &Arc<Shared>) -> Result<()> {
         log::info!("stop requested: finishing or releasing the current batches");
         s.request_stop();
     })
-    .map_err(|e| AppError::failed(format!("cannot install the signal handler: {e}")))
+    .map_err(|e| AppError::failed(format!("cannot install the signal handler: {e}")).caused_by(e))
 }

@@ -88,11 +88,11 @@ pub fn status(client: &mut impl GenericClient) -> Result<Status> {
     let exists: bool = client
         .query_one("SELECT to_regclass('chronicle_schema_migrations') IS NOT NULL", &[])
         .and_then(|r| r.try_get(0))
-        .map_err(|e| AppError::db("while reading the migration table", &e))?;
+        .map_err(|e| AppError::db("while reading the migration table", e))?;
     let applied = if exists {
         client
             .query(SELECT_APPLIED, &[])
-            .map_err(|e| AppError::db("while reading applied migrations", &e))?
+            .map_err(|e| AppError::db("while reading applied migrations", e))?
             .iter()
             .map(|r| {
                 Ok(Applied {
@@ -103,7 +103,7 @@ pub fn status(client: &mut impl GenericClient) -> Result<Status> {
                 })
             })
             .collect::<Result<Vec<_>, postgres::Error>>()
-            .map_err(|e| AppError::db("while reading applied migrations", &e))?
+            .map_err(|e| AppError::db("while reading applied migrations", e))?
     } else {
         Vec::new()
     };
@@ -146,7 +146,7 @@ pub struct Report {
 pub fn migrate(client: &mut Client) -> Result<Report> {
     client
         .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK_KEY])
-        .map_err(|e| AppError::db("while taking the migration lock", &e))?;
+        .map_err(|e| AppError::db("while taking the migration lock", e))?;
     let result = migrate_locked(client);
     // The lock also ends with the session; unlocking explicitly lets a pooled or reused
     // connection go on without it. A failure here changes nothing already done.
@@ -159,7 +159,7 @@ pub fn migrate(client: &mut Client) -> Result<Report> {
 fn migrate_locked(client: &mut Client) -> Result<Report> {
     client
         .batch_execute(CREATE_TRACKING_TABLE)
-        .map_err(|e| AppError::db("while creating chronicle_schema_migrations", &e))?;
+        .map_err(|e| AppError::db("while creating chronicle_schema_migrations", e))?;
     let st = status(client)?;
     let mut report = Report::default();
     for m in st.pending {
@@ -167,13 +167,13 @@ fn migrate_locked(client: &mut Client) -> Result<Report> {
             report.adopted_events_table = check_existing_events_table(client)?;
         }
         let started = std::time::Instant::now();
-        let mut tx = client.transaction().map_err(|e| AppError::db("while starting a migration", &e))?;
+        let mut tx = client.transaction().map_err(|e| AppError::db("while starting a migration", e))?;
         tx.batch_execute(m.sql)
-            .map_err(|e| AppError::db(&format!("while applying migration {} ({})", m.version, m.name), &e))?;
+            .map_err(|e| AppError::db(&format!("while applying migration {} ({})", m.version, m.name), e))?;
         let ms = started.elapsed().as_millis() as i64;
         tx.execute(RECORD_APPLIED, &[&m.version, &m.name, &checksum(m.sql), &ms])
-            .map_err(|e| AppError::db(&format!("while recording migration {}", m.version), &e))?;
-        tx.commit().map_err(|e| AppError::db(&format!("while committing migration {}", m.version), &e))?;
+            .map_err(|e| AppError::db(&format!("while recording migration {}", m.version), e))?;
+        tx.commit().map_err(|e| AppError::db(&format!("while committing migration {}", m.version), e))?;
         log::debug!("applied migration {} ({}) in {ms} ms", m.version, m.name);
         report.applied.push((m.version, m.name));
     }
@@ -229,7 +229,7 @@ const SELECT_EVENTS_ID_IS_KEY: &str = "
 fn check_existing_events_table(client: &mut Client) -> Result<bool> {
     let rows = client
         .query(SELECT_EVENTS_COLUMNS, &[])
-        .map_err(|e| AppError::db("while inspecting an existing chronicle_events", &e))?;
+        .map_err(|e| AppError::db("while inspecting an existing chronicle_events", e))?;
     if rows.is_empty() {
         return Ok(false);
     }
@@ -237,12 +237,12 @@ fn check_existing_events_table(client: &mut Client) -> Result<bool> {
     for r in &rows {
         let c: Result<(String, String, bool, bool), postgres::Error> =
             (|| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))();
-        existing.push(c.map_err(|e| AppError::db("while inspecting an existing chronicle_events", &e))?);
+        existing.push(c.map_err(|e| AppError::db("while inspecting an existing chronicle_events", e))?);
     }
     let id_is_key: bool = client
         .query_one(SELECT_EVENTS_ID_IS_KEY, &[])
         .and_then(|r| r.try_get(0))
-        .map_err(|e| AppError::db("while inspecting an existing chronicle_events", &e))?;
+        .map_err(|e| AppError::db("while inspecting an existing chronicle_events", e))?;
     let differences = events_table_differences(&existing, id_is_key);
     if differences.is_empty() {
         log::info!("adopting the existing chronicle_events table: it matches the contract");

@@ -38,23 +38,23 @@ pub fn connect(url: &DbUrl) -> Result<Client, postgres::Error> {
 /// connection that cannot be made or is refused exit 3.
 pub fn connect_for_command(url: &DbUrl) -> Result<Client> {
     tls::connector(url)?;
-    connect(url).map_err(|e| connect_failure(url, &e))
+    connect(url).map_err(|e| connect_failure(url, e))
 }
 
 /// What a failed connection attempt means for a command. A failure that is not the
 /// server's error response (network, TLS negotiation or certificate, authentication
 /// exchange) means we could not get a connection: exit 3. The server's errors keep
 /// their SQLSTATE classification.
-pub fn connect_failure(url: &DbUrl, err: &postgres::Error) -> AppError {
+pub fn connect_failure(url: &DbUrl, err: postgres::Error) -> AppError {
     let context = format!("cannot connect to {url}");
-    match err.source().and_then(|s| s.downcast_ref::<tls::SetupError>()) {
-        Some(setup) => AppError::Usage(format!("{context}: {setup}")),
-        None if err.as_db_error().is_none() => {
-            let hint = tls::refusal_hint(err).map(|h| format!("; hint: {h}")).unwrap_or_default();
-            AppError::Unreachable(format!("{context}: {}{hint}", describe_error(err)))
-        }
-        None => AppError::db(&context, err),
+    if let Some(setup) = err.source().and_then(|s| s.downcast_ref::<tls::SetupError>()) {
+        return AppError::usage(format!("{context}: {setup}")).caused_by(err);
     }
+    if err.as_db_error().is_none() {
+        let hint = tls::refusal_hint(&err).map(|h| format!("; hint: {h}")).unwrap_or_default();
+        return AppError::unreachable(format!("{context}: {}{hint}", describe_error(&err))).caused_by(err);
+    }
+    AppError::db(&context, err)
 }
 
 /// Sends a cancel request for the query running on the token's connection, over TLS
@@ -84,7 +84,7 @@ pub fn connect_waiting(url: &DbUrl, wait: Duration) -> Result<Client> {
                 std::thread::sleep(delay.min(deadline.saturating_duration_since(Instant::now())));
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(e) => return Err(connect_failure(url, &e)),
+            Err(e) => return Err(connect_failure(url, e)),
         }
     }
 }

@@ -101,7 +101,7 @@ pub fn connector(url: &DbUrl) -> Result<Connector> {
     let default_root = default_root_cert();
     let default_exists = default_root.as_deref().is_some_and(Path::is_file);
     let check = plan(url.ssl_mode, url.ssl_root_cert.as_deref(), default_root.as_deref(), default_exists)
-        .map_err(AppError::Usage)?;
+        .map_err(AppError::usage)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier: Arc<dyn ServerCertVerifier> = match &check {
         Check::Nothing => {
@@ -117,7 +117,8 @@ pub fn connector(url: &DbUrl) -> Result<Connector> {
                 .map_err(|e| root_error(path, &format!("cannot be used to verify certificates: {e}")))?
         }
     };
-    let config = client_config(provider, verifier).map_err(|e| AppError::failed(format!("cannot set up TLS: {e}")))?;
+    let config = client_config(provider, verifier)
+        .map_err(|e| AppError::failed(format!("cannot set up TLS: {e}")).caused_by(e))?;
     Ok(MakeRustlsConnect::new(config))
 }
 
@@ -133,7 +134,7 @@ fn client_config(
 }
 
 fn root_error(path: &Path, why: &str) -> AppError {
-    AppError::Usage(format!("sslrootcert {:?} {why}", path.display().to_string()))
+    AppError::usage(format!("sslrootcert {:?} {why}", path.display().to_string()))
 }
 
 /// Reads every PEM certificate in `path` as a trusted root.
@@ -310,7 +311,7 @@ mod tests {
 
     fn usage(r: Result<Connector>) -> String {
         match r {
-            Err(AppError::Usage(m)) => m,
+            Err(e) if e.kind() == crate::error::Kind::Usage => e.to_string(),
             Err(other) => panic!("expected a usage error, got {other:?}"),
             Ok(_) => panic!("expected a usage error, got a connector"),
         }

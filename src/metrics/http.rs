@@ -114,20 +114,20 @@ pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool
     std::thread::Builder::new()
         .name("metrics-probe".into())
         .spawn(move || p.run(probe_target(addr)))
-        .map_err(|e| AppError::failed(format!("cannot start the metrics probe thread: {e}")))?;
+        .map_err(|e| AppError::failed(format!("cannot start the metrics probe thread: {e}")).caused_by(e))?;
     // Dropping a tiny_http server connects to its address (to wake its accept thread),
     // which can wait for minutes when the backlog is full: done on a thread of its own.
     let (retire_tx, retire_rx) = mpsc::channel::<tiny_http::Server>();
     std::thread::Builder::new()
         .name("metrics-retire".into())
         .spawn(move || retire_rx.iter().for_each(drop))
-        .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")))?;
+        .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")).caused_by(e))?;
     let to_close = start_reaper(addr)?;
     let (drain_tx, drain_rx) = mpsc::sync_channel::<tiny_http::Request>(DRAIN_QUEUE);
     std::thread::Builder::new()
         .name("metrics-drain".into())
         .spawn(move || drain_rx.iter().for_each(release))
-        .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")))?;
+        .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")).caused_by(e))?;
     let mut endpoint = Endpoint {
         listener,
         addr,
@@ -146,7 +146,7 @@ pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool
     std::thread::Builder::new()
         .name("metrics-http".into())
         .spawn(move || endpoint.run())
-        .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")))?;
+        .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")).caused_by(e))?;
     log::info!("serving metrics on http://{addr}/metrics");
     Ok(MetricsServer { addr })
 }
@@ -159,7 +159,7 @@ fn start_reaper(addr: SocketAddr) -> Result<Option<mpsc::Sender<SocketAddr>>> {
     std::thread::Builder::new()
         .name("metrics-reaper".into())
         .spawn(move || super::reaper::run(addr, rx))
-        .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")))?;
+        .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")).caused_by(e))?;
     Ok(Some(tx))
 }
 

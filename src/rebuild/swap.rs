@@ -91,7 +91,7 @@ pub fn run(
     started: Instant,
     progress: &mut dyn FnMut(Progress),
 ) -> Result<()> {
-    client.batch_execute(CREATE_SHADOW).map_err(|e| AppError::db("while creating the shadow table", &e))?;
+    client.batch_execute(CREATE_SHADOW).map_err(|e| AppError::db("while creating the shadow table", e))?;
     let result = load_and_swap(client, opts, report, started, progress);
     if result.is_err() {
         // The live table is untouched; only the shadow goes.
@@ -114,7 +114,7 @@ fn load_and_swap(
     let renames = copy_shape(client)?;
     client
         .batch_execute(&format!("ANALYZE {SHADOW}"))
-        .map_err(|e| AppError::db("while analyzing the shadow table", &e))?;
+        .map_err(|e| AppError::db("while analyzing the shadow table", e))?;
     // Most of what was written during the load, without holding any lock.
     report.rows_written += catch_up(client, report, &opts.sizes)?;
 
@@ -137,7 +137,7 @@ fn load_and_swap(
 /// Projects the events that have no shadow entry yet.
 fn catch_up(client: &mut impl GenericClient, report: &mut Report, sizes: &SizeLimits) -> Result<u64> {
     let max_event = sizes.max_event_bytes.min(i64::MAX as u64) as i64;
-    let rows = client.query(&select_missing(), &[&max_event]).map_err(|e| AppError::db("while catching up", &e))?;
+    let rows = client.query(&select_missing(), &[&max_event]).map_err(|e| AppError::db("while catching up", e))?;
     let events = read_events(&rows, sizes)?;
     if events.is_empty() {
         return Ok(0);
@@ -155,12 +155,12 @@ fn copy_shape(client: &mut Client) -> Result<Renames> {
     let ctx = "while copying the read model's indexes, policies and grants";
     let mut renames = Vec::new();
     let mut ddl = Vec::new();
-    let indexes = client.query(SELECT_INDEXES, &[]).map_err(|e| AppError::db(ctx, &e))?;
+    let indexes = client.query(SELECT_INDEXES, &[]).map_err(|e| AppError::db(ctx, e))?;
     for (n, r) in indexes.iter().enumerate() {
-        let name: String = r.try_get(0).map_err(|e| AppError::db(ctx, &e))?;
-        let def: String = r.try_get(1).map_err(|e| AppError::db(ctx, &e))?;
-        let conname: Option<String> = r.try_get(2).map_err(|e| AppError::db(ctx, &e))?;
-        let contype: Option<String> = r.try_get(3).map_err(|e| AppError::db(ctx, &e))?;
+        let name: String = r.try_get(0).map_err(|e| AppError::db(ctx, e))?;
+        let def: String = r.try_get(1).map_err(|e| AppError::db(ctx, e))?;
+        let conname: Option<String> = r.try_get(2).map_err(|e| AppError::db(ctx, e))?;
+        let contype: Option<String> = r.try_get(3).map_err(|e| AppError::db(ctx, e))?;
         let temp = format!("chronicle_rb_{n}");
         let on_live =
             def.find(" ON ").ok_or_else(|| AppError::failed(format!("unexpected index definition: {def}")))?;
@@ -181,12 +181,12 @@ fn copy_shape(client: &mut Client) -> Result<Renames> {
             _ => renames.push(format!("ALTER INDEX {temp} RENAME TO {}", quote_ident(&name))),
         }
     }
-    let s = client.query_one(SELECT_TABLE_SETTINGS, &[]).map_err(|e| AppError::db(ctx, &e))?;
+    let s = client.query_one(SELECT_TABLE_SETTINGS, &[]).map_err(|e| AppError::db(ctx, e))?;
     let (rls, force, owner, options): (bool, bool, String, String) = (
-        s.try_get(0).map_err(|e| AppError::db(ctx, &e))?,
-        s.try_get(1).map_err(|e| AppError::db(ctx, &e))?,
-        s.try_get(2).map_err(|e| AppError::db(ctx, &e))?,
-        s.try_get(3).map_err(|e| AppError::db(ctx, &e))?,
+        s.try_get(0).map_err(|e| AppError::db(ctx, e))?,
+        s.try_get(1).map_err(|e| AppError::db(ctx, e))?,
+        s.try_get(2).map_err(|e| AppError::db(ctx, e))?,
+        s.try_get(3).map_err(|e| AppError::db(ctx, e))?,
     );
     if !options.is_empty() {
         ddl.push(format!("ALTER TABLE {SHADOW} SET ({options})"));
@@ -197,13 +197,13 @@ fn copy_shape(client: &mut Client) -> Result<Renames> {
     if force {
         ddl.push(format!("ALTER TABLE {SHADOW} FORCE ROW LEVEL SECURITY"));
     }
-    for p in client.query(SELECT_POLICIES, &[]).map_err(|e| AppError::db(ctx, &e))? {
-        let name: String = p.try_get(0).map_err(|e| AppError::db(ctx, &e))?;
-        let permissive: String = p.try_get(1).map_err(|e| AppError::db(ctx, &e))?;
-        let roles: Vec<String> = p.try_get(2).map_err(|e| AppError::db(ctx, &e))?;
-        let cmd: String = p.try_get(3).map_err(|e| AppError::db(ctx, &e))?;
-        let qual: Option<String> = p.try_get(4).map_err(|e| AppError::db(ctx, &e))?;
-        let check: Option<String> = p.try_get(5).map_err(|e| AppError::db(ctx, &e))?;
+    for p in client.query(SELECT_POLICIES, &[]).map_err(|e| AppError::db(ctx, e))? {
+        let name: String = p.try_get(0).map_err(|e| AppError::db(ctx, e))?;
+        let permissive: String = p.try_get(1).map_err(|e| AppError::db(ctx, e))?;
+        let roles: Vec<String> = p.try_get(2).map_err(|e| AppError::db(ctx, e))?;
+        let cmd: String = p.try_get(3).map_err(|e| AppError::db(ctx, e))?;
+        let qual: Option<String> = p.try_get(4).map_err(|e| AppError::db(ctx, e))?;
+        let check: Option<String> = p.try_get(5).map_err(|e| AppError::db(ctx, e))?;
         let roles: Vec<String> =
             roles.iter().map(|r| if r == "public" { "PUBLIC".to_string() } else { quote_ident(r) }).collect();
         let mut sql = format!(
@@ -219,15 +219,15 @@ fn copy_shape(client: &mut Client) -> Result<Renames> {
         }
         ddl.push(sql);
     }
-    for g in client.query(SELECT_GRANTS, &[]).map_err(|e| AppError::db(ctx, &e))? {
-        let grantee: String = g.try_get(0).map_err(|e| AppError::db(ctx, &e))?;
-        let privilege: String = g.try_get(1).map_err(|e| AppError::db(ctx, &e))?;
-        let grantable: bool = g.try_get(2).map_err(|e| AppError::db(ctx, &e))?;
+    for g in client.query(SELECT_GRANTS, &[]).map_err(|e| AppError::db(ctx, e))? {
+        let grantee: String = g.try_get(0).map_err(|e| AppError::db(ctx, e))?;
+        let privilege: String = g.try_get(1).map_err(|e| AppError::db(ctx, e))?;
+        let grantable: bool = g.try_get(2).map_err(|e| AppError::db(ctx, e))?;
         let to = if grantee == "PUBLIC" { grantee } else { quote_ident(&grantee) };
         ddl.push(format!("GRANT {privilege} ON {SHADOW} TO {to}{}", if grantable { " WITH GRANT OPTION" } else { "" }));
     }
-    for t in client.query(SELECT_TRIGGERS, &[]).map_err(|e| AppError::db(ctx, &e))? {
-        let def: String = t.try_get(0).map_err(|e| AppError::db(ctx, &e))?;
+    for t in client.query(SELECT_TRIGGERS, &[]).map_err(|e| AppError::db(ctx, e))? {
+        let def: String = t.try_get(0).map_err(|e| AppError::db(ctx, e))?;
         ddl.push(def.replacen(" ON chronicle_entries ", &format!(" ON {SHADOW} "), 1).replacen(
             " ON public.chronicle_entries ",
             &format!(" ON {SHADOW} "),
@@ -237,13 +237,13 @@ fn copy_shape(client: &mut Client) -> Result<Renames> {
     let current_user: String = client
         .query_one("SELECT current_user::text", &[])
         .and_then(|r| r.try_get(0))
-        .map_err(|e| AppError::db(ctx, &e))?;
+        .map_err(|e| AppError::db(ctx, e))?;
     if owner != current_user {
         ddl.push(format!("ALTER TABLE {SHADOW} OWNER TO {}", quote_ident(&owner)));
     }
     for stmt in &ddl {
         log::debug!("rebuild --swap: {stmt}");
-        client.batch_execute(stmt).map_err(|e| AppError::db(&format!("{ctx} ({stmt})"), &e))?;
+        client.batch_execute(stmt).map_err(|e| AppError::db(&format!("{ctx} ({stmt})"), e))?;
     }
     Ok(Renames { statements: renames })
 }
@@ -259,7 +259,7 @@ impl SwapFailure {
         if e.code() == Some(&postgres::error::SqlState::LOCK_NOT_AVAILABLE) {
             SwapFailure::Busy
         } else {
-            SwapFailure::Failed(AppError::db("while swapping the rebuilt read model in", &e))
+            SwapFailure::Failed(AppError::db("while swapping the rebuilt read model in", e))
         }
     }
 }

@@ -250,7 +250,7 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
     std::thread::Builder::new()
         .name(name.to_string())
         .spawn(f)
-        .map_err(|e| AppError::failed(format!("cannot start thread {name}: {e}")))
+        .map_err(|e| AppError::failed(format!("cannot start thread {name}: {e}")).caused_by(e))
 }
 
 /// Waits (with backoff, until stopped) for the database, then checks the schema: behind
@@ -303,7 +303,7 @@ fn wait_for_schema(shared: &Shared, started: Instant) -> Result<bool> {
                 last_error = Some(db::describe_error(&e));
                 backoff.wait(shared);
             }
-            Err(e) => return Err(db::connect_failure(url, &e)),
+            Err(e) => return Err(db::connect_failure(url, e)),
         }
     }
 }
