@@ -255,8 +255,7 @@ mod tests {
     const LIB: &str = "0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01";
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
-        let mut p = lexopt::Parser::from_args(args.iter().copied());
-        parse(&mut p, &Env::from_pairs([("DATABASE_URL", "postgres://u@localhost/db")]))
+        crate::cmd::parse_for_test(parse, args)
     }
 
     fn usage(args: &[&str]) -> String {

@@ -34,3 +34,14 @@ pub fn setting_flag(arg: &lexopt::Arg, settings: &[&'static Setting]) -> Option<
 pub fn string_value(p: &mut lexopt::Parser, flag: &str) -> Result<String> {
     p.value()?.into_string().map_err(|_| AppError::usage(format!("invalid --{flag}: not valid UTF-8")))
 }
+
+/// Runs a command's `parse` on `args` as a unit test does: with a DATABASE_URL set and
+/// nothing else in the environment.
+#[cfg(test)]
+pub fn parse_for_test<T>(
+    parse: fn(&mut lexopt::Parser, &crate::config::Env) -> Result<Option<T>>,
+    args: &[&str],
+) -> Result<Option<T>> {
+    let mut p = lexopt::Parser::from_args(args.iter().copied());
+    parse(&mut p, &crate::config::Env::from_pairs([("DATABASE_URL", "postgres://u@localhost/db")]))
+}

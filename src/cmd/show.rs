@@ -141,8 +141,7 @@ mod tests {
     use crate::error::Kind;
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
-        let mut p = lexopt::Parser::from_args(args.iter().copied());
-        parse(&mut p, &Env::from_pairs([("DATABASE_URL", "postgres://u@localhost/db")]))
+        crate::cmd::parse_for_test(parse, args)
     }
 
     #[test]
