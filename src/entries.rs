@@ -6,7 +6,6 @@
 
 use postgres::GenericClient;
 use postgres::ToStatement;
-use serde_json::Value;
 
 use crate::projection::Entry;
 
@@ -29,6 +28,7 @@ macro_rules! entry_columns {
 ///   positions are not stored (no query uses them).
 /// - `changed_fields` arrives as one array literal per entry (`text_array_literal`),
 ///   which the cast reads without a jsonb parse and sub-select per row.
+/// - `details` arrives as the projector's JSON text, which the cast to jsonb parses once.
 macro_rules! entry_rows {
     () => {
         "SELECT x.id, x.library_id, x.actor_user_id, x.entity_type, x.entity_id, x.event_type,
@@ -37,7 +37,7 @@ macro_rules! entry_rows {
                 array_to_tsvector(array_remove(string_to_array(x.search_text, ' '), '')), x.projection_version, now()
          FROM unnest($1::uuid[], $2::uuid[], $3::uuid[], $4::text[], $5::uuid[], $6::text[],
                      $7::timestamptz[], $8::timestamptz[], $9::text[], $10::text[], $11::text[]::inet[],
-                     $12::text[], $13::text[], $14::text[], $15::jsonb[], $16::text[], $17::int[])
+                     $12::text[], $13::text[], $14::text[], $15::text[]::jsonb[], $16::text[], $17::int[])
               AS x(id, library_id, actor_user_id, entity_type, entity_id, event_type, occurred_at,
                    created_at, request_id, client, ip, reason, summary, changed_fields, details,
                    search_text, projection_version)"
@@ -75,9 +75,40 @@ pub fn upsert_entries(client: &mut impl GenericClient, entries: &[&Entry]) -> Re
     write_entries(client, UPSERT_ENTRIES, entries)
 }
 
+/// The most bytes of entry text (details, changed fields, summary, search) one statement
+/// carries: a batch of large entries is written in several statements of the same
+/// transaction, so the encoded parameters never hold the whole batch at once.
+pub const WRITE_CHUNK_BYTES: usize = 4 << 20;
+
 /// Runs one of the statements above (its text, or the same statement prepared on this
-/// connection) with `entries` as its array parameters.
+/// connection) with `entries` as its array parameters, in chunks of at most
+/// `WRITE_CHUNK_BYTES` of text (at least one entry each). Returns the rows written.
 pub fn write_entries<S: ToStatement + ?Sized>(
+    client: &mut impl GenericClient,
+    statement: &S,
+    entries: &[&Entry],
+) -> Result<u64, postgres::Error> {
+    let mut written = 0;
+    let mut start = 0;
+    while start < entries.len() {
+        let mut end = start;
+        let mut bytes = 0;
+        while end < entries.len() && (end == start || bytes + text_bytes(entries[end]) <= WRITE_CHUNK_BYTES) {
+            bytes += text_bytes(entries[end]);
+            end += 1;
+        }
+        written += write_chunk(client, statement, &entries[start..end])?;
+        start = end;
+    }
+    Ok(written)
+}
+
+/// The bytes of an entry's variable-length text, as the statement's parameters carry it.
+fn text_bytes(e: &Entry) -> usize {
+    e.details.len() + e.summary.len() + e.search_text.len() + e.changed_fields.text_len() + 3 * e.changed_fields.len()
+}
+
+fn write_chunk<S: ToStatement + ?Sized>(
     client: &mut impl GenericClient,
     statement: &S,
     entries: &[&Entry],
@@ -98,8 +129,8 @@ pub fn write_entries<S: ToStatement + ?Sized>(
     let ips: Vec<Option<&str>> = entries.iter().map(|e| e.ip.as_deref()).collect();
     let reasons: Vec<Option<&str>> = entries.iter().map(|e| e.reason.as_deref()).collect();
     let summaries: Vec<&str> = entries.iter().map(|e| e.summary.as_str()).collect();
-    let changed: Vec<String> = entries.iter().map(|e| text_array_literal(&e.changed_fields)).collect();
-    let details: Vec<&Value> = entries.iter().map(|e| &e.details).collect();
+    let changed: Vec<String> = entries.iter().map(|e| text_array_literal(e.changed_fields.iter())).collect();
+    let details: Vec<&str> = entries.iter().map(|e| e.details.as_str()).collect();
     let search: Vec<&str> = entries.iter().map(|e| e.search_text.as_str()).collect();
     let versions: Vec<i32> = entries.iter().map(|e| e.projection_version).collect();
     client.execute(
@@ -128,10 +159,9 @@ pub fn write_entries<S: ToStatement + ?Sized>(
 
 /// A Postgres array literal of `items` (`{"a","b\"c"}`): every element quoted, with
 /// backslashes and double quotes escaped, so any text reads back exactly.
-pub fn text_array_literal(items: &[String]) -> String {
-    let mut out = String::with_capacity(2 + items.iter().map(|i| i.len() + 3).sum::<usize>());
-    out.push('{');
-    for (n, item) in items.iter().enumerate() {
+pub fn text_array_literal<'a>(items: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::from("{");
+    for (n, item) in items.into_iter().enumerate() {
         if n > 0 {
             out.push(',');
         }
@@ -154,10 +184,9 @@ mod tests {
 
     #[test]
     fn array_literals_quote_every_element() {
-        let items = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
-        assert_eq!(text_array_literal(&[]), "{}");
-        assert_eq!(text_array_literal(&items(&["title"])), r#"{"title"}"#);
-        assert_eq!(text_array_literal(&items(&["a b", "", "NULL"])), r#"{"a b","","NULL"}"#);
-        assert_eq!(text_array_literal(&items(&[r#"q"u\o{t},e"#])), r#"{"q\"u\\o{t},e"}"#);
+        assert_eq!(text_array_literal([]), "{}");
+        assert_eq!(text_array_literal(["title"]), r#"{"title"}"#);
+        assert_eq!(text_array_literal(["a b", "", "NULL"]), r#"{"a b","","NULL"}"#);
+        assert_eq!(text_array_literal([r#"q"u\o{t},e"#]), r#"{"q\"u\\o{t},e"}"#);
     }
 }

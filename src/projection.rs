@@ -10,6 +10,7 @@ use std::collections::BTreeSet;
 use std::fmt;
 
 use chrono::{DateTime, Utc};
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -53,8 +54,10 @@ pub struct Entry {
     pub ip: Option<String>,
     pub reason: Option<String>,
     pub summary: String,
-    pub changed_fields: Vec<String>,
-    pub details: Value,
+    pub changed_fields: ChangedFields,
+    /// `{"before": …, "after": …, "diff": …}` as compact JSON text, long texts cut: kept
+    /// as text, not as a `Value`, so an entry in flight costs about its size in bytes.
+    pub details: String,
     pub search_text: String,
     pub projection_version: i32,
 }
@@ -113,7 +116,7 @@ pub fn project(e: &Event) -> Result<Entry, ProjectError> {
         reason: e.reason.clone(),
         summary,
         changed_fields: changed_fields(e),
-        details: details(e),
+        details: details(e)?,
         search_text,
         projection_version: PROJECTION_VERSION,
     })
@@ -349,15 +352,63 @@ fn clip(text: &str, max: usize) -> String {
 
 /// The sorted payload keys whose value differs between `before` and `after` (a missing
 /// key counts as null), plus the keys of `diff` when it is an object.
-fn changed_fields(e: &Event) -> Vec<String> {
+fn changed_fields(e: &Event) -> ChangedFields {
     let before = as_object(e.before.as_ref());
     let after = as_object(e.after.as_ref());
     let keys = before.iter().chain(after.iter()).flat_map(|o| o.keys());
-    let mut changed: BTreeSet<&String> = keys.filter(|k| field(before, k) != field(after, k)).collect();
+    let mut changed: BTreeSet<&str> =
+        keys.filter(|k| field(before, k) != field(after, k)).map(String::as_str).collect();
     if let Some(diff) = as_object(e.diff.as_ref()) {
-        changed.extend(diff.keys());
+        changed.extend(diff.keys().map(String::as_str));
     }
-    changed.into_iter().cloned().collect()
+    changed.into_iter().collect()
+}
+
+/// An entry's changed field names, in order, held as one text and the end of each name
+/// in it: a payload of 100,000 changed keys costs its bytes, not 100,000 allocations
+/// waiting for their batch to be written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChangedFields {
+    text: String,
+    ends: Vec<usize>,
+}
+
+impl ChangedFields {
+    /// The names, in order.
+    pub fn iter(&self) -> impl Iterator<Item = &str> + '_ {
+        let starts = std::iter::once(0).chain(self.ends.iter().copied());
+        starts.zip(self.ends.iter().copied()).map(|(start, end)| &self.text[start..end])
+    }
+
+    pub fn len(&self) -> usize {
+        self.ends.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ends.is_empty()
+    }
+
+    /// The bytes of all names.
+    pub fn text_len(&self) -> usize {
+        self.text.len()
+    }
+
+    pub fn to_vec(&self) -> Vec<String> {
+        self.iter().map(str::to_string).collect()
+    }
+}
+
+impl<'a> FromIterator<&'a str> for ChangedFields {
+    fn from_iter<I: IntoIterator<Item = &'a str>>(names: I) -> Self {
+        let mut fields = ChangedFields::default();
+        for name in names {
+            fields.text.push_str(name);
+            fields.ends.push(fields.text.len());
+        }
+        fields.text.shrink_to_fit();
+        fields.ends.shrink_to_fit();
+        fields
+    }
 }
 
 fn as_object(v: Option<&Value>) -> Option<&Map<String, Value>> {
@@ -368,31 +419,70 @@ fn field<'a>(object: Option<&'a Map<String, Value>>, key: &str) -> &'a Value {
     object.and_then(|o| o.get(key)).unwrap_or(&Value::Null)
 }
 
-/// `{"before": …, "after": …, "diff": …}` with only the parts the event has.
-fn details(e: &Event) -> Value {
+/// `{"before": …, "after": …, "diff": …}` with only the parts the event has, written
+/// straight to JSON text (no copy of the payload as a `Value`). Writing a `Value` as
+/// JSON does not fail; if it ever did, the event would fail alone, `invalid_payload`.
+fn details(e: &Event) -> Result<String, ProjectError> {
     let parts = [("before", &e.before), ("after", &e.after), ("diff", &e.diff)];
-    let present = parts.into_iter().filter_map(|(key, v)| match v {
-        None | Some(Value::Null) => None,
-        Some(v) => Some((key.to_string(), cut_long_texts(v))),
-    });
-    Value::Object(present.collect())
+    let present: Vec<(&str, CutLongTexts)> = parts
+        .into_iter()
+        .filter_map(|(key, v)| match v {
+            None | Some(Value::Null) => None,
+            Some(v) => Some((key, CutLongTexts(v))),
+        })
+        .collect();
+    let mut text = serde_json::to_string(&DetailsParts(&present)).map_err(|err| {
+        ProjectError::InvalidPayload(format!("{}: details cannot be written as JSON: {err}", e.event_type))
+    })?;
+    // The text grew by doubling; an entry waits for its batch, so keep only its length.
+    text.shrink_to_fit();
+    Ok(text)
 }
 
-/// A copy of `v` whose strings longer than `MAX_DETAIL_TEXT_BYTES` are cut at a
-/// character boundary and end with a marker giving their full length, e.g.
-/// `"xxxx… [cut: 52428800 bytes in the event]"`. Long texts are never copied whole.
-fn cut_long_texts(v: &Value) -> Value {
-    match v {
-        Value::String(s) if s.len() > MAX_DETAIL_TEXT_BYTES => {
-            let mut end = MAX_DETAIL_TEXT_BYTES;
-            while !s.is_char_boundary(end) {
-                end -= 1;
-            }
-            Value::String(format!("{}… [cut: {} bytes in the event]", &s[..end], s.len()))
+/// The parts of `details`, as a JSON object in the order given.
+struct DetailsParts<'a>(&'a [(&'a str, CutLongTexts<'a>)]);
+
+impl Serialize for DetailsParts<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (key, value) in self.0 {
+            map.serialize_entry(key, value)?;
         }
-        Value::Array(items) => Value::Array(items.iter().map(cut_long_texts).collect()),
-        Value::Object(fields) => Value::Object(fields.iter().map(|(k, v)| (k.clone(), cut_long_texts(v))).collect()),
-        other => other.clone(),
+        map.end()
+    }
+}
+
+/// `v` as JSON with its strings longer than `MAX_DETAIL_TEXT_BYTES` cut at a character
+/// boundary and ending with a marker giving their full length, e.g.
+/// `"xxxx… [cut: 52428800 bytes in the event]"`. Long texts are never copied whole.
+struct CutLongTexts<'a>(&'a Value);
+
+impl Serialize for CutLongTexts<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self.0 {
+            Value::String(s) if s.len() > MAX_DETAIL_TEXT_BYTES => {
+                let mut end = MAX_DETAIL_TEXT_BYTES;
+                while !s.is_char_boundary(end) {
+                    end -= 1;
+                }
+                serializer.serialize_str(&format!("{}… [cut: {} bytes in the event]", &s[..end], s.len()))
+            }
+            Value::Array(items) => {
+                let mut seq = serializer.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(&CutLongTexts(item))?;
+                }
+                seq.end()
+            }
+            Value::Object(fields) => {
+                let mut map = serializer.serialize_map(Some(fields.len()))?;
+                for (key, value) in fields {
+                    map.serialize_entry(key, &CutLongTexts(value))?;
+                }
+                map.end()
+            }
+            other => other.serialize(serializer),
+        }
     }
 }
 
@@ -514,7 +604,7 @@ mod tests {
         for (e, summary, changed) in cases {
             let entry = project(&e).unwrap_or_else(|err| panic!("{}: {err}", e.event_type));
             assert_eq!(entry.summary, summary, "{}", e.event_type);
-            assert_eq!(entry.changed_fields, changed, "{}", e.event_type);
+            assert_eq!(entry.changed_fields.to_vec(), changed, "{}", e.event_type);
         }
     }
 
@@ -623,8 +713,7 @@ mod tests {
             Some(json!("ignored")),
             Some(json!({"title": "Ops", "bookshelf_id": SHELF_A})),
         );
-        let entry = project(&e).expect("projects");
-        assert_eq!(entry.details["before"], json!("ignored"));
+        assert_eq!(details_of(&e)["before"], json!("ignored"));
     }
 
     #[test]
@@ -738,10 +827,25 @@ mod tests {
         );
         e.diff = Some(json!({"ops": [], "text": "patch"}));
         let entry = project(&e).expect("projects");
-        assert_eq!(entry.changed_fields, ["added", "gone", "ops", "text"]);
+        assert_eq!(entry.changed_fields.to_vec(), ["added", "gone", "ops", "text"]);
 
         e.diff = Some(json!(["not", "an", "object"]));
-        assert_eq!(project(&e).expect("projects").changed_fields, ["added", "gone", "text"]);
+        assert_eq!(project(&e).expect("projects").changed_fields.to_vec(), ["added", "gone", "text"]);
+    }
+
+    #[test]
+    fn changed_fields_keep_every_name_in_order_empty_ones_included() {
+        let fields: ChangedFields = ["", "a", "é名", ""].into_iter().collect();
+        assert_eq!(fields.len(), 4);
+        assert_eq!(fields.to_vec(), ["", "a", "é名", ""]);
+        assert_eq!(fields.text_len(), "aé名".len());
+        let none: ChangedFields = std::iter::empty().collect();
+        assert!(none.is_empty() && none.iter().next().is_none());
+    }
+
+    fn details_of(e: &Event) -> Value {
+        let text = project(e).expect("projects").details;
+        serde_json::from_str(&text).expect("details are JSON")
     }
 
     #[test]
@@ -753,7 +857,7 @@ mod tests {
             Some(json!({"title": "Old"})),
             Some(json!({"title": "New", "notes": [long.clone()], "n": {"t": long}})),
         );
-        let details = project(&e).expect("projects").details;
+        let details = details_of(&e);
         let cut = format!("{}… [cut: 6000 bytes in the event]", "é".repeat(2048));
         assert_eq!(details["after"]["notes"][0], json!(cut));
         assert_eq!(details["after"]["n"]["t"], json!(cut));
@@ -761,23 +865,20 @@ mod tests {
         assert_eq!(details["before"], json!({"title": "Old"}));
         let exact = "x".repeat(MAX_DETAIL_TEXT_BYTES);
         let e = event("BookRenamed", "book", Some(json!({"title": "Old"})), Some(json!({"title": "New", "t": exact})));
-        assert_eq!(project(&e).expect("projects").details["after"]["t"], json!(exact), "4 KiB is kept whole");
+        assert_eq!(details_of(&e)["after"]["t"], json!(exact), "4 KiB is kept whole");
     }
 
     #[test]
     fn details_hold_only_the_parts_present() {
         let mut e =
             event("BookRenamed", "book", Some(json!({"title": "Old"})), Some(json!({"title": "New", "extra": 1})));
-        assert_eq!(
-            project(&e).expect("projects").details,
-            json!({"before": {"title": "Old"}, "after": {"title": "New", "extra": 1}})
-        );
+        assert_eq!(details_of(&e), json!({"before": {"title": "Old"}, "after": {"title": "New", "extra": 1}}));
         e.diff = Some(json!({"title": ["Old", "New"]}));
-        assert_eq!(project(&e).expect("projects").details["diff"], json!({"title": ["Old", "New"]}));
+        assert_eq!(details_of(&e)["diff"], json!({"title": ["Old", "New"]}));
         e.diff = Some(Value::Null);
-        assert!(project(&e).expect("projects").details.get("diff").is_none());
+        assert!(details_of(&e).get("diff").is_none());
         let e = event("LibraryCreated", "library", None, Some(json!({"name": "Home"})));
-        assert_eq!(project(&e).expect("projects").details, json!({"after": {"name": "Home"}}));
+        assert_eq!(details_of(&e), json!({"after": {"name": "Home"}}));
     }
 
     #[test]

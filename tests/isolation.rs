@@ -343,3 +343,25 @@ fn several_large_events_in_one_insert_fail_once_and_the_backlog_behind_them_drai
     assert_eq!(errors, 5);
     assert!(peak <= 80.0, "peak RSS {peak:.0} MB with five 50 MB events");
 }
+
+#[test]
+fn a_batch_of_events_with_many_keys_is_projected_whole_within_bounded_memory() {
+    // Ten events of 100,000 keys each (3.4 MB of JSON apiece) in one batch: every entry
+    // keeps every key, and the worker holds each event's payload as text, not as a tree
+    // per entry (generous bound for a debug build on a shared machine; the release
+    // figure is in BENCHMARKS.md).
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_heavy(&mut c, 10, 100_000, 0, 0);
+    let peak = drain_measuring(&db, &mut c);
+    assert_eq!(outbox_by_status(&mut c), [("done".to_string(), 10)].into());
+    let whole = count(
+        &mut c,
+        "SELECT count(*) FROM chronicle_entries n JOIN chronicle_events e USING (id)
+         WHERE n.details = jsonb_build_object('before', e.before, 'after', e.after)
+           AND cardinality(n.changed_fields) = 100001 AND n.changed_fields[1] = 'key_1'",
+    );
+    assert_eq!(whole, 10, "entries with all their keys");
+    eprintln!("ten events of 100,000 keys: worker peak RSS {peak:.1} MB");
+    assert!(peak <= 150.0, "peak RSS {peak:.0} MB for ten events of 100,000 keys");
+}

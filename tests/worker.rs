@@ -311,7 +311,7 @@ fn changed_field_names_and_search_tokens_reach_the_entry_exactly() {
     let row = c
         .query_one("SELECT changed_fields, array_to_string(tsvector_to_array(search), ' ') FROM chronicle_entries", &[])
         .unwrap();
-    assert_eq!(row.get::<_, Vec<String>>(0), expected.changed_fields);
+    assert_eq!(row.get::<_, Vec<String>>(0), expected.changed_fields.to_vec());
     let mut tokens: Vec<&str> = expected.search_text.split(' ').filter(|t| !t.is_empty()).collect();
     tokens.sort_unstable();
     tokens.dedup();
