@@ -580,6 +580,19 @@ impl DbUrl {
                     passfile = Some(value.to_string());
                     Ok(true)
                 }
+                // Passed on to the driver, which knows fewer values than libpq: refused
+                // here by name rather than as "an invalid connection string".
+                "target_session_attrs" => match value {
+                    "any" | "read-write" | "read-only" => Ok(false),
+                    other => Err(format!(
+                        "unknown target_session_attrs {other:?}: use any, read-write (the primary of \
+                         several hosts) or read-only"
+                    )),
+                },
+                "load_balance_hosts" => match value {
+                    "disable" | "random" => Ok(false),
+                    other => Err(format!("unknown load_balance_hosts {other:?}: use disable or random")),
+                },
                 _ => Ok(false),
             }
         };
@@ -959,6 +972,55 @@ mod tests {
         assert_eq!(sa.config.get_ports(), &[5435]);
         assert_eq!(sa.config.get_dbname(), Some("wordloom_test"));
         assert_eq!(sa.config.get_password(), Some(&b"wordloom"[..]));
+    }
+
+    #[test]
+    fn several_hosts_are_read_in_every_form_with_their_session_attributes() {
+        use postgres::config::{Host, TargetSessionAttrs};
+        let hosts = |u: &DbUrl| -> Vec<String> {
+            u.config.get_hosts().iter().map(|h| if let Host::Tcp(h) = h { h.clone() } else { "unix".into() }).collect()
+        };
+        for (raw, attrs) in [
+            (
+                "postgresql://u:hunter2@db1:5432,db2:5433/app?target_session_attrs=read-write",
+                TargetSessionAttrs::ReadWrite,
+            ),
+            ("postgres://u:hunter2@db1:5432,db2:5433/app?target_session_attrs=any", TargetSessionAttrs::Any),
+            (
+                "postgresql+psycopg://u:hunter2@db1:5432,db2:5433/app?target_session_attrs=read-only&sslmode=require",
+                TargetSessionAttrs::ReadOnly,
+            ),
+            (
+                "host=db1,db2 port=5432,5433 user=u password=hunter2 dbname=app target_session_attrs=read-write",
+                TargetSessionAttrs::ReadWrite,
+            ),
+        ] {
+            let u = DbUrl::parse(raw).unwrap_or_else(|e| panic!("{raw}: {e}"));
+            assert_eq!(hosts(&u), ["db1", "db2"], "{raw}");
+            assert_eq!(u.config.get_ports(), [5432, 5433], "{raw}");
+            assert_eq!(u.config.get_target_session_attrs(), attrs, "{raw}");
+            let shown = format!("{u} {u:?}");
+            assert!(!shown.contains("hunter2") && shown.contains("db1") && shown.contains("db2"), "{shown}");
+        }
+        let tls =
+            DbUrl::parse("postgresql://u@db1,db2/app?sslmode=verify-full&target_session_attrs=read-write").unwrap();
+        assert_eq!(
+            (tls.ssl_mode, tls.config.get_ssl_mode()),
+            (SslMode::VerifyFull, postgres::config::SslMode::Require)
+        );
+        // libpq values the driver does not know are refused by name, whatever the form.
+        for (raw, value) in [
+            ("postgresql://u:hunter2@db1,db2/app?target_session_attrs=primary", "primary"),
+            ("postgresql+psycopg://u:hunter2@db1,db2/app?target_session_attrs=prefer-standby", "prefer-standby"),
+            ("host=db1,db2 user=u password=hunter2 target_session_attrs=standby", "standby"),
+            ("postgres://u@db1,db2/app?load_balance_hosts=always", "always"),
+        ] {
+            let env = Env::from_pairs([("DATABASE_URL", raw)]);
+            let err = Sources::new(&env).database_url().unwrap_err();
+            let msg = err.to_string();
+            assert_eq!(err.kind(), Kind::Usage, "{raw}");
+            assert!(msg.contains(&format!("{value:?}")) && !msg.contains("hunter2"), "{msg}");
+        }
     }
 
     #[test]

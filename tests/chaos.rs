@@ -183,8 +183,13 @@ const WRITE_SQL: &str = "
     FROM generate_series(1, $2::bigint) g";
 
 fn start_writer(server: &Server, db: &str, libraries: Vec<Uuid>, every: Duration, per_statement: i64) -> Writer {
+    start_writer_at(server.key_value(db), libraries, every, per_statement)
+}
+
+/// `start_writer` on a connection string of its own (several hosts, say).
+fn start_writer_at(conn: String, libraries: Vec<Uuid>, every: Duration, per_statement: i64) -> Writer {
     let stop = Arc::new(AtomicBool::new(false));
-    let (flag, conn) = (stop.clone(), server.key_value(db));
+    let flag = stop.clone();
     let handle = std::thread::spawn(move || {
         let mut stats = WriterStats::default();
         let mut client: Option<Client> = None;
@@ -2504,4 +2509,144 @@ fn chaos_the_password_and_event_content_never_leak() {
         secs(started.elapsed())
     );
     assert!(leaks.is_empty(), "{}", leaks.join("\n"));
+}
+
+// ---------------------------------------------------------------------------------
+// Failover to a streaming standby
+
+/// The metrics endpoint's port of a worker, for `OUTBOX_METRICS_PORT`.
+fn with_metrics(mut cmd: Command) -> (Command, u16) {
+    let port = free_port();
+    cmd.env("OUTBOX_METRICS_PORT", port.to_string()).env("OUTBOX_METRICS_BIND", "127.0.0.1");
+    (cmd, port)
+}
+
+#[test]
+fn chaos_failover_to_a_promoted_standby_projects_every_surviving_event_once() {
+    let started = Instant::now();
+    let conf = ["fsync=off", "wal_level=replica", "hot_standby=on"];
+    let primary = Cluster::start(&conf).unwrap_or_else(|e| panic!("starting the primary: {e}"));
+    let _stop_primary = StopCluster(&primary);
+    let db = TestDb::empty_on(&primary.server);
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    inject(&db, 4000, 31);
+    let standby = Cluster::standby_of(&primary, &conf).unwrap_or_else(|e| panic!("starting the standby: {e}"));
+    let _stop_standby = StopCluster(&standby);
+    let (p1, p2) = (primary.server.port, standby.server.port);
+    wait_until(Duration::from_secs(30), "the standby to replay the database", || {
+        postgres::Config::new()
+            .host("127.0.0.1")
+            .port(p2)
+            .user("postgres")
+            .dbname(&db.name)
+            .connect(NoTls)
+            .is_ok_and(|mut c| count(&mut c, "SELECT count(*) FROM chronicle_events") == 4000)
+    });
+    let name = &db.name;
+    let both = format!("postgresql://postgres@127.0.0.1:{p1},127.0.0.1:{p2}/{name}?target_session_attrs=read-write");
+    let only_standby = format!("host=127.0.0.1 port={p2} user=postgres dbname={name} target_session_attrs=read-write");
+
+    let logs = Logs::new("failover");
+    let libraries = libraries_of(&mut db.client());
+    let writer = start_writer_at(
+        format!("host=127.0.0.1,127.0.0.1 port={p1},{p2} user=postgres dbname={name} target_session_attrs=read-write"),
+        libraries,
+        Duration::from_millis(50),
+        10,
+    );
+    let mut workers = Vec::new();
+    for i in 0..2 {
+        let mut cmd = worker_cmd(&db, &["--batch-size", "20"]);
+        cmd.env("DATABASE_URL", &both)
+            .env("OUTBOX_WORKER_ID", format!("f{i}"))
+            .env("OUTBOX_LEASE_SECONDS", "2")
+            .env("OUTBOX_RECLAIM_INTERVAL_SECONDS", "0.5")
+            .env("OUTBOX_MAX_BACKOFF_SECONDS", "2");
+        let (cmd, port) = with_metrics(cmd);
+        workers.push((logs.spawn(cmd, &format!("f{i}")), port));
+    }
+    // A worker whose only host is the standby: it waits, not ready, and writes nothing.
+    let mut cmd = worker_cmd(&db, &[]);
+    cmd.env("DATABASE_URL", &only_standby).env("OUTBOX_WORKER_ID", "lonely");
+    let (cmd, lonely_port) = with_metrics(cmd);
+    let mut lonely = logs.spawn(cmd, "lonely");
+
+    let mut c = db.client();
+    wait_until(Duration::from_secs(60), "the workers to be mid-drain", || done_count(&mut c) >= 1000);
+    drop(c);
+    let ready = http_get(lonely_port, "/readyz").unwrap_or_default();
+    assert!(ready.contains("not ready"), "a worker with only a standby is not ready: {ready}");
+    lonely.assert_running();
+    assert_eq!(
+        lonely.log().matches("database reachable").count() + lonely.log().matches("connected to the database").count(),
+        0,
+        "the lonely worker never connected:\n{}",
+        lonely.tail()
+    );
+
+    // The primary dies; the standby is promoted.
+    let out = primary.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+    assert!(out.status.success(), "stopping the primary: {}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_secs(1));
+    let out = standby.pg_ctl(&["promote", "-w", "-t", "60"]);
+    assert!(out.status.success(), "promoting the standby: {}", String::from_utf8_lossy(&out.stderr));
+    let promoted = Instant::now();
+    let mut c = standby.server.connect(name);
+    let fresh: Uuid = c
+        .query_one(
+            "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at)
+             VALUES (gen_random_uuid(), gen_random_uuid(), 'tag', gen_random_uuid(), 'TagCreated', '{\"name\": \"fresh\"}', now())
+             RETURNING id",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    wait_until(Duration::from_secs(30), "the fresh event's entry", || {
+        count(&mut c, &format!("SELECT count(*) FROM chronicle_entries WHERE id = '{fresh}'")) == 1
+    });
+    let fresh_after = promoted.elapsed();
+    let written_before = count(&mut c, "SELECT count(*) FROM chronicle_events");
+    wait_until(Duration::from_secs(60), "the writer to write on the new primary", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_events") >= written_before + 200
+    });
+    let stats = writer.finish();
+    wait_until(Duration::from_secs(120), "the drain on the new primary", || in_flight(&mut c) == 0);
+
+    let events = count(&mut c, "SELECT count(*) FROM chronicle_events");
+    let missing = count(
+        &mut c,
+        "SELECT count(*) FROM chronicle_events e WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = e.id)",
+    );
+    let orphans = count(
+        &mut c,
+        "SELECT count(*) FROM chronicle_entries n WHERE NOT EXISTS (SELECT 1 FROM chronicle_events e WHERE e.id = n.id)",
+    );
+    let outbox = outbox_by_status(&mut c);
+    let switches: Vec<usize> =
+        workers.iter().map(|(w, _)| w.log().matches("database reachable again at another server").count()).collect();
+    let reconnects: Vec<f64> = workers
+        .iter()
+        .map(|(_, port)| metric_sum(&http_get(*port, "/metrics").unwrap_or_default(), "chronicle_db_reconnects_total"))
+        .collect();
+    eprintln!(
+        "failover: {events} events on the promoted server ({} acknowledged to the writer, {} writer errors); \
+         missing entries {missing}, orphan entries {orphans}; outbox {outbox:?}; fresh event projected \
+         {fresh_after:?} after promotion; switches logged {switches:?}; reconnects {reconnects:?}; {:?} in all",
+        stats.events,
+        stats.errors,
+        started.elapsed()
+    );
+    assert_eq!((missing, orphans), (0, 0), "every event has its one entry, every entry its event");
+    assert_eq!(outbox.keys().collect::<Vec<_>>(), ["done"], "nothing failed: {outbox:?}");
+    assert!(fresh_after <= Duration::from_secs(10), "fresh event projected {fresh_after:?} after promotion");
+    for (w, _) in &mut workers {
+        w.assert_running();
+    }
+    assert_eq!(switches, [1, 1], "each worker logs the switch once");
+    assert!(reconnects.iter().all(|r| *r >= 1.0), "reconnections counted: {reconnects:?}");
+    for (w, _) in &mut workers {
+        assert!(w.stop().success(), "{}", w.tail());
+    }
+    lonely.kill9();
 }

@@ -211,16 +211,7 @@ pub struct Cluster {
 impl Cluster {
     pub fn start(extra_conf: &[&str]) -> Result<Cluster, String> {
         let bin_dir = find_bin_dir().ok_or("no PostgreSQL server binaries (initdb) found")?;
-        let port = free_port();
-        let dir = std::env::temp_dir().join(format!("chronicle-test-pg-{}-{port}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
-        if is_root() {
-            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status();
-            if !ok.map(|s| s.success()).unwrap_or(false) {
-                return Err("cannot chown the cluster folder to the postgres user".into());
-            }
-        }
+        let (dir, port) = Cluster::new_dir()?;
         let data = dir.join("data");
         let out = pg_command(&bin_dir, "initdb")
             .args(["-D"])
@@ -231,10 +222,56 @@ impl Cluster {
         if !out.status.success() {
             return Err(format!("initdb failed: {}", String::from_utf8_lossy(&out.stderr)));
         }
+        Cluster::launch(bin_dir, dir, port, extra_conf)
+    }
+
+    /// A streaming standby of `primary` (`pg_basebackup -R`: it follows the primary
+    /// until promoted), started with `extra_conf`, stopped like any other cluster.
+    pub fn standby_of(primary: &Cluster, extra_conf: &[&str]) -> Result<Cluster, String> {
+        let (dir, port) = Cluster::new_dir()?;
+        let out = pg_command(&primary.bin_dir, "pg_basebackup")
+            .arg("-D")
+            .arg(dir.join("data"))
+            .args(["-h", "127.0.0.1", "-p", &primary.server.port.to_string(), "-U", "postgres"])
+            .args(["-R", "-X", "stream", "-c", "fast", "--no-sync"])
+            .output()
+            .map_err(|e| format!("running pg_basebackup: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("pg_basebackup failed: {}", String::from_utf8_lossy(&out.stderr)));
+        }
+        Cluster::launch(primary.bin_dir.clone(), dir, port, extra_conf)
+    }
+
+    /// A fresh folder for a cluster (owned by the postgres user when we are root), and a
+    /// free port for it.
+    fn new_dir() -> Result<(PathBuf, u16), String> {
+        let port = free_port();
+        let dir = std::env::temp_dir().join(format!("chronicle-test-pg-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+        if is_root() {
+            let ok = Command::new("chown").args(["-R", "postgres:postgres"]).arg(&dir).status();
+            if !ok.map(|s| s.success()).unwrap_or(false) {
+                return Err("cannot chown the cluster folder to the postgres user".into());
+            }
+        }
+        Ok((dir, port))
+    }
+
+    /// The server options of a cluster in `dir` on `port`, for `pg_ctl start -o`.
+    pub fn options(dir: &Path, port: u16, extra_conf: &[&str]) -> String {
         let mut opts = format!("-p {port} -k {} -c listen_addresses=127.0.0.1 -c max_connections=200", dir.display());
         for c in extra_conf {
             opts.push_str(&format!(" -c {c}"));
         }
+        opts
+    }
+
+    /// Starts the cluster in `dir/data` and a watchdog that stops and removes it when
+    /// this test process ends.
+    fn launch(bin_dir: PathBuf, dir: PathBuf, port: u16, extra_conf: &[&str]) -> Result<Cluster, String> {
+        let data = dir.join("data");
+        let opts = Cluster::options(&dir, port, extra_conf);
         let out = pg_command(&bin_dir, "pg_ctl")
             .arg("-D")
             .arg(&data)

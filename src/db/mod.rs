@@ -13,7 +13,7 @@ use std::error::Error as _;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use postgres::{CancelToken, Client};
+use postgres::{CancelToken, Client, GenericClient};
 
 use crate::config::DbUrl;
 use crate::error::{AppError, Result};
@@ -87,6 +87,17 @@ pub fn connect_waiting(url: &DbUrl, wait: Duration) -> Result<Client> {
             Err(e) => return Err(connect_failure(url, e)),
         }
     }
+}
+
+/// The address and port of the server `client` is connected to (`10.0.0.7:5432`), or its
+/// socket directory's port for a unix socket: which server of a multi-host URL answers.
+pub fn server_address(client: &mut impl GenericClient) -> Result<String, postgres::Error> {
+    let row = client.query_one(
+        "SELECT coalesce(host(inet_server_addr()) || ':' || inet_server_port(),
+                         'the local socket, port ' || current_setting('port'))",
+        &[],
+    )?;
+    row.try_get(0)
 }
 
 pub type Pool = r2d2::Pool<r2d2_postgres::PostgresConnectionManager<tls::Connector>>;

@@ -58,6 +58,8 @@ pub struct Metrics {
     pub reclaimed: AtomicU64,
     pub lease_lost: AtomicU64,
     pub db_errors: AtomicU64,
+    /// Times the database answered again after it was lost (a restart, a failover).
+    pub db_reconnects: AtomicU64,
     /// Times the metrics endpoint's server was started again after it stopped serving.
     pub metrics_server_restarts: AtomicU64,
     pub batch_duration: Histogram,
@@ -80,6 +82,7 @@ impl Metrics {
             reclaimed: AtomicU64::new(0),
             lease_lost: AtomicU64::new(0),
             db_errors: AtomicU64::new(0),
+            db_reconnects: AtomicU64::new(0),
             metrics_server_restarts: AtomicU64::new(0),
             batch_duration: Histogram::new(BATCH_BUCKETS),
             projection_latency: Histogram::new(LATENCY_BUCKETS),
@@ -158,7 +161,7 @@ impl Metrics {
             }
         }
 
-        let counters: [(&str, &str, &AtomicU64); 6] = [
+        let counters: [(&str, &str, &AtomicU64); 7] = [
             ("chronicle_outbox_processed_total", "Events projected into entries and marked done.", &self.processed),
             (
                 "chronicle_outbox_retry_scheduled_total",
@@ -176,6 +179,11 @@ impl Metrics {
                 &self.lease_lost,
             ),
             ("chronicle_outbox_db_errors_total", "Database errors met by this process.", &self.db_errors),
+            (
+                "chronicle_db_reconnects_total",
+                "Times this process reached the database again after losing it (a restart, a failover).",
+                &self.db_reconnects,
+            ),
             (
                 "chronicle_metrics_server_restarts_total",
                 "Times the metrics endpoint was started again after it stopped serving.",
@@ -297,6 +305,7 @@ mod tests {
             "chronicle_outbox_reclaimed_total",
             "chronicle_outbox_lease_lost_total",
             "chronicle_outbox_db_errors_total",
+            "chronicle_db_reconnects_total",
             "chronicle_metrics_server_restarts_total",
             "chronicle_outbox_batch_duration_seconds",
             "chronicle_projection_latency_seconds",

@@ -96,7 +96,7 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             let wakeups = shared.wakeups();
             match run_once(shared, &mut conn, &mut prepared, &mut jitter, suspects_first) {
                 Ok(r) => {
-                    shared.db_ok();
+                    shared.db_ok(&mut *conn);
                     reconnect.reset();
                     suspects_first = !suspects_first;
                     if r.claimed == 0 {

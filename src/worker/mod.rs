@@ -17,7 +17,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
-use postgres::CancelToken;
+use postgres::{CancelToken, GenericClient};
 use uuid::Uuid;
 
 use crate::config::WorkerConfig;
@@ -43,6 +43,9 @@ pub struct Shared {
     pub ready: Arc<AtomicBool>,
     /// Whether the database was last seen unreachable, so it is logged once per change.
     db_down: AtomicBool,
+    /// The server (address and port) the database last answered from: a reconnection to
+    /// another one (a failover to a standby of a multi-host URL) is logged as a switch.
+    server: Mutex<Option<String>>,
     /// Refusals by the server (credentials, database name), reported at most once a minute.
     pub refusals: Arc<db::RefusalLog>,
     /// When the first batch that claimed rows started, and when the latest one ended: the
@@ -62,6 +65,7 @@ impl Shared {
             cancel_tokens: Mutex::new(Vec::new()),
             ready: Arc::new(AtomicBool::new(false)),
             db_down: AtomicBool::new(false),
+            server: Mutex::new(None),
             refusals: Arc::new(db::RefusalLog::default()),
             work_span: Mutex::new(None),
         })
@@ -114,10 +118,28 @@ impl Shared {
         }
     }
 
-    /// Records that the database answered again.
-    pub fn db_ok(&self) {
-        if self.db_down.swap(false, Ordering::SeqCst) {
-            log::info!("database reachable again; resuming");
+    /// Records that the database answered on `conn`. The first time, and when it answers
+    /// again after it was lost, says which server answered (one query): a reconnection is
+    /// counted, and logged as a switch when another server answers than before.
+    pub fn db_ok(&self, conn: &mut impl GenericClient) {
+        let recovered = self.db_down.swap(false, Ordering::SeqCst);
+        let known = self.server.lock().map(|s| s.is_some()).unwrap_or(true);
+        if !recovered && known {
+            return;
+        }
+        let now =
+            db::server_address(conn).unwrap_or_else(|e| format!("an unnamed server ({})", db::describe_error(&e)));
+        let before = self.server.lock().ok().and_then(|mut s| s.replace(now.clone()));
+        if !recovered {
+            log::info!("connected to the database server at {now}");
+            return;
+        }
+        Metrics::add(&self.metrics.db_reconnects, 1);
+        match before {
+            Some(before) if before != now => {
+                log::warn!("database reachable again at another server: {now} (was {before}); resuming there")
+            }
+            _ => log::info!("database reachable again at {now}; resuming"),
         }
     }
 
@@ -277,7 +299,7 @@ fn wait_for_schema(shared: &Shared, started: Instant) -> Result<bool> {
         }
         match db::connect(url) {
             Ok(mut client) => {
-                shared.db_ok();
+                shared.db_ok(&mut client);
                 let st = migrate::status(&mut client)?;
                 if !st.pending.is_empty() {
                     return Err(AppError::failed(format!(
@@ -322,7 +344,7 @@ pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
     let Some(mut c) = pooled(shared, pool, "reclaim") else { return };
     match outbox::reclaim_stuck(&mut *c, shared.cfg.max_processing, shared.cfg.max_attempts) {
         Ok(o) => {
-            shared.db_ok();
+            shared.db_ok(&mut *c);
             let n = o.retried + o.exhausted;
             if n > 0 {
                 log::warn!(
