@@ -2650,3 +2650,78 @@ fn chaos_failover_to_a_promoted_standby_projects_every_surviving_event_once() {
     }
     lonely.kill9();
 }
+
+#[test]
+fn chaos_with_a_synchronous_standby_nothing_acknowledged_is_lost_in_a_failover() {
+    // The server waits for the standby before acknowledging a commit: after the primary
+    // dies mid-write and the standby is promoted, every event a writer was told is
+    // committed is there, with its outbox row.
+    let primary = Cluster::start(&["fsync=off"]).unwrap_or_else(|e| panic!("starting the primary: {e}"));
+    let _stop_primary = StopCluster(&primary);
+    let db = TestDb::empty_on(&primary.server);
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let standby = Cluster::standby_of(&primary, &["fsync=off"]).unwrap_or_else(|e| panic!("starting the standby: {e}"));
+    let _stop_standby = StopCluster(&standby);
+    let mut c = db.client();
+    for sql in [
+        "ALTER SYSTEM SET synchronous_standby_names = '*'",
+        "ALTER SYSTEM SET synchronous_commit = on",
+        "SELECT pg_reload_conf()",
+    ] {
+        c.batch_execute(sql).unwrap();
+    }
+    wait_until(Duration::from_secs(30), "the standby to be synchronous", || {
+        count(&mut c, "SELECT count(*) FROM pg_stat_replication WHERE sync_state = 'sync'") == 1
+    });
+    drop(c);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let (flag, conn) = (stop.clone(), primary.server.key_value(&db.name));
+    let writer = std::thread::spawn(move || {
+        let mut acknowledged = Vec::new();
+        let Ok(mut c) = conn.parse::<postgres::Config>().expect("connection string").connect(NoTls) else {
+            return acknowledged;
+        };
+        while !flag.load(Ordering::Relaxed) {
+            let id = Uuid::now_v7();
+            let ok = c.execute(
+                "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at)
+                 VALUES ($1, $1, 'tag', $1, 'TagCreated', '{\"name\": \"sync\"}', now())",
+                &[&id],
+            );
+            match ok {
+                Ok(_) => acknowledged.push(id),
+                Err(_) => break,
+            }
+        }
+        acknowledged
+    });
+    let mut c = db.client();
+    wait_until(Duration::from_secs(30), "the writer to be writing", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_events") >= 200
+    });
+    drop(c);
+    let out = primary.pg_ctl(&["stop", "-m", "immediate", "-w"]);
+    assert!(out.status.success(), "stopping the primary: {}", String::from_utf8_lossy(&out.stderr));
+    stop.store(true, Ordering::Relaxed);
+    let acknowledged = writer.join().expect("the writer thread");
+    let out = standby.pg_ctl(&["promote", "-w", "-t", "60"]);
+    assert!(out.status.success(), "promoting the standby: {}", String::from_utf8_lossy(&out.stderr));
+    let mut c = standby.server.connect(&db.name);
+    let lost = c
+        .query_one(
+            "SELECT count(*) FROM unnest($1::uuid[]) a(id)
+             WHERE NOT EXISTS (SELECT 1 FROM chronicle_events e WHERE e.id = a.id)
+                OR NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o WHERE o.event_id = a.id)",
+            &[&acknowledged],
+        )
+        .unwrap()
+        .get::<_, i64>(0);
+    eprintln!(
+        "synchronous failover: {} commits acknowledged, {lost} of them missing after promotion",
+        acknowledged.len()
+    );
+    assert!(acknowledged.len() >= 200);
+    assert_eq!(lost, 0, "an acknowledged event was lost");
+}
