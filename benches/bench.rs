@@ -41,6 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chronicle::config::DbUrl;
+use chronicle::event::EventType;
 use chronicle::synthetic::Generator;
 use chronicle::timeline::{self, Cursor, EntryQuery};
 use postgres::Client;
@@ -1592,7 +1593,10 @@ impl Bench {
             self.count(&mut c, &format!("SELECT count(*) FROM chronicle_entries WHERE library_id = '{lib}'"))?;
         let kinds: Vec<(&str, EntryQuery)> = vec![
             ("newest", EntryQuery::new(lib)),
-            ("event type BookRenamed", EntryQuery { event_type: Some("BookRenamed".into()), ..EntryQuery::new(lib) }),
+            (
+                "event type BookRenamed",
+                EntryQuery { event_type: Some(EventType::BookRenamed.to_string()), ..EntryQuery::new(lib) },
+            ),
             ("search \"sourdough\" (English)", EntryQuery { search: Some("sourdough".into()), ..EntryQuery::new(lib) }),
             ("search \"菜谱\" (Chinese)", EntryQuery { search: Some("菜谱".into()), ..EntryQuery::new(lib) }),
         ];
