@@ -25,6 +25,8 @@ use uuid::Uuid;
 
 use crate::search;
 
+pub mod render;
+
 /// The most rows one page may hold.
 pub const MAX_LIMIT: u32 = 1000;
 
