@@ -64,9 +64,10 @@ const fn integer(name: &'static str) -> Field {
 /// The event types of the catalog: a closed list. The stored column is text, so an
 /// event may name a type that is not here; the projector refuses it as
 /// `unknown_event_type` (docs/DESIGN.md §3). A new type needs a variant here, its name
-/// in `as_str`, a place at the end of `ALL`, a row at the end of `CATALOG` and a summary
-/// in the projection: the compiler refuses a missing name, row or summary, and the
-/// unit tests, which list the names by hand, a missing place in `ALL`.
+/// in `as_str`, a place at the end of `ALL` and a row at the end of `CATALOG`, a summary
+/// in the projection, and its name in the unit tests' hand-written list and in the docs'
+/// tables. The compiler refuses a missing name or summary and a `CATALOG` out of step
+/// with `ALL`; the tests compare `ALL` with the hand-written list and the docs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub enum EventType {
     LibraryCreated,
