@@ -41,6 +41,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use chronicle::config::DbUrl;
+use chronicle::entries::ENTRY_COLUMNS;
+use chronicle::event::EventType;
 use chronicle::synthetic::Generator;
 use chronicle::timeline::{self, Cursor, EntryQuery};
 use postgres::Client;
@@ -847,7 +849,8 @@ impl Bench {
             self.sql(&mut c, "TRUNCATE bench_raw_entries, bench_raw_entries2")?;
             self.checkpoint(&mut c);
             let t = Instant::now();
-            let written = c.execute(RAW_BUILD, &[]).map_err(|e| format!("raw INSERT … SELECT: {}", pg(&e)))?;
+            let build = format!("INSERT INTO bench_raw_entries ({ENTRY_COLUMNS}) {RAW_ROWS}");
+            let written = c.execute(&build, &[]).map_err(|e| format!("raw INSERT … SELECT: {}", pg(&e)))?;
             let ta = t.elapsed().as_secs_f64();
             self.checkpoint(&mut c);
             let t = Instant::now();
@@ -1592,7 +1595,10 @@ impl Bench {
             self.count(&mut c, &format!("SELECT count(*) FROM chronicle_entries WHERE library_id = '{lib}'"))?;
         let kinds: Vec<(&str, EntryQuery)> = vec![
             ("newest", EntryQuery::new(lib)),
-            ("event type BookRenamed", EntryQuery { event_type: Some("BookRenamed".into()), ..EntryQuery::new(lib) }),
+            (
+                "event type BookRenamed",
+                EntryQuery { event_type: Some(EventType::BookRenamed.to_string()), ..EntryQuery::new(lib) },
+            ),
             ("search \"sourdough\" (English)", EntryQuery { search: Some("sourdough".into()), ..EntryQuery::new(lib) }),
             ("search \"菜谱\" (Chinese)", EntryQuery { search: Some("菜谱".into()), ..EntryQuery::new(lib) }),
         ];
@@ -1820,11 +1826,9 @@ fn tail(path: &Path) -> String {
 /// table shaped like the read model. The summary is built like the projection's (same
 /// sentences, quoted names cut to 120 characters); the search document is the summary,
 /// the reason, the display names and the block texts through `to_tsvector('simple')`
-/// (Postgres' own parser: no CJK bigrams, so fewer lexemes than the real entries).
-const RAW_BUILD: &str = r#"
-INSERT INTO bench_raw_entries (id, library_id, actor_user_id, entity_type, entity_id, event_type, occurred_at,
-    created_at, request_id, client, ip, reason, summary, changed_fields, details, search, projection_version,
-    projected_at)
+/// (Postgres' own parser: no CJK bigrams, so fewer lexemes than the real entries). The
+/// rows, one value per column of `ENTRY_COLUMNS` in its order, for `INSERT … SELECT`.
+const RAW_ROWS: &str = r#"
 SELECT e.id, e.library_id, e.actor_user_id, e.entity_type, e.entity_id, e.event_type, e.occurred_at,
        e.created_at, e.request_id, e.client, e.ip, e.reason, s.summary,
        ARRAY(SELECT k FROM (SELECT jsonb_object_keys(CASE WHEN jsonb_typeof(e.before) = 'object' THEN e.before ELSE '{}' END)

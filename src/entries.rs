@@ -9,7 +9,8 @@ use postgres::ToStatement;
 
 use crate::projection::Entry;
 
-/// The columns of an entry row, in the order the statements below write them.
+/// The columns of an entry row, in the order the statements below write them (a macro,
+/// for `concat!`; `ENTRY_COLUMNS` is the same list as a constant).
 macro_rules! entry_columns {
     () => {
         "id, library_id, actor_user_id, entity_type, entity_id, event_type, occurred_at, \
@@ -17,6 +18,11 @@ macro_rules! entry_columns {
          search, projection_version, projected_at"
     };
 }
+
+/// Every column of `chronicle_entries`, in table order: what the statements below write.
+/// The timeline's read (`timeline::SELECT_PAGE`) and the benchmark's raw build list the
+/// same columns; a test compares each list with the migrated table.
+pub const ENTRY_COLUMNS: &str = entry_columns!();
 
 /// A batch of projected entries as rows, from one array parameter per column.
 ///

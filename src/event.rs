@@ -1,9 +1,11 @@
 //! The event model and the event catalog (docs/DESIGN.md §2).
 //!
-//! The catalog is one table: for each event type, the entity types it may concern and
-//! the payload fields `before` and `after` must carry. `append` and `inject` validate
-//! against it, and the projector reads it, so there is one definition of what a
-//! well-formed event is.
+//! The event types are one closed enum, `EventType`, and the catalog one table: for each
+//! type, the entity types it may concern and the payload fields `before` and `after`
+//! must carry. `append` and `inject` validate against it, and the projector reads it, so
+//! there is one definition of what a well-formed event is.
+
+use std::fmt;
 
 use chrono::{DateTime, Utc};
 use serde_json::Value;
@@ -59,49 +61,156 @@ const fn integer(name: &'static str) -> Field {
     Field { name, kind: FieldKind::Integer }
 }
 
+/// The event types of the catalog: a closed list. The stored column is text, so an
+/// event may name a type that is not here; the projector refuses it as
+/// `unknown_event_type` (docs/DESIGN.md §3). A new type needs a variant here, its name
+/// in `as_str`, a place at the end of `ALL` and a row at the end of `CATALOG`, a summary
+/// in the projection, and its name in the unit tests' hand-written list and in the docs'
+/// tables. The compiler refuses a missing name or summary and a `CATALOG` out of step
+/// with `ALL`; the tests compare `ALL` with the hand-written list and the docs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum EventType {
+    LibraryCreated,
+    LibraryRenamed,
+    BookshelfCreated,
+    BookshelfRenamed,
+    BookshelfDeleted,
+    BookCreated,
+    BookRenamed,
+    BookMoved,
+    BookDeleted,
+    BookRestored,
+    BlockCreated,
+    BlockUpdated,
+    BlockMoved,
+    BlockDeleted,
+    TagCreated,
+    TagRenamed,
+    TagDeleted,
+    TagAdded,
+    TagRemoved,
+}
+
+impl EventType {
+    /// Every type, in catalog order.
+    pub const ALL: [EventType; 19] = [
+        EventType::LibraryCreated,
+        EventType::LibraryRenamed,
+        EventType::BookshelfCreated,
+        EventType::BookshelfRenamed,
+        EventType::BookshelfDeleted,
+        EventType::BookCreated,
+        EventType::BookRenamed,
+        EventType::BookMoved,
+        EventType::BookDeleted,
+        EventType::BookRestored,
+        EventType::BlockCreated,
+        EventType::BlockUpdated,
+        EventType::BlockMoved,
+        EventType::BlockDeleted,
+        EventType::TagCreated,
+        EventType::TagRenamed,
+        EventType::TagDeleted,
+        EventType::TagAdded,
+        EventType::TagRemoved,
+    ];
+
+    /// The name stored in `chronicle_events.event_type`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            EventType::LibraryCreated => "LibraryCreated",
+            EventType::LibraryRenamed => "LibraryRenamed",
+            EventType::BookshelfCreated => "BookshelfCreated",
+            EventType::BookshelfRenamed => "BookshelfRenamed",
+            EventType::BookshelfDeleted => "BookshelfDeleted",
+            EventType::BookCreated => "BookCreated",
+            EventType::BookRenamed => "BookRenamed",
+            EventType::BookMoved => "BookMoved",
+            EventType::BookDeleted => "BookDeleted",
+            EventType::BookRestored => "BookRestored",
+            EventType::BlockCreated => "BlockCreated",
+            EventType::BlockUpdated => "BlockUpdated",
+            EventType::BlockMoved => "BlockMoved",
+            EventType::BlockDeleted => "BlockDeleted",
+            EventType::TagCreated => "TagCreated",
+            EventType::TagRenamed => "TagRenamed",
+            EventType::TagDeleted => "TagDeleted",
+            EventType::TagAdded => "TagAdded",
+            EventType::TagRemoved => "TagRemoved",
+        }
+    }
+
+    /// The type named `name`, if it is one; names are case-sensitive.
+    pub fn parse(name: &str) -> Option<EventType> {
+        EventType::ALL.into_iter().find(|t| t.as_str() == name)
+    }
+
+    /// The catalog row of this type.
+    pub const fn spec(self) -> &'static EventSpec {
+        &CATALOG[self as usize]
+    }
+}
+
+impl fmt::Display for EventType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// One row of the catalog.
 #[derive(Debug)]
-pub struct EventType {
-    pub name: &'static str,
+pub struct EventSpec {
+    pub event_type: EventType,
     pub entity_types: &'static [&'static str],
     pub before: &'static [Field],
     pub after: &'static [Field],
 }
 
 macro_rules! catalog {
-    ($( $name:literal : [$($et:literal),+] before [$($b:expr),*] after [$($a:expr),*] ;)*) => {
-        &[$( EventType { name: $name, entity_types: &[$($et),+], before: &[$($b),*], after: &[$($a),*] } ),*]
+    ($( $ty:ident : [$($et:literal),+] before [$($b:expr),*] after [$($a:expr),*] ;)*) => {
+        &[$( EventSpec {
+            event_type: EventType::$ty,
+            entity_types: &[$($et),+],
+            before: &[$($b),*],
+            after: &[$($a),*],
+        } ),*]
     };
 }
 
-/// The event catalog of docs/DESIGN.md §2. Add a type here (and to the projection) to
-/// support it; more payload fields than these are allowed and kept.
-pub const CATALOG: &[EventType] = catalog! {
-    "LibraryCreated":   ["library"]       before []                                    after [text("name")];
-    "LibraryRenamed":   ["library"]       before [text("name")]                        after [text("name")];
-    "BookshelfCreated": ["bookshelf"]     before []                                    after [text("name")];
-    "BookshelfRenamed": ["bookshelf"]     before [text("name")]                        after [text("name")];
-    "BookshelfDeleted": ["bookshelf"]     before [text("name")]                        after [];
-    "BookCreated":      ["book"]          before []                                    after [text("title"), uuid("bookshelf_id")];
-    "BookRenamed":      ["book"]          before [text("title")]                       after [text("title")];
-    "BookMoved":        ["book"]          before [uuid("bookshelf_id")]                after [uuid("bookshelf_id")];
-    "BookDeleted":      ["book"]          before [text("title")]                       after [];
-    "BookRestored":     ["book"]          before []                                    after [text("title")];
-    "BlockCreated":     ["block"]         before []                                    after [uuid("book_id"), text("kind"), text("text")];
-    "BlockUpdated":     ["block"]         before [text("text")]                        after [text("text")];
-    "BlockMoved":       ["block"]         before [integer("position")]                 after [integer("position")];
-    "BlockDeleted":     ["block"]         before [text("text")]                        after [];
-    "TagCreated":       ["tag"]           before []                                    after [text("name")];
-    "TagRenamed":       ["tag"]           before [text("name")]                        after [text("name")];
-    "TagDeleted":       ["tag"]           before [text("name")]                        after [];
-    "TagAdded":         ["book", "block"] before []                                    after [uuid("tag_id"), text("tag_name")];
-    "TagRemoved":       ["book", "block"] before [uuid("tag_id"), text("tag_name")]    after [];
+/// The event catalog of docs/DESIGN.md §2, one row per `EventType` in `ALL`'s order;
+/// more payload fields than these are allowed and kept.
+pub const CATALOG: &[EventSpec] = catalog! {
+    LibraryCreated:   ["library"]       before []                                    after [text("name")];
+    LibraryRenamed:   ["library"]       before [text("name")]                        after [text("name")];
+    BookshelfCreated: ["bookshelf"]     before []                                    after [text("name")];
+    BookshelfRenamed: ["bookshelf"]     before [text("name")]                        after [text("name")];
+    BookshelfDeleted: ["bookshelf"]     before [text("name")]                        after [];
+    BookCreated:      ["book"]          before []                                    after [text("title"), uuid("bookshelf_id")];
+    BookRenamed:      ["book"]          before [text("title")]                       after [text("title")];
+    BookMoved:        ["book"]          before [uuid("bookshelf_id")]                after [uuid("bookshelf_id")];
+    BookDeleted:      ["book"]          before [text("title")]                       after [];
+    BookRestored:     ["book"]          before []                                    after [text("title")];
+    BlockCreated:     ["block"]         before []                                    after [uuid("book_id"), text("kind"), text("text")];
+    BlockUpdated:     ["block"]         before [text("text")]                        after [text("text")];
+    BlockMoved:       ["block"]         before [integer("position")]                 after [integer("position")];
+    BlockDeleted:     ["block"]         before [text("text")]                        after [];
+    TagCreated:       ["tag"]           before []                                    after [text("name")];
+    TagRenamed:       ["tag"]           before [text("name")]                        after [text("name")];
+    TagDeleted:       ["tag"]           before [text("name")]                        after [];
+    TagAdded:         ["book", "block"] before []                                    after [uuid("tag_id"), text("tag_name")];
+    TagRemoved:       ["book", "block"] before [uuid("tag_id"), text("tag_name")]    after [];
 };
 
-/// The catalog entry of an event type, if we know it.
-pub fn lookup(event_type: &str) -> Option<&'static EventType> {
-    CATALOG.iter().find(|t| t.name == event_type)
-}
+// `ALL` and `CATALOG` follow the declaration order, so `spec` can index the catalog.
+const _: () = {
+    assert!(CATALOG.len() == EventType::ALL.len());
+    let mut i = 0;
+    while i < CATALOG.len() {
+        assert!(EventType::ALL[i] as usize == i);
+        assert!(CATALOG[i].event_type as usize == i);
+        i += 1;
+    }
+};
 
 /// One row of `chronicle_events`, as the projector and the writers see it.
 #[derive(Debug, Clone, PartialEq)]
@@ -191,17 +300,97 @@ pub fn read_event(row: &postgres::Row, offset: usize) -> Result<Result<Event, Un
 mod tests {
     use super::*;
 
+    /// The catalog's names as docs/DESIGN.md §2 lists them, written out by hand.
+    const NAMES: [&str; 19] = [
+        "LibraryCreated",
+        "LibraryRenamed",
+        "BookshelfCreated",
+        "BookshelfRenamed",
+        "BookshelfDeleted",
+        "BookCreated",
+        "BookRenamed",
+        "BookMoved",
+        "BookDeleted",
+        "BookRestored",
+        "BlockCreated",
+        "BlockUpdated",
+        "BlockMoved",
+        "BlockDeleted",
+        "TagCreated",
+        "TagRenamed",
+        "TagDeleted",
+        "TagAdded",
+        "TagRemoved",
+    ];
+
     #[test]
-    fn catalog_names_are_unique_and_entity_types_known() {
-        for (i, t) in CATALOG.iter().enumerate() {
-            assert!(CATALOG[i + 1..].iter().all(|o| o.name != t.name), "{} twice", t.name);
-            for et in t.entity_types {
-                assert!(ENTITY_TYPES.contains(et), "{}: unknown entity type {et}", t.name);
+    fn the_types_are_the_catalog_names_and_parse_case_sensitively() {
+        assert_eq!(EventType::ALL.map(EventType::as_str), NAMES);
+        for t in EventType::ALL {
+            assert_eq!(EventType::parse(t.as_str()), Some(t));
+            assert_eq!(t.to_string(), t.as_str());
+            assert_eq!(t.spec().event_type, t);
+        }
+        for bad in ["", "bookrenamed", "BOOKRENAMED", "BookRenamed ", " BookRenamed", "BookExploded"] {
+            assert_eq!(EventType::parse(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn catalog_entity_types_are_known() {
+        for spec in CATALOG {
+            for et in spec.entity_types {
+                assert!(ENTITY_TYPES.contains(et), "{}: unknown entity type {et}", spec.event_type);
             }
         }
-        assert_eq!(CATALOG.len(), 19);
-        assert!(lookup("BookRenamed").is_some());
-        assert!(lookup("bookrenamed").is_none());
+        assert_eq!(CATALOG.len(), NAMES.len());
+    }
+
+    /// The rows of the table of `doc` whose header starts with `| event_type | entity_type |`,
+    /// as cells with backticks and `(UUID)`-like notes removed.
+    fn type_table(doc: &str) -> Vec<Vec<String>> {
+        let clean = |cell: &str| {
+            let cell = cell.replace('`', "");
+            let mut out = String::new();
+            let mut depth = 0;
+            for c in cell.chars() {
+                match c {
+                    '(' => depth += 1,
+                    ')' => depth -= 1,
+                    _ if depth == 0 => out.push(c),
+                    _ => {}
+                }
+            }
+            out.split(", ").map(str::trim).collect::<Vec<_>>().join(", ")
+        };
+        doc.lines()
+            .skip_while(|l| !l.starts_with("| event_type | entity_type |"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l.trim_matches('|').split('|').map(clean).collect())
+            .collect()
+    }
+
+    /// docs/DESIGN.md §2 and docs/events.md list the catalog as it is: every type, in
+    /// order, with its entity types and required fields.
+    #[test]
+    fn the_docs_list_the_catalog() {
+        let fields = |fs: &[Field]| match fs {
+            [] => "—".to_string(),
+            fs => fs.iter().map(|f| f.name).collect::<Vec<_>>().join(", "),
+        };
+        for (doc, text) in [
+            ("docs/DESIGN.md", include_str!("../docs/DESIGN.md")),
+            ("docs/events.md", include_str!("../docs/events.md")),
+        ] {
+            let rows = type_table(text);
+            let names: Vec<&str> = rows.iter().map(|r| r[0].as_str()).collect();
+            assert_eq!(names, NAMES, "{doc}");
+            for (row, spec) in rows.iter().zip(CATALOG) {
+                let expected = [spec.entity_types.join(" or "), fields(spec.before), fields(spec.after)];
+                assert_eq!(row[1..4], expected, "{doc}: {}", spec.event_type);
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::error::Result;
-use crate::event::{self, Field, ENTITY_TYPES};
+use crate::event::{EventType, Field, ENTITY_TYPES};
 
 /// The longest single event (one JSON line, or one pretty-printed document) we accept.
 pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
@@ -275,7 +275,7 @@ pub fn event_from_json(v: &Value, rules: Rules) -> Result<NewEvent, Vec<String>>
         // A before or after that is not an object was reported above; the catalog check
         // would only repeat it.
         let shapes_ok = before.is_some() && after.is_some();
-        match event::lookup(event_type) {
+        match EventType::parse(event_type) {
             Some(_) if !shapes_ok => {}
             Some(_) => {
                 let entity = entity_type.as_deref().unwrap_or("");
@@ -290,8 +290,9 @@ pub fn event_from_json(v: &Value, rules: Rules) -> Result<NewEvent, Vec<String>>
                 }
             }
             None => {
-                let hint = match event::CATALOG.iter().find(|t| t.name.eq_ignore_ascii_case(event_type.trim())) {
-                    Some(t) => format!(" (did you mean {:?}?)", t.name),
+                let close = |t: &EventType| t.as_str().eq_ignore_ascii_case(event_type.trim());
+                let hint = match EventType::ALL.into_iter().find(close) {
+                    Some(t) => format!(" (did you mean {:?}?)", t.as_str()),
                     None => String::new(),
                 };
                 p.push(format!(
@@ -337,18 +338,18 @@ pub fn check_catalog(
     after: Option<&Value>,
 ) -> Vec<String> {
     let mut problems = Vec::new();
-    let Some(ty) = event::lookup(event_type) else {
+    let Some(ty) = EventType::parse(event_type) else {
         return problems;
     };
-    if !entity_type.is_empty() && !ty.entity_types.contains(&entity_type) {
+    let spec = ty.spec();
+    if !entity_type.is_empty() && !spec.entity_types.contains(&entity_type) {
         problems.push(format!(
-            "entity_type {entity_type:?} does not fit {} (it concerns a {})",
-            ty.name,
-            ty.entity_types.join(" or a ")
+            "entity_type {entity_type:?} does not fit {ty} (it concerns a {})",
+            spec.entity_types.join(" or a ")
         ));
     }
-    for (side, fields, payload) in [("before", ty.before, before), ("after", ty.after, after)] {
-        check_side(ty.name, side, fields, payload, &mut problems);
+    for (side, fields, payload) in [("before", spec.before, before), ("after", spec.after, after)] {
+        check_side(ty.as_str(), side, fields, payload, &mut problems);
     }
     problems
 }

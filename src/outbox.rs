@@ -20,6 +20,8 @@ use uuid::Uuid;
 use crate::error_reason::ErrorReason;
 use crate::event::{read_event, Event, Unreadable, EVENT_COLUMNS};
 
+pub mod replay_report;
+
 /// A row claimed for projection, with its event: None if the event no longer exists or
 /// is over the size limit (then `bytes` says so), `Err` if it exists but cannot be read
 /// (it fails alone, not its batch).

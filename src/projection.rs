@@ -15,7 +15,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::error_reason::ErrorReason;
-use crate::event::{self, Event, EventType, Field, FieldKind};
+use crate::event::{Event, EventSpec, EventType, Field, FieldKind};
 use crate::search;
 
 /// The version of the projection rules, stored in each entry. Bump it when an entry
@@ -97,9 +97,9 @@ impl std::error::Error for ProjectError {}
 
 /// Builds the entry of `e`, or says why this version cannot.
 pub fn project(e: &Event) -> Result<Entry, ProjectError> {
-    let ty = event::lookup(&e.event_type).ok_or_else(|| ProjectError::UnknownEventType(e.event_type.clone()))?;
-    validate(ty, e).map_err(|problem| ProjectError::InvalidPayload(format!("{}: {problem}", ty.name)))?;
-    let summary = summarize(&Payload::of(e)).ok_or_else(|| ProjectError::UnknownEventType(e.event_type.clone()))?;
+    let ty = EventType::parse(&e.event_type).ok_or_else(|| ProjectError::UnknownEventType(e.event_type.clone()))?;
+    validate(ty.spec(), e).map_err(|problem| ProjectError::InvalidPayload(format!("{ty}: {problem}")))?;
+    let summary = summarize(ty, &Payload::of(e));
     let search_text = search_text(e, &summary);
     Ok(Entry {
         id: e.id,
@@ -126,7 +126,7 @@ pub fn project(e: &Event) -> Result<Entry, ProjectError> {
 // Validation against the catalog
 
 /// Checks the entity type and the required payload fields; the error names the field.
-fn validate(ty: &EventType, e: &Event) -> Result<(), String> {
+fn validate(ty: &EventSpec, e: &Event) -> Result<(), String> {
     if !ty.entity_types.contains(&e.entity_type.as_str()) {
         return Err(format!(
             "entity_type {} is not allowed, expected {}",
@@ -192,7 +192,6 @@ fn json_kind(v: &Value) -> &'static str {
 /// Read access to an event's payload for the summary. Validation has run, so required
 /// fields are there; display fields may not be, and every lookup is optional.
 struct Payload<'a> {
-    event_type: &'a str,
     entity_type: &'a str,
     before: Option<&'a Value>,
     after: Option<&'a Value>,
@@ -200,12 +199,7 @@ struct Payload<'a> {
 
 impl<'a> Payload<'a> {
     fn of(e: &'a Event) -> Payload<'a> {
-        Payload {
-            event_type: &e.event_type,
-            entity_type: &e.entity_type,
-            before: e.before.as_ref(),
-            after: e.after.as_ref(),
-        }
+        Payload { entity_type: &e.entity_type, before: e.before.as_ref(), after: e.after.as_ref() }
     }
 
     fn before(&self, key: &str) -> Option<&'a Value> {
@@ -262,32 +256,29 @@ impl<'a> Payload<'a> {
     }
 }
 
-/// One readable English sentence for the event; `None` for a catalog type this
-/// projection has no sentence for (a catalog change without a projection change).
-fn summarize(p: &Payload) -> Option<String> {
-    let s = match p.event_type {
-        "LibraryCreated" => format!("Created library{}", p.named("name")),
-        "LibraryRenamed" => format!("Renamed library {}", p.rename("name")),
-        "BookshelfCreated" => format!("Created bookshelf{}", p.named("name")),
-        "BookshelfRenamed" => format!("Renamed bookshelf {}", p.rename("name")),
-        "BookshelfDeleted" => format!("Deleted bookshelf{}", p.named("name")),
-        "BookCreated" => format!("Created book{}{}", p.named("title"), in_bookshelf(p)),
-        "BookRenamed" => format!("Renamed book {}", p.rename("title")),
-        "BookMoved" => book_moved(p),
-        "BookDeleted" => format!("Deleted book{}", p.named("title")),
-        "BookRestored" => format!("Restored book{}", p.named("title")),
-        "BlockCreated" => format!("Created {}{}", block_of_kind(p), p.in_book()),
-        "BlockUpdated" => format!("Edited block{}", p.in_book()),
-        "BlockMoved" => block_moved(p),
-        "BlockDeleted" => format!("Deleted block{}", p.in_book()),
-        "TagCreated" => format!("Created tag{}", p.named("name")),
-        "TagRenamed" => format!("Renamed tag {}", p.rename("name")),
-        "TagDeleted" => format!("Deleted tag{}", p.named("name")),
-        "TagAdded" => format!("Added tag{} to {}", p.named("tag_name"), p.tagged_thing()),
-        "TagRemoved" => format!("Removed tag{} from {}", p.named("tag_name"), p.tagged_thing()),
-        _ => return None,
-    };
-    Some(s)
+/// One readable English sentence for an event of type `ty`.
+fn summarize(ty: EventType, p: &Payload) -> String {
+    match ty {
+        EventType::LibraryCreated => format!("Created library{}", p.named("name")),
+        EventType::LibraryRenamed => format!("Renamed library {}", p.rename("name")),
+        EventType::BookshelfCreated => format!("Created bookshelf{}", p.named("name")),
+        EventType::BookshelfRenamed => format!("Renamed bookshelf {}", p.rename("name")),
+        EventType::BookshelfDeleted => format!("Deleted bookshelf{}", p.named("name")),
+        EventType::BookCreated => format!("Created book{}{}", p.named("title"), in_bookshelf(p)),
+        EventType::BookRenamed => format!("Renamed book {}", p.rename("title")),
+        EventType::BookMoved => book_moved(p),
+        EventType::BookDeleted => format!("Deleted book{}", p.named("title")),
+        EventType::BookRestored => format!("Restored book{}", p.named("title")),
+        EventType::BlockCreated => format!("Created {}{}", block_of_kind(p), p.in_book()),
+        EventType::BlockUpdated => format!("Edited block{}", p.in_book()),
+        EventType::BlockMoved => block_moved(p),
+        EventType::BlockDeleted => format!("Deleted block{}", p.in_book()),
+        EventType::TagCreated => format!("Created tag{}", p.named("name")),
+        EventType::TagRenamed => format!("Renamed tag {}", p.rename("name")),
+        EventType::TagDeleted => format!("Deleted tag{}", p.named("name")),
+        EventType::TagAdded => format!("Added tag{} to {}", p.named("tag_name"), p.tagged_thing()),
+        EventType::TagRemoved => format!("Removed tag{} from {}", p.named("tag_name"), p.tagged_thing()),
+    }
 }
 
 /// ` in bookshelf "Work"` when a created book carries its bookshelf's name.
@@ -505,6 +496,7 @@ fn search_text(e: &Event, summary: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::event::CATALOG;
     use chrono::TimeZone;
     use serde_json::json;
 
@@ -598,8 +590,8 @@ mod tests {
     #[test]
     fn every_catalog_type_has_a_summary_and_changed_fields() {
         let cases = catalog_cases();
-        for ty in event::CATALOG {
-            assert!(cases.iter().any(|(e, _, _)| e.event_type == ty.name), "no case for {}", ty.name);
+        for ty in EventType::ALL {
+            assert!(cases.iter().any(|(e, _, _)| e.event_type == ty.as_str()), "no case for {ty}");
         }
         for (e, summary, changed) in cases {
             let entry = project(&e).unwrap_or_else(|err| panic!("{}: {err}", e.event_type));
@@ -631,17 +623,18 @@ mod tests {
     }
 
     /// The minimal event the catalog accepts for `ty`, built from the catalog itself.
-    fn minimal(ty: &EventType) -> Event {
-        event(ty.name, ty.entity_types[0], payload(ty.before), payload(ty.after))
+    fn minimal(ty: &EventSpec) -> Event {
+        let name = ty.event_type.as_str();
+        event(name, ty.entity_types[0], payload(ty.before), payload(ty.after))
     }
 
     #[test]
     fn every_catalog_type_projects_its_minimal_event_without_display_fields() {
-        for ty in event::CATALOG {
+        for ty in CATALOG {
             for entity_type in ty.entity_types {
                 let mut e = minimal(ty);
                 e.entity_type = entity_type.to_string();
-                let entry = project(&e).unwrap_or_else(|err| panic!("{}: {err}", ty.name));
+                let entry = project(&e).unwrap_or_else(|err| panic!("{}: {err}", ty.event_type));
                 assert!(!entry.summary.is_empty() && !entry.summary.contains("\"\""), "{}", entry.summary);
             }
         }
@@ -660,14 +653,15 @@ mod tests {
 
     #[test]
     fn every_required_field_is_checked_for_presence_and_kind() {
-        for ty in event::CATALOG {
+        for ty in CATALOG {
+            let name = ty.event_type;
             for (side, fields) in [("before", ty.before), ("after", ty.after)] {
                 for f in fields {
                     let missing = with_field(minimal(ty), side, f.name, None);
-                    assert_eq!(invalid(&missing), format!("{}: {side}.{} is missing", ty.name, f.name));
+                    assert_eq!(invalid(&missing), format!("{name}: {side}.{} is missing", f.name));
                     let mistyped = with_field(minimal(ty), side, f.name, Some(wrong(f.kind)));
                     let message = invalid(&mistyped);
-                    assert!(message.starts_with(&format!("{}: {side}.{} must be ", ty.name, f.name)), "{message}");
+                    assert!(message.starts_with(&format!("{name}: {side}.{} must be ", f.name)), "{message}");
                 }
             }
         }
@@ -981,8 +975,8 @@ mod tests {
             (event("TagRemoved", "block", Some(json!({"tag_id": TAG_ID, "tag_name": "数据库"})), none),
              r#"Removed tag "数据库" from a block"#, vec!["数据"]),
         ];
-        for ty in event::CATALOG {
-            assert!(cases.iter().any(|(e, _, _)| e.event_type == ty.name), "no Chinese case for {}", ty.name);
+        for ty in EventType::ALL {
+            assert!(cases.iter().any(|(e, _, _)| e.event_type == ty.as_str()), "no Chinese case for {ty}");
         }
         for (e, summary, words) in cases {
             let entry = project(&e).unwrap_or_else(|err| panic!("{}: {err}", e.event_type));

@@ -14,6 +14,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
+use crate::event::EventType;
 use crate::input::NewEvent;
 
 /// SplitMix64: tiny, fast, and good enough for synthetic data; integer-only, so the
@@ -73,39 +74,43 @@ const WINDOW_US: i64 = 90 * 86_400 * 1_000_000;
 
 /// How often (per mille) each event type is drawn once a library exists.
 /// LibraryCreated is not drawn: it is always a library's first event.
-const TYPE_WEIGHTS: &[(&str, u64)] = &[
-    ("LibraryRenamed", 8),
-    ("BookshelfCreated", 25),
-    ("BookshelfRenamed", 12),
-    ("BookshelfDeleted", 10),
-    ("BookCreated", 60),
-    ("BookRenamed", 30),
-    ("BookMoved", 20),
-    ("BookDeleted", 15),
-    ("BookRestored", 8),
-    ("BlockCreated", 240),
-    ("BlockUpdated", 300),
-    ("BlockMoved", 50),
-    ("BlockDeleted", 40),
-    ("TagCreated", 20),
-    ("TagRenamed", 10),
-    ("TagDeleted", 7),
-    ("TagAdded", 45),
-    ("TagRemoved", 20),
+const TYPE_WEIGHTS: &[(EventType, u64)] = &[
+    (EventType::LibraryRenamed, 8),
+    (EventType::BookshelfCreated, 25),
+    (EventType::BookshelfRenamed, 12),
+    (EventType::BookshelfDeleted, 10),
+    (EventType::BookCreated, 60),
+    (EventType::BookRenamed, 30),
+    (EventType::BookMoved, 20),
+    (EventType::BookDeleted, 15),
+    (EventType::BookRestored, 8),
+    (EventType::BlockCreated, 240),
+    (EventType::BlockUpdated, 300),
+    (EventType::BlockMoved, 50),
+    (EventType::BlockDeleted, 40),
+    (EventType::TagCreated, 20),
+    (EventType::TagRenamed, 10),
+    (EventType::TagDeleted, 7),
+    (EventType::TagAdded, 45),
+    (EventType::TagRemoved, 20),
 ];
 
 /// What to write instead when a drawn type has nothing to act on (no block to edit…).
-fn fallback(event_type: &str) -> &'static str {
+fn fallback(event_type: EventType) -> EventType {
     match event_type {
-        "BookshelfRenamed" | "BookshelfDeleted" | "BookCreated" => "BookshelfCreated",
-        "BookRenamed" | "BookMoved" | "BookDeleted" | "BlockCreated" => "BookCreated",
-        "BookRestored" => "BookDeleted",
-        "BlockUpdated" | "BlockMoved" | "BlockDeleted" => "BlockCreated",
-        "TagCreated" => "TagRenamed",
-        "TagRenamed" | "TagDeleted" | "TagAdded" => "TagCreated",
-        "TagRemoved" => "TagAdded",
-        "BookshelfCreated" => "BookshelfRenamed",
-        _ => "LibraryRenamed",
+        EventType::BookshelfRenamed | EventType::BookshelfDeleted | EventType::BookCreated => {
+            EventType::BookshelfCreated
+        }
+        EventType::BookRenamed | EventType::BookMoved | EventType::BookDeleted | EventType::BlockCreated => {
+            EventType::BookCreated
+        }
+        EventType::BookRestored => EventType::BookDeleted,
+        EventType::BlockUpdated | EventType::BlockMoved | EventType::BlockDeleted => EventType::BlockCreated,
+        EventType::TagCreated => EventType::TagRenamed,
+        EventType::TagRenamed | EventType::TagDeleted | EventType::TagAdded => EventType::TagCreated,
+        EventType::TagRemoved => EventType::TagAdded,
+        EventType::BookshelfCreated => EventType::BookshelfRenamed,
+        EventType::LibraryCreated | EventType::LibraryRenamed => EventType::LibraryRenamed,
     }
 }
 
@@ -213,7 +218,7 @@ impl Caps {
 struct Draft {
     entity_type: &'static str,
     entity_id: Uuid,
-    event_type: &'static str,
+    event_type: EventType,
     before: Option<Value>,
     after: Option<Value>,
     diff: Option<Value>,
@@ -280,7 +285,7 @@ impl Generator {
         self.cumulative.partition_point(|&c| c <= r).min(self.libraries.len() - 1)
     }
 
-    fn draw_type(&mut self) -> &'static str {
+    fn draw_type(&mut self) -> EventType {
         let total: u64 = TYPE_WEIGHTS.iter().map(|(_, w)| w).sum();
         let mut r = self.rng.below(total);
         for &(name, w) in TYPE_WEIGHTS {
@@ -289,7 +294,7 @@ impl Generator {
             }
             r -= w;
         }
-        "BlockUpdated"
+        EventType::BlockUpdated
     }
 
     /// The next event: a library, a type that fits its state, then the context.
@@ -345,7 +350,7 @@ impl Generator {
             actor_user_id: actor_id,
             entity_type: draft.entity_type.to_string(),
             entity_id: draft.entity_id,
-            event_type: draft.event_type.to_string(),
+            event_type: draft.event_type.as_str().to_string(),
             before: draft.before,
             after: draft.after,
             diff: draft.diff,
@@ -402,7 +407,7 @@ impl Generator {
         Draft {
             entity_type: "library",
             entity_id: id,
-            event_type: "LibraryCreated",
+            event_type: EventType::LibraryCreated,
             before: None,
             after: Some(json!({"name": name})),
             diff: None,
@@ -412,7 +417,7 @@ impl Generator {
 
     /// An event of `event_type` in library `li`, or `None` when the library has nothing
     /// it could be about (then a fallback type is tried).
-    fn draft(&mut self, li: usize, event_type: &'static str, ms: u64) -> Option<Draft> {
+    fn draft(&mut self, li: usize, event_type: EventType, ms: u64) -> Option<Draft> {
         let caps = self.caps;
         let rng = &mut self.rng;
         let lib = &mut self.libraries[li];
@@ -433,7 +438,7 @@ impl Generator {
             reason: None,
         };
         let draft = match event_type {
-            "LibraryRenamed" => {
+            EventType::LibraryRenamed => {
                 let old = lib.name.clone();
                 lib.name = different(rng, LIBRARY_NAMES, &old);
                 Draft {
@@ -441,7 +446,7 @@ impl Generator {
                     ..d("library", lib.id, Some(json!({"name": old})), Some(json!({"name": lib.name})))
                 }
             }
-            "BookshelfCreated" => {
+            EventType::BookshelfCreated => {
                 if lib.shelves.len() >= caps.shelves {
                     return None;
                 }
@@ -450,7 +455,7 @@ impl Generator {
                 lib.shelves.push(shelf);
                 draft
             }
-            "BookshelfRenamed" => {
+            EventType::BookshelfRenamed => {
                 if lib.shelves.is_empty() {
                     return None;
                 }
@@ -467,7 +472,7 @@ impl Generator {
                     )
                 }
             }
-            "BookshelfDeleted" => {
+            EventType::BookshelfDeleted => {
                 // Only an empty bookshelf, and never the last one.
                 let empty: Vec<usize> = (0..lib.shelves.len())
                     .filter(|&i| !lib.books.iter().any(|b| b.shelf_id == lib.shelves[i].id))
@@ -481,7 +486,7 @@ impl Generator {
                     ..d("bookshelf", shelf.id, Some(json!({"name": shelf.name})), None)
                 }
             }
-            "BookCreated" => {
+            EventType::BookCreated => {
                 if lib.shelves.is_empty() {
                     return None;
                 }
@@ -497,7 +502,7 @@ impl Generator {
                 lib.books.push(book);
                 draft
             }
-            "BookRenamed" => {
+            EventType::BookRenamed => {
                 if lib.books.is_empty() {
                     return None;
                 }
@@ -513,7 +518,7 @@ impl Generator {
                     ..d("book", lib.books[i].id, Some(json!({"title": old})), Some(json!({"title": new})))
                 }
             }
-            "BookMoved" => {
+            EventType::BookMoved => {
                 if lib.books.is_empty() || lib.shelves.len() < 2 {
                     return None;
                 }
@@ -531,7 +536,7 @@ impl Generator {
                 let after = json!({"bookshelf_id": to.id.to_string(), "bookshelf_name": to.name, "title": book.title});
                 Draft { reason: reason(rng, 200, MOVE_REASONS), ..d("book", book.id, Some(before), Some(after)) }
             }
-            "BookDeleted" => {
+            EventType::BookDeleted => {
                 if lib.books.is_empty() {
                     return None;
                 }
@@ -546,7 +551,7 @@ impl Generator {
                 lib.deleted_books.push(book);
                 draft
             }
-            "BookRestored" => {
+            EventType::BookRestored => {
                 if lib.deleted_books.is_empty() || lib.shelves.is_empty() {
                     return None;
                 }
@@ -569,7 +574,7 @@ impl Generator {
                 lib.books.push(book);
                 draft
             }
-            "BlockCreated" => {
+            EventType::BlockCreated => {
                 if lib.books.is_empty() {
                     return None;
                 }
@@ -595,7 +600,7 @@ impl Generator {
                 lib.blocks.push(block);
                 draft
             }
-            "BlockUpdated" => {
+            EventType::BlockUpdated => {
                 if lib.blocks.is_empty() {
                     return None;
                 }
@@ -615,7 +620,7 @@ impl Generator {
                     )
                 }
             }
-            "BlockMoved" => {
+            EventType::BlockMoved => {
                 if lib.blocks.is_empty() {
                     return None;
                 }
@@ -635,7 +640,7 @@ impl Generator {
                     Some(json!({"position": new, "book_title": title})),
                 )
             }
-            "BlockDeleted" => {
+            EventType::BlockDeleted => {
                 if lib.blocks.is_empty() {
                     return None;
                 }
@@ -645,7 +650,7 @@ impl Generator {
                 let before = json!({"text": block.text, "kind": block.kind, "book_id": block.book_id.to_string(), "book_title": title});
                 Draft { reason: reason(rng, 100, DELETE_REASONS), ..d("block", block.id, Some(before), None) }
             }
-            "TagCreated" => {
+            EventType::TagCreated => {
                 if lib.tags.len() >= caps.tags {
                     return None;
                 }
@@ -658,7 +663,7 @@ impl Generator {
                 lib.tags.push(tag);
                 draft
             }
-            "TagRenamed" => {
+            EventType::TagRenamed => {
                 if lib.tags.is_empty() {
                     return None;
                 }
@@ -667,7 +672,7 @@ impl Generator {
                 lib.tags[i].name = different(rng, TAG_NAMES, &old);
                 d("tag", lib.tags[i].id, Some(json!({"name": old})), Some(json!({"name": lib.tags[i].name})))
             }
-            "TagDeleted" => {
+            EventType::TagDeleted => {
                 if lib.tags.is_empty() {
                     return None;
                 }
@@ -678,7 +683,7 @@ impl Generator {
                     ..d("tag", tag.id, Some(json!({"name": tag.name})), None)
                 }
             }
-            "TagAdded" => {
+            EventType::TagAdded => {
                 if lib.tags.is_empty() || lib.books.is_empty() {
                     return None;
                 }
@@ -701,7 +706,7 @@ impl Generator {
                     json!({"tag_id": tag.id.to_string(), "tag_name": tag.name, "book_title": lib.book_title(book_id)});
                 d(entity_type, entity_id, None, Some(after))
             }
-            "TagRemoved" => {
+            EventType::TagRemoved => {
                 if lib.links.is_empty() {
                     return None;
                 }
@@ -710,7 +715,8 @@ impl Generator {
                 let before = json!({"tag_id": link.tag_id.to_string(), "tag_name": name, "book_title": lib.book_title(link.book_id)});
                 d(link.entity_type, link.entity_id, Some(before), None)
             }
-            _ => return None,
+            // Not drawn: a library's first event (`create_library`).
+            EventType::LibraryCreated => return None,
         };
         Some(draft)
     }
@@ -964,7 +970,6 @@ const RESTORE_REASONS: &[&str] = &["deleted by mistake", "needed again", "误删
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event::CATALOG;
     use crate::input::{event_from_json, event_to_json, Rules};
     use std::collections::BTreeSet;
 
@@ -993,7 +998,7 @@ mod tests {
             libraries.insert(e.library_id);
             system += usize::from(e.actor_user_id.is_none());
         }
-        let all: BTreeSet<String> = CATALOG.iter().map(|t| t.name.to_string()).collect();
+        let all: BTreeSet<String> = EventType::ALL.iter().map(|t| t.to_string()).collect();
         assert_eq!(types, all);
         assert_eq!(libraries.len(), 3);
         assert!((20..=150).contains(&system), "{system} system events");

@@ -25,6 +25,8 @@ use uuid::Uuid;
 
 use crate::search;
 
+pub mod render;
+
 /// The most rows one page may hold.
 pub const MAX_LIMIT: u32 = 1000;
 
@@ -279,6 +281,35 @@ fn entry_row(r: &postgres::Row) -> Result<EntryRow, postgres::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::entries::ENTRY_COLUMNS;
+
+    /// `sql` without `--` comments, its whitespace runs made one space.
+    fn normalized(sql: &str) -> String {
+        let code: Vec<&str> = sql.lines().map(|l| l.split("--").next().unwrap_or_default()).collect();
+        code.join(" ").split_whitespace().collect::<Vec<_>>().join(" ")
+    }
+
+    /// The page reads every column of `chronicle_entries` but the search vector, `ip`
+    /// as text with its netmask.
+    #[test]
+    fn the_page_reads_every_entry_column_but_the_search_vector() {
+        let sql = normalized(SELECT_PAGE);
+        let list = sql.strip_prefix("SELECT ").and_then(|s| s.split(" FROM ").next()).expect("a select list");
+        let read: Vec<&str> = list.split(", ").collect();
+        let columns = normalized(ENTRY_COLUMNS);
+        let expected: Vec<&str> =
+            columns.split(", ").filter(|c| *c != "search").map(|c| if c == "ip" { "abbrev(ip)" } else { c }).collect();
+        assert_eq!(read, expected);
+    }
+
+    /// docs/operations.md shows other languages this very statement.
+    #[test]
+    fn the_operations_guide_shows_the_page_statement() {
+        let doc = include_str!("../docs/operations.md");
+        let start = doc.find("```sql\nSELECT id, library_id").expect("the statement in docs/operations.md") + 7;
+        let end = start + doc[start..].find("```").expect("its end");
+        assert_eq!(normalized(&doc[start..end]), normalized(SELECT_PAGE));
+    }
 
     #[test]
     fn cursors_round_trip_exactly() {

@@ -2,13 +2,17 @@
 //! given; a password may come from PGPASSWORD or a password file instead of the command
 //! line, and a password server accepts exactly those.
 
+#![cfg_attr(not(unix), allow(unused_imports, dead_code))] // Unix-only tests are marked #[cfg(unix)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 
 use uuid::Uuid;
 
-use crate::util::{chronicle_cmd, free_port, run, run_with_input, Cluster, Ran, TestDb};
+#[cfg(unix)]
+use crate::util::Cluster;
+use crate::util::{chronicle_cmd, free_port, run, run_with_input, Ran, TestDb};
 
 /// `chronicle` with no password source of the machine leaking in: PGPASSWORD and
 /// PGPASSFILE removed, HOME a folder that does not exist (so no ~/.pgpass).
@@ -259,12 +263,14 @@ fn a_password_on_the_command_line_is_warned_about_once_and_not_in_the_variable()
 /// A throwaway cluster where TCP logins other than `postgres` need a SCRAM password,
 /// and a role with a hostile password. Shared by the tests below; stopped and removed
 /// when the test process ends (the cluster's watchdog).
+#[cfg(unix)]
 struct PasswordServer {
     cluster: Cluster,
     role: String,
     password: String,
 }
 
+#[cfg(unix)]
 fn password_server() -> &'static PasswordServer {
     static SERVER: OnceLock<PasswordServer> = OnceLock::new();
     SERVER.get_or_init(|| {
@@ -289,6 +295,7 @@ fn password_server() -> &'static PasswordServer {
 }
 
 /// A database owned by the password role, dropped at the end of the test.
+#[cfg(unix)]
 fn owned_db() -> (TestDb, &'static PasswordServer) {
     let ps = password_server();
     let db = TestDb::empty_on(&ps.cluster.server);
@@ -296,6 +303,7 @@ fn owned_db() -> (TestDb, &'static PasswordServer) {
     (db, ps)
 }
 
+#[cfg(unix)]
 fn url_without_password(ps: &PasswordServer, db: &TestDb) -> String {
     format!("postgresql://{}@127.0.0.1:{}/{}", ps.role, ps.cluster.server.port, db.name)
 }
@@ -320,11 +328,13 @@ fn scratch_dir(name: &str) -> PathBuf {
 }
 
 /// The password file line for the server, with `:` and `\` escaped.
+#[cfg(unix)]
 fn pgpass_line(ps: &PasswordServer, db: &str, host: &str) -> String {
     let esc = ps.password.replace('\\', "\\\\").replace(':', "\\:");
     format!("{host}:{}:{db}:{}:{esc}", ps.cluster.server.port, ps.role)
 }
 
+#[cfg(unix)]
 #[test]
 fn the_password_server_refuses_a_login_without_the_password() {
     let (db, ps) = owned_db();
@@ -336,6 +346,7 @@ fn the_password_server_refuses_a_login_without_the_password() {
     assert!(r.stderr.contains("password authentication failed"), "{r}");
 }
 
+#[cfg(unix)]
 #[test]
 fn a_hostile_password_written_raw_encoded_or_quoted_logs_in() {
     let (db, ps) = owned_db();
@@ -351,6 +362,7 @@ fn a_hostile_password_written_raw_encoded_or_quoted_logs_in() {
     }
 }
 
+#[cfg(unix)]
 #[test]
 fn pgpassword_logs_in_and_a_worker_drains_with_it() {
     let (db, ps) = owned_db();
@@ -371,6 +383,7 @@ fn pgpassword_logs_in_and_a_worker_drains_with_it() {
     assert_eq!(crate::util::count(&mut db.client(), "SELECT count(*) FROM chronicle_entries"), 50);
 }
 
+#[cfg(unix)]
 #[test]
 fn a_private_password_file_logs_in_through_pgpassfile_or_home() {
     let (db, ps) = owned_db();
@@ -421,6 +434,7 @@ fn a_password_file_others_can_read_is_refused_with_a_warning_naming_it() {
     let _ = std::fs::remove_dir_all(dir);
 }
 
+#[cfg(unix)]
 #[test]
 fn pgpassword_wins_over_the_password_file_and_the_url_over_both() {
     let (db, ps) = owned_db();

@@ -3,7 +3,7 @@
 
 use std::collections::BTreeSet;
 
-use chronicle::event::CATALOG;
+use chronicle::event::EventType;
 use chronicle::input::{event_from_json, Rules};
 use chronicle::synthetic::Generator;
 use serde_json::{json, Value};
@@ -249,9 +249,9 @@ fn catalog_examples() -> Vec<Value> {
 fn the_catalog_examples_are_valid_appends_one_per_type() {
     let examples = catalog_examples();
     let types: BTreeSet<&str> = examples.iter().skip(1).filter_map(|e| e["event_type"].as_str()).collect();
-    let all: BTreeSet<&str> = CATALOG.iter().map(|t| t.name).collect();
+    let all: BTreeSet<&str> = EventType::ALL.iter().map(|t| t.as_str()).collect();
     assert_eq!(types, all, "docs/events.md needs one example per catalog type");
-    assert_eq!(examples.len(), CATALOG.len() + 1);
+    assert_eq!(examples.len(), EventType::ALL.len() + 1);
     let db = TestDb::new();
     let r = run_with_input(&mut db.chronicle(&["append"]), &json_lines(&examples));
     assert_eq!(r.code, Some(0), "{r}");
@@ -287,7 +287,7 @@ fn inject_writes_exactly_n_valid_events_covering_the_catalog() {
     let mut generated: Vec<_> = Generator::new(seed, 3, 2000).collect();
     generated.sort_by_key(|e| e.id);
     assert!(stored == generated, "the stored events differ from the generated ones");
-    let all: BTreeSet<String> = CATALOG.iter().map(|t| t.name.to_string()).collect();
+    let all: BTreeSet<String> = EventType::ALL.iter().map(|t| t.to_string()).collect();
     assert_eq!(types, all);
     assert_eq!(libraries.len(), 3);
     let mut c = db.client();

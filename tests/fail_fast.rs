@@ -4,13 +4,15 @@
 //! says so as an error an operator sees, answers `/readyz` with 503, and resumes by itself
 //! when let in; a smoke run that never reached its database says that nothing ran.
 
+#![cfg_attr(not(unix), allow(unused_imports, dead_code))] // Unix-only tests are marked #[cfg(unix)]
+
 use std::io::Read;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use crate::util::{
-    chronicle_cmd, count, free_port, insert_events, run, signal, wait_until, worker_cmd, LoginRole, TestDb,
-};
+#[cfg(unix)]
+use crate::util::signal;
+use crate::util::{chronicle_cmd, count, free_port, insert_events, run, wait_until, worker_cmd, LoginRole, TestDb};
 
 /// The same server as `db`, as another role (with the harness's password, if any).
 fn url_as(db: &TestDb, user: &str, dbname: &str) -> String {
@@ -98,6 +100,7 @@ fn a_smoke_run_that_never_reached_its_database_says_so_and_ends_on_time() {
 /// A worker whose role stops being allowed in (a rotated password looks the same to it)
 /// keeps running, logs the refusal as an error once (not once per attempt), answers
 /// `/readyz` with 503, and resumes by itself when it is let in again.
+#[cfg(unix)]
 #[test]
 fn a_refusal_after_the_worker_ran_is_an_error_it_survives() {
     let db = TestDb::new();

@@ -3,6 +3,8 @@
 //! `failed / max_attempts_exceeded` by itself and the rest of its batch is projected.
 //! The crashes are real: the binary's fail points (`FAILPOINTS`) abort the process.
 
+#![cfg_attr(not(target_os = "linux"), allow(unused_imports, dead_code))] // some tests are Unix or Linux only
+
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -109,6 +111,7 @@ fn statuses(c: &mut Client, ids: &[Uuid]) -> std::collections::BTreeMap<String, 
     .collect()
 }
 
+#[cfg(unix)]
 #[test]
 fn events_that_kill_the_worker_fail_alone_and_the_rest_of_their_batch_is_projected() {
     let db = TestDb::new();
@@ -205,6 +208,7 @@ fn events_that_kill_the_worker_fail_alone_and_the_rest_of_their_batch_is_project
     );
 }
 
+#[cfg(unix)]
 #[test]
 fn fail_points_error_and_stall_are_survived_without_losing_an_event() {
     let db = TestDb::new();
@@ -260,6 +264,7 @@ fn fail_points_error_and_stall_are_survived_without_losing_an_event() {
 }
 
 /// The worker's peak resident memory (VmHWM), in MB.
+#[cfg(target_os = "linux")] // the worker's peak memory from /proc
 fn peak_rss_mb(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
@@ -269,6 +274,7 @@ fn peak_rss_mb(pid: u32) -> f64 {
 
 /// Runs a worker (batch 50, one thread) until no row is pending or processing, and
 /// returns its peak RSS in MB.
+#[cfg(target_os = "linux")] // the worker's peak memory from /proc
 fn drain_measuring(db: &TestDb, c: &mut Client) -> f64 {
     let mut w = worker_cmd(db, &["--batch-size", "50", "--concurrency", "1"])
         .stdout(Stdio::null())
@@ -302,6 +308,7 @@ fn insert_heavy(c: &mut Client, n: i64, keys: i64, n_big: i64, big_mb: i64) {
     .unwrap();
 }
 
+#[cfg(target_os = "linux")] // the worker's peak memory from /proc
 #[test]
 fn events_over_the_size_limit_fail_unread_and_the_worker_stays_small() {
     // One event of 50 MB: never loaded, failed with its size; the worker's peak memory
@@ -323,6 +330,7 @@ fn events_over_the_size_limit_fail_unread_and_the_worker_stays_small() {
     assert_eq!(outbox_by_status(&mut c), [("done".to_string(), 100), ("failed/invalid_payload".to_string(), 1)].into());
 }
 
+#[cfg(target_os = "linux")] // the worker's peak memory from /proc
 #[test]
 fn several_large_events_in_one_insert_fail_once_and_the_backlog_behind_them_drains() {
     // Five 50 MB events written by one statement, then the ordinary backlog: the first
@@ -344,6 +352,7 @@ fn several_large_events_in_one_insert_fail_once_and_the_backlog_behind_them_drai
     assert!(peak <= 80.0, "peak RSS {peak:.0} MB with five 50 MB events");
 }
 
+#[cfg(target_os = "linux")] // the worker's peak memory from /proc
 #[test]
 fn a_batch_of_events_with_many_keys_is_projected_whole_within_bounded_memory() {
     // Ten events of 100,000 keys each (3.4 MB of JSON apiece) in one batch: every entry

@@ -1,6 +1,8 @@
 //! Operations: replay-failed, status, show, prune (and the worker's retention), erase,
 //! through the real binary against a real server.
 
+#![cfg_attr(not(unix), allow(unused_imports, dead_code))] // Unix-only tests are marked #[cfg(unix)]
+
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -8,7 +10,9 @@ use postgres::Client;
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::util::{count, insert_events, run, server, signal, wait_until, worker_cmd, Ran, TestDb};
+#[cfg(unix)]
+use crate::util::signal;
+use crate::util::{count, insert_events, run, server, wait_until, worker_cmd, Ran, TestDb};
 
 /// Hostile audit text: quotes, backslashes, SQL, a newline and non-ASCII.
 const HOSTILE: &str = "it's \"fixed\" \\ '); DROP TABLE chronicle_outbox_events; --\nv1.4 修复";
@@ -617,6 +621,7 @@ fn prune_deletes_only_old_done_rows_in_batches() {
     assert!(r.stderr.contains("--older-than"), "{r}");
 }
 
+#[cfg(unix)]
 #[test]
 fn the_worker_prunes_done_rows_when_retention_is_set() {
     let db = TestDb::new();

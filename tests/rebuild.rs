@@ -1,5 +1,7 @@
 //! `chronicle rebuild` in each mode, through the binary, against a real server.
 
+#![cfg_attr(not(unix), allow(unused_imports, dead_code))] // Unix-only tests are marked #[cfg(unix)]
+
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -341,6 +343,7 @@ impl Drop for TestRole {
     }
 }
 
+#[cfg(unix)]
 #[test]
 fn swap_under_readers_writers_and_a_worker_keeps_the_timeline_whole() {
     let db = injected_and_drained("20000");

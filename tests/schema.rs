@@ -265,3 +265,108 @@ fn at_most_one_live_delivery_per_event() {
         .expect_err("a second pending delivery must be refused");
     assert_eq!(err.code(), Some(&postgres::error::SqlState::UNIQUE_VIOLATION));
 }
+
+/// The columns of `table` in the migrated database, in table order, with their type and
+/// whether they are NOT NULL.
+fn table_columns(db: &TestDb, table: &str) -> Vec<(String, String, bool)> {
+    let sql = "SELECT column_name::text, udt_name::text, is_nullable = 'NO' FROM information_schema.columns
+               WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position";
+    db.client().query(sql, &[&table]).unwrap().iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect()
+}
+
+/// The names of a comma-separated column list, `expression AS name` as `name`.
+fn list_names(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(|c| c.split_whitespace().collect::<Vec<_>>().join(" "))
+        .map(|c| c.rsplit(" AS ").next().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The list between the first `(` after `marker` and its `)`.
+fn list_after<'a>(sql: &'a str, marker: &str) -> &'a str {
+    let start = sql.find(marker).expect(marker) + marker.len();
+    let open = start + sql[start..].find('(').expect("(") + 1;
+    &sql[open..open + sql[open..].find(')').expect(")")]
+}
+
+/// Every list of `chronicle_events`' columns in the code names the migrated table's
+/// columns, in table order: a migration that adds, drops or renames a column fails here
+/// until the writers, readers, input and adoption contract follow.
+#[test]
+fn the_code_lists_every_column_of_chronicle_events() {
+    let db = TestDb::new();
+    let table = table_columns(&db, "chronicle_events");
+    let names: Vec<String> = table.iter().map(|c| c.0.clone()).collect();
+    assert_eq!(list_names(chronicle::event::EVENT_COLUMNS), names, "event::EVENT_COLUMNS");
+    assert_eq!(list_names(list_after(chronicle::writer::COPY_EVENTS, "COPY")), names, "writer::COPY_EVENTS");
+    let contract: Vec<(String, String, bool)> = chronicle::db::migrate::EVENTS_CONTRACT
+        .iter()
+        .map(|c| (c.name.to_string(), c.udt.to_string(), c.not_null))
+        .collect();
+    assert_eq!(contract, table, "db::migrate::EVENTS_CONTRACT");
+
+    // What `append` reads and `inject` writes: a key per column.
+    let first = chronicle::synthetic::Generator::new(1, 1, 1).next().expect("an event");
+    let some = serde_json::json!({"k": 1});
+    let e = chronicle::input::NewEvent {
+        id: Some(uuid::Uuid::nil()),
+        actor_user_id: Some(uuid::Uuid::nil()),
+        before: Some(some.clone()),
+        after: Some(some.clone()),
+        diff: Some(some),
+        created_at: Some(first.occurred_at),
+        request_id: Some("r".into()),
+        client: Some("c".into()),
+        reason: Some("why".into()),
+        ip: Some(std::net::IpAddr::from([192, 0, 2, 1])),
+        ..first
+    };
+    let json = chronicle::input::event_to_json(None, &e);
+    let mut keys: Vec<String> = json.as_object().expect("an object").keys().cloned().collect();
+    let mut sorted = names.clone();
+    keys.sort();
+    sorted.sort();
+    assert_eq!(keys, sorted, "input::NewEvent (event_to_json)");
+}
+
+/// The same for `chronicle_entries`: what the projector writes, and every column but the
+/// search vector in what readers get (`timeline::EntryRow`, the rows of `entries --json`).
+/// `timeline::SELECT_PAGE` is compared with `ENTRY_COLUMNS` by a unit test.
+#[test]
+fn the_code_lists_every_column_of_chronicle_entries() {
+    let db = TestDb::new();
+    let names: Vec<String> = table_columns(&db, "chronicle_entries").into_iter().map(|c| c.0).collect();
+    assert_eq!(list_names(chronicle::entries::ENTRY_COLUMNS), names, "entries::ENTRY_COLUMNS");
+    assert_eq!(
+        list_names(list_after(chronicle::entries::UPSERT_ENTRIES, "INSERT INTO")),
+        names,
+        "entries::UPSERT_ENTRIES"
+    );
+
+    let now = chrono::Utc::now();
+    let row = chronicle::timeline::EntryRow {
+        id: uuid::Uuid::nil(),
+        library_id: uuid::Uuid::nil(),
+        actor_user_id: None,
+        entity_type: "tag".into(),
+        entity_id: uuid::Uuid::nil(),
+        event_type: "TagCreated".into(),
+        occurred_at: now,
+        created_at: now,
+        request_id: None,
+        client: None,
+        ip: None,
+        reason: None,
+        summary: String::new(),
+        changed_fields: vec![],
+        details: serde_json::json!({}),
+        projection_version: 1,
+        projected_at: now,
+    };
+    let json = serde_json::to_value(&row).unwrap();
+    let mut keys: Vec<String> = json.as_object().expect("an object").keys().cloned().collect();
+    let mut readable: Vec<String> = names.into_iter().filter(|c| c != "search").collect();
+    keys.sort();
+    readable.sort();
+    assert_eq!(keys, readable, "timeline::EntryRow");
+}

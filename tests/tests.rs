@@ -2,6 +2,7 @@
 
 mod util;
 
+#[cfg(unix)] // kills workers and servers with signals, restarts throwaway clusters
 mod chaos;
 mod cli;
 mod credentials;
@@ -9,14 +10,16 @@ mod eraser_role;
 mod events;
 mod fail_fast;
 mod isolation;
-#[cfg(target_os = "linux")]
+#[cfg(target_os = "linux")] // ulimit, setpriv and /proc
 mod metrics_endpoint;
 mod ops;
 mod outbox;
 mod read_model;
 mod rebuild;
 mod schema;
+#[cfg(unix)] // runs run.sh with bash
 mod scripts;
 mod terminal_safety;
+#[cfg(unix)] // throwaway clusters with key files of mode 0600
 mod tls;
 mod worker;

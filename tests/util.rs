@@ -4,11 +4,17 @@
 //! the local default (127.0.0.1:5432, user `postgres`), else a throwaway cluster started
 //! from the installed PostgreSQL binaries for this test run; else the run fails saying
 //! what to install. No database test is ever skipped.
+//!
+//! The helpers that shell out to Unix tools (`kill`, `sh`, `id`, `runuser`) are
+//! `#[cfg(unix)]`, and so are the tests that use them: on Windows the rest compiles and
+//! runs against a server given by CHRONICLE_TEST_DATABASE_URL or at 127.0.0.1:5432.
 
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+#[cfg(unix)]
+use std::process::Output;
+use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 
@@ -179,12 +185,14 @@ pub fn find_bin_dir() -> Option<PathBuf> {
     candidates.into_iter().rev().find(|p| p.join("initdb").exists())
 }
 
+#[cfg(unix)]
 fn is_root() -> bool {
     Command::new("id").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0").unwrap_or(false)
 }
 
 /// Runs a server binary, as the `postgres` OS user when we are root (initdb and
 /// postgres refuse to run as root).
+#[cfg(unix)]
 pub fn pg_command(bin_dir: &Path, program: &str) -> Command {
     let path = bin_dir.join(program);
     if is_root() {
@@ -202,12 +210,14 @@ pub fn free_port() -> u16 {
 
 /// A throwaway cluster owned by the caller: started here, stopped by `stop` or when the
 /// test process exits (a watchdog shell waits for our pid, then stops it and removes it).
+#[cfg(unix)]
 pub struct Cluster {
     pub server: Server,
     pub dir: PathBuf,
     pub bin_dir: PathBuf,
 }
 
+#[cfg(unix)]
 impl Cluster {
     pub fn start(extra_conf: &[&str]) -> Result<Cluster, String> {
         let bin_dir = find_bin_dir().ok_or("no PostgreSQL server binaries (initdb) found")?;
@@ -328,10 +338,17 @@ impl Cluster {
     }
 }
 
+#[cfg(unix)]
 fn start_cluster() -> Result<Server, String> {
     let c = Cluster::start(&["fsync=off"])?;
     eprintln!("test harness: started {}", c.server.origin);
     Ok(c.server)
+}
+
+/// The throwaway cluster's watchdog is a shell script: not on Windows.
+#[cfg(not(unix))]
+fn start_cluster() -> Result<Server, String> {
+    Err("a throwaway cluster needs a Unix shell".into())
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -546,6 +563,7 @@ pub fn wait_until(timeout: std::time::Duration, what: &str, mut cond: impl FnMut
 }
 
 /// Sends a signal by name to a process.
+#[cfg(unix)]
 pub fn signal(pid: u32, sig: &str) {
     let ok = Command::new("kill").args([&format!("-{sig}"), &pid.to_string()]).status().expect("kill");
     assert!(ok.success(), "kill -{sig} {pid} failed");

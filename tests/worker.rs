@@ -1,10 +1,14 @@
 //! The projector worker, through the real binary against a real server.
 
+#![cfg_attr(not(unix), allow(unused_imports, dead_code))] // Unix-only tests are marked #[cfg(unix)]
+
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+#[cfg(unix)]
+use crate::util::signal;
 use crate::util::{
-    assert_fully_projected, count, insert_events, outbox_by_status, run, signal, wait_until, worker_cmd, TestDb,
+    assert_fully_projected, count, insert_events, outbox_by_status, run, wait_until, worker_cmd, TestDb,
 };
 
 #[test]
@@ -66,6 +70,7 @@ fn a_poison_event_of_each_class_fails_alone_and_the_rest_is_projected() {
     assert!(errors[2].contains("BookVanished"), "{errors:?}");
 }
 
+#[cfg(unix)]
 #[test]
 fn a_lock_held_past_the_statement_timeout_retries_then_succeeds() {
     let db = TestDb::new();
@@ -94,6 +99,7 @@ fn a_lock_held_past_the_statement_timeout_retries_then_succeeds() {
     assert!(count(&mut c, "SELECT max(attempts)::bigint FROM chronicle_outbox_events") >= 2);
 }
 
+#[cfg(unix)]
 #[test]
 fn a_lock_that_never_clears_ends_in_max_attempts_exceeded() {
     let db = TestDb::new();
@@ -183,6 +189,7 @@ fn outbox_run_seconds_exits_0_in_time() {
     assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(6), "took {took:?}");
 }
 
+#[cfg(unix)]
 #[test]
 fn sigterm_releases_claimed_rows_and_gives_their_attempt_back() {
     let db = TestDb::new();
@@ -208,6 +215,7 @@ fn sigterm_releases_claimed_rows_and_gives_their_attempt_back() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 0);
 }
 
+#[cfg(unix)]
 #[test]
 fn the_worker_survives_its_connections_being_terminated() {
     let db = TestDb::new();
@@ -237,6 +245,7 @@ fn the_worker_survives_its_connections_being_terminated() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed'"), 0);
 }
 
+#[cfg(unix)]
 #[test]
 fn a_worker_started_before_the_database_is_reachable_starts_working_when_it_is() {
     let db = TestDb::new();
@@ -342,6 +351,7 @@ fn a_worker_refuses_an_unmigrated_or_newer_schema() {
     assert!(r.stderr.contains("upgrade chronicle"), "{r}");
 }
 
+#[cfg(unix)]
 #[test]
 fn an_idle_worker_wakes_on_notify_and_not_only_by_polling() {
     use std::io::BufRead;
@@ -386,6 +396,7 @@ fn an_idle_worker_wakes_on_notify_and_not_only_by_polling() {
     }
 }
 
+#[cfg(unix)]
 #[test]
 fn healthcheck_probes_a_running_worker() {
     let db = TestDb::new();
@@ -438,6 +449,7 @@ fn the_exit_line_reports_the_drain_rate_and_the_backlog_at_exit() {
 /// Lag as the runbook means it (pending + processing), and the projection latency from
 /// the delivery's enqueueing, so backdated events (a backfill, `inject`) give real
 /// figures instead of falling in +Inf.
+#[cfg(unix)]
 #[test]
 fn lag_counts_pending_and_processing_and_latency_starts_at_enqueueing() {
     use crate::util::{http_get, metric_sum};

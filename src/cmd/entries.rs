@@ -1,9 +1,10 @@
 //! `chronicle entries`: one page of a library's timeline, as the UI reads it.
 //!
-//! A thin shell over `timeline::page`, so operators see exactly what the application's
-//! query returns, with the same filters, search and cursors.
+//! A thin shell over `timeline::page` (and `timeline::render` to print it), so operators
+//! see exactly what the application's query returns, with the same filters, search and
+//! cursors.
 
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::{DateTime, Utc};
 use lexopt::prelude::*;
 use uuid::Uuid;
 
@@ -12,15 +13,12 @@ use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
 use crate::event::ENTITY_TYPES;
-use crate::terminal::{columns, fit, printable};
-use crate::timeline::{self, Cursor, EntryQuery, Page, DEFAULT_LIMIT, MAX_LIMIT};
+use crate::timeline::render::{page_json, page_table, rfc3339, TABLE_SUMMARY_CHARS};
+use crate::timeline::{self, Cursor, EntryQuery, DEFAULT_LIMIT, MAX_LIMIT};
 
 pub const SUMMARY: &str = "Show one page of a library's timeline (filters, search, cursor)";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
-
-/// The most characters of a summary shown in the table (--json has it whole).
-const TABLE_SUMMARY_CHARS: usize = 100;
 
 pub fn help() -> String {
     format!(
@@ -190,64 +188,6 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// `{"entries": [...], "next_cursor": ... }`.
-pub fn page_json(page: &Page) -> Result<serde_json::Value> {
-    let entries = serde_json::to_value(&page.entries)
-        .map_err(|e| AppError::failed(format!("while writing the entries as JSON: {e}")).caused_by(e))?;
-    Ok(serde_json::json!({ "entries": entries, "next_cursor": page.next_cursor }))
-}
-
-fn rfc3339(t: DateTime<Utc>) -> String {
-    t.to_rfc3339_opts(SecondsFormat::AutoSi, true)
-}
-
-/// The width the default table fits in, for an 80-to-100-column terminal.
-const TABLE_COLUMNS: usize = 100;
-
-/// The page as an aligned table, then the next cursor when there is one. The default fits
-/// `TABLE_COLUMNS`: times to the second, actors by the first 8 digits of their id, the
-/// summary cut to the room left; `wide` shows everything at full width.
-pub fn page_table(page: &Page, wide: bool) -> String {
-    let rows: Vec<[String; 4]> = page
-        .entries
-        .iter()
-        .map(|e| {
-            let summary: String = if e.summary.chars().count() > TABLE_SUMMARY_CHARS {
-                e.summary.chars().take(TABLE_SUMMARY_CHARS - 1).chain(['…']).collect()
-            } else {
-                e.summary.clone()
-            };
-            // One line per entry, whatever the summary holds, and nothing a terminal obeys.
-            let summary = printable(&summary.replace(['\n', '\r', '\t'], " ")).into_owned();
-            let actor = match e.actor_user_id {
-                None => "system".to_string(),
-                Some(a) if wide => a.to_string(),
-                Some(a) => a.simple().to_string()[..8].to_string(),
-            };
-            let time =
-                if wide { rfc3339(e.occurred_at) } else { e.occurred_at.to_rfc3339_opts(SecondsFormat::Secs, true) };
-            [time, printable(&e.event_type).into_owned(), actor, summary]
-        })
-        .collect();
-    let header = ["OCCURRED_AT", "EVENT_TYPE", "ACTOR", "SUMMARY"].map(String::from);
-    let width = |i: usize| std::iter::once(&header).chain(&rows).map(|r| columns(&r[i])).max().unwrap_or(0);
-    let widths = [width(0), width(1), width(2)];
-    let summary_room = TABLE_COLUMNS.saturating_sub(widths.iter().sum::<usize>() + 6).max(20);
-    let mut out = String::new();
-    for r in std::iter::once(&header).chain(&rows) {
-        let pad = |i: usize| format!("{}{}", r[i], " ".repeat(widths[i].saturating_sub(columns(&r[i]))));
-        let summary = if wide { r[3].clone() } else { fit(&r[3], summary_room) };
-        out.push_str(&format!("{}  {}  {}  {}\n", pad(0), pad(1), pad(2), summary));
-    }
-    if page.entries.is_empty() {
-        out.push_str("(no entries)\n");
-    }
-    if let Some(c) = &page.next_cursor {
-        out.push_str(&format!("more: --cursor {c}\n"));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -334,46 +274,5 @@ mod tests {
             let m = usage(args);
             assert!(m.contains(needle), "{args:?}: {m}");
         }
-    }
-
-    #[test]
-    fn table_shows_system_actor_and_the_cursor() {
-        let now = Utc::now();
-        let row = timeline::EntryRow {
-            id: Uuid::now_v7(),
-            library_id: Uuid::now_v7(),
-            actor_user_id: None,
-            entity_type: "tag".into(),
-            entity_id: Uuid::now_v7(),
-            event_type: "TagDeleted".into(),
-            occurred_at: now,
-            created_at: now,
-            request_id: None,
-            client: None,
-            ip: None,
-            reason: None,
-            summary: format!("Deleted tag \"{}\"\nsecond line", "x".repeat(200)),
-            changed_fields: vec![],
-            details: serde_json::json!({}),
-            projection_version: 1,
-            projected_at: now,
-        };
-        let mut chinese = row.clone();
-        chinese.actor_user_id = Some(Uuid::now_v7());
-        chinese.summary = format!("Renamed book \"{}\" → \"{}\"", "旧标题".repeat(20), "分布式系统".repeat(20));
-        let page = Page { entries: vec![row, chinese], next_cursor: Some("CUR".into()) };
-        let t = page_table(&page, false);
-        let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 4, "{t}");
-        assert!(lines[0].starts_with("OCCURRED_AT"));
-        assert!(lines[1].contains(" system ") && lines[1].ends_with('…'), "{t}");
-        assert_eq!(lines[3], "more: --cursor CUR");
-        for l in &lines {
-            assert!(columns(l) <= TABLE_COLUMNS, "{} columns: {l}", columns(l));
-        }
-        let wide = page_table(&page, true);
-        assert!(wide.lines().any(|l| columns(l) > TABLE_COLUMNS), "--wide cuts nothing:\n{wide}");
-        assert!(wide.contains(&page.entries[1].actor_user_id.unwrap().to_string()), "{wide}");
-        assert!(page_table(&Page { entries: vec![], next_cursor: None }, false).contains("(no entries)"));
     }
 }

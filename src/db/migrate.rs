@@ -181,17 +181,19 @@ fn migrate_locked(client: &mut Client) -> Result<Report> {
 }
 
 /// A column of `chronicle_events` as the contract fixes it (docs/DESIGN.md §2).
-struct ContractColumn {
-    name: &'static str,
-    udt: &'static str,
-    not_null: bool,
+pub struct ContractColumn {
+    pub name: &'static str,
+    pub udt: &'static str,
+    pub not_null: bool,
 }
 
 const fn col(name: &'static str, udt: &'static str, not_null: bool) -> ContractColumn {
     ContractColumn { name, udt, not_null }
 }
 
-const EVENTS_CONTRACT: &[ContractColumn] = &[
+/// What an existing `chronicle_events` must have to be adopted; the migrations create
+/// exactly these (a test compares them).
+pub const EVENTS_CONTRACT: &[ContractColumn] = &[
     col("id", "uuid", true),
     col("library_id", "uuid", true),
     col("actor_user_id", "uuid", false),
