@@ -108,6 +108,11 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// `picked` are MATERIALIZED: inlined, the planner may run the measure once per row of
 /// the join that follows (a claim over a few large events then ran past the statement
 /// timeout, every time, and the backlog behind them stalled).
+///
+/// `plan` looks for a ready healthy row only when there is a suspect and `$5` does not
+/// already decide, and looks for it in id order, so it walks the pending index:
+/// unordered, the planner may take a sequential scan that reads the whole `done` history
+/// first.
 pub const CLAIM_BATCH: &str = "
     WITH lead AS (
         SELECT reclaims FROM chronicle_outbox_events
@@ -115,10 +120,12 @@ pub const CLAIM_BATCH: &str = "
         ORDER BY id
         LIMIT 1
     ), plan AS (
-        SELECT CASE WHEN $5::bool OR NOT EXISTS (
-                        SELECT 1 FROM chronicle_outbox_events
-                        WHERE status = 'pending' AND reclaims = 0
-                          AND (next_retry_at IS NULL OR next_retry_at <= now()))
+        SELECT CASE WHEN (SELECT reclaims FROM lead) IS NULL THEN NULL
+                    WHEN $5::bool OR (SELECT id FROM chronicle_outbox_events
+                                      WHERE status = 'pending' AND reclaims = 0
+                                        AND (next_retry_at IS NULL OR next_retry_at <= now())
+                                      ORDER BY id
+                                      LIMIT 1) IS NULL
                     THEN (SELECT reclaims FROM lead) END AS k
     ), suspects AS (
         SELECT id, event_id FROM chronicle_outbox_events
