@@ -110,6 +110,15 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// `picked` are MATERIALIZED: inlined, the planner may run the measure once per row of
 /// the join that follows (a claim over a few large events then ran past the statement
 /// timeout, every time, and the backlog behind them stalled).
+///
+/// Each candidate's event is looked up once, in `sized`, which keeps its columns for the
+/// result: a materialized row keeps a large value as its TOAST pointer, so nothing is read
+/// there, and the final select returns the columns only of events within `$6`.
+///
+/// `plan` looks for a ready healthy row only when there is a suspect and `$5` does not
+/// already decide, and looks for it in id order, so it walks the pending index:
+/// unordered, the planner may take a sequential scan that reads the whole `done` history
+/// first.
 pub const CLAIM_BATCH: &str = "
     WITH lead AS (
         SELECT reclaims FROM chronicle_outbox_events
@@ -117,10 +126,12 @@ pub const CLAIM_BATCH: &str = "
         ORDER BY id
         LIMIT 1
     ), plan AS (
-        SELECT CASE WHEN $5::bool OR NOT EXISTS (
-                        SELECT 1 FROM chronicle_outbox_events
-                        WHERE status = 'pending' AND reclaims = 0
-                          AND (next_retry_at IS NULL OR next_retry_at <= now()))
+        SELECT CASE WHEN (SELECT reclaims FROM lead) IS NULL THEN NULL
+                    WHEN $5::bool OR (SELECT id FROM chronicle_outbox_events
+                                      WHERE status = 'pending' AND reclaims = 0
+                                        AND (next_retry_at IS NULL OR next_retry_at <= now())
+                                      ORDER BY id
+                                      LIMIT 1) IS NULL
                     THEN (SELECT reclaims FROM lead) END AS k
     ), suspects AS (
         SELECT id, event_id FROM chronicle_outbox_events
@@ -137,15 +148,17 @@ pub const CLAIM_BATCH: &str = "
         LIMIT $1
         FOR UPDATE SKIP LOCKED
     ), sized AS MATERIALIZED (
-        SELECT r.id, (SELECT CASE WHEN {STORED_EVENT_BYTES} > $6::bigint THEN {STORED_EVENT_BYTES}
-                                  ELSE {EVENT_BYTES} END
-                      FROM chronicle_events e WHERE e.id = r.event_id) AS bytes
+        SELECT r.id AS outbox_id,
+               CASE WHEN {STORED_EVENT_BYTES} > $6::bigint THEN {STORED_EVENT_BYTES}
+                    ELSE {EVENT_BYTES} END AS bytes,
+               e.*
         FROM (SELECT id, event_id FROM suspects UNION ALL SELECT id, event_id FROM healthy) r
+        LEFT JOIN chronicle_events e ON e.id = r.event_id
     ), picked AS MATERIALIZED (
         SELECT id, bytes FROM (
-            SELECT id, bytes,
+            SELECT outbox_id AS id, bytes,
                    coalesce(sum(CASE WHEN bytes <= $6::bigint THEN bytes ELSE 0 END)
-                            OVER (ORDER BY id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+                            OVER (ORDER BY outbox_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
             FROM sized
         ) s
         WHERE before < $7::bigint
@@ -159,8 +172,8 @@ pub const CLAIM_BATCH: &str = "
         RETURNING o.id, o.attempts, o.event_id, picked.bytes
     )
     SELECT c.id, c.attempts, c.event_id, c.bytes, e.* FROM claimed c
-    LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM chronicle_events
-                       WHERE id = c.event_id AND c.bytes <= $6::bigint) e ON true
+    LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM sized
+                       WHERE sized.outbox_id = c.id AND c.bytes <= $6::bigint) e ON true
     ORDER BY c.id";
 
 /// `CLAIM_BATCH` with the event columns filled in: the text that is prepared or run.
