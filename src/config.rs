@@ -98,6 +98,15 @@ setting!(
      Without a password in it: PGPASSWORD, else the password file (passfile=, PGPASSFILE, ~/.pgpass)."
 );
 setting!(
+    READ_DATABASE_URL,
+    "CHRONICLE_READ_DATABASE_URL",
+    "read-database-url",
+    None,
+    Kind::DatabaseUrl,
+    "A replica for the read-only commands (entries, status, show, verify without --fix, libraries),\n      \
+     in the same forms; its sessions are read-only. DATABASE_URL when unset."
+);
+setting!(
     WORKER_ID,
     "OUTBOX_WORKER_ID",
     "worker-id",
@@ -361,8 +370,28 @@ impl<'a> Sources<'a> {
         Ok((url, warnings))
     }
 
+    /// Where the read-only commands read: `CHRONICLE_READ_DATABASE_URL` (a replica) when
+    /// set, in read-only sessions, else `DATABASE_URL`. Logs the warnings of either.
+    pub fn read_database_url(&self) -> Result<DbUrl> {
+        if self.raw(&READ_DATABASE_URL).is_none() {
+            return self.database_url();
+        }
+        let (mut url, origin) = self.parse_url(&READ_DATABASE_URL)?;
+        if origin == Origin::Flag && url.has_password() {
+            log::warn!("{}", PASSWORD_ON_COMMAND_LINE.replace("--database-url", "--read-database-url"));
+        }
+        for w in url.fill_password(self.env, self.read_file) {
+            log::warn!("{w}");
+        }
+        url.read_only();
+        Ok(url)
+    }
+
     fn parse_database_url(&self) -> Result<(DbUrl, Origin)> {
-        let s = &DATABASE_URL;
+        self.parse_url(&DATABASE_URL)
+    }
+
+    fn parse_url(&self, s: &Setting) -> Result<(DbUrl, Origin)> {
         match self.raw(s) {
             None => Err(AppError::usage(format!(
                 "{} is not set: set it (or pass --{}) to the PostgreSQL database to use, \
@@ -700,6 +729,17 @@ impl DbUrl {
         Ok(DbUrl { config, ssl_mode, ssl_root_cert, passfile, masked: mask_password(raw) })
     }
 
+    /// Makes every session read-only (`default_transaction_read_only`), on top of the
+    /// string's own `options`: a replica's reader never writes, even where a server would
+    /// let it.
+    pub fn read_only(&mut self) {
+        let options = match self.config.get_options() {
+            Some(o) if !o.trim().is_empty() => format!("{o} -c default_transaction_read_only=on"),
+            _ => "-c default_transaction_read_only=on".to_string(),
+        };
+        self.config.options(&options);
+    }
+
     /// Whether the connection string itself carries a password.
     pub fn has_password(&self) -> bool {
         self.config.get_password().is_some()
@@ -1024,6 +1064,29 @@ mod tests {
             assert_eq!(err.kind(), Kind::Usage, "{raw}");
             assert!(msg.contains(&format!("{value:?}")) && !msg.contains("hunter2"), "{msg}");
         }
+    }
+
+    #[test]
+    fn readers_use_the_read_url_in_read_only_sessions_else_the_database_url() {
+        let env = Env::from_pairs([("DATABASE_URL", "postgresql://u@primary/app")]);
+        let reader = Sources::new(&env).read_database_url().unwrap();
+        assert_eq!(reader.config.get_hosts(), [postgres::config::Host::Tcp("primary".into())]);
+        assert_eq!(reader.config.get_options(), None, "no read URL: DATABASE_URL as it is");
+        let env = Env::from_pairs([
+            ("DATABASE_URL", "postgresql://u@primary/app"),
+            ("CHRONICLE_READ_DATABASE_URL", "postgresql://u:hunter2@replica/app?options=-c%20work_mem%3D8MB"),
+        ]);
+        let reader = Sources::new(&env).read_database_url().unwrap();
+        assert_eq!(reader.config.get_hosts(), [postgres::config::Host::Tcp("replica".into())]);
+        assert_eq!(reader.config.get_options(), Some("-c work_mem=8MB -c default_transaction_read_only=on"));
+        assert!(!reader.to_string().contains("hunter2"));
+        // Without DATABASE_URL, a reader needs only its own URL; a bad one is named.
+        let env = Env::from_pairs([("CHRONICLE_READ_DATABASE_URL", "postgresql://u@replica/app")]);
+        assert!(Sources::new(&env).read_database_url().is_ok());
+        let env = Env::from_pairs([("CHRONICLE_READ_DATABASE_URL", "mysql://u@replica/app")]);
+        let err = Sources::new(&env).read_database_url().unwrap_err();
+        assert_eq!(err.kind(), Kind::Usage);
+        assert!(err.to_string().contains("CHRONICLE_READ_DATABASE_URL"), "{err}");
     }
 
     #[test]

@@ -75,7 +75,25 @@ pub struct Status {
     pub entries: i64,
     pub events_without_entry: i64,
     pub last_rebuild: Option<RebuildRun>,
+    /// Set when the server read is a standby (a read replica): how far behind it is.
+    pub standby: Option<Standby>,
 }
+
+/// How far a standby's copy is behind, as the standby knows it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Standby {
+    /// Seconds since the commit of the last transaction it replayed (null before the
+    /// first). While the primary is idle this grows without the standby being behind.
+    pub replay_lag_seconds: Option<f64>,
+    /// WAL received but not replayed yet, in bytes (null when it streams nothing).
+    pub replay_lag_bytes: Option<i64>,
+}
+
+/// On a standby: its replay lag in seconds and bytes; no row on a primary.
+pub const STATUS_STANDBY: &str = "
+    SELECT extract(epoch FROM now() - pg_last_xact_replay_timestamp())::float8,
+           pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::bigint
+    WHERE pg_is_in_recovery()";
 
 /// Every state counted in one scan; stuck as the reclaim loop defines it ($1: max processing seconds).
 pub const STATUS_OUTBOX: &str = "
@@ -215,8 +233,12 @@ pub fn status(client: &mut Client, max_processing: Duration) -> Result<Status, p
             },
         }),
     };
+    let standby = match tx.query_opt(STATUS_STANDBY, &[])? {
+        None => None,
+        Some(r) => Some(Standby { replay_lag_seconds: r.try_get(0)?, replay_lag_bytes: r.try_get(1)? }),
+    };
     tx.commit()?;
-    Ok(Status { outbox, failed_by_reason, events, entries, events_without_entry, last_rebuild })
+    Ok(Status { outbox, failed_by_reason, events, entries, events_without_entry, last_rebuild, standby })
 }
 
 /// A row as (column, value) pairs in the table's column order, every column included

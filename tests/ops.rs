@@ -370,7 +370,10 @@ fn assert_status_matches(db: &TestDb, c: &mut Client) -> Value {
     }
     let mut keys: Vec<&String> = v.as_object().unwrap().keys().collect();
     keys.sort();
-    assert_eq!(keys, ["entries", "events", "events_without_entry", "failed_by_reason", "last_rebuild", "outbox"]);
+    assert_eq!(
+        keys,
+        ["entries", "events", "events_without_entry", "failed_by_reason", "last_rebuild", "outbox", "standby"]
+    );
     let mut okeys: Vec<&String> = o.as_object().unwrap().keys().collect();
     okeys.sort();
     assert_eq!(okeys, ["done", "failed", "oldest_pending_age_seconds", "pending", "processing", "stuck"]);
@@ -841,4 +844,71 @@ fn every_json_key_printed_is_documented_and_every_documented_key_printed() {
         assert_eq!(r.code, Some(0), "{args:?}: {r}");
         assert_eq!(printed(&r), documented(command), "{command} --json against docs/operations.md");
     }
+}
+
+/// The read-only commands read where `CHRONICLE_READ_DATABASE_URL` (or
+/// `--read-database-url`) says, a hot standby here, without attempting a write there;
+/// `verify --fix` writes through `DATABASE_URL`.
+#[cfg(unix)]
+#[test]
+fn read_only_commands_read_a_standby_and_write_nothing_there() {
+    use crate::util::Cluster;
+    let primary = Cluster::start(&["fsync=off"]).unwrap_or_else(|e| panic!("starting the primary: {e}"));
+    let db = TestDb::empty_on(&primary.server);
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    // The standby first, so it replays the writes below (and knows when they committed).
+    let standby = Cluster::standby_of(&primary, &["fsync=off"]).unwrap_or_else(|e| panic!("starting the standby: {e}"));
+    let mut c = db.client();
+    insert_events(&mut c, 5);
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let mut s = standby.server.connect(&db.name);
+    wait_until(Duration::from_secs(30), "the standby to have the entries", || {
+        count(&mut s, "SELECT count(*) FROM chronicle_entries") == 5
+    });
+    let id: Uuid = c.query_one("SELECT id FROM chronicle_events LIMIT 1", &[]).unwrap().get(0);
+    let id = id.to_string();
+    let library: Uuid = c.query_one("SELECT library_id FROM chronicle_events LIMIT 1", &[]).unwrap().get(0);
+    let library = library.to_string();
+    let read = standby.server.url(&db.name);
+    let nowhere = "postgresql://postgres@127.0.0.1:1/nowhere?connect_timeout=2";
+    let reads: Vec<Vec<&str>> = vec![
+        vec!["status", "--json"],
+        vec!["entries", "--library-id", &library, "--json"],
+        vec!["show", &id, "--json"],
+        vec!["verify", "--json"],
+        vec!["libraries", "--json"],
+    ];
+    for args in &reads {
+        // DATABASE_URL leads nowhere: what they print comes from the standby.
+        let r = run(db.chronicle(args).env("DATABASE_URL", nowhere).env("CHRONICLE_READ_DATABASE_URL", &read));
+        assert_eq!(r.code, Some(0), "{args:?} on the standby: {r}");
+        let mut flag = args.clone();
+        flag.extend(["--read-database-url", &read]);
+        let r = run(db.chronicle(&flag).env("DATABASE_URL", nowhere));
+        assert_eq!(r.code, Some(0), "{flag:?}: {r}");
+        // On the primary as a reader, their sessions are read-only and they still work.
+        let r = run(db.chronicle(args).env("CHRONICLE_READ_DATABASE_URL", db.url()));
+        assert_eq!(r.code, Some(0), "{args:?} read-only on the primary: {r}");
+    }
+    let status = |r: &Ran| -> Value { serde_json::from_str(r.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {r}")) };
+    let r = run(db.chronicle(&["status", "--json"]).env("CHRONICLE_READ_DATABASE_URL", &read));
+    let on_standby = status(&r);
+    assert_eq!(on_standby["entries"], 5, "{on_standby}");
+    assert!(on_standby["standby"]["replay_lag_bytes"].is_i64(), "{on_standby}");
+    assert!(on_standby["standby"]["replay_lag_seconds"].is_f64(), "{on_standby}");
+    let r = run(db.chronicle(&["status"]).env("CHRONICLE_READ_DATABASE_URL", &read));
+    assert!(r.stdout.starts_with("READ FROM A STANDBY"), "{r}");
+    assert!(status(&run(&mut db.chronicle(&["status", "--json"])))["standby"].is_null());
+    // Fixing writes: through DATABASE_URL, whatever the reader's URL.
+    c.batch_execute("DELETE FROM chronicle_entries WHERE id IN (SELECT id FROM chronicle_entries LIMIT 1)").unwrap();
+    let r = run(db.chronicle(&["verify", "--fix", "--json"]).env("CHRONICLE_READ_DATABASE_URL", &read));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(serde_json::from_str::<Value>(r.stdout.trim()).unwrap()["fixed"]["missing_enqueued"], 1, "{r}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending'"), 1);
+    drop((c, s));
+    drop(db);
+    let _ = standby.pg_ctl(&["stop", "-m", "immediate"]);
+    let _ = primary.pg_ctl(&["stop", "-m", "immediate"]);
 }

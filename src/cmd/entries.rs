@@ -18,7 +18,7 @@ use crate::timeline::{self, Cursor, EntryQuery, DEFAULT_LIMIT, MAX_LIMIT};
 
 pub const SUMMARY: &str = "Show one page of a library's timeline (filters, search, cursor)";
 
-const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
+const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL];
 
 pub fn help() -> String {
     format!(
@@ -169,7 +169,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
             )));
         }
     }
-    Ok(Some(Args { database_url: src.database_url()?, query: q, json, wide }))
+    Ok(Some(Args { database_url: src.read_database_url()?, query: q, json, wide }))
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -12,7 +12,7 @@ use crate::terminal::{columns, fit, printable};
 
 pub const SUMMARY: &str = "List the libraries: name, events, entries, newest event";
 
-const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
+const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL];
 
 const DEFAULT_LIMIT: u64 = 100;
 const MAX_LIMIT: u64 = 100_000;
@@ -68,7 +68,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
             _ => return Err(arg.unexpected().into()),
         }
     }
-    Ok(Some(Args { database_url: src.database_url()?, limit, json }))
+    Ok(Some(Args { database_url: src.read_database_url()?, limit, json }))
 }
 
 pub fn run(args: Args) -> Result<()> {

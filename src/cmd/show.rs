@@ -14,7 +14,7 @@ use crate::terminal;
 
 pub const SUMMARY: &str = "One event with every delivery of it (attempts, errors, replays) and its entry";
 
-const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
+const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL];
 
 pub fn help() -> String {
     format!(
@@ -68,7 +68,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
     }
     let event_id =
         event_id.ok_or_else(|| AppError::usage("missing EVENT_ID: usage: chronicle show EVENT_ID [--json]"))?;
-    Ok(Some(Args { database_url: src.database_url()?, event_id, json }))
+    Ok(Some(Args { database_url: src.read_database_url()?, event_id, json }))
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -11,7 +11,7 @@ use crate::terminal::printable;
 
 pub const SUMMARY: &str = "The outbox by state, failures by reason, coverage, the last rebuild";
 
-const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::MAX_PROCESSING];
+const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL, &config::MAX_PROCESSING];
 
 pub fn help() -> String {
     format!(
@@ -28,7 +28,7 @@ USAGE:
 FLAGS:
 {}  --json
       Print one JSON object: outbox, failed_by_reason, events, entries, events_without_entry,
-      last_rebuild (see docs/operations.md).
+      last_rebuild, standby (see docs/operations.md).
 
 EXAMPLES:
     chronicle status
@@ -63,7 +63,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
     let max_processing = src
         .seconds(&config::MAX_PROCESSING)?
         .ok_or_else(|| AppError::usage(format!("{} is required", config::MAX_PROCESSING.var)))?;
-    Ok(Some(Args { database_url: src.database_url()?, max_processing, json }))
+    Ok(Some(Args { database_url: src.read_database_url()?, max_processing, json }))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -82,7 +82,16 @@ pub fn run(args: Args) -> Result<()> {
 /// The status as a readable table.
 pub fn render_text(st: &Status) -> String {
     let o = &st.outbox;
-    let mut s = String::from("OUTBOX (chronicle_outbox_events)\n");
+    let mut s = String::new();
+    if let Some(sb) = &st.standby {
+        let seconds = sb.replay_lag_seconds.map_or_else(|| "?".to_string(), |v| format!("{v:.1} s"));
+        let bytes = sb.replay_lag_bytes.map_or_else(|| "?".to_string(), |v| format!("{v} bytes"));
+        s.push_str(&format!(
+            "READ FROM A STANDBY (a replica): replay lag {seconds} since its last replayed commit, {bytes} received \
+             and not replayed yet\n\n"
+        ));
+    }
+    s.push_str("OUTBOX (chronicle_outbox_events)\n");
     s.push_str(&format!("  pending     {:>12}   oldest pending: {:.1} s\n", o.pending, o.oldest_pending_age_seconds));
     s.push_str(&format!("  processing  {:>12}   stuck: {}\n", o.processing, o.stuck));
     s.push_str(&format!("  done        {:>12}\n", o.done));

@@ -13,7 +13,7 @@ use crate::verify::{self, EventDrift, Finding, Fixed, Report};
 
 pub const SUMMARY: &str = "Compare chronicle_entries with chronicle_events; --fix heals the drift";
 
-const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
+const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL];
 
 pub fn help() -> String {
     format!(
@@ -84,7 +84,9 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
             _ => return Err(arg.unexpected().into()),
         }
     }
-    Ok(Some(Args { database_url: src.database_url()?, library_id, fix, json }))
+    // Checking reads (a replica will do); fixing writes.
+    let database_url = if fix { src.database_url()? } else { src.read_database_url()? };
+    Ok(Some(Args { database_url, library_id, fix, json }))
 }
 
 pub fn run(args: Args) -> Result<()> {
