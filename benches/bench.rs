@@ -29,14 +29,19 @@
 //! - the timeline page query (newest, filtered, English and Chinese search) on one large
 //!   library;
 //! - memory (`--only memory`): the worker's peak RSS on heavy events (many keys, events
-//!   over `OUTBOX_MAX_EVENT_BYTES`) and whether the backlog behind them drains.
+//!   over `OUTBOX_MAX_EVENT_BYTES`) and whether the backlog behind them drains;
+//! - scale (`--only scale`, never part of the full run): one database grown through
+//!   `--scale-sizes` (default 1, 3 and 10 million events, most of them in one library);
+//!   at each size `inject`, both rebuilds (seconds, peak RSS), the drain of a fresh
+//!   backlog into the full tables, the page queries and a deep keyset page, `status`,
+//!   `verify` and `show`, and the disk bytes per event.
 //!
 //! Progress goes to stderr, the report (machine, server, the table) to stdout.
 
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -78,8 +83,14 @@ struct Plan {
     /// use the small one and the big dataset gets one `--swap`.
     rebuild_on_big: bool,
     /// `--only drain,latency,…`: run only these sections (inject always runs: it makes
-    /// the dataset; the raw limits run when a ratio needs them). None: all.
+    /// the dataset; the raw limits run when a ratio needs them). None: all but `scale`,
+    /// which runs only when named.
     only: Option<Vec<String>>,
+    /// The sizes of the scale section, in events, ascending: one database grows through
+    /// them (`--scale-sizes`).
+    scale_sizes: Vec<u64>,
+    /// Deliveries of the scale section's drain backlog.
+    scale_backlog: u64,
     /// What was reduced from the target sizes, said in the report.
     reductions: Vec<String>,
 }
@@ -105,20 +116,28 @@ impl Plan {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a list of sections")?;
                     let list: Vec<String> = v.split(',').map(|s| s.trim().to_string()).collect();
-                    let known = ["drain", "latency", "rebuild", "queries", "memory"];
+                    let known = ["drain", "latency", "rebuild", "queries", "memory", "scale"];
                     if let Some(bad) = list.iter().find(|s| !known.contains(&s.as_str())) {
                         return Err(format!("--only: unknown section {bad:?} (known: {})", known.join(", ")));
                     }
                     only = Some(list);
                 }
-                "--small" | "--big" | "--grid" | "--latency-seconds" | "--queries" | "--rebuild-on-big" => {
+                "--small" | "--big" | "--grid" | "--latency-seconds" | "--queries" | "--rebuild-on-big"
+                | "--scale-sizes" => {
                     let v = args.next().ok_or(format!("{a} needs a value"))?;
                     overrides.push((a.clone(), v));
                 }
                 "-h" | "--help" => {
                     println!(
                         "cargo bench --bench bench [-- [--quick] [--runs N] [--small N] [--big N] [--grid N] \
-                         [--latency-seconds S] [--queries N] [--rebuild-on-big yes|no] [--only drain,latency,rebuild,queries,memory]]"
+                         [--latency-seconds S] [--queries N] [--rebuild-on-big yes|no] \
+                         [--only drain,latency,rebuild,queries,memory,scale] [--scale-sizes N,N,…] [--keep]]\n\n\
+                         Without --only: every section but `scale`. `--only scale` grows one database through \
+                         --scale-sizes (default 1000000,3000000,10000000; --quick: 20000,60000) and measures at \
+                         each size: inject, rebuild (seconds, peak RSS), the drain of a 40,000-delivery backlog \
+                         (--quick: 5,000), \
+                         page p99, status/verify/show, disk bytes per event. 10,000,000 events need about 25 GB \
+                         of disk plus the swap's shadow table."
                     );
                     std::process::exit(0);
                 }
@@ -137,6 +156,8 @@ impl Plan {
                 queries: 200,
                 rebuild_on_big: false,
                 only: None,
+                scale_sizes: vec![20_000, 60_000],
+                scale_backlog: 5_000,
                 reductions: Vec::new(),
             }
         } else {
@@ -154,6 +175,8 @@ impl Plan {
                 queries: 200,
                 rebuild_on_big: true,
                 only: None,
+                scale_sizes: vec![1_000_000, 3_000_000, 10_000_000],
+                scale_backlog: 40_000,
                 reductions: vec![
                     "rebuild --truncate and --swap: their runs use the 200,000-event drain dataset (the \
                      raw limits were measured on the same events); the 1,000,000-event library is rebuilt \
@@ -176,8 +199,23 @@ impl Plan {
                     p.latency_seconds = v.parse().map_err(|_| format!("invalid {k} {v:?}"))?;
                 }
                 "--rebuild-on-big" => p.rebuild_on_big = matches!(v.as_str(), "yes" | "true" | "1"),
+                "--scale-sizes" => {
+                    p.scale_sizes = v
+                        .split(',')
+                        .map(|s| s.trim().replace('_', "").parse::<u64>().map_err(|_| format!("invalid {k} {v:?}")))
+                        .collect::<Res<Vec<u64>>>()?;
+                }
                 _ => unreachable!(),
             }
+        }
+        if p.scale_sizes.is_empty() || p.scale_sizes.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!("--scale-sizes must be ascending sizes ({:?})", p.scale_sizes));
+        }
+        if p.scale_sizes[0] <= p.scale_backlog {
+            return Err(format!(
+                "--scale-sizes: the smallest size must exceed the drain backlog of {} events",
+                p.scale_backlog
+            ));
         }
         p.only = only;
         if let Some(only) = &p.only {
@@ -187,6 +225,11 @@ impl Plan {
             p.reductions.retain(|r| !r.starts_with("rebuild"));
         }
         Ok(p)
+    }
+
+    /// The scale section runs only when `--only` names it.
+    fn wants_scale(&self) -> bool {
+        self.only.as_ref().is_some_and(|o| o.iter().any(|x| x == "scale"))
     }
 }
 
@@ -199,6 +242,8 @@ enum Unit {
     Ms,
     Ratio,
     Mb,
+    Secs,
+    Bytes,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -234,6 +279,8 @@ fn fmt_value(v: f64, unit: Unit) -> String {
         }
         Unit::Ratio => format!("{v:.2}×"),
         Unit::Mb => format!("{v:.1} MB"),
+        Unit::Secs => format!("{v:.1} s"),
+        Unit::Bytes => format!("{} B", thousands(v.round() as i64)),
     }
 }
 
@@ -286,7 +333,7 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 
 /// The order of the sections in the table (the runs happen in another order, so one
 /// dataset serves several sections).
-const SECTIONS: &[&str] = &["raw limits", "inject", "drain", "memory", "latency", "rebuild", "queries"];
+const SECTIONS: &[&str] = &["raw limits", "inject", "drain", "memory", "latency", "rebuild", "queries", "scale"];
 
 fn render_table(rows: &[Row]) -> String {
     let mut rows: Vec<&Row> = rows.iter().collect();
@@ -403,6 +450,9 @@ struct Bench {
     rows: Vec<Row>,
     notes: Vec<String>,
     listen_flag: bool,
+    /// A section stopped on an error after some of its rows were recorded: the report is
+    /// printed with them, and the run fails.
+    failed: Option<String>,
 }
 
 fn main() {
@@ -460,6 +510,7 @@ fn run() -> Res<()> {
         rows: Vec::new(),
         notes: Vec::new(),
         listen_flag: false,
+        failed: None,
     };
     b.progress(&format!("database {dbname} created on {admin}; binary {source}"));
     b.chronicle(&["migrate"], &[])?;
@@ -480,7 +531,9 @@ fn run() -> Res<()> {
     b.notes.push(format!(
         "Whole run: {:.1} min ({}); load average at the end: {}.",
         elapsed.as_secs_f64() / 60.0,
-        if elapsed <= BUDGET || b.plan.quick {
+        if b.plan.wants_scale() {
+            "the scale section has no time budget".to_string()
+        } else if elapsed <= BUDGET || b.plan.quick {
             "within the 15-minute budget".to_string()
         } else {
             "OVER the 15-minute budget".to_string()
@@ -495,7 +548,10 @@ fn run() -> Res<()> {
     }
     print!("{out}");
     let _ = std::io::stdout().flush();
-    Ok(())
+    match b.failed {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
 }
 
 /// A libpq key=value connection string for `dbname` on the server of `cfg`.
@@ -568,18 +624,42 @@ impl Bench {
 
     /// Runs `chronicle args` to completion with the bench database; returns its stdout.
     fn chronicle(&self, args: &[&str], env: &[(&str, &str)]) -> Res<String> {
+        self.chronicle_polled(args, env, false).map(|(out, _)| out)
+    }
+
+    /// `chronicle`, and with `poll` the process's peak RSS in kB (its VmHWM polled every
+    /// 20 ms, the last value read, as `drain` does); 0 without.
+    fn chronicle_polled(&self, args: &[&str], env: &[(&str, &str)], poll: bool) -> Res<(String, u64)> {
         let log = self.logs.join(format!("{}.log", args.first().unwrap_or(&"chronicle")));
         let mut cmd = self.command(args, env, &log)?;
         cmd.stdout(Stdio::piped());
         let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
         track_child(child.id());
         let pid = child.id();
-        let out = child.wait_with_output().map_err(|e| format!("waiting for chronicle {args:?}: {e}"))?;
+        let hwm = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let poller = poll.then(|| {
+            let (hwm, stop) = (hwm.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if let Some(kb) = vm_hwm_kb(pid) {
+                        hwm.fetch_max(kb, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        });
+        let out = child.wait_with_output();
+        stop.store(true, Ordering::SeqCst);
+        if let Some(p) = poller {
+            let _ = p.join();
+        }
+        let out = out.map_err(|e| format!("waiting for chronicle {args:?}: {e}"))?;
         untrack_child(pid);
         if !out.status.success() {
             return Err(format!("chronicle {} failed ({}): {}", args.join(" "), out.status, tail(&log)));
         }
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), hwm.load(Ordering::SeqCst)))
     }
 
     fn command(&self, args: &[&str], env: &[(&str, &str)], log: &Path) -> Res<Command> {
@@ -601,10 +681,23 @@ impl Bench {
 
     fn json(&self, args: &[&str]) -> Res<serde_json::Value> {
         let out = self.chronicle(args, &[])?;
-        let line = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
-        serde_json::from_str(line).map_err(|e| format!("chronicle {}: not JSON ({e}): {out}", args.join(" ")))
+        parse_json_line(args, &out)
     }
 
+    /// `json`, with the process's peak RSS in MB.
+    fn json_with_peak(&self, args: &[&str]) -> Res<(serde_json::Value, f64)> {
+        let (out, kb) = self.chronicle_polled(args, &[], true)?;
+        Ok((parse_json_line(args, &out)?, kb as f64 / 1024.0))
+    }
+}
+
+/// The last non-empty line of a command's stdout, as JSON.
+fn parse_json_line(args: &[&str], out: &str) -> Res<serde_json::Value> {
+    let line = out.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("");
+    serde_json::from_str(line).map_err(|e| format!("chronicle {}: not JSON ({e}): {out}", args.join(" ")))
+}
+
+impl Bench {
     fn header(&self) -> Res<String> {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
@@ -668,7 +761,7 @@ impl Bench {
              - server: {}\n\
              - settings: {}\n\
              - sizes: drain dataset {} events (3 libraries), one-library dataset {} events, grid {} events per point, \
-             latency {} s at 1,000 events/s, {} queries per run and kind\n",
+             latency {} s at 1,000 events/s, {} queries per run and kind{}\n",
             if p.quick { " (quick)" } else { "" },
             {
                 let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
@@ -688,7 +781,16 @@ impl Bench {
             thousands(p.big as i64),
             thousands(p.grid as i64),
             p.latency_seconds,
-            p.queries
+            p.queries,
+            if p.wants_scale() {
+                format!(
+                    "; scale: {} events, drain backlog {} deliveries",
+                    p.scale_sizes.iter().map(|n| thousands(*n as i64)).collect::<Vec<_>>().join(" → "),
+                    thousands(p.scale_backlog as i64)
+                )
+            } else {
+                String::new()
+            }
         ))
     }
 
@@ -716,18 +818,26 @@ impl Bench {
     // -----------------------------------------------------------------------------
     // The order of the sections: the small dataset serves inject, raw limits, drains,
     // latency (and rebuilds unless on the big one); one inject of the big dataset serves
-    // the large rebuild and the queries.
+    // the large rebuild and the queries. The scale section, last, starts from an empty
+    // database of its own.
 
     fn all_sections(&mut self) -> Res<()> {
-        let (small, big) = (self.plan.small, self.plan.big);
         let wants = |s: &str| self.plan.only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
         let (drain, rebuild, latency, queries) = (wants("drain"), wants("rebuild"), wants("latency"), wants("queries"));
         if wants("memory") {
             self.memory_section()?;
         }
-        if !(drain || rebuild || latency || queries) {
-            return Ok(());
+        if drain || rebuild || latency || queries {
+            self.dataset_sections(drain, rebuild, latency, queries)?;
         }
+        if self.plan.wants_scale() {
+            self.scale_section()?;
+        }
+        Ok(())
+    }
+
+    fn dataset_sections(&mut self, drain: bool, rebuild: bool, latency: bool, queries: bool) -> Res<()> {
+        let (small, big) = (self.plan.small, self.plan.big);
         self.inject_section()?;
         let raw_small =
             if drain || (rebuild && !self.plan.rebuild_on_big) { self.raw_section()? } else { (f64::NAN, f64::NAN) };
@@ -1593,37 +1703,12 @@ impl Bench {
             .map_err(|e| pg(&e))?;
         let entries =
             self.count(&mut c, &format!("SELECT count(*) FROM chronicle_entries WHERE library_id = '{lib}'"))?;
-        let kinds: Vec<(&str, EntryQuery)> = vec![
-            ("newest", EntryQuery::new(lib)),
-            (
-                "event type BookRenamed",
-                EntryQuery { event_type: Some(EventType::BookRenamed.to_string()), ..EntryQuery::new(lib) },
-            ),
-            ("search \"sourdough\" (English)", EntryQuery { search: Some("sourdough".into()), ..EntryQuery::new(lib) }),
-            ("search \"菜谱\" (Chinese)", EntryQuery { search: Some("菜谱".into()), ..EntryQuery::new(lib) }),
-        ];
-        for (label, q) in kinds {
+        for (label, q) in page_kinds(lib) {
             let (tsq, et) = (q.search.as_deref().and_then(timeline::search_tsquery), q.event_type.clone());
             let matching = self.count_matching(&mut c, lib, et.as_deref(), tsq.as_deref())?;
             let plan = self.explain(&mut c, &q)?;
             self.progress(&format!("query {label}: {matching} matching entries; plan: {plan}"));
-            let (mut p50, mut p99) = (Vec::new(), Vec::new());
-            let mut rows = 0;
-            for _ in 0..5 {
-                timeline::page(&mut c, &q).map_err(|e| format!("page {label}: {}", pg(&e)))?;
-            }
-            for _ in 0..self.plan.runs {
-                let mut times = Vec::with_capacity(self.plan.queries);
-                for _ in 0..self.plan.queries {
-                    let t = Instant::now();
-                    let page = timeline::page(&mut c, &q).map_err(|e| format!("page {label}: {}", pg(&e)))?;
-                    times.push(t.elapsed().as_secs_f64() * 1000.0);
-                    rows = page.entries.len();
-                }
-                times.sort_by(|a, b| a.partial_cmp(b).unwrap());
-                p50.push(quantile(&times, 0.5));
-                p99.push(quantile(&times, 0.99));
-            }
+            let (p50, p99, rows) = self.time_page(&mut c, label, &q)?;
             let note = format!(
                 "{} of {} entries match; {rows} rows returned; plan: {plan}",
                 thousands(matching),
@@ -1633,6 +1718,29 @@ impl Bench {
             self.push("queries", format!("page of 50, {label}: p99"), p99, Unit::Ms, Some(Target::AtMost(10.0)), note);
         }
         Ok(())
+    }
+
+    /// `timeline::page` of `q`, `--queries` times per run after 5 warm-ups, `--runs`
+    /// runs: each run's p50 and p99 in ms, and the rows of the last page.
+    fn time_page(&self, c: &mut Client, label: &str, q: &EntryQuery) -> Res<(Vec<f64>, Vec<f64>, usize)> {
+        let (mut p50, mut p99) = (Vec::new(), Vec::new());
+        let mut rows = 0;
+        for _ in 0..5 {
+            timeline::page(c, q).map_err(|e| format!("page {label}: {}", pg(&e)))?;
+        }
+        for _ in 0..self.plan.runs {
+            let mut times = Vec::with_capacity(self.plan.queries);
+            for _ in 0..self.plan.queries {
+                let t = Instant::now();
+                let page = timeline::page(c, q).map_err(|e| format!("page {label}: {}", pg(&e)))?;
+                times.push(t.elapsed().as_secs_f64() * 1000.0);
+                rows = page.entries.len();
+            }
+            times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            p50.push(quantile(&times, 0.5));
+            p99.push(quantile(&times, 0.99));
+        }
+        Ok((p50, p99, rows))
     }
 
     fn count_matching(&self, c: &mut Client, lib: Uuid, event_type: Option<&str>, tsq: Option<&str>) -> Res<i64> {
@@ -1653,6 +1761,7 @@ impl Bench {
         let none_t: Option<String> = None;
         let none_u: Option<Uuid> = None;
         let none_ts: Option<chrono::DateTime<chrono::Utc>> = None;
+        let (cursor_at, cursor_id) = (q.cursor.map(|c| c.occurred_at), q.cursor.map(|c| c.id));
         let rows = c
             .query(
                 &sql,
@@ -1665,8 +1774,8 @@ impl Bench {
                     &none_ts,
                     &none_ts,
                     &tsq,
-                    &none_ts,
-                    &none_u,
+                    &cursor_at,
+                    &cursor_id,
                     &51i64,
                 ],
             )
@@ -1689,6 +1798,472 @@ impl Bench {
             .unwrap_or_default();
         Ok(format!("{} ({exec}; {buffers})", nodes.join(" → ")))
     }
+}
+
+// ---------------------------------------------------------------------------------
+// scale
+
+/// What the scale section measured at one size of its database.
+struct ScaleStep {
+    events: u64,
+    added: u64,
+    inject_secs: f64,
+    inject_note: String,
+    truncate_secs: f64,
+    truncate_rss: f64,
+    swap_secs: f64,
+    swap_rss: f64,
+    swap_lock_ms: f64,
+    /// Per setting of `SCALE_DRAINS`: the rate of each run, and the workers' peak RSS.
+    drains: Vec<(Vec<f64>, Vec<f64>)>,
+    /// Per page kind: its label, the p99 of each run, a note.
+    pages: Vec<(&'static str, Vec<f64>, String)>,
+    /// Per command of `SCALE_COMMANDS`: the wall time of each run, ms.
+    commands: Vec<Vec<f64>>,
+    /// Per table: its name, total bytes (heap, TOAST, indexes), index bytes.
+    disk: Vec<(String, i64, i64)>,
+}
+
+/// The drains of the scale section: the runbook's settings and the drain section's best.
+const SCALE_DRAINS: [(&str, Settings); 2] = [
+    ("runbook settings", Settings { batch: 50, threads: 1, procs: 1 }),
+    ("best settings", Settings { batch: 500, threads: 1, procs: 2 }),
+];
+
+/// The commands the scale section times (`show` gets an event id appended before `--json`).
+const SCALE_COMMANDS: [&str; 3] = ["status", "verify", "show"];
+
+/// Share of each size step's new events that goes to the one large library, in tenths.
+const SCALE_LARGE_TENTHS: u64 = 7;
+
+impl Bench {
+    /// One database grows through `--scale-sizes`; at each size the same measures. A
+    /// failure stops the growth: the sizes completed are reported, and the run fails.
+    fn scale_section(&mut self) -> Res<()> {
+        self.reset_all()?;
+        let sizes = self.plan.scale_sizes.clone();
+        let mut steps: Vec<ScaleStep> = Vec::new();
+        let mut big: Option<Uuid> = None;
+        let mut have = 0u64;
+        for (i, &n) in sizes.iter().enumerate() {
+            self.progress(&format!("scale: growing the database to {} events", thousands(n as i64)));
+            match self.scale_step(i, have, n, &mut big) {
+                Ok(step) => {
+                    have = n;
+                    steps.push(step);
+                }
+                Err(e) => {
+                    let msg = format!("scale: stopped at {} events: {e}", thousands(n as i64));
+                    self.progress(&msg);
+                    self.notes.push(format!("{msg} (the scale rows are the sizes completed before)"));
+                    self.failed = Some(msg);
+                    break;
+                }
+            }
+        }
+        if let Ok(mut c) = self.connect() {
+            let _ = c.batch_execute("DROP TRIGGER IF EXISTS bench_big_library ON chronicle_events");
+        }
+        self.scale_rows(&steps);
+        Ok(())
+    }
+
+    fn scale_step(&self, index: usize, have: u64, n: u64, big: &mut Option<Uuid>) -> Res<ScaleStep> {
+        let added = n - have;
+        let large = added * SCALE_LARGE_TENTHS / 10;
+        let small = added - large;
+        let mut c = self.connect()?;
+
+        // 1. The new events: most into the one large library (from the second size on,
+        // a row trigger of the benchmark's own moves the new library's events into it:
+        // every seed of `inject` makes new libraries), the rest over 5 new libraries.
+        let mut t_large = 0.0;
+        if large > 0 {
+            if let Some(lib) = big {
+                self.sql(
+                    &mut c,
+                    &format!(
+                        "CREATE OR REPLACE FUNCTION bench_big_library() RETURNS trigger LANGUAGE plpgsql AS $$
+                         BEGIN NEW.library_id := '{lib}'::uuid; RETURN NEW; END $$;
+                         CREATE TRIGGER bench_big_library BEFORE INSERT ON chronicle_events
+                             FOR EACH ROW EXECUTE FUNCTION bench_big_library();"
+                    ),
+                )?;
+            }
+            self.checkpoint(&mut c);
+            let t = self.inject(large, 1, 70_001 + index as u64);
+            self.sql(&mut c, "DROP TRIGGER IF EXISTS bench_big_library ON chronicle_events")?;
+            t_large = t?;
+        }
+        if big.is_none() {
+            let lib: Uuid = c
+                .query_one("SELECT library_id FROM chronicle_events GROUP BY 1 ORDER BY count(*) DESC LIMIT 1", &[])
+                .and_then(|r| r.try_get(0))
+                .map_err(|e| format!("the large library: {}", pg(&e)))?;
+            *big = Some(lib);
+        }
+        let mut t_small = 0.0;
+        if small > 0 {
+            self.checkpoint(&mut c);
+            t_small = self.inject(small, 5, 80_001 + index as u64)?;
+        }
+        let inject_secs = t_large + t_small;
+        let part = |count: u64, secs: f64| {
+            format!(
+                "{} in {secs:.1} s ({} /s)",
+                thousands(count as i64),
+                thousands((count as f64 / secs).round() as i64)
+            )
+        };
+        let inject_note = format!(
+            "`inject --libraries 1`: {}{}; `--libraries 5`: {}",
+            part(large, t_large),
+            if index > 0 { ", moved into the large library by a BEFORE INSERT row trigger" } else { "" },
+            part(small, t_small)
+        );
+        self.progress(&format!("scale: injected {} events: {inject_note}", thousands(added as i64)));
+        // The new deliveries done, as a worker leaves them (the rebuild below projects
+        // the events); the table compacted after the update, as if they had been
+        // written done.
+        let t = Instant::now();
+        self.sql(
+            &mut c,
+            "UPDATE chronicle_outbox_events
+             SET status = 'done', attempts = 1, claimed_by = 'bench-scale', claim_token = gen_random_uuid(),
+                 claimed_at = now(), processed_at = now(), updated_at = now()
+             WHERE status = 'pending'",
+        )?;
+        self.sql(&mut c, "VACUUM FULL chronicle_outbox_events")?;
+        self.sql(&mut c, "VACUUM ANALYZE chronicle_events, chronicle_outbox_events")?;
+        self.progress(&format!(
+            "scale: deliveries marked done, outbox compacted in {:.1} s",
+            t.elapsed().as_secs_f64()
+        ));
+
+        // 2. The whole read model, rebuilt in each mode.
+        let lib = big.ok_or("scale: no large library")?;
+        let mut rebuild = |mode: &str| -> Res<(serde_json::Value, f64, f64)> {
+            self.checkpoint(&mut c);
+            let (v, rss) = self.json_with_peak(&["rebuild", mode, "--json"])?;
+            let secs = v["seconds"].as_f64().ok_or_else(|| format!("rebuild {mode} printed no seconds: {v}"))?;
+            let total = v["events_total"].as_u64().unwrap_or(0);
+            if total != n {
+                return Err(format!("rebuild {mode}: {total} events, expected {n}: {v}"));
+            }
+            self.progress(&format!("scale: rebuild {mode}: {n} events in {secs:.1} s, peak RSS {rss:.1} MB"));
+            Ok((v, secs, rss))
+        };
+        let (_, truncate_secs, truncate_rss) = rebuild("--truncate")?;
+        let (v, swap_secs, swap_rss) = rebuild("--swap")?;
+        let swap_lock_ms = v["swap_lock_held_ms"].as_f64().unwrap_or(f64::NAN);
+        self.sql(&mut c, "VACUUM ANALYZE chronicle_entries")?;
+
+        // 3. Drains of a fresh backlog on the full tables.
+        let mut drains = Vec::new();
+        for (label, s) in SCALE_DRAINS {
+            let (mut rates, mut rss) = (Vec::new(), Vec::new());
+            for run in 0..self.plan.runs {
+                let mark = self.scale_backlog()?;
+                let d = self.drain(s, &[], 0);
+                let cleared = self.scale_backlog_clear(mark);
+                let d = d?;
+                cleared?;
+                self.progress(&format!(
+                    "scale: drain, {label} ({}) run {}: {} events in {:.2} s = {:.0} events/s, peak RSS {:.1} MB",
+                    s.label(),
+                    run + 1,
+                    self.plan.scale_backlog,
+                    d.seconds,
+                    d.rate,
+                    d.peak_rss_mb
+                ));
+                rates.push(d.rate);
+                rss.push(d.peak_rss_mb);
+            }
+            drains.push((rates, rss));
+        }
+        self.sql(&mut c, "VACUUM ANALYZE chronicle_entries, chronicle_outbox_events")?;
+
+        // 4. Pages of the large library, and its 100th page by the keyset cursor.
+        let lib_entries =
+            self.count(&mut c, &format!("SELECT count(*) FROM chronicle_entries WHERE library_id = '{lib}'"))?;
+        let mut kinds = page_kinds(lib);
+        let mut deep = EntryQuery::new(lib);
+        for page in 1..100 {
+            let p = timeline::page(&mut c, &deep).map_err(|e| format!("page {page}: {}", pg(&e)))?;
+            let cur = p.next_cursor.ok_or_else(|| format!("the large library has only {page} pages"))?;
+            deep.cursor = Some(Cursor::decode(&cur)?);
+        }
+        kinds.push(("100th page of newest (keyset cursor)", deep));
+        let mut pages = Vec::new();
+        for (label, q) in kinds {
+            let plan = self.explain(&mut c, &q)?;
+            let (p50, p99, rows) = self.time_page(&mut c, label, &q)?;
+            self.progress(&format!(
+                "scale: page {label} in a library of {lib_entries} entries: p99 {}, p50 {}; plan: {plan}",
+                fmt_value(median(&p99), Unit::Ms),
+                fmt_value(median(&p50), Unit::Ms)
+            ));
+            let note = format!(
+                "p50 {}; {rows} rows; library of {} entries; plan: {plan}",
+                fmt_value(median(&p50), Unit::Ms),
+                thousands(lib_entries)
+            );
+            pages.push((label, p99, note));
+        }
+
+        // 5. The operator's commands.
+        let newest: Uuid = c
+            .query_one(
+                "SELECT id FROM chronicle_entries WHERE library_id = $1 ORDER BY occurred_at DESC, id DESC LIMIT 1",
+                &[&lib],
+            )
+            .and_then(|r| r.try_get(0))
+            .map_err(|e| pg(&e))?;
+        let newest = newest.to_string();
+        let mut commands = Vec::new();
+        for name in SCALE_COMMANDS {
+            let args: Vec<&str> = if name == "show" { vec![name, &newest, "--json"] } else { vec![name, "--json"] };
+            let mut ms = Vec::new();
+            for _ in 0..self.plan.runs {
+                let t = Instant::now();
+                self.chronicle(&args, &[])?;
+                ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            self.progress(&format!("scale: chronicle {}: {}", args.join(" "), fmt_value(median(&ms), Unit::Ms)));
+            commands.push(ms);
+        }
+
+        // 6. Disk.
+        self.sql(&mut c, "VACUUM ANALYZE chronicle_events, chronicle_outbox_events, chronicle_entries")?;
+        let disk: Vec<(String, i64, i64)> = c
+            .query(
+                "SELECT t::text, pg_total_relation_size(t), pg_indexes_size(t)
+                 FROM unnest(ARRAY['chronicle_events', 'chronicle_outbox_events', 'chronicle_entries']::regclass[]) t",
+                &[],
+            )
+            .map_err(|e| format!("table sizes: {}", pg(&e)))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2)))
+            .collect();
+        for (t, total, idx) in &disk {
+            self.progress(&format!(
+                "scale: {t}: {:.0} MB ({:.0} MB indexes) = {:.0} B per event",
+                *total as f64 / 1e6,
+                *idx as f64 / 1e6,
+                *total as f64 / n as f64
+            ));
+        }
+        Ok(ScaleStep {
+            events: n,
+            added,
+            inject_secs,
+            inject_note,
+            truncate_secs,
+            truncate_rss,
+            swap_secs,
+            swap_rss,
+            swap_lock_ms,
+            drains,
+            pages,
+            commands,
+            disk,
+        })
+    }
+
+    /// A drain backlog on the grown tables: the entries of the newest `--scale-backlog`
+    /// events (by id: UUIDv7, the event's time) deleted, and one pending delivery each,
+    /// enqueued as the trigger does (in `(occurred_at, id)` order), so the drain writes
+    /// new entries into a table of all the others. Returns the highest delivery id
+    /// before the backlog.
+    fn scale_backlog(&self) -> Res<i64> {
+        let n = self.plan.scale_backlog as i64;
+        let mut c = self.connect()?;
+        let mark = self.count(&mut c, "SELECT coalesce(max(id), 0) FROM chronicle_outbox_events")?;
+        let mut tx = c.transaction().map_err(|e| pg(&e))?;
+        tx.execute(
+            "DELETE FROM chronicle_entries WHERE id IN (SELECT id FROM chronicle_events ORDER BY id DESC LIMIT $1)",
+            &[&n],
+        )
+        .map_err(|e| format!("deleting the backlog's entries: {}", pg(&e)))?;
+        tx.execute(
+            "INSERT INTO chronicle_outbox_events (event_id)
+             SELECT id FROM (SELECT id, occurred_at FROM chronicle_events ORDER BY id DESC LIMIT $1) t
+             ORDER BY occurred_at, id",
+            &[&n],
+        )
+        .map_err(|e| format!("enqueueing the backlog: {}", pg(&e)))?;
+        tx.commit().map_err(|e| pg(&e))?;
+        self.sql(&mut c, "VACUUM ANALYZE chronicle_outbox_events, chronicle_entries")?;
+        self.checkpoint(&mut c);
+        Ok(mark)
+    }
+
+    /// Removes the backlog's deliveries (the events keep their first, done one).
+    fn scale_backlog_clear(&self, mark: i64) -> Res<()> {
+        let mut c = self.connect()?;
+        c.execute("DELETE FROM chronicle_outbox_events WHERE id > $1", &[&mark])
+            .map_err(|e| format!("removing the backlog's deliveries: {}", pg(&e)))?;
+        Ok(())
+    }
+
+    /// The table rows of the scale section: each measure at every size, then the
+    /// comparison of the largest size with the first.
+    fn scale_rows(&mut self, steps: &[ScaleStep]) {
+        let (Some(first), Some(last)) = (steps.first(), steps.last()) else { return };
+        let at = |s: &ScaleStep| format!("at {} events", thousands(s.events as i64));
+        let is_last = |s: &ScaleStep| s.events == last.events;
+        let compare = steps.len() > 1;
+        let vs = format!("at {} ÷ at {}", thousands(last.events as i64), thousands(first.events as i64));
+        for s in steps {
+            self.push(
+                "scale",
+                format!("inject {} new events, {}", thousands(s.added as i64), at(s)),
+                vec![s.added as f64 / s.inject_secs],
+                Unit::Rate,
+                None,
+                s.inject_note.clone(),
+            );
+        }
+        for s in steps {
+            self.push(
+                "scale",
+                format!("`rebuild --truncate`, {}", at(s)),
+                vec![s.truncate_secs],
+                Unit::Secs,
+                None,
+                format!(
+                    "{} events/s; peak RSS {:.1} MB",
+                    thousands((s.events as f64 / s.truncate_secs) as i64),
+                    s.truncate_rss
+                ),
+            );
+        }
+        for s in steps {
+            self.push(
+                "scale",
+                format!("`rebuild --swap`, {}", at(s)),
+                vec![s.swap_secs],
+                Unit::Secs,
+                None,
+                format!(
+                    "{} events/s; peak RSS {:.1} MB; swap_lock_held_ms {:.0}",
+                    thousands((s.events as f64 / s.swap_secs) as i64),
+                    s.swap_rss,
+                    s.swap_lock_ms
+                ),
+            );
+        }
+        if compare {
+            for (mode, a, b) in
+                [("--truncate", first.truncate_rss, last.truncate_rss), ("--swap", first.swap_rss, last.swap_rss)]
+            {
+                self.push(
+                    "scale",
+                    format!("`rebuild {mode}` peak RSS {vs}"),
+                    vec![b / a],
+                    Unit::Ratio,
+                    Some(Target::AtMost(1.5)),
+                    format!("VmHWM polled every 20 ms: {a:.1} MB → {b:.1} MB"),
+                );
+            }
+        }
+        for (k, (label, settings)) in SCALE_DRAINS.iter().enumerate() {
+            for s in steps {
+                let (rates, rss) = &s.drains[k];
+                self.push(
+                    "scale",
+                    format!("drain, {label} ({}), {}", settings.label(), at(s)),
+                    rates.clone(),
+                    Unit::Rate,
+                    None,
+                    format!(
+                        "{} new entries into a table of the others; worker peak RSS {:.1} MB",
+                        thousands(self.plan.scale_backlog as i64),
+                        median(rss)
+                    ),
+                );
+            }
+            if compare {
+                let (a, b) = (median(&first.drains[k].0), median(&last.drains[k].0));
+                self.push(
+                    "scale",
+                    format!("drain, {label}: rate {vs}"),
+                    vec![b / a],
+                    Unit::Ratio,
+                    Some(Target::AtLeast(0.8)),
+                    "ratio of the medians",
+                );
+            }
+        }
+        for k in 0..first.pages.len() {
+            for s in steps {
+                let (label, p99, note) = &s.pages[k];
+                self.push(
+                    "scale",
+                    format!("page of 50, {label}: p99, {}", at(s)),
+                    p99.clone(),
+                    Unit::Ms,
+                    is_last(s).then_some(Target::AtMost(10.0)),
+                    note.clone(),
+                );
+            }
+        }
+        for (k, name) in SCALE_COMMANDS.iter().enumerate() {
+            for s in steps {
+                self.push(
+                    "scale",
+                    format!("`chronicle {name}{} --json`, {}", if *name == "show" { " <id>" } else { "" }, at(s)),
+                    s.commands[k].clone(),
+                    Unit::Ms,
+                    (*name == "status" && is_last(s)).then_some(Target::AtMost(1000.0)),
+                    "wall time of the process (start, connect, query, exit)",
+                );
+            }
+        }
+        for k in 0..first.disk.len() {
+            for s in steps {
+                let (table, total, idx) = &s.disk[k];
+                self.push(
+                    "scale",
+                    format!("disk per event, {table}, {}", at(s)),
+                    vec![*total as f64 / s.events as f64],
+                    Unit::Bytes,
+                    None,
+                    format!(
+                        "pg_total_relation_size {:.0} MB, of which indexes (pg_indexes_size) {:.0} MB = {} B per event",
+                        *total as f64 / 1e6,
+                        *idx as f64 / 1e6,
+                        thousands((*idx as f64 / s.events as f64).round() as i64)
+                    ),
+                );
+            }
+        }
+        for s in steps {
+            let total: i64 = s.disk.iter().map(|d| d.1).sum();
+            self.push(
+                "scale",
+                format!("disk per event, the three tables, {}", at(s)),
+                vec![total as f64 / s.events as f64],
+                Unit::Bytes,
+                None,
+                format!("{:.2} GB after VACUUM ANALYZE", total as f64 / 1e9),
+            );
+        }
+    }
+}
+
+/// The page queries of the queries and scale sections, on library `lib`.
+fn page_kinds(lib: Uuid) -> Vec<(&'static str, EntryQuery)> {
+    vec![
+        ("newest", EntryQuery::new(lib)),
+        (
+            "event type BookRenamed",
+            EntryQuery { event_type: Some(EventType::BookRenamed.to_string()), ..EntryQuery::new(lib) },
+        ),
+        ("search \"sourdough\" (English)", EntryQuery { search: Some("sourdough".into()), ..EntryQuery::new(lib) }),
+        ("search \"菜谱\" (Chinese)", EntryQuery { search: Some("菜谱".into()), ..EntryQuery::new(lib) }),
+    ]
 }
 
 struct LatencyRun {
