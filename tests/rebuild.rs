@@ -352,6 +352,14 @@ fn swap_under_readers_writers_and_a_worker_keeps_the_timeline_whole() {
     c.batch_execute(&format!("GRANT SELECT ON chronicle_entries TO {}", role.name)).unwrap();
     let lib: uuid::Uuid = c.query_one("SELECT library_id FROM chronicle_events LIMIT 1", &[]).unwrap().get(0);
     let policies_before = count(&mut c, "SELECT count(*) FROM pg_policies WHERE tablename = 'chronicle_entries'");
+    let index_names = |c: &mut postgres::Client| -> Vec<String> {
+        c.query("SELECT indexname::text FROM pg_indexes WHERE tablename = 'chronicle_entries' ORDER BY 1", &[])
+            .unwrap()
+            .iter()
+            .map(|r| r.get(0))
+            .collect()
+    };
+    let indexes_before = index_names(&mut c);
 
     let stop = Arc::new(AtomicBool::new(false));
     // A reader paging the library's timeline, newest first, as the UI does.
@@ -410,6 +418,15 @@ fn swap_under_readers_writers_and_a_worker_keeps_the_timeline_whole() {
     assert_fully_projected(&mut c);
     // The swapped-in table kept indexes, policies, row-level security and grants.
     assert_eq!(count(&mut c, "SELECT count(*) FROM pg_indexes WHERE tablename = 'chronicle_entries'"), 6);
+    assert_eq!(index_names(&mut c), indexes_before, "the indexes kept their names");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pg_class WHERE relname LIKE 'chronicle_replaced_%' OR relname LIKE 'chronicle_rb_%'"
+        ),
+        0,
+        "leftover indexes of the old table or temporary names"
+    );
     assert_eq!(
         count(&mut c, "SELECT count(*) FROM pg_policies WHERE tablename = 'chronicle_entries'"),
         policies_before

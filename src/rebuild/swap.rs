@@ -8,8 +8,11 @@
 //! 3. Catch up with events written meanwhile (outside any lock), then, in one short
 //!    transaction: block event writers (readers go on), catch up with the last few,
 //!    take the read model's lock with a short lock timeout (so readers never queue long
-//!    behind us; retried), rename the tables, drop the old one, give the indexes and
-//!    constraints their original names, commit.
+//!    behind us; retried), rename the old table and move its indexes and constraints out
+//!    of the way, rename the new table and give its indexes and constraints their
+//!    original names, commit: catalog changes only, whatever the table's size.
+//! 4. Drop the old table, outside that lock (dropping it inside would hold readers for
+//!    as long as removing its files takes, which grows with the table).
 
 use std::time::{Duration, Instant};
 
@@ -23,7 +26,12 @@ use crate::outbox::{SizeLimits, EVENT_BYTES};
 
 const SHADOW: &str = "chronicle_entries_rebuild";
 
+/// The replaced table between the swap and its drop (left behind only by a process that
+/// died in between: dropped by the next `--swap`).
+const REPLACED: &str = "chronicle_entries_replaced";
+
 const CREATE_SHADOW: &str = "
+    DROP TABLE IF EXISTS chronicle_entries_replaced;
     DROP TABLE IF EXISTS chronicle_entries_rebuild;
     CREATE TABLE chronicle_entries_rebuild (LIKE chronicle_entries
         INCLUDING DEFAULTS INCLUDING CONSTRAINTS INCLUDING GENERATED INCLUDING STORAGE
@@ -122,6 +130,14 @@ fn load_and_swap(
         match swap_once(client, report, &renames, &opts.sizes) {
             Ok(held) => {
                 report.swap_lock_held = Some(held);
+                // The swap is done; a failure to drop the old table only leaves it behind.
+                if let Err(e) = client.batch_execute(&format!("DROP TABLE IF EXISTS {REPLACED}")) {
+                    log::warn!(
+                        "rebuild --swap: the swap is done, but the old read model could not be dropped ({}); \
+                         drop {REPLACED} by hand, or the next --swap will",
+                        crate::db::describe_error(&e)
+                    );
+                }
                 return Ok(());
             }
             Err(SwapFailure::Busy) => {
@@ -145,8 +161,10 @@ fn catch_up(client: &mut impl GenericClient, report: &mut Report, sizes: &SizeLi
     project_and_write(client, &events, INSERT_SHADOW_ENTRIES, &mut report.failures_by_reason)
 }
 
-/// How to give the shadow's indexes and constraints their final names at the swap.
+/// At the swap: how to move the old table's indexes and constraints out of the way
+/// (`away`, on the old table once renamed), then give the shadow's their final names.
 struct Renames {
+    away: Vec<String>,
     statements: Vec<String>,
 }
 
@@ -154,6 +172,7 @@ struct Renames {
 fn copy_shape(client: &mut Client) -> Result<Renames> {
     let ctx = "while copying the read model's indexes, policies and grants";
     let mut renames = Vec::new();
+    let mut away = Vec::new();
     let mut ddl = Vec::new();
     let indexes = client.query(SELECT_INDEXES, &[]).map_err(|e| AppError::db(ctx, e))?;
     for (n, r) in indexes.iter().enumerate() {
@@ -167,6 +186,13 @@ fn copy_shape(client: &mut Client) -> Result<Renames> {
         let using = def[on_live..].find(" USING ").map(|i| on_live + i).unwrap_or(def.len());
         let head = if def.starts_with("CREATE UNIQUE INDEX") { "CREATE UNIQUE INDEX" } else { "CREATE INDEX" };
         ddl.push(format!("{head} {temp} ON {SHADOW}{}", &def[using..]));
+        let old = format!("chronicle_replaced_{n}");
+        match (&conname, contype.as_deref()) {
+            (Some(con), Some("p" | "u")) => {
+                away.push(format!("ALTER TABLE {REPLACED} RENAME CONSTRAINT {} TO {old}", quote_ident(con)))
+            }
+            _ => away.push(format!("ALTER INDEX {} RENAME TO {old}", quote_ident(&name))),
+        }
         match (conname, contype.as_deref()) {
             (Some(con), Some("p")) => {
                 ddl.push(format!("ALTER TABLE {SHADOW} ADD CONSTRAINT {temp} PRIMARY KEY USING INDEX {temp}"));
@@ -245,7 +271,7 @@ fn copy_shape(client: &mut Client) -> Result<Renames> {
         log::debug!("rebuild --swap: {stmt}");
         client.batch_execute(stmt).map_err(|e| AppError::db(&format!("{ctx} ({stmt})"), e))?;
     }
-    Ok(Renames { statements: renames })
+    Ok(Renames { away, statements: renames })
 }
 
 enum SwapFailure {
@@ -280,12 +306,11 @@ fn swap_once(
     tx.batch_execute(&format!("SET LOCAL lock_timeout = '{SWAP_LOCK_TIMEOUT}'")).map_err(SwapFailure::db)?;
     tx.batch_execute("LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE").map_err(SwapFailure::db)?;
     let locked = Instant::now();
-    tx.batch_execute(
-        "ALTER TABLE chronicle_entries RENAME TO chronicle_entries_replaced;
-         ALTER TABLE chronicle_entries_rebuild RENAME TO chronicle_entries;
-         DROP TABLE chronicle_entries_replaced",
-    )
-    .map_err(SwapFailure::db)?;
+    tx.batch_execute(&format!("ALTER TABLE chronicle_entries RENAME TO {REPLACED}")).map_err(SwapFailure::db)?;
+    for stmt in &renames.away {
+        tx.batch_execute(stmt).map_err(SwapFailure::db)?;
+    }
+    tx.batch_execute(&format!("ALTER TABLE {SHADOW} RENAME TO chronicle_entries")).map_err(SwapFailure::db)?;
     for stmt in &renames.statements {
         tx.batch_execute(stmt).map_err(SwapFailure::db)?;
     }
