@@ -74,10 +74,43 @@ pub struct Status {
     pub events: i64,
     pub entries: i64,
     pub events_without_entry: i64,
+    /// Whether `events`, `entries`, `outbox.done` and `events_without_entry` were counted
+    /// or estimated (see [`CountMode`]).
+    pub counts: Counts,
     pub last_rebuild: Option<RebuildRun>,
     /// Set when the server read is a standby (a read replica): how far behind it is.
     pub standby: Option<Standby>,
 }
+
+/// How `status` arrived at its figures for the large tables.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Counts {
+    /// Counted in the snapshot: `events_without_entry` includes events lost without a
+    /// delivery.
+    Exact,
+    /// `events`, `entries` and `outbox.done` from the planner's statistics (a table without
+    /// statistics is still counted); `events_without_entry` counts the events that have a
+    /// pending, processing or failed delivery and no entry, exactly. The live outbox states,
+    /// the stuck rows and the failures are exact in both.
+    Estimated,
+}
+
+/// What `status` is asked for: exact counts, estimates, or whichever fits the database.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CountMode {
+    /// Exact while the events table holds at most [`EXACT_COUNTS_UP_TO`] rows by the
+    /// planner's estimate (or has no statistics yet), estimated beyond.
+    #[default]
+    Auto,
+    Exact,
+    Estimated,
+}
+
+/// In [`CountMode::Auto`], the largest events table (rows, by the planner's estimate)
+/// that `status` still counts exactly: counting reads the events, the entries and the
+/// whole outbox, a cost that grows with the tables (BENCHMARKS.md, *scale*).
+pub const EXACT_COUNTS_UP_TO: i64 = 500_000;
 
 /// How far a standby's copy is behind, as the standby knows it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
@@ -95,17 +128,46 @@ pub const STATUS_STANDBY: &str = "
            pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::bigint
     WHERE pg_is_in_recovery()";
 
-/// Every state counted in one scan; stuck as the reclaim loop defines it ($1: max processing seconds).
-pub const STATUS_OUTBOX: &str = "
-    SELECT
-        count(*) FILTER (WHERE status = 'pending'),
-        count(*) FILTER (WHERE status = 'processing'),
-        count(*) FILTER (WHERE status = 'done'),
-        count(*) FILTER (WHERE status = 'failed'),
-        coalesce(extract(epoch FROM now() - min(created_at) FILTER (WHERE status = 'pending')), 0)::float8,
-        count(*) FILTER (WHERE status = 'processing'
-                         AND (lease_until < now() OR claimed_at < now() - make_interval(secs => $1)))
-    FROM chronicle_outbox_events";
+/// The outbox rows that are not `done`, by state, and the `done` ones exactly: the live
+/// states come from `outbox::SAMPLE_GAUGES` (the partial indexes), `done` from a scan of
+/// the whole outbox, which only `--exact` (or a small database) pays for.
+pub const STATUS_OUTBOX_DONE: &str = "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'";
+
+/// The read model against its source, exactly: events, entries, and events that have no
+/// entry. Reads both tables whole.
+pub const STATUS_READ_MODEL: &str = "
+    SELECT (SELECT count(*) FROM chronicle_events),
+           (SELECT count(*) FROM chronicle_entries),
+           (SELECT count(*) FROM chronicle_events e
+            WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = e.id))";
+
+/// The planner's row estimate of each large table, as the planner itself makes it: the
+/// `reltuples` of the last `ANALYZE` (or vacuum) scaled to the table's current size in
+/// pages. Null where the server has no statistics yet (never analyzed, or analyzed empty
+/// and written since): such a table is counted exactly. Reads the catalog only.
+pub const STATUS_ESTIMATES: &str = "
+    SELECT c.relname::text,
+           CASE WHEN c.reltuples < 0 THEN NULL
+                WHEN c.relpages = 0 THEN CASE WHEN pg_relation_size(c.oid) = 0 THEN 0 END
+                ELSE round(c.reltuples / c.relpages
+                           * (pg_relation_size(c.oid) / current_setting('block_size')::float8))::bigint
+           END
+    FROM pg_class c
+    WHERE c.oid IN ('chronicle_events'::regclass, 'chronicle_entries'::regclass,
+                    'chronicle_outbox_events'::regclass)";
+
+/// Events without an entry among those with a pending, processing or failed delivery:
+/// exact, and cheap while the backlog is small (each state through its partial index,
+/// each event through the entries' primary key). An event lost without such a delivery
+/// is not among them: `chronicle verify` finds those.
+pub const STATUS_UNDELIVERED_WITHOUT_ENTRY: &str = "
+    SELECT count(DISTINCT o.event_id)
+    FROM (SELECT event_id FROM chronicle_outbox_events WHERE status = 'pending'
+          UNION ALL
+          SELECT event_id FROM chronicle_outbox_events WHERE status = 'processing'
+          UNION ALL
+          SELECT event_id FROM chronicle_outbox_events WHERE status = 'failed') o
+    WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = o.event_id)";
 
 /// Failures by reason, most frequent first, each with the event of its latest failure
 /// (served by the partial index on failed rows).
@@ -117,13 +179,6 @@ pub const STATUS_FAILED_BY_REASON: &str = "
     FROM (SELECT error_reason, count(*) AS n FROM chronicle_outbox_events
           WHERE status = 'failed' GROUP BY error_reason) r
     ORDER BY r.n DESC, r.error_reason";
-
-/// The read model against its source: events, entries, and events that have no entry.
-pub const STATUS_READ_MODEL: &str = "
-    SELECT (SELECT count(*) FROM chronicle_events),
-           (SELECT count(*) FROM chronicle_entries),
-           (SELECT count(*) FROM chronicle_events e
-            WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = e.id))";
 
 /// The latest rebuild run (running or finished).
 pub const STATUS_LAST_REBUILD: &str = "
@@ -187,16 +242,53 @@ pub fn libraries(client: &mut impl GenericClient, limit: u64) -> Result<Vec<Libr
         .collect()
 }
 
-pub fn status(client: &mut Client, max_processing: Duration) -> Result<Status, postgres::Error> {
+pub fn status(client: &mut Client, max_processing: Duration, mode: CountMode) -> Result<Status, postgres::Error> {
     let mut tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?;
-    let r = tx.query_one(STATUS_OUTBOX, &[&max_processing.as_secs_f64()])?;
+    let live = crate::outbox::sample_gauges(&mut tx, max_processing)?;
+    let estimates = tx
+        .query(STATUS_ESTIMATES, &[])?
+        .iter()
+        .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, Option<i64>>(1)?)))
+        .collect::<Result<std::collections::HashMap<_, _>, postgres::Error>>()?;
+    let estimate = |table: &str| estimates.get(table).copied().flatten();
+    let counts = match mode {
+        CountMode::Exact => Counts::Exact,
+        CountMode::Estimated => Counts::Estimated,
+        CountMode::Auto => match estimate("chronicle_events") {
+            Some(n) if n > EXACT_COUNTS_UP_TO => Counts::Estimated,
+            _ => Counts::Exact,
+        },
+    };
+    let (done, events, entries, events_without_entry) = match counts {
+        Counts::Exact => {
+            let done: i64 = tx.query_one(STATUS_OUTBOX_DONE, &[])?.try_get(0)?;
+            let r = tx.query_one(STATUS_READ_MODEL, &[])?;
+            (done, r.try_get(0)?, r.try_get(1)?, r.try_get(2)?)
+        }
+        Counts::Estimated => {
+            let mut count = |table: &str, exact: &str| -> Result<i64, postgres::Error> {
+                match estimate(table) {
+                    Some(n) => Ok(n),
+                    None => tx.query_one(exact, &[])?.try_get(0),
+                }
+            };
+            let events = count("chronicle_events", "SELECT count(*) FROM chronicle_events")?;
+            let entries = count("chronicle_entries", "SELECT count(*) FROM chronicle_entries")?;
+            let done = match estimate("chronicle_outbox_events") {
+                Some(n) => (n - live.pending - live.inflight - live.failed).max(0),
+                None => tx.query_one(STATUS_OUTBOX_DONE, &[])?.try_get(0)?,
+            };
+            let without: i64 = tx.query_one(STATUS_UNDELIVERED_WITHOUT_ENTRY, &[])?.try_get(0)?;
+            (done, events, entries, without)
+        }
+    };
     let outbox = OutboxCounts {
-        pending: r.try_get(0)?,
-        processing: r.try_get(1)?,
-        done: r.try_get(2)?,
-        failed: r.try_get(3)?,
-        oldest_pending_age_seconds: r.try_get(4)?,
-        stuck: r.try_get(5)?,
+        pending: live.pending,
+        processing: live.inflight,
+        done,
+        failed: live.failed,
+        oldest_pending_age_seconds: live.oldest_pending_age_seconds,
+        stuck: live.stuck,
     };
     let failed_by_reason = tx
         .query(STATUS_FAILED_BY_REASON, &[])?
@@ -205,8 +297,6 @@ pub fn status(client: &mut Client, max_processing: Duration) -> Result<Status, p
             Ok(FailedReason { error_reason: r.try_get(0)?, count: r.try_get(1)?, example_event_id: r.try_get(2)? })
         })
         .collect::<Result<Vec<_>, postgres::Error>>()?;
-    let r = tx.query_one(STATUS_READ_MODEL, &[])?;
-    let (events, entries, events_without_entry) = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?);
     let last_rebuild = match tx.query_opt(STATUS_LAST_REBUILD, &[])? {
         None => None,
         Some(r) => Some(RebuildRun {
@@ -238,7 +328,7 @@ pub fn status(client: &mut Client, max_processing: Duration) -> Result<Status, p
         Some(r) => Some(Standby { replay_lag_seconds: r.try_get(0)?, replay_lag_bytes: r.try_get(1)? }),
     };
     tx.commit()?;
-    Ok(Status { outbox, failed_by_reason, events, entries, events_without_entry, last_rebuild, standby })
+    Ok(Status { outbox, failed_by_reason, events, entries, events_without_entry, counts, last_rebuild, standby })
 }
 
 /// A row as (column, value) pairs in the table's column order, every column included

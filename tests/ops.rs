@@ -372,8 +372,18 @@ fn assert_status_matches(db: &TestDb, c: &mut Client) -> Value {
     keys.sort();
     assert_eq!(
         keys,
-        ["entries", "events", "events_without_entry", "failed_by_reason", "last_rebuild", "outbox", "standby"]
+        [
+            "counts",
+            "entries",
+            "events",
+            "events_without_entry",
+            "failed_by_reason",
+            "last_rebuild",
+            "outbox",
+            "standby"
+        ]
     );
+    assert_eq!(v["counts"], "exact", "a small database is counted: {v}");
     let mut okeys: Vec<&String> = o.as_object().unwrap().keys().collect();
     okeys.sort();
     assert_eq!(okeys, ["done", "failed", "oldest_pending_age_seconds", "pending", "processing", "stuck"]);
@@ -464,6 +474,61 @@ fn status_json_matches_the_database_in_each_state() {
     {
         assert!(r.stdout.contains(needle), "{needle}: {r}");
     }
+}
+
+/// `status --json` with these flags, exit 0.
+fn status_json(db: &TestDb, flags: &[&str]) -> Value {
+    let mut args = vec!["status", "--json"];
+    args.extend_from_slice(flags);
+    let r = run(&mut db.chronicle(&args));
+    assert_eq!(r.code, Some(0), "{r}");
+    json_of(&r)
+}
+
+#[test]
+fn status_estimates_large_tables_from_statistics_and_says_so() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 12);
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    insert_events(&mut c, 5);
+    c.batch_execute("ANALYZE chronicle_events, chronicle_entries, chronicle_outbox_events").unwrap();
+
+    // Freshly analyzed small tables: the estimates are the counts, and the events without an
+    // entry are those with a live delivery.
+    let v = status_json(&db, &["--estimate"]);
+    assert_eq!(v["counts"], "estimated", "{v}");
+    assert_eq!((v["events"].as_i64(), v["entries"].as_i64()), (Some(17), Some(12)), "{v}");
+    assert_eq!((v["outbox"]["done"].as_i64(), v["outbox"]["pending"].as_i64()), (Some(12), Some(5)), "{v}");
+    assert_eq!(v["events_without_entry"], 5, "{v}");
+
+    // An event lost with its delivery: only the exact count (or verify) sees it; a failed
+    // one is seen by both.
+    let ids = event_ids(&mut c);
+    c.execute("DELETE FROM chronicle_outbox_events WHERE event_id = $1", &[&ids[12]]).unwrap();
+    fail(&mut c, ids[13], "invalid_payload", 1.0);
+    let v = status_json(&db, &["--estimate"]);
+    assert_eq!((v["events_without_entry"].as_i64(), v["outbox"]["failed"].as_i64()), (Some(4), Some(1)), "{v}");
+    let v = status_json(&db, &["--exact"]);
+    assert_eq!((v["counts"].as_str(), v["events_without_entry"].as_i64()), (Some("exact"), Some(5)), "{v}");
+
+    // Without a flag, the planner's size of the events table decides: statistics saying
+    // two million rows (written into the catalog, as an ANALYZE of a large table would)
+    // make status estimate, and say so in both forms.
+    c.batch_execute("UPDATE pg_class SET reltuples = 2000000 WHERE oid = 'chronicle_events'::regclass").unwrap();
+    let v = status_json(&db, &[]);
+    assert_eq!((v["counts"].as_str(), v["events"].as_i64()), (Some("estimated"), Some(2_000_000)), "{v}");
+    assert_eq!(v["outbox"]["pending"], 3, "live states stay exact: {v}");
+    let r = run(&mut db.chronicle(&["status"]));
+    assert!(r.stdout.contains("estimated") && r.stdout.contains("~     2000000"), "{r}");
+    let v = status_json(&db, &["--exact"]);
+    assert_eq!((v["counts"].as_str(), v["events"].as_i64()), (Some("exact"), Some(17)), "{v}");
+
+    // Asking for both is refused, naming the flags.
+    let r = run(&mut db.chronicle(&["status", "--exact", "--estimate"]));
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("--exact") && r.stderr.contains("--estimate"), "{r}");
 }
 
 #[test]

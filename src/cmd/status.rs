@@ -6,7 +6,7 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
-use crate::ops::{self, Status};
+use crate::ops::{self, CountMode, Counts, Status};
 use crate::terminal::printable;
 
 pub const SUMMARY: &str = "The outbox by state, failures by reason, coverage, the last rebuild";
@@ -19,23 +19,34 @@ pub fn help() -> String {
 the age of the oldest pending row and the stuck rows), failed rows by error_reason with an
 example event each, events against entries (and events that have no entry), and the last
 rebuild run. Informational: exits 0 whatever it finds (3 if the database is unreachable).
-Counting events without an entry reads both tables whole: on a very large database it
-takes a while, like the runbook's query it replaces.
+
+Exact counts read the events, the entries and the whole outbox, which takes seconds on tens
+of millions of events. So beyond {limit} events (by the planner's estimate) the events, the
+entries and the done rows are estimated from the server's statistics, and \"events without
+entry\" counts those that have a pending, processing or failed delivery (chronicle verify
+finds the others); the output says which it did. The pending, processing, stuck and failed
+rows are always exact.
 
 USAGE:
-    chronicle status [--json]
+    chronicle status [--json] [--exact | --estimate]
 
 FLAGS:
-{}  --json
+{settings}  --exact
+      Count exactly whatever the size (as the runbook's queries do).
+  --estimate
+      Estimate whatever the size (well under a second at any size).
+  --json
       Print one JSON object: outbox, failed_by_reason, events, entries, events_without_entry,
-      last_rebuild, standby (see docs/operations.md).
+      counts (\"exact\" or \"estimated\"), last_rebuild, standby (see docs/operations.md).
 
 EXAMPLES:
     chronicle status
     chronicle status --json | jq '.outbox.failed'
     chronicle status --max-processing-seconds 120     # count rows processing > 2 min as stuck
+    chronicle status --exact --json                    # exact counts on a large database
 ",
-        config::settings_help(SETTINGS)
+        settings = config::settings_help(SETTINGS),
+        limit = thousands(ops::EXACT_COUNTS_UP_TO),
     )
 }
 
@@ -44,11 +55,33 @@ pub struct Args {
     pub database_url: DbUrl,
     pub max_processing: std::time::Duration,
     pub json: bool,
+    pub counts: CountMode,
+}
+
+/// 500000 as "500,000".
+fn thousands(n: i64) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
+            out.push(',');
+        }
+        out.push(c);
+    }
+    out
 }
 
 pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
     let mut src = Sources::new(env);
     let mut json = false;
+    let mut counts = CountMode::Auto;
+    let mut set_counts = |mode: CountMode, flag: &str| -> Result<()> {
+        if counts != CountMode::Auto && counts != mode {
+            return Err(AppError::usage(format!("{flag}: give either --exact or --estimate, not both")));
+        }
+        counts = mode;
+        Ok(())
+    };
     while let Some(arg) = p.next()? {
         if let Some(s) = setting_flag(&arg, SETTINGS) {
             src.set_flag(s, string_value(p, s.flag)?);
@@ -57,18 +90,21 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
         match arg {
             Short('h') | Long("help") => return Ok(None),
             Long("json") => json = true,
+            Long("exact") => set_counts(CountMode::Exact, "--exact")?,
+            Long("estimate") => set_counts(CountMode::Estimated, "--estimate")?,
             _ => return Err(arg.unexpected().into()),
         }
     }
     let max_processing = src
         .seconds(&config::MAX_PROCESSING)?
         .ok_or_else(|| AppError::usage(format!("{} is required", config::MAX_PROCESSING.var)))?;
-    Ok(Some(Args { database_url: src.read_database_url()?, max_processing, json }))
+    Ok(Some(Args { database_url: src.read_database_url()?, max_processing, json, counts }))
 }
 
 pub fn run(args: Args) -> Result<()> {
     let mut client = db::connect_for_command(&args.database_url)?;
-    let st = ops::status(&mut client, args.max_processing).map_err(|e| AppError::db("while reading the status", e))?;
+    let st = ops::status(&mut client, args.max_processing, args.counts)
+        .map_err(|e| AppError::db("while reading the status", e))?;
     if args.json {
         let v = serde_json::to_value(&st)
             .map_err(|e| AppError::failed(format!("cannot render the status: {e}")).caused_by(e))?;
@@ -94,7 +130,8 @@ pub fn render_text(st: &Status) -> String {
     s.push_str("OUTBOX (chronicle_outbox_events)\n");
     s.push_str(&format!("  pending     {:>12}   oldest pending: {:.1} s\n", o.pending, o.oldest_pending_age_seconds));
     s.push_str(&format!("  processing  {:>12}   stuck: {}\n", o.processing, o.stuck));
-    s.push_str(&format!("  done        {:>12}\n", o.done));
+    let about = if st.counts == Counts::Estimated { "~" } else { " " };
+    s.push_str(&format!("  done       {about}{:>12}\n", o.done));
     s.push_str(&format!("  failed      {:>12}\n", o.failed));
     s.push_str("\nFAILED BY REASON\n");
     if st.failed_by_reason.is_empty() {
@@ -111,10 +148,19 @@ pub fn render_text(st: &Status) -> String {
         }
         s.push_str("  (chronicle show EVENT_ID for one; chronicle replay-failed once fixed)\n");
     }
-    s.push_str("\nREAD MODEL\n");
-    s.push_str(&format!("  events                {:>12}\n", st.events));
-    s.push_str(&format!("  entries               {:>12}\n", st.entries));
-    s.push_str(&format!("  events without entry  {:>12}\n", st.events_without_entry));
+    match st.counts {
+        Counts::Exact => s.push_str("\nREAD MODEL (counted)\n"),
+        Counts::Estimated => {
+            s.push_str("\nREAD MODEL (~ estimated from the server's statistics; chronicle status --exact counts)\n")
+        }
+    }
+    s.push_str(&format!("  events               {about}{:>12}\n", st.events));
+    s.push_str(&format!("  entries              {about}{:>12}\n", st.entries));
+    s.push_str(&format!("  events without entry  {:>12}", st.events_without_entry));
+    if st.counts == Counts::Estimated {
+        s.push_str("   (with a pending, processing or failed delivery; chronicle verify finds the others)");
+    }
+    s.push('\n');
     s.push_str("\nLAST REBUILD\n");
     match &st.last_rebuild {
         None => s.push_str("  (never)\n"),
