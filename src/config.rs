@@ -206,9 +206,9 @@ setting!(
     CONCURRENCY,
     "OUTBOX_CONCURRENCY",
     "concurrency",
-    Some("1"),
+    None,
     Kind::Count { min: 1, max: 64 },
-    "Claim threads in this process, each with its own connection (1-64)."
+    "Claim threads in this process, each with its own connection (1-64). Unset: one per CPU the process may use (cgroup limits included), at most 4."
 );
 setting!(
     STATEMENT_TIMEOUT,
@@ -825,6 +825,14 @@ pub struct WorkerConfig {
 }
 
 /// Reads a setting that has a default, so it is always present.
+/// `OUTBOX_CONCURRENCY` when unset: one claim thread per CPU this process may use (std
+/// reads the affinity mask and the cgroup quota), at most 4. A second thread overlaps one
+/// batch's commit with the next one's claim; beyond the database server's cores more
+/// threads only contend (BENCHMARKS.md, *drain*).
+pub fn default_concurrency() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 4) as u32
+}
+
 fn required<T>(v: Result<Option<T>>, s: &Setting) -> Result<T> {
     v?.ok_or_else(|| AppError::usage(format!("{} is required", s.var)))
 }
@@ -845,7 +853,7 @@ impl WorkerConfig {
             reclaim_interval: required(src.seconds(&RECLAIM_INTERVAL), &RECLAIM_INTERVAL)?,
             max_processing: required(src.seconds(&MAX_PROCESSING), &MAX_PROCESSING)?,
             run_for: src.seconds(&RUN_SECONDS)?,
-            concurrency: required(src.count(&CONCURRENCY), &CONCURRENCY)? as u32,
+            concurrency: src.count(&CONCURRENCY)?.map_or_else(default_concurrency, |n| n as u32),
             statement_timeout: required(src.seconds(&STATEMENT_TIMEOUT), &STATEMENT_TIMEOUT)?,
             done_retention: src.seconds(&DONE_RETENTION)?,
             listen: required(src.choice(&LISTEN), &LISTEN)? == "on",
@@ -920,7 +928,10 @@ mod tests {
         assert_eq!(c.max_processing, Duration::from_secs(600));
         assert_eq!(c.metrics_port, 9110);
         assert_eq!(c.metrics_bind, "127.0.0.1");
-        assert_eq!(c.concurrency, 1);
+        // Not a runbook variable: one thread per CPU this process may use, at most 4.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+        assert_eq!(c.concurrency as usize, cpus.min(4), "{cpus} CPUs");
+        assert_eq!(worker(&[("OUTBOX_CONCURRENCY", "1")], &[]).unwrap().concurrency, 1);
         assert_eq!(c.statement_timeout, Duration::from_secs(30));
         assert_eq!(c.run_for, None);
         assert_eq!(c.done_retention, None);
