@@ -3,6 +3,7 @@
 //!     cargo bench --bench bench                 # full (about 15 minutes on 2 cores)
 //!     cargo bench --bench bench -- --quick      # small sizes, 1-2 minutes
 //!     cargo bench --bench bench -- --runs 5     # more runs per figure (default 3)
+//!     cargo bench --bench bench -- --only drain --peers   # the drain beside graphile-worker
 //!
 //! It drives the release binary (`chronicle inject`, `worker`, `rebuild`) as separate
 //! processes, exactly as an operator would, and uses the `chronicle` library only for
@@ -28,6 +29,15 @@
 //!   timeline is blocked by the swap;
 //! - the timeline page query (newest, filtered, English and Chinese search) on one large
 //!   library;
+//! - with `--peers`, a peer job queue beside the runbook's drain: graphile-worker 0.18
+//!   (pinned with a lockfile in `benches/peers/`) at its documented performance preset
+//!   (24 concurrent jobs, local queue of 500, batched completion), draining a backlog of
+//!   as many jobs as the drain has events, each job one `INSERT` of its payload into a
+//!   sink table; its rate, its peak RSS, and the runbook drain's rate ÷ its rate. The
+//!   runs alternate with the runbook's (chronicle, graphile-worker, chronicle, …). It
+//!   needs `node` and `npm` (`BENCH_NODE`, `BENCH_NPM` to name them; `npm ci` runs once
+//!   when `benches/peers/node_modules` is missing); without them the report says so and
+//!   only those rows are missing;
 //! - memory (`--only memory`): the worker's peak RSS on heavy events (many keys, events
 //!   over `OUTBOX_MAX_EVENT_BYTES`) and whether the backlog behind them drains;
 //! - scale (`--only scale`, never part of the full run): one database grown through
@@ -93,11 +103,14 @@ struct Plan {
     scale_backlog: u64,
     /// What was reduced from the target sizes, said in the report.
     reductions: Vec<String>,
+    /// `--peers`: run the peer job queue beside the runbook's drain.
+    peers: bool,
 }
 
 impl Plan {
     fn from_args() -> Res<Plan> {
         let mut quick = false;
+        let mut peers = false;
         let mut runs = 3usize;
         let mut overrides: Vec<(String, String)> = Vec::new();
         let mut only: Option<Vec<String>> = None;
@@ -105,6 +118,7 @@ impl Plan {
         while let Some(a) = args.next() {
             match a.as_str() {
                 "--quick" => quick = true,
+                "--peers" => peers = true,
                 "--bench" | "--keep" => {} // cargo bench passes --bench to harness = false targets
                 "--runs" => {
                     let v = args.next().ok_or("--runs needs a number")?;
@@ -131,7 +145,12 @@ impl Plan {
                     println!(
                         "cargo bench --bench bench [-- [--quick] [--runs N] [--small N] [--big N] [--grid N] \
                          [--latency-seconds S] [--queries N] [--rebuild-on-big yes|no] \
-                         [--only drain,latency,rebuild,queries,memory,scale] [--scale-sizes N,N,…] [--keep]]\n\n\
+                         [--only drain,latency,rebuild,queries,memory,scale] [--scale-sizes N,N,…] [--peers] \
+                         [--keep]]\n\n\
+                         --peers: the drain section also runs graphile-worker 0.18 (benches/peers/, needs node \
+                         and npm; BENCH_NODE / BENCH_NPM name them) at its performance preset on as many jobs as \
+                         the drain has events, one INSERT per job, its runs alternating with the runbook drain's; \
+                         without node or npm that row is skipped.\n\n\
                          Without --only: every section but `scale`. `--only scale` grows one database through \
                          --scale-sizes (default 1000000,3000000,10000000; --quick: 20000,60000) and measures at \
                          each size: inject, rebuild (seconds, peak RSS), the drain of a 40,000-delivery backlog \
@@ -159,6 +178,7 @@ impl Plan {
                 scale_sizes: vec![20_000, 60_000],
                 scale_backlog: 5_000,
                 reductions: Vec::new(),
+                peers,
             }
         } else {
             // The target sizes: rebuilds of 1,000,000 events, `--runs` times in each mode
@@ -186,6 +206,7 @@ impl Plan {
                      drain dataset"
                         .into(),
                 ],
+                peers,
             }
         };
         for (k, v) in overrides {
@@ -824,6 +845,9 @@ impl Bench {
     fn all_sections(&mut self) -> Res<()> {
         let wants = |s: &str| self.plan.only.as_ref().is_none_or(|o| o.iter().any(|x| x == s));
         let (drain, rebuild, latency, queries) = (wants("drain"), wants("rebuild"), wants("latency"), wants("queries"));
+        if self.plan.peers && !drain {
+            self.notes.push("--peers: the peer runs beside the drain section, which did not run.".into());
+        }
         if wants("memory") {
             self.memory_section()?;
         }
@@ -1191,28 +1215,42 @@ impl Bench {
     }
 
     fn drain_runs(&self, s: Settings, extra_env: &[(&str, &str)]) -> Res<Vec<Drain>> {
-        let mut out = Vec::new();
-        for run in 0..self.plan.runs {
-            let n = self.reset_for_drain(None)?;
-            let d = self.drain(s, extra_env, 0)?;
-            self.progress(&format!(
-                "drain {} run {}: {n} events in {:.2} s = {:.0} events/s, peak RSS {:.1} MB",
-                s.label(),
-                run + 1,
-                d.seconds,
-                d.rate,
-                d.peak_rss_mb
-            ));
-            out.push(d);
-        }
-        Ok(out)
+        (0..self.plan.runs).map(|run| self.drain_run(s, extra_env, run)).collect()
+    }
+
+    /// One drain of the whole dataset's backlog.
+    fn drain_run(&self, s: Settings, extra_env: &[(&str, &str)], run: usize) -> Res<Drain> {
+        let n = self.reset_for_drain(None)?;
+        let d = self.drain(s, extra_env, 0)?;
+        self.progress(&format!(
+            "drain {} run {}: {n} events in {:.2} s = {:.0} events/s, peak RSS {:.1} MB",
+            s.label(),
+            run + 1,
+            d.seconds,
+            d.rate,
+            d.peak_rss_mb
+        ));
+        Ok(d)
     }
 
     fn drain_section(&mut self, raw: (f64, f64)) -> Res<()> {
         let n = thousands(self.plan.small as i64);
-        // The runbook's settings.
+        // The runbook's settings; with `--peers`, each run followed by one of the peer's,
+        // so that the machine's drift touches both alike.
         let runbook = Settings { batch: 50, threads: 1, procs: 1 };
-        let rb = self.drain_runs(runbook, &[])?;
+        let peer = if self.plan.peers { self.peer_setup() } else { None };
+        let mut rb = Vec::new();
+        let mut peer_runs: Vec<Drain> = Vec::new();
+        let mut peer_error = None;
+        for run in 0..self.plan.runs {
+            rb.push(self.drain_run(runbook, &[], run)?);
+            if let (Some(p), None) = (&peer, &peer_error) {
+                match self.peer_run(p, self.plan.small, run) {
+                    Ok(d) => peer_runs.push(d),
+                    Err(e) => peer_error = Some(e),
+                }
+            }
+        }
         let rb_rates: Vec<f64> = rb.iter().map(|d| d.rate).collect();
         let rb_rss: Vec<f64> = rb.iter().map(|d| d.peak_rss_mb).collect();
 
@@ -1309,6 +1347,14 @@ impl Bench {
             Some(Target::AtLeast(0.25)),
             "ratio of the medians",
         );
+        if let Some(p) = &peer {
+            self.push_peer_rows(p, &peer_runs, rb_med);
+        }
+        if let Some(e) = peer_error {
+            // The chronicle figures stand; the run still fails, as for any section's error.
+            self.notes.push(format!("--peers: graphile-worker stopped after {} run(s): {e}", peer_runs.len()));
+            self.failed.get_or_insert(format!("--peers: {e}"));
+        }
         let grid_text: Vec<String> = grid
             .iter()
             .zip(&grid_rss)
@@ -2364,6 +2410,191 @@ fn insert_events(c: &mut Client, events: &[chronicle::input::NewEvent]) -> Res<(
     )
     .map_err(|e| format!("inserting events: {}", pg(&e)))?;
     Ok(())
+}
+
+// ---------------------------------------------------------------------------------
+// --peers: a peer job queue beside the runbook's drain
+
+/// How to run the peer (`benches/peers/graphile.js`), found once per run.
+struct Peer {
+    node: String,
+    node_version: String,
+    dir: PathBuf,
+}
+
+impl Bench {
+    /// `node` and `npm` (or `BENCH_NODE` / `BENCH_NPM`), and the pinned packages installed
+    /// with `npm ci` when `node_modules` is missing. None, said on stderr and in the
+    /// report, when either is missing or the install fails: only the peer's rows are
+    /// skipped.
+    fn peer_setup(&mut self) -> Option<Peer> {
+        let node = std::env::var("BENCH_NODE").unwrap_or_else(|_| "node".into());
+        let npm = std::env::var("BENCH_NPM").unwrap_or_else(|_| "npm".into());
+        let version = |prog: &str| {
+            Command::new(prog)
+                .arg("--version")
+                .stdin(Stdio::null())
+                .stderr(Stdio::null())
+                .output()
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        };
+        let (Some(node_version), Some(_)) = (version(&node), version(&npm)) else {
+            self.skip_peer("node/npm not found, the graphile-worker row is skipped".into());
+            return None;
+        };
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("benches").join("peers");
+        if !dir.join("node_modules").is_dir() {
+            self.progress(&format!("--peers: npm ci in {}", dir.display()));
+            let log = self.logs.join("npm-ci.log");
+            let status = std::fs::File::create(&log).and_then(|f| Ok((f.try_clone()?, f))).and_then(|(out, err)| {
+                Command::new(&npm)
+                    .args(["ci", "--no-audit", "--no-fund"])
+                    .current_dir(&dir)
+                    .stdin(Stdio::null())
+                    .stdout(out)
+                    .stderr(err)
+                    .status()
+            });
+            match status {
+                Ok(s) if s.success() => {}
+                Ok(s) => {
+                    self.skip_peer(format!(
+                        "`npm ci` in benches/peers failed ({s}), the graphile-worker row is skipped: {}",
+                        tail(&log)
+                    ));
+                    return None;
+                }
+                Err(e) => {
+                    self.skip_peer(format!("cannot run `{npm} ci` ({e}), the graphile-worker row is skipped"));
+                    return None;
+                }
+            }
+        }
+        Some(Peer { node, node_version, dir })
+    }
+
+    fn skip_peer(&mut self, msg: String) {
+        eprintln!("--peers: {msg}");
+        self.notes.push(format!("--peers: {msg}."));
+    }
+
+    /// One run of `node benches/peers/graphile.js jobs` against the bench database (the
+    /// script makes its `graphile_worker` schema and sink table afresh; both are dropped
+    /// after the run). Its peak RSS: VmHWM polled every 20 ms, as for the worker.
+    fn peer_run(&self, peer: &Peer, jobs: u64, run: usize) -> Res<Drain> {
+        let log = self.logs.join("graphile.log");
+        let stderr = std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+        let mut cmd = Command::new(&peer.node);
+        cmd.arg(peer.dir.join("graphile.js")).arg(jobs.to_string()).current_dir(&peer.dir);
+        // The connection through libpq's variables, which node-postgres reads: nothing
+        // to quote or percent-encode.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("PG") || k == "DATABASE_URL" {
+                cmd.env_remove(&k);
+            }
+        }
+        let cfg = &self.db.config;
+        if let Some(h) = cfg.get_hosts().first() {
+            let host = match h {
+                postgres::config::Host::Tcp(h) => h.clone(),
+                #[cfg(unix)]
+                postgres::config::Host::Unix(p) => p.to_string_lossy().into_owned(),
+            };
+            cmd.env("PGHOST", host);
+        }
+        if let Some(p) = cfg.get_ports().first() {
+            cmd.env("PGPORT", p.to_string());
+        }
+        if let Some(u) = cfg.get_user() {
+            cmd.env("PGUSER", u);
+        }
+        if let Some(pw) = cfg.get_password() {
+            cmd.env("PGPASSWORD", String::from_utf8_lossy(pw).into_owned());
+        }
+        cmd.env("PGDATABASE", cfg.get_dbname().unwrap_or("postgres"));
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
+        let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", peer.node))?;
+        let pid = child.id();
+        track_child(pid);
+        let hwm = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let poller = {
+            let (hwm, stop) = (hwm.clone(), stop.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::SeqCst) {
+                    if let Some(kb) = vm_hwm_kb(pid) {
+                        hwm.fetch_max(kb, Ordering::SeqCst);
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            })
+        };
+        let out = child.wait_with_output();
+        stop.store(true, Ordering::SeqCst);
+        let _ = poller.join();
+        untrack_child(pid);
+        let out = out.map_err(|e| format!("waiting for node graphile.js: {e}"))?;
+        let mut c = self.connect()?;
+        self.sql(&mut c, "DROP SCHEMA IF EXISTS graphile_worker CASCADE; DROP TABLE IF EXISTS peer_sink")?;
+        if !out.status.success() {
+            return Err(format!("node graphile.js {jobs} failed ({}): {}", out.status, tail(&log)));
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let v = parse_json_line(&["(graphile.js)"], &stdout)?;
+        let (seconds, done, sink) = (v["seconds"].as_f64(), v["jobs"].as_u64(), v["sink_rows"].as_u64());
+        let Some(seconds) = seconds.filter(|_| done == Some(jobs) && sink == Some(jobs)) else {
+            return Err(format!("graphile.js: expected {jobs} jobs and sink rows: {v}"));
+        };
+        let d = Drain { seconds, rate: jobs as f64 / seconds, peak_rss_mb: hwm.load(Ordering::SeqCst) as f64 / 1024.0 };
+        self.progress(&format!(
+            "graphile-worker run {}: {jobs} jobs in {:.2} s = {:.0} jobs/s, peak RSS {:.1} MB",
+            run + 1,
+            d.seconds,
+            d.rate,
+            d.peak_rss_mb
+        ));
+        Ok(d)
+    }
+
+    /// The peer's rate, and the runbook drain's rate ÷ it (target ≥ 2).
+    fn push_peer_rows(&mut self, peer: &Peer, runs: &[Drain], runbook_median: f64) {
+        if runs.is_empty() {
+            return;
+        }
+        let rates: Vec<f64> = runs.iter().map(|d| d.rate).collect();
+        let rss: Vec<f64> = runs.iter().map(|d| d.peak_rss_mb).collect();
+        let peer_median = median(&rates);
+        self.push(
+            "drain",
+            format!(
+                "graphile-worker 0.18 preset (24 concurrent, local queue 500, batched completion), one INSERT per \
+                 job, {} jobs",
+                thousands(self.plan.small as i64)
+            ),
+            rates,
+            Unit::Rate,
+            None,
+            format!(
+                "`node benches/peers/graphile.js` (node {}): backlog added in one `add_jobs` before the start, \
+                 wall time from just before `run()` to the job table seen empty; node's peak RSS (VmHWM) {:.1} MB \
+                 (min {:.1}, max {:.1}); runs alternate with the runbook drain's",
+                peer.node_version,
+                median(&rss),
+                min_of(&rss),
+                max_of(&rss)
+            ),
+        );
+        self.push(
+            "drain",
+            "runbook settings ÷ graphile-worker preset",
+            vec![runbook_median / peer_median],
+            Unit::Ratio,
+            Some(Target::AtLeast(2.0)),
+            "ratio of the medians, same run",
+        );
+    }
 }
 
 fn vm_hwm_kb(pid: u32) -> Option<u64> {
