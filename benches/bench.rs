@@ -609,16 +609,27 @@ struct Drain {
 }
 
 /// One configuration of worker processes.
+/// The runbook's worker variables: `OUTBOX_BATCH_SIZE=50` and nothing that sets the threads.
+const RUNBOOK: Settings = Settings { batch: 50, threads: 0, procs: 1 };
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Settings {
     batch: u32,
+    /// `OUTBOX_CONCURRENCY`; 0 leaves it unset (the worker's default, from the machine).
     threads: u32,
     procs: u32,
 }
 
 impl Settings {
     fn label(&self) -> String {
-        if self.procs > 1 {
+        if self.threads == 0 {
+            let n = chronicle::config::default_concurrency();
+            format!(
+                "batch {} × the default threads ({n} here){}",
+                self.batch,
+                if self.procs > 1 { format!(" × {} processes", self.procs) } else { String::new() }
+            )
+        } else if self.procs > 1 {
             format!("batch {} × {} threads × {} processes", self.batch, self.threads, self.procs)
         } else {
             format!("batch {} × {} thread{}", self.batch, self.threads, if self.threads == 1 { "" } else { "s" })
@@ -1071,12 +1082,11 @@ impl Bench {
         let started = Instant::now();
         for i in 0..s.procs {
             let id = format!("bench-{i}");
-            let mut env: Vec<(&str, &str)> = vec![
-                ("OUTBOX_BATCH_SIZE", &batch),
-                ("OUTBOX_CONCURRENCY", &threads),
-                ("OUTBOX_METRICS_PORT", "0"),
-                ("OUTBOX_WORKER_ID", &id),
-            ];
+            let mut env: Vec<(&str, &str)> =
+                vec![("OUTBOX_BATCH_SIZE", &batch), ("OUTBOX_METRICS_PORT", "0"), ("OUTBOX_WORKER_ID", &id)];
+            if s.threads > 0 {
+                env.push(("OUTBOX_CONCURRENCY", &threads));
+            }
             env.extend_from_slice(extra_env);
             let log = self.logs.join(format!("worker-{i}.log"));
             let child = self
@@ -1235,15 +1245,20 @@ impl Bench {
 
     fn drain_section(&mut self, raw: (f64, f64)) -> Res<()> {
         let n = thousands(self.plan.small as i64);
-        // The runbook's settings; with `--peers`, each run followed by one of the peer's,
-        // so that the machine's drift touches both alike.
-        let runbook = Settings { batch: 50, threads: 1, procs: 1 };
+        // The runbook's settings (its variables and nothing else: the claim threads are the
+        // worker's default), then the same with one thread (the default before it came from
+        // the machine); with `--peers`, each run followed by one of the peer's, so that the
+        // machine's drift touches all alike.
+        let runbook = RUNBOOK;
+        let one_thread = Settings { threads: 1, ..RUNBOOK };
         let peer = if self.plan.peers { self.peer_setup() } else { None };
         let mut rb = Vec::new();
+        let mut rb1 = Vec::new();
         let mut peer_runs: Vec<Drain> = Vec::new();
         let mut peer_error = None;
         for run in 0..self.plan.runs {
             rb.push(self.drain_run(runbook, &[], run)?);
+            rb1.push(self.drain_run(one_thread, &[], run)?.rate);
             if let (Some(p), None) = (&peer, &peer_error) {
                 match self.peer_run(p, self.plan.small, run) {
                     Ok(d) => peer_runs.push(d),
@@ -1333,11 +1348,23 @@ impl Bench {
         let (rb_med, best_med) = (median(&rb_rates), median(&best_rates));
         self.push(
             "drain",
-            format!("runbook settings (batch 50, 1 thread, `--until-empty`), {n} events"),
+            format!("runbook settings ({}, `--until-empty`), {n} events", runbook.label()),
             rb_rates,
             Unit::Rate,
             None,
-            "wall time from start to exit of `chronicle worker --until-empty`",
+            "wall time from start to exit of `chronicle worker --until-empty`: the runbook's variables, no other",
+        );
+        let rb1_med = median(&rb1);
+        self.push(
+            "drain",
+            format!("runbook settings with `OUTBOX_CONCURRENCY=1`, {n} events"),
+            rb1,
+            Unit::Rate,
+            None,
+            format!(
+                "diagnostic: one claim thread, the default until it came from the machine; the default drains {:.2} × this",
+                rb_med / rb1_med
+            ),
         );
         self.push(
             "drain",
@@ -1457,8 +1484,9 @@ impl Bench {
             }
             let note = format!(
                 "entry.projected_at − event.created_at, both the server's clock; projected_at is the start of the \
-                 worker's completing transaction (its commit is not included); runbook settings (batch 50, 1 thread); \
+                 worker's completing transaction (its commit is not included); runbook settings ({}); \
                  {secs} s of 10 events per INSERT every 10 ms (achieved {:.0} events/s)",
+                RUNBOOK.label(),
                 median(&rates)
             );
             self.push("latency", format!("p50, {label}"), p50, Unit::Ms, None, "");
@@ -1871,10 +1899,8 @@ struct ScaleStep {
 }
 
 /// The drains of the scale section: the runbook's settings and the drain section's best.
-const SCALE_DRAINS: [(&str, Settings); 2] = [
-    ("runbook settings", Settings { batch: 50, threads: 1, procs: 1 }),
-    ("best settings", Settings { batch: 500, threads: 1, procs: 2 }),
-];
+const SCALE_DRAINS: [(&str, Settings); 2] =
+    [("runbook settings", RUNBOOK), ("best settings", Settings { batch: 500, threads: 1, procs: 2 })];
 
 /// The commands the scale section times (`show` gets an event id appended before `--json`).
 /// `status` twice: as it runs by default (estimating beyond 500,000 events) and `--exact`.
