@@ -216,6 +216,43 @@ fn sigterm_releases_claimed_rows_and_gives_their_attempt_back() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 0);
 }
 
+/// A stop in the middle of a drain (every claim thread between a claim and its completion,
+/// or anywhere else) leaves every row done (its entry written, one attempt) or pending with
+/// no attempt spent, and none processing; the next worker finishes the rest.
+#[cfg(unix)]
+#[test]
+fn sigterm_mid_drain_leaves_no_row_processing_and_spends_no_attempt() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 20_000);
+    let child = worker_cmd(&db, &["--batch-size", "50"]).stderr(Stdio::piped()).spawn().unwrap();
+    wait_until(Duration::from_secs(60), "the worker to be mid-drain", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'") > 1000
+    });
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let summary = outbox_by_status(&mut c);
+    let done = count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done' AND attempts = 1");
+    let pending =
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending' AND attempts = 0");
+    assert!(pending > 0, "the stop came too late to test anything: {summary:?}");
+    assert_eq!(done + pending, 20_000, "{summary:?}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), done, "one entry per done row");
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM chronicle_outbox_events o WHERE o.status = 'done'
+             AND NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = o.event_id)"
+        ),
+        0
+    );
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "50"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_fully_projected(&mut c);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts <> 1"), 0);
+}
+
 #[cfg(unix)]
 #[test]
 fn the_worker_survives_its_connections_being_terminated() {
