@@ -666,32 +666,12 @@ impl Bench {
         let mut cmd = self.command(args, env, &log)?;
         cmd.stdout(Stdio::piped());
         let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", self.bin.display()))?;
-        track_child(child.id());
-        let pid = child.id();
-        let hwm = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let poller = poll.then(|| {
-            let (hwm, stop) = (hwm.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    if let Some(kb) = vm_hwm_kb(pid) {
-                        hwm.fetch_max(kb, Ordering::SeqCst);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        });
-        let out = child.wait_with_output();
-        stop.store(true, Ordering::SeqCst);
-        if let Some(p) = poller {
-            let _ = p.join();
-        }
+        let (out, peak_kb) = wait_polled(child, poll);
         let out = out.map_err(|e| format!("waiting for chronicle {args:?}: {e}"))?;
-        untrack_child(pid);
         if !out.status.success() {
             return Err(format!("chronicle {} failed ({}): {}", args.join(" "), out.status, tail(&log)));
         }
-        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), hwm.load(Ordering::SeqCst)))
+        Ok((String::from_utf8_lossy(&out.stdout).into_owned(), peak_kb))
     }
 
     fn command(&self, args: &[&str], env: &[(&str, &str)], log: &Path) -> Res<Command> {
@@ -2542,25 +2522,7 @@ impl Bench {
         cmd.env("PGDATABASE", cfg.get_dbname().unwrap_or("postgres"));
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
         let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", peer.node))?;
-        let pid = child.id();
-        track_child(pid);
-        let hwm = Arc::new(AtomicU64::new(0));
-        let stop = Arc::new(AtomicBool::new(false));
-        let poller = {
-            let (hwm, stop) = (hwm.clone(), stop.clone());
-            std::thread::spawn(move || {
-                while !stop.load(Ordering::SeqCst) {
-                    if let Some(kb) = vm_hwm_kb(pid) {
-                        hwm.fetch_max(kb, Ordering::SeqCst);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
-                }
-            })
-        };
-        let out = child.wait_with_output();
-        stop.store(true, Ordering::SeqCst);
-        let _ = poller.join();
-        untrack_child(pid);
+        let (out, peak_kb) = wait_polled(child, true);
         let out = out.map_err(|e| format!("waiting for node graphile.js: {e}"))?;
         let mut c = self.connect()?;
         self.sql(&mut c, "DROP SCHEMA IF EXISTS graphile_worker CASCADE; DROP TABLE IF EXISTS peer_sink")?;
@@ -2573,7 +2535,7 @@ impl Bench {
         let Some(seconds) = seconds.filter(|_| done == Some(jobs) && sink == Some(jobs)) else {
             return Err(format!("graphile.js: expected {jobs} jobs and sink rows: {v}"));
         };
-        let d = Drain { seconds, rate: jobs as f64 / seconds, peak_rss_mb: hwm.load(Ordering::SeqCst) as f64 / 1024.0 };
+        let d = Drain { seconds, rate: jobs as f64 / seconds, peak_rss_mb: peak_kb as f64 / 1024.0 };
         self.progress(&format!(
             "graphile-worker run {}: {jobs} jobs in {:.2} s = {:.0} jobs/s, peak RSS {:.1} MB",
             run + 1,
@@ -2621,6 +2583,33 @@ impl Bench {
             "ratio of the medians, same run",
         );
     }
+}
+
+/// Waits for a child (tracked for the cleanup meanwhile), with `poll` its peak RSS in kB:
+/// its VmHWM polled every 20 ms, the largest value read (0 without).
+fn wait_polled(child: Child, poll: bool) -> (std::io::Result<std::process::Output>, u64) {
+    let pid = child.id();
+    track_child(pid);
+    let hwm = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let poller = poll.then(|| {
+        let (hwm, stop) = (hwm.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                if let Some(kb) = vm_hwm_kb(pid) {
+                    hwm.fetch_max(kb, Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    });
+    let out = child.wait_with_output();
+    stop.store(true, Ordering::SeqCst);
+    if let Some(p) = poller {
+        let _ = p.join();
+    }
+    untrack_child(pid);
+    (out, hwm.load(Ordering::SeqCst))
 }
 
 fn vm_hwm_kb(pid: u32) -> Option<u64> {
