@@ -505,16 +505,17 @@ fn lag_counts_pending_and_processing_and_latency_starts_at_enqueueing() {
     let mut tx = locker.transaction().unwrap();
     tx.batch_execute("LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE").unwrap();
     let port = crate::util::free_port();
-    let mut child = worker_cmd(&db, &["--batch-size", "10"])
+    // Two claim threads, each holding a batch of 10 behind the lock: 20 in flight, 10 pending.
+    let mut child = worker_cmd(&db, &["--batch-size", "10", "--concurrency", "2"])
         .env("OUTBOX_METRICS_PORT", port.to_string())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let scrape = || http_get(port, "/metrics").unwrap_or_default();
-    wait_until(Duration::from_secs(30), "lag 30 with 10 rows in flight", || {
+    wait_until(Duration::from_secs(30), "lag 30 with 20 rows in flight", || {
         let m = scrape();
         metric_sum(&m, "chronicle_outbox_lag_events") == 30.0
-            && metric_sum(&m, "chronicle_outbox_inflight_events") == 10.0
+            && metric_sum(&m, "chronicle_outbox_inflight_events") == 20.0
     });
     tx.rollback().unwrap();
     wait_until(Duration::from_secs(30), "the drain and lag 0", || {
