@@ -237,9 +237,11 @@ fn fail_points_error_and_stall_are_survived_without_losing_an_event() {
         "the retried batch"
     );
     // A worker that stalls inside its completion holds its rows: a second worker takes
-    // them once the first one's claim runs past OUTBOX_MAX_PROCESSING_SECONDS.
+    // them once the first one's claim runs past OUTBOX_MAX_PROCESSING_SECONDS. One claim
+    // thread, so the stalled worker has none left to claim them back (another of its
+    // threads would, and stall in turn).
     insert_events(&mut c, 5);
-    let mut stalled = worker_cmd(&db, &["--batch-size", "10"])
+    let mut stalled = worker_cmd(&db, &["--batch-size", "10", "--concurrency", "1"])
         .env("FAILPOINTS", "complete=return(stall)")
         .stdout(Stdio::null())
         .stderr(Stdio::null())
