@@ -204,7 +204,8 @@ fn set_socket_options(listener: &TcpListener) -> std::io::Result<()> {
         }
     }
     let fd = listener.as_raw_fd();
-    let tv = libc::timeval { tv_sec: IO_TIMEOUT.as_secs() as libc::time_t, tv_usec: 0 };
+    // `as _`: the field's own type (time_t), whose name musl's libc crate deprecates.
+    let tv = libc::timeval { tv_sec: IO_TIMEOUT.as_secs() as _, tv_usec: 0 };
     set(fd, libc::SO_RCVTIMEO, &tv)?;
     set(fd, libc::SO_SNDTIMEO, &tv)?;
     let size = SOCKET_BUFFER as libc::c_int;
