@@ -128,9 +128,8 @@ pub const STATUS_STANDBY: &str = "
            pg_wal_lsn_diff(pg_last_wal_receive_lsn(), pg_last_wal_replay_lsn())::bigint
     WHERE pg_is_in_recovery()";
 
-/// The outbox rows that are not `done`, by state, and the `done` ones exactly: the live
-/// states come from `outbox::SAMPLE_GAUGES` (the partial indexes), `done` from a scan of
-/// the whole outbox, which only `--exact` (or a small database) pays for.
+/// The `done` rows, counted: a scan of the whole outbox, which only an exact status pays
+/// for. The other states come from `outbox::SAMPLE_GAUGES`, through the partial indexes.
 pub const STATUS_OUTBOX_DONE: &str = "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'";
 
 /// The read model against its source, exactly: events, entries, and events that have no
