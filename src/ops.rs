@@ -244,11 +244,15 @@ pub fn libraries(client: &mut impl GenericClient, limit: u64) -> Result<Vec<Libr
 pub fn status(client: &mut Client, max_processing: Duration, mode: CountMode) -> Result<Status, postgres::Error> {
     let mut tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?;
     let live = crate::outbox::sample_gauges(&mut tx, max_processing)?;
-    let estimates = tx
-        .query(STATUS_ESTIMATES, &[])?
-        .iter()
-        .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, Option<i64>>(1)?)))
-        .collect::<Result<std::collections::HashMap<_, _>, postgres::Error>>()?;
+    // Exact counts need no estimate, so not even the catalog read.
+    let estimates = match mode {
+        CountMode::Exact => std::collections::HashMap::new(),
+        _ => tx
+            .query(STATUS_ESTIMATES, &[])?
+            .iter()
+            .map(|r| Ok((r.try_get::<_, String>(0)?, r.try_get::<_, Option<i64>>(1)?)))
+            .collect::<Result<std::collections::HashMap<_, _>, postgres::Error>>()?,
+    };
     let estimate = |table: &str| estimates.get(table).copied().flatten();
     let counts = match mode {
         CountMode::Exact => Counts::Exact,

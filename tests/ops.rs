@@ -330,9 +330,7 @@ fn a_replayed_row_whose_cause_is_fixed_ends_done() {
 
 /// `status --json` against direct queries of the database.
 fn assert_status_matches(db: &TestDb, c: &mut Client) -> Value {
-    let r = run(&mut db.chronicle(&["status", "--json"]));
-    assert_eq!(r.code, Some(0), "{r}");
-    let v = json_of(&r);
+    let v = status_json(db, &[]);
     let o = &v["outbox"];
     for s in ["pending", "processing", "done", "failed"] {
         let n = count(c, &format!("SELECT count(*) FROM chronicle_outbox_events WHERE status = '{s}'"));
@@ -439,8 +437,8 @@ fn status_json_matches_the_database_in_each_state() {
         &[&ids[16]],
     )
     .unwrap();
-    let r = run(&mut db.chronicle(&["status", "--json", "--max-processing-seconds", "30"]));
-    assert_eq!(json_of(&r)["outbox"]["stuck"], 2, "{r}");
+    let v = status_json(&db, &["--max-processing-seconds", "30"]);
+    assert_eq!(v["outbox"]["stuck"], 2, "{v}");
     assert_status_matches(&db, &mut c);
 
     // After a rebuild run.
