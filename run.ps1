@@ -564,10 +564,11 @@ function Verb-Demo {
   }
 }
 
-# `chronicle status --json`: entries and the outbox by state, or $null when status fails or its
-# answer lacks one of them.
+# `chronicle status --exact --json`: entries and the outbox by state, or $null when status fails
+# or its answer lacks one of them. Exact: on a large database status would otherwise estimate
+# the entries, and the smoke run compares them before and after.
 function Read-Status {
-  $json = Get-Output $Bin @('status', '--json') -Optional
+  $json = Get-Output $Bin @('status', '--exact', '--json') -Optional
   if (-not $json) { return $null }
   try { $o = $json | ConvertFrom-Json } catch { return $null }
   if ($null -eq $o.entries -or $null -eq $o.outbox -or $null -eq $o.outbox.pending -or $null -eq $o.outbox.processing -or
@@ -605,7 +606,7 @@ function Verb-Smoke {
   Build-Release
   Step $Bin @('migrate')
   $st = Read-Status
-  if (-not $st) { Die 'chronicle status --json failed or answered something unexpected' }
+  if (-not $st) { Die 'chronicle status --exact --json failed or answered something unexpected' }
   $before = $st.Entries
   Write-Host ('    before: ' + (Format-Status $st))
   if ($st.Pending -eq 0) {
@@ -659,7 +660,7 @@ function Verb-Smoke {
       $problems += "chronicle_entries did not grow ($before before, $($st.Entries) after): the worker projected nothing new in $env:OUTBOX_RUN_SECONDS s"
     }
   } else {
-    $problems += 'chronicle status --json failed after the worker ran'
+    $problems += 'chronicle status --exact --json failed after the worker ran'
   }
   if ($problems.Count -gt 0) {
     [Console]::Error.WriteLine('smoke run FAILED:')

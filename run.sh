@@ -258,11 +258,13 @@ ensure_prometheus() {
   fi
 }
 
-# `chronicle status --json` into ST_ENTRIES and ST_PENDING, ST_PROCESSING, ST_DONE, ST_FAILED
-# (the outbox by state). Returns 1 when status fails or its answer lacks one of them.
+# `chronicle status --exact --json` into ST_ENTRIES and ST_PENDING, ST_PROCESSING, ST_DONE,
+# ST_FAILED (the outbox by state). Exact: on a large database status would otherwise estimate
+# the entries, and the smoke run compares them before and after. Returns 1 when status fails or
+# its answer lacks one of them.
 read_status() {
   local json
-  json="$("$BIN" status --json)" || return 1
+  json="$("$BIN" status --exact --json)" || return 1
   ST_ENTRIES="$(sed -nE 's/.*"entries":([0-9]+).*/\1/p' <<<"$json")"
   ST_PENDING="$(outbox_count pending "$json")"
   ST_PROCESSING="$(outbox_count processing "$json")"
@@ -491,7 +493,7 @@ verb_smoke() {
   fi
   build_release
   step "$BIN" migrate
-  read_status || die "chronicle status --json failed or answered something unexpected"
+  read_status || die "chronicle status --exact --json failed or answered something unexpected"
   before="$ST_ENTRIES"
   echo "    before: $ST_ENTRIES entries; outbox: pending $ST_PENDING, processing $ST_PROCESSING, done $ST_DONE, failed $ST_FAILED"
   if (( ST_PENDING == 0 )); then
@@ -542,7 +544,7 @@ verb_smoke() {
       problems+=("chronicle_entries did not grow ($before before, $ST_ENTRIES after): the worker projected nothing new in $OUTBOX_RUN_SECONDS s")
     fi
   else
-    problems+=("chronicle status --json failed after the worker ran")
+    problems+=("chronicle status --exact --json failed after the worker ran")
   fi
   if (( ${#problems[@]} > 0 )); then
     echo "smoke run FAILED:" >&2
