@@ -396,14 +396,14 @@ fn an_idle_worker_wakes_on_notify_and_not_only_by_polling() {
     let db = TestDb::new();
     let mut c = db.client();
     for (listen, expect_done_quickly) in [("on", true), ("off", false)] {
-        let mut child = worker_cmd(&db, &[])
+        let mut child = worker_cmd(&db, &["--concurrency", "2"])
             .env("OUTBOX_POLL_INTERVAL_SECONDS", "30")
             .env("OUTBOX_LISTEN", listen)
             .env("RUST_LOG", "chronicle::worker::claim=trace")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
-        // The worker has claimed once, found nothing, and gone idle for 30 s.
+        // Both claim threads have claimed once, found nothing, and gone idle for 30 s.
         let (tx, rx) = std::sync::mpsc::channel();
         let stderr = child.stderr.take().unwrap();
         std::thread::spawn(move || {
@@ -413,7 +413,10 @@ fn an_idle_worker_wakes_on_notify_and_not_only_by_polling() {
                 }
             }
         });
-        rx.recv_timeout(Duration::from_secs(20)).expect("the worker never went idle");
+        for thread in 1..=2 {
+            rx.recv_timeout(Duration::from_secs(20))
+                .unwrap_or_else(|_| panic!("claim thread {thread} never went idle"));
+        }
         insert_events(&mut c, 5);
         let mut not_done = || count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'");
         let started = Instant::now();
