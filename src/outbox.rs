@@ -115,6 +115,19 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// result: a materialized row keeps a large value as its TOAST pointer, so nothing is read
 /// there, and the final select returns the columns only of events within `$6`.
 ///
+/// Once the outbox has statistics at all (the worker's reclaim loop gives it its first:
+/// `analyze_if_never_analyzed`), no step's cost depends on the planner's row estimates,
+/// which are wrong exactly when it matters: statistics taken while the outbox was quiet say almost nothing is pending, and
+/// a join planned for one row then met a backlog of thousands (a claim of 50 compared each
+/// with every pending row). So the event is fetched by a `LIMIT 1` lateral lookup (always
+/// its primary key), the update finds its rows by the `ctid`s the lock returned (a TID
+/// scan: the rows are locked by this statement, so they are still `pending` and still
+/// there), and the result keeps the rows the update reached through a hashed set, with
+/// their attempt counted as the update counted it (`attempts` + 1 of the locked row).
+/// A row updated by a transaction that committed after this statement's snapshot is
+/// locked in its new version, which the update does not see: it stays `pending`,
+/// unclaimed and uncounted, for the next claim.
+///
 /// `plan` looks for a ready healthy row only when there is a suspect and `$5` does not
 /// already decide, and looks for it in id order, so it walks the pending index:
 /// unordered, the planner may take a sequential scan that reads the whole `done` history
@@ -134,47 +147,49 @@ pub const CLAIM_BATCH: &str = "
                                       LIMIT 1) IS NULL
                     THEN (SELECT reclaims FROM lead) END AS k
     ), suspects AS (
-        SELECT id, event_id FROM chronicle_outbox_events
+        SELECT id, ctid, event_id, attempts FROM chronicle_outbox_events
         WHERE status = 'pending' AND reclaims > 0 AND (next_retry_at IS NULL OR next_retry_at <= now())
           AND (SELECT k FROM plan) IS NOT NULL
         ORDER BY id
         LIMIT greatest(1, $1::bigint >> least((SELECT k FROM plan), 62))
         FOR UPDATE SKIP LOCKED
     ), healthy AS (
-        SELECT id, event_id FROM chronicle_outbox_events
+        SELECT id, ctid, event_id, attempts FROM chronicle_outbox_events
         WHERE status = 'pending' AND reclaims = 0 AND (next_retry_at IS NULL OR next_retry_at <= now())
           AND (SELECT k FROM plan) IS NULL
         ORDER BY id
         LIMIT $1
         FOR UPDATE SKIP LOCKED
     ), sized AS MATERIALIZED (
-        SELECT r.id AS outbox_id,
+        SELECT r.id AS outbox_id, r.ctid AS outbox_ctid, r.attempts, r.event_id AS delivered_event_id,
                CASE WHEN {STORED_EVENT_BYTES} > $6::bigint THEN {STORED_EVENT_BYTES}
                     ELSE {EVENT_BYTES} END AS bytes,
                e.*
-        FROM (SELECT id, event_id FROM suspects UNION ALL SELECT id, event_id FROM healthy) r
-        LEFT JOIN chronicle_events e ON e.id = r.event_id
+        FROM (SELECT id, ctid, event_id, attempts FROM suspects
+              UNION ALL SELECT id, ctid, event_id, attempts FROM healthy) r
+        LEFT JOIN LATERAL (SELECT * FROM chronicle_events e WHERE e.id = r.event_id LIMIT 1) e ON true
     ), picked AS MATERIALIZED (
-        SELECT id, bytes FROM (
-            SELECT outbox_id AS id, bytes,
+        SELECT * FROM (
+            SELECT sized.*,
                    coalesce(sum(CASE WHEN bytes <= $6::bigint THEN bytes ELSE 0 END)
-                            OVER (ORDER BY outbox_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+                            OVER (ORDER BY outbox_id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+                       AS bytes_before
             FROM sized
         ) s
-        WHERE before < $7::bigint
+        WHERE bytes_before < $7::bigint
     ), claimed AS (
         UPDATE chronicle_outbox_events o
         SET status = 'processing', claimed_by = $2, claim_token = $3, claimed_at = now(),
             lease_until = now() + make_interval(secs => $4), attempts = o.attempts + 1,
             updated_at = now()
-        FROM picked
-        WHERE o.id = picked.id AND o.status = 'pending'
-        RETURNING o.id, o.attempts, o.event_id, picked.bytes
+        WHERE o.ctid = ANY (ARRAY(SELECT outbox_ctid FROM picked))
+        RETURNING o.id
     )
-    SELECT c.id, c.attempts, c.event_id, c.bytes, e.* FROM claimed c
-    LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM sized
-                       WHERE sized.outbox_id = c.id AND c.bytes <= $6::bigint) e ON true
-    ORDER BY c.id";
+    SELECT p.outbox_id, p.attempts + 1, p.delivered_event_id, p.bytes, e.* FROM picked p
+    LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM (SELECT p.*) x
+                       WHERE p.bytes <= $6::bigint) e ON true
+    WHERE (p.outbox_id IN (SELECT id FROM claimed)) IS TRUE
+    ORDER BY p.outbox_id";
 
 /// `CLAIM_BATCH` with the event columns filled in: the text that is prepared or run.
 pub fn claim_batch_sql() -> String {
@@ -386,6 +401,50 @@ pub fn extend_lease(
         return Ok(0);
     }
     client.execute(EXTEND_LEASE, &[&tokens, &lease.as_secs_f64(), &max_processing.as_secs_f64()])
+}
+
+/// The outbox's statistics: whether it has any (`reltuples` is negative until its first
+/// `ANALYZE` or `VACUUM`), and whether it holds rows.
+pub const OUTBOX_STATISTICS: &str = "
+    SELECT c.reltuples >= 0, pg_relation_size(c.oid) > 0
+    FROM pg_class c WHERE c.oid = 'chronicle_outbox_events'::regclass";
+
+/// The outbox's first statistics. Not a transition of any row.
+pub const ANALYZE_OUTBOX: &str = "ANALYZE chronicle_outbox_events";
+
+/// What `analyze_if_never_analyzed` found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FirstAnalyze {
+    /// The outbox already has statistics: nothing to do, now or later.
+    HadStatistics,
+    /// The outbox is empty: nothing to analyze yet.
+    Empty,
+    /// Analyzed now.
+    Analyzed,
+    /// `ANALYZE` ran but left no statistics (only the table's owner can analyze it).
+    NotAllowed,
+}
+
+/// Analyzes the outbox when it holds rows but has never been analyzed: with the server's
+/// autovacuum off, or before its first pass. Without statistics the planner guesses how
+/// many rows are pending (a fixed share of the table), and from a guess of a few hundred
+/// it reads every pending row and sorts them on each claim instead of walking the pending
+/// index; with any statistics, even old ones, the claim reads about the rows it claims.
+pub fn analyze_if_never_analyzed(client: &mut impl GenericClient) -> Result<FirstAnalyze, postgres::Error> {
+    let (has_statistics, has_rows) = outbox_statistics(client)?;
+    if has_statistics {
+        return Ok(FirstAnalyze::HadStatistics);
+    }
+    if !has_rows {
+        return Ok(FirstAnalyze::Empty);
+    }
+    client.batch_execute(ANALYZE_OUTBOX)?;
+    Ok(if outbox_statistics(client)?.0 { FirstAnalyze::Analyzed } else { FirstAnalyze::NotAllowed })
+}
+
+fn outbox_statistics(client: &mut impl GenericClient) -> Result<(bool, bool), postgres::Error> {
+    let r = client.query_one(OUTBOX_STATISTICS, &[])?;
+    Ok((r.try_get(0)?, r.try_get(1)?))
 }
 
 /// processing → pending for stuck rows (lease expired, or processing longer than

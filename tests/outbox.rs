@@ -118,3 +118,72 @@ fn the_lease_keeper_extends_only_held_rows_and_never_past_max_processing() {
     .unwrap();
     assert_eq!(outbox::extend_lease(&mut c, &[t], Duration::from_secs(30), Duration::from_secs(600)).unwrap(), 0);
 }
+
+/// The rows the nodes of a claim's plan read, from `EXPLAIN (ANALYZE, FORMAT JSON)` of the
+/// claim as the worker runs it: the most any one node produced (rows × loops), and the
+/// most any one node discarded by a filter or join filter. Rolled back: nothing claimed.
+fn claim_plan_rows(c: &mut postgres::Client, limit: i64) -> (f64, f64) {
+    let mut tx = c.transaction().unwrap();
+    let sql = format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", outbox::claim_batch_sql());
+    let (lease, max_event, max_batch) = (30.0f64, 16_777_216i64, 33_554_432i64);
+    let token = Uuid::now_v7();
+    let plan: serde_json::Value =
+        tx.query_one(&sql, &[&limit, &"w", &token, &lease, &false, &max_event, &max_batch]).unwrap().get(0);
+    fn walk(node: &serde_json::Value, most: &mut (f64, f64)) {
+        let n = |k: &str| node.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
+        let loops = n("Actual Loops").max(1.0);
+        most.0 = most.0.max(n("Actual Rows") * loops);
+        most.1 = most.1.max((n("Rows Removed by Filter") + n("Rows Removed by Join Filter")) * loops);
+        for child in node.get("Plans").and_then(|p| p.as_array()).into_iter().flatten() {
+            walk(child, most);
+        }
+    }
+    let mut most = (0.0, 0.0);
+    walk(&plan[0]["Plan"], &mut most);
+    tx.rollback().unwrap();
+    most
+}
+
+#[test]
+fn a_claim_reads_about_the_rows_it_claims_even_when_the_statistics_predate_the_backlog() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    // The statistics of a quiet outbox: everything done, then analyzed.
+    insert_events(&mut c, 300);
+    c.batch_execute(
+        "UPDATE chronicle_outbox_events SET status = 'done', processed_at = now();
+         ANALYZE chronicle_outbox_events",
+    )
+    .unwrap();
+    // Then a backlog far larger than the statistics say could be pending.
+    insert_events(&mut c, 5000);
+    for limit in [50, 500] {
+        let (rows, removed) = claim_plan_rows(&mut c, limit);
+        let bound = 3.0 * limit as f64;
+        assert!(rows <= bound, "a claim of {limit} had a plan node produce {rows} rows (more than {bound})");
+        assert!(removed <= bound, "a claim of {limit} had a plan node discard {removed} rows (more than {bound})");
+    }
+}
+
+#[test]
+fn the_worker_gives_a_never_analyzed_outbox_its_first_statistics_once() {
+    use outbox::FirstAnalyze;
+    let db = TestDb::new();
+    let mut c = db.client();
+    assert_eq!(outbox::analyze_if_never_analyzed(&mut c).unwrap(), FirstAnalyze::Empty);
+    insert_events(&mut c, 2000);
+    let reltuples = |c: &mut postgres::Client| -> f32 {
+        c.query_one("SELECT reltuples FROM pg_class WHERE oid = 'chronicle_outbox_events'::regclass", &[])
+            .unwrap()
+            .get(0)
+    };
+    assert!(reltuples(&mut c) < 0.0, "a new outbox has no statistics");
+    assert_eq!(outbox::analyze_if_never_analyzed(&mut c).unwrap(), FirstAnalyze::Analyzed);
+    assert_eq!(reltuples(&mut c), 2000.0);
+    // With statistics, even ones the table has outgrown, it leaves the table alone.
+    insert_events(&mut c, 10);
+    assert_eq!(outbox::analyze_if_never_analyzed(&mut c).unwrap(), FirstAnalyze::HadStatistics);
+    // And the claim then walks the pending index: it reads what it claims.
+    let (rows, _) = claim_plan_rows(&mut c, 50);
+    assert!(rows <= 150.0, "a claim of 50 on a fresh outbox had a plan node produce {rows} rows");
+}

@@ -51,6 +51,9 @@ pub struct Shared {
     /// When the first batch that claimed rows started, and when the latest one ended: the
     /// time spent working, for the drain rate the exit line reports.
     work_span: Mutex<Option<(Instant, Instant)>>,
+    /// Set once the outbox is known to have planner statistics (`reclaim_once` checks
+    /// until then).
+    outbox_has_statistics: AtomicBool,
 }
 
 impl Shared {
@@ -68,6 +71,7 @@ impl Shared {
             server: Mutex::new(None),
             refusals: Arc::new(db::RefusalLog::default()),
             work_span: Mutex::new(None),
+            outbox_has_statistics: AtomicBool::new(false),
         })
     }
 
@@ -339,7 +343,7 @@ fn every(shared: &Shared, interval: Duration, mut f: impl FnMut()) {
 }
 
 /// One turn of the reclaim loop: stuck rows back to pending (or failed when out of
-/// attempts), counted.
+/// attempts), counted; and, until the outbox has planner statistics, its first `ANALYZE`.
 pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
     let Some(mut c) = pooled(shared, pool, "reclaim") else { return };
     match outbox::reclaim_stuck(&mut *c, shared.cfg.max_processing, shared.cfg.max_attempts) {
@@ -358,7 +362,27 @@ pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
                 }
             }
         }
-        Err(e) => shared.db_error("while reclaiming stuck rows", &e),
+        Err(e) => return shared.db_error("while reclaiming stuck rows", &e),
+    }
+    if !shared.outbox_has_statistics.load(Ordering::Relaxed) {
+        match outbox::analyze_if_never_analyzed(&mut *c) {
+            Ok(outbox::FirstAnalyze::Empty) => {}
+            Ok(found) => {
+                match found {
+                    outbox::FirstAnalyze::Analyzed => {
+                        log::info!("analyzed chronicle_outbox_events: it had rows but no planner statistics yet")
+                    }
+                    outbox::FirstAnalyze::NotAllowed => log::warn!(
+                        "chronicle_outbox_events has no planner statistics and this role cannot analyze it \
+                         (only its owner can): claims may read the whole backlog until autovacuum or \
+                         an ANALYZE by its owner gives it some"
+                    ),
+                    _ => {}
+                }
+                shared.outbox_has_statistics.store(true, Ordering::Relaxed);
+            }
+            Err(e) => shared.db_error("while checking the outbox's planner statistics", &e),
+        }
     }
 }
 
