@@ -115,9 +115,8 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// result: a materialized row keeps a large value as its TOAST pointer, so nothing is read
 /// there, and the final select returns the columns only of events within `$6`.
 ///
-/// Once the outbox has statistics at all (the worker's reclaim loop gives it its first:
-/// `analyze_if_never_analyzed`), no step's cost depends on the planner's row estimates,
-/// which are wrong exactly when it matters: statistics taken while the outbox was quiet say almost nothing is pending, and
+/// No step's cost depends on the planner's row estimates, which are wrong exactly when it
+/// matters: statistics taken while the outbox was quiet say almost nothing is pending, and
 /// a join planned for one row then met a backlog of thousands (a claim of 50 compared each
 /// with every pending row). So the event is fetched by a `LIMIT 1` lateral lookup (always
 /// its primary key), the update finds its rows by the `ctid`s the lock returned (a TID
@@ -126,7 +125,10 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// their attempt counted as the update counted it (`attempts` + 1 of the locked row).
 /// A row updated by a transaction that committed after this statement's snapshot is
 /// locked in its new version, which the update does not see: it stays `pending`,
-/// unclaimed and uncounted, for the next claim.
+/// unclaimed and uncounted, for the next claim. The scans left to choose are the walk of
+/// the pending (or suspect) index in id order and the lookups above; a claim thread's
+/// session (`CLAIM_SESSION`) leaves the planner nothing else, so the one plan it makes
+/// per connection holds for an empty outbox, a never-analyzed one, and a burst alike.
 ///
 /// `plan` looks for a ready healthy row only when there is a suspect and `$5` does not
 /// already decide, and looks for it in id order, so it walks the pending index:
@@ -190,6 +192,20 @@ pub const CLAIM_BATCH: &str = "
                        WHERE p.bytes <= $6::bigint) e ON true
     WHERE (p.outbox_id IN (SELECT id FROM claimed)) IS TRUE
     ORDER BY p.outbox_id";
+
+/// How a claim thread's session plans, set on its connection while it holds it
+/// (`CLAIM_SESSION_RESET` undoes it): one generic plan for `CLAIM_BATCH`, made once per
+/// connection instead of at every claim, and with no sequential scan, bitmap scan, sort
+/// or JIT to choose from, so that the plan made once is the one of a few index, TID and
+/// primary-key lookups whatever the table held when it was made (an empty outbox, one
+/// never analyzed, statistics from a quiet day). The statements of the completion are
+/// lookups by key and upserts, planned the same way under these settings.
+pub const CLAIM_SESSION: &str = "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; \
+     SET enable_bitmapscan = off; SET enable_sort = off; SET jit = off";
+
+/// Undoes `CLAIM_SESSION` before the connection goes back to the pool.
+pub const CLAIM_SESSION_RESET: &str =
+    "RESET plan_cache_mode; RESET enable_seqscan; RESET enable_bitmapscan; RESET enable_sort; RESET jit";
 
 /// `CLAIM_BATCH` with the event columns filled in: the text that is prepared or run.
 pub fn claim_batch_sql() -> String {
@@ -427,9 +443,10 @@ pub enum FirstAnalyze {
 
 /// Analyzes the outbox when it holds rows but has never been analyzed: with the server's
 /// autovacuum off, or before its first pass. Without statistics the planner guesses how
-/// many rows are pending (a fixed share of the table), and from a guess of a few hundred
-/// it reads every pending row and sorts them on each claim instead of walking the pending
-/// index; with any statistics, even old ones, the claim reads about the rows it claims.
+/// many rows are pending (a fixed share of the table): from a guess of a few hundred, a
+/// claim planned outside a claim thread's session reads every pending row and sorts them
+/// instead of walking the pending index, and the gauges and operations plan from the
+/// same guess. With any statistics, even old ones, the claim reads about what it claims.
 pub fn analyze_if_never_analyzed(client: &mut impl GenericClient) -> Result<FirstAnalyze, postgres::Error> {
     let (has_statistics, has_rows) = outbox_statistics(client)?;
     if has_statistics {

@@ -187,3 +187,19 @@ fn the_worker_gives_a_never_analyzed_outbox_its_first_statistics_once() {
     let (rows, _) = claim_plan_rows(&mut c, 50);
     assert!(rows <= 150.0, "a claim of 50 on a fresh outbox had a plan node produce {rows} rows");
 }
+
+#[test]
+fn a_claim_thread_session_claims_without_reading_the_backlog_even_with_no_statistics() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    // An outbox never analyzed: the planner guesses how many rows are pending.
+    insert_events(&mut c, 5000);
+    c.batch_execute(outbox::CLAIM_SESSION).unwrap();
+    let (rows, removed) = claim_plan_rows(&mut c, 50);
+    assert!(rows <= 150.0, "a claim of 50 had a plan node produce {rows} rows");
+    assert!(removed <= 150.0, "a claim of 50 had a plan node discard {removed} rows");
+    // The settings are the session's, and the reset undoes them for the pool's next user.
+    c.batch_execute(outbox::CLAIM_SESSION_RESET).unwrap();
+    let seqscan: String = c.query_one("SHOW enable_seqscan", &[]).unwrap().get(0);
+    assert_eq!(seqscan, "on");
+}

@@ -44,7 +44,9 @@ pub struct Prepared {
 }
 
 impl Prepared {
+    /// Sets the session's planning for claims (`outbox::CLAIM_SESSION`) and prepares.
     pub fn new(conn: &mut Client) -> Result<Prepared, postgres::Error> {
+        conn.batch_execute(outbox::CLAIM_SESSION)?;
         Ok(Prepared {
             claim_batch: conn.prepare(&outbox::claim_batch_sql())?,
             mark_done: conn.prepare(outbox::MARK_DONE)?,
@@ -77,7 +79,7 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             Ok(p) => p,
             Err(e) => {
                 shared.db_error("while preparing the claim statements", &e);
-                drop(conn);
+                give_back(conn);
                 reconnect.wait(shared);
                 continue;
             }
@@ -101,6 +103,7 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
                     suspects_first = !suspects_first;
                     if r.claimed == 0 {
                         if until_empty {
+                            give_back(conn);
                             return;
                         }
                         log::trace!("nothing ready to claim: idle for up to {:?}", shared.cfg.poll_interval);
@@ -116,9 +119,20 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
                 }
             }
         }
-        drop(conn);
+        give_back(conn);
         if !shared.stopping() {
             reconnect.wait(shared);
+        }
+    }
+}
+
+/// Returns a claim thread's connection to the pool with the session's planning as the
+/// other threads expect it (`outbox::CLAIM_SESSION_RESET`); a closed one is discarded by
+/// the pool anyway.
+fn give_back(mut conn: db::PooledClient) {
+    if !conn.is_closed() {
+        if let Err(e) = conn.batch_execute(outbox::CLAIM_SESSION_RESET) {
+            log::debug!("could not reset the claim session's planning: {}", db::describe_error(&e));
         }
     }
 }
