@@ -198,7 +198,7 @@ fn a_claim_thread_session_claims_without_reading_the_backlog_even_with_no_statis
     let (rows, removed) = claim_plan_rows(&mut c, 50);
     assert!(rows <= 150.0, "a claim of 50 had a plan node produce {rows} rows");
     assert!(removed <= 150.0, "a claim of 50 had a plan node discard {removed} rows");
-    // The settings are the session's, and the reset undoes them for the pool's next user.
+    // The settings belong to the connection, and the reset undoes them for the pool's next user.
     c.batch_execute(outbox::CLAIM_SESSION_RESET).unwrap();
     let seqscan: String = c.query_one("SHOW enable_seqscan", &[]).unwrap().get(0);
     assert_eq!(seqscan, "on");

@@ -44,7 +44,7 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Sets the session's planning for claims (`outbox::CLAIM_SESSION`) and prepares.
+    /// Sets how this connection plans claims (`outbox::CLAIM_SESSION`) and prepares.
     pub fn new(conn: &mut Client) -> Result<Prepared, postgres::Error> {
         conn.batch_execute(outbox::CLAIM_SESSION)?;
         Ok(Prepared {
@@ -126,13 +126,13 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
     }
 }
 
-/// Returns a claim thread's connection to the pool with the session's planning as the
-/// other threads expect it (`outbox::CLAIM_SESSION_RESET`); a closed one is discarded by
-/// the pool anyway.
+/// Returns a claim thread's connection to the pool with the planner settings the other
+/// threads expect (`outbox::CLAIM_SESSION_RESET`); a closed one is discarded by the pool
+/// anyway.
 fn give_back(mut conn: db::PooledClient) {
     if !conn.is_closed() {
         if let Err(e) = conn.batch_execute(outbox::CLAIM_SESSION_RESET) {
-            log::debug!("could not reset the claim session's planning: {}", db::describe_error(&e));
+            log::debug!("could not reset the claim connection's planner settings: {}", db::describe_error(&e));
         }
     }
 }
