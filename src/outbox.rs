@@ -126,9 +126,10 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// A row updated by a transaction that committed after this statement's snapshot is
 /// locked in its new version, which the update does not see: it stays `pending`,
 /// unclaimed and uncounted, for the next claim. The scans left to choose are the walk of
-/// the pending (or suspect) index in id order and the lookups above; a claim thread's
-/// session (`CLAIM_SESSION`) leaves the planner nothing else, so the one plan it makes
-/// per connection holds for an empty outbox, a never-analyzed one, and a burst alike.
+/// the pending (or suspect) index in id order and the lookups above; the worker's
+/// settings for the claim (`CLAIM_PLANNER_SETTINGS`) leave the planner nothing else, so
+/// the one plan it makes per connection holds for an empty outbox, a never-analyzed one,
+/// and a burst alike.
 ///
 /// `plan` looks for a ready healthy row only when there is a suspect and `$5` does not
 /// already decide, and looks for it in id order, so it walks the pending index:
@@ -193,19 +194,16 @@ pub const CLAIM_BATCH: &str = "
     WHERE (p.outbox_id IN (SELECT id FROM claimed)) IS TRUE
     ORDER BY p.outbox_id";
 
-/// How a claim thread's session plans, set on its connection while it holds it
-/// (`CLAIM_SESSION_RESET` undoes it): one generic plan for `CLAIM_BATCH`, made once per
-/// connection instead of at every claim, and with no sequential scan, bitmap scan, sort
-/// or JIT to choose from, so that the plan made once is the one of a few index, TID and
-/// primary-key lookups whatever the table held when it was made (an empty outbox, one
-/// never analyzed, statistics from a quiet day). The statements of the completion are
-/// lookups by key and upserts, planned the same way under these settings.
-pub const CLAIM_SESSION: &str = "SET plan_cache_mode = force_generic_plan; SET enable_seqscan = off; \
-     SET enable_bitmapscan = off; SET enable_sort = off; SET jit = off";
-
-/// Undoes `CLAIM_SESSION` before the connection goes back to the pool.
-pub const CLAIM_SESSION_RESET: &str =
-    "RESET plan_cache_mode; RESET enable_seqscan; RESET enable_bitmapscan; RESET enable_sort; RESET jit";
+/// How a claim is planned: set with `SET LOCAL` in the claim's own transaction, so they
+/// end with it (a pooler that hands the server connection to another client next passes
+/// nothing on). One generic plan for the prepared `CLAIM_BATCH`, made once per connection
+/// instead of at every claim, and no sequential scan, bitmap scan, sort or JIT to choose
+/// from, so that the plan made once is the one of a few index, TID and primary-key
+/// lookups whatever the table held when it was made: an empty outbox, one never
+/// analyzed, statistics from a quiet day.
+pub const CLAIM_PLANNER_SETTINGS: &str = "SET LOCAL plan_cache_mode = force_generic_plan; \
+     SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off; \
+     SET LOCAL jit = off";
 
 /// `CLAIM_BATCH` with the event columns filled in: the text that is prepared or run.
 pub fn claim_batch_sql() -> String {
@@ -229,34 +227,78 @@ pub fn claim_batch(
 
 /// A claim with the statement given: its text, or the same text prepared once on this
 /// connection (the worker's hot path: no parse and plan per batch). Each row is handed
-/// to `each` as it arrives from the server (the worker projects it there), so a batch's
-/// raw rows and its events are never in memory at once.
+/// to `each` as it arrives from the server and dropped, so a batch's raw rows and what
+/// `each` makes of them are never in memory at once.
 pub fn claim_batch_with<S: ToStatement + ?Sized, T>(
     client: &mut impl GenericClient,
     statement: &S,
     req: &ClaimRequest<'_>,
     mut each: impl FnMut(Claimed) -> T,
 ) -> Result<Vec<T>, postgres::Error> {
-    let limit = req.limit as i64;
-    let lease = req.lease.as_secs_f64();
-    let max_event = req.sizes.max_event_bytes.min(i64::MAX as u64) as i64;
-    let max_batch = req.sizes.batch_max_bytes.clamp(1, i64::MAX as u64) as i64;
-    let params: [&(dyn ToSql + Sync); 7] =
-        [&limit, &req.worker_id, &req.token, &lease, &req.suspects_first, &max_event, &max_batch];
-    let mut rows = client.query_raw(statement, params)?;
-    let mut claimed = Vec::with_capacity(limit.clamp(0, 10_000) as usize);
+    let values = ClaimValues::of(req);
+    let mut rows = client.query_raw(statement, values.params())?;
+    let mut claimed = Vec::with_capacity(req.limit.min(10_000) as usize);
     while let Some(r) = rows.next()? {
-        let bytes: Option<i64> = r.try_get(3)?;
-        let loaded = bytes.is_some_and(|b| b <= max_event);
-        claimed.push(each(Claimed {
-            outbox_id: r.try_get(0)?,
-            attempts: r.try_get(1)?,
-            event_id: r.try_get(2)?,
-            bytes,
-            event: if loaded { Some(read_event(&r, 4)?) } else { None },
-        }));
+        claimed.push(each(read_claimed(&r, &req.sizes)?));
     }
     Ok(claimed)
+}
+
+/// The claim's rows as the server sent them, unread: the worker holds them, compact, until
+/// the claim commits, then reads (`read_claimed`) and projects them one at a time.
+pub fn claim_rows<S: ToStatement + ?Sized>(
+    client: &mut impl GenericClient,
+    statement: &S,
+    req: &ClaimRequest<'_>,
+) -> Result<Vec<postgres::Row>, postgres::Error> {
+    client.query(statement, &ClaimValues::of(req).params())
+}
+
+/// One row of `CLAIM_BATCH`: its event read only when it is within the size limit.
+pub fn read_claimed(r: &postgres::Row, sizes: &SizeLimits) -> Result<Claimed, postgres::Error> {
+    let bytes: Option<i64> = r.try_get(3)?;
+    let loaded = bytes.is_some_and(|b| b <= max_event_param(sizes));
+    Ok(Claimed {
+        outbox_id: r.try_get(0)?,
+        attempts: r.try_get(1)?,
+        event_id: r.try_get(2)?,
+        bytes,
+        event: if loaded { Some(read_event(r, 4)?) } else { None },
+    })
+}
+
+fn max_event_param(sizes: &SizeLimits) -> i64 {
+    sizes.max_event_bytes.min(i64::MAX as u64) as i64
+}
+
+/// The values of `CLAIM_BATCH`'s parameters, as the types it declares.
+struct ClaimValues<'a> {
+    limit: i64,
+    worker_id: &'a str,
+    token: Uuid,
+    lease: f64,
+    suspects_first: bool,
+    max_event: i64,
+    max_batch: i64,
+}
+
+impl<'a> ClaimValues<'a> {
+    fn of(req: &ClaimRequest<'a>) -> ClaimValues<'a> {
+        ClaimValues {
+            limit: req.limit as i64,
+            worker_id: req.worker_id,
+            token: req.token,
+            lease: req.lease.as_secs_f64(),
+            suspects_first: req.suspects_first,
+            max_event: max_event_param(&req.sizes),
+            max_batch: req.sizes.batch_max_bytes.clamp(1, i64::MAX as u64) as i64,
+        }
+    }
+
+    /// `$1` … `$7`, in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 7] {
+        [&self.limit, &self.worker_id, &self.token, &self.lease, &self.suspects_first, &self.max_event, &self.max_batch]
+    }
 }
 
 /// processing → done, for the rows this claim still holds. Returns the ids marked and,

@@ -120,10 +120,12 @@ fn the_lease_keeper_extends_only_held_rows_and_never_past_max_processing() {
 }
 
 /// The rows the nodes of a claim's plan read, from `EXPLAIN (ANALYZE, FORMAT JSON)` of the
-/// claim as the worker runs it: the most any one node produced (rows × loops), and the
-/// most any one node discarded by a filter or join filter. Rolled back: nothing claimed.
-fn claim_plan_rows(c: &mut postgres::Client, limit: i64) -> (f64, f64) {
+/// claim, in a transaction that first runs `settings`: the most any one node produced
+/// (rows × loops), and the most any one node discarded by a filter or join filter.
+/// Rolled back: nothing claimed.
+fn claim_plan_rows(c: &mut postgres::Client, limit: i64, settings: &str) -> (f64, f64) {
     let mut tx = c.transaction().unwrap();
+    tx.batch_execute(settings).unwrap();
     let sql = format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", outbox::claim_batch_sql());
     let (lease, max_event, max_batch) = (30.0f64, 16_777_216i64, 33_554_432i64);
     let token = Uuid::now_v7();
@@ -158,7 +160,7 @@ fn a_claim_reads_about_the_rows_it_claims_even_when_the_statistics_predate_the_b
     // Then a backlog far larger than the statistics say could be pending.
     insert_events(&mut c, 5000);
     for limit in [50, 500] {
-        let (rows, removed) = claim_plan_rows(&mut c, limit);
+        let (rows, removed) = claim_plan_rows(&mut c, limit, "");
         let bound = 3.0 * limit as f64;
         assert!(rows <= bound, "a claim of {limit} had a plan node produce {rows} rows (more than {bound})");
         assert!(removed <= bound, "a claim of {limit} had a plan node discard {removed} rows (more than {bound})");
@@ -184,22 +186,20 @@ fn the_worker_gives_a_never_analyzed_outbox_its_first_statistics_once() {
     insert_events(&mut c, 10);
     assert_eq!(outbox::analyze_if_never_analyzed(&mut c).unwrap(), FirstAnalyze::HadStatistics);
     // And the claim then walks the pending index: it reads what it claims.
-    let (rows, _) = claim_plan_rows(&mut c, 50);
+    let (rows, _) = claim_plan_rows(&mut c, 50, "");
     assert!(rows <= 150.0, "a claim of 50 on a fresh outbox had a plan node produce {rows} rows");
 }
 
 #[test]
-fn a_claim_thread_session_claims_without_reading_the_backlog_even_with_no_statistics() {
+fn the_worker_claims_without_reading_the_backlog_even_with_no_statistics() {
     let db = TestDb::new();
     let mut c = db.client();
     // An outbox never analyzed: the planner guesses how many rows are pending.
     insert_events(&mut c, 5000);
-    c.batch_execute(outbox::CLAIM_SESSION).unwrap();
-    let (rows, removed) = claim_plan_rows(&mut c, 50);
+    let (rows, removed) = claim_plan_rows(&mut c, 50, outbox::CLAIM_PLANNER_SETTINGS);
     assert!(rows <= 150.0, "a claim of 50 had a plan node produce {rows} rows");
     assert!(removed <= 150.0, "a claim of 50 had a plan node discard {removed} rows");
-    // The settings belong to the connection, and the reset undoes them for the pool's next user.
-    c.batch_execute(outbox::CLAIM_SESSION_RESET).unwrap();
+    // The settings end with the claim's transaction: the connection keeps none of them.
     let seqscan: String = c.query_one("SHOW enable_seqscan", &[]).unwrap().get(0);
     assert_eq!(seqscan, "on");
 }

@@ -35,6 +35,8 @@ pub struct BatchReport {
 /// parse or plan and one round trip less per statement. The text of each is the named
 /// statement in `outbox` / `entries`.
 pub struct Prepared {
+    /// `BEGIN` and `outbox::CLAIM_PLANNER_SETTINGS`, sent as one message before a claim.
+    begin_claim: String,
     claim_batch: Statement,
     mark_done: Statement,
     /// Prepared at its first use, inside a completing transaction: preparing it needs a
@@ -44,10 +46,9 @@ pub struct Prepared {
 }
 
 impl Prepared {
-    /// Sets how this connection plans claims (`outbox::CLAIM_SESSION`) and prepares.
     pub fn new(conn: &mut Client) -> Result<Prepared, postgres::Error> {
-        conn.batch_execute(outbox::CLAIM_SESSION)?;
         Ok(Prepared {
+            begin_claim: format!("BEGIN; {}", outbox::CLAIM_PLANNER_SETTINGS),
             claim_batch: conn.prepare(&outbox::claim_batch_sql())?,
             mark_done: conn.prepare(outbox::MARK_DONE)?,
             upsert_entries: None,
@@ -79,7 +80,7 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             Ok(p) => p,
             Err(e) => {
                 shared.db_error("while preparing the claim statements", &e);
-                give_back(conn);
+                drop(conn);
                 reconnect.wait(shared);
                 continue;
             }
@@ -103,7 +104,6 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
                     suspects_first = !suspects_first;
                     if r.claimed == 0 {
                         if until_empty {
-                            give_back(conn);
                             return;
                         }
                         log::trace!("nothing ready to claim: idle for up to {:?}", shared.cfg.poll_interval);
@@ -119,20 +119,9 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
                 }
             }
         }
-        give_back(conn);
+        drop(conn);
         if !shared.stopping() {
             reconnect.wait(shared);
-        }
-    }
-}
-
-/// Returns a claim thread's connection to the pool with the planner settings the other
-/// threads expect (`outbox::CLAIM_SESSION_RESET`); a closed one is discarded by the pool
-/// anyway.
-fn give_back(mut conn: db::PooledClient) {
-    if !conn.is_closed() {
-        if let Err(e) = conn.batch_execute(outbox::CLAIM_SESSION_RESET) {
-            log::debug!("could not reset the claim connection's planner settings: {}", db::describe_error(&e));
         }
     }
 }
@@ -162,10 +151,14 @@ pub fn run_once(
         suspects_first,
         sizes: cfg.sizes,
     };
-    // Each event is projected as its row arrives and dropped at once: what stays in
-    // memory is the entries.
-    let projected = match outbox::claim_batch_with(conn, &prepared.claim_batch, &req, |c| project_one(c, &cfg.sizes)) {
-        Ok(c) => c,
+    // The claim commits before any of its events is read, so its attempts count even if
+    // a projection takes the process down; its rows are held as they came (bounded by
+    // OUTBOX_BATCH_MAX_BYTES), then each is read, projected and dropped in turn: what
+    // stays in memory is the entries.
+    let projected: Vec<Projected> = match claim_committed(conn, prepared, &req).and_then(|rows| {
+        rows.into_iter().map(|r| Ok(project_one(outbox::read_claimed(&r, &cfg.sizes)?, &cfg.sizes))).collect()
+    }) {
+        Ok(p) => p,
         Err(e) => {
             hold(shared, token, false);
             return Err(e);
@@ -264,6 +257,28 @@ pub fn run_once(
     m.batch_duration.observe(started.elapsed().as_secs_f64());
     shared.note_work(started);
     Ok(report)
+}
+
+/// The claim in its own transaction, under the planner settings of the claim
+/// (`outbox::CLAIM_PLANNER_SETTINGS`, which end with it).
+fn claim_committed(
+    conn: &mut Client,
+    prepared: &Prepared,
+    req: &ClaimRequest<'_>,
+) -> Result<Vec<postgres::Row>, postgres::Error> {
+    conn.batch_execute(&prepared.begin_claim)?;
+    match outbox::claim_rows(conn, &prepared.claim_batch, req) {
+        Ok(claimed) => {
+            conn.batch_execute("COMMIT")?;
+            Ok(claimed)
+        }
+        Err(e) => {
+            if let Err(e2) = conn.batch_execute("ROLLBACK") {
+                log::debug!("could not roll back a failed claim: {}", db::describe_error(&e2));
+            }
+            Err(e)
+        }
+    }
 }
 
 fn hold(shared: &Shared, token: Uuid, held: bool) {
