@@ -486,7 +486,7 @@ pub enum FirstAnalyze {
 /// Analyzes the outbox when it holds rows but has never been analyzed: with the server's
 /// autovacuum off, or before its first pass. Without statistics the planner guesses how
 /// many rows are pending (a fixed share of the table): from a guess of a few hundred, a
-/// claim planned outside a claim thread's session reads every pending row and sorts them
+/// claim planned without `CLAIM_PLANNER_SETTINGS` reads every pending row and sorts them
 /// instead of walking the pending index, and the gauges and operations plan from the
 /// same guess. With any statistics, even old ones, the claim reads about what it claims.
 pub fn analyze_if_never_analyzed(client: &mut impl GenericClient) -> Result<FirstAnalyze, postgres::Error> {

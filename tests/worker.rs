@@ -569,4 +569,13 @@ fn one_turn_of_the_reclaim_loop_runs_in_process() {
     );
     chronicle::worker::reclaim_once(&shared, &pool);
     assert_eq!(chronicle::metrics::Metrics::get(&shared.metrics.reclaimed), 1, "nothing more to reclaim");
+    // The outbox had rows and no statistics: the turn gave it its first ANALYZE.
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM pg_class WHERE oid = 'chronicle_outbox_events'::regclass AND reltuples >= 0"
+        ),
+        1,
+        "the outbox analyzed"
+    );
 }

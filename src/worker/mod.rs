@@ -25,7 +25,7 @@ use crate::db::{self, migrate};
 use crate::error::{AppError, Result};
 use crate::error_reason::ErrorReason;
 use crate::metrics::{http, Metrics};
-use crate::outbox;
+use crate::outbox::{self, FirstAnalyze};
 
 /// State shared by the threads of one worker process.
 pub struct Shared {
@@ -364,26 +364,23 @@ pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
         }
         Err(e) => return shared.db_error("while reclaiming stuck rows", &e),
     }
-    if !shared.outbox_has_statistics.load(Ordering::Relaxed) {
-        match outbox::analyze_if_never_analyzed(&mut *c) {
-            Ok(outbox::FirstAnalyze::Empty) => {}
-            Ok(found) => {
-                match found {
-                    outbox::FirstAnalyze::Analyzed => {
-                        log::info!("analyzed chronicle_outbox_events: it had rows but no planner statistics yet")
-                    }
-                    outbox::FirstAnalyze::NotAllowed => log::warn!(
-                        "chronicle_outbox_events has no planner statistics and this role cannot analyze it \
-                         (only its owner can): claims may read the whole backlog until autovacuum or \
-                         an ANALYZE by its owner gives it some"
-                    ),
-                    _ => {}
-                }
-                shared.outbox_has_statistics.store(true, Ordering::Relaxed);
-            }
-            Err(e) => shared.db_error("while checking the outbox's planner statistics", &e),
-        }
+    if shared.outbox_has_statistics.load(Ordering::Relaxed) {
+        return;
     }
+    match outbox::analyze_if_never_analyzed(&mut *c) {
+        Ok(FirstAnalyze::Empty) => return,
+        Ok(FirstAnalyze::HadStatistics) => {}
+        Ok(FirstAnalyze::Analyzed) => {
+            log::info!("analyzed chronicle_outbox_events: it had rows but no planner statistics yet")
+        }
+        Ok(FirstAnalyze::NotAllowed) => log::warn!(
+            "chronicle_outbox_events has no planner statistics and this role cannot analyze it \
+             (only its owner can): the gauges and operations plan from guesses until autovacuum \
+             or an ANALYZE by its owner gives it some"
+        ),
+        Err(e) => return shared.db_error("while checking the outbox's planner statistics", &e),
+    }
+    shared.outbox_has_statistics.store(true, Ordering::Relaxed);
 }
 
 fn extend_leases_once(shared: &Shared, pool: &db::Pool) {
