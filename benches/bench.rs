@@ -2491,6 +2491,11 @@ struct Peer {
     node: String,
     node_version: String,
     dir: PathBuf,
+    /// The TLS version and cipher of the bench's own connection, made as chronicle makes
+    /// its connections (same URL, same `sslmode`), or None when it is not encrypted. The
+    /// peer is run over the same transport: comparing a TLS drain with a plain one would
+    /// measure the encryption as much as the queue.
+    tls: Option<String>,
 }
 
 impl Bench {
@@ -2543,7 +2548,24 @@ impl Bench {
                 }
             }
         }
-        Some(Peer { node, node_version, dir })
+        let tls = match self.transport() {
+            Ok(t) => t,
+            Err(e) => {
+                self.skip_peer(format!(
+                    "cannot tell whether the connection uses TLS ({e}), the graphile-worker row is skipped"
+                ));
+                return None;
+            }
+        };
+        Some(Peer { node, node_version, dir, tls })
+    }
+
+    /// The TLS version and cipher of a connection made as chronicle makes them, or None.
+    fn transport(&self) -> Res<Option<String>> {
+        let mut c = self.connect()?;
+        let sql =
+            "SELECT CASE WHEN ssl THEN version || ' ' || cipher END FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+        c.query_one(sql, &[]).and_then(|r| r.try_get(0)).map_err(|e| format!("{}: {}", first_line(sql), pg(&e)))
     }
 
     fn skip_peer(&mut self, msg: String) {
@@ -2585,6 +2607,9 @@ impl Bench {
             cmd.env("PGPASSWORD", String::from_utf8_lossy(pw).into_owned());
         }
         cmd.env("PGDATABASE", cfg.get_dbname().unwrap_or("postgres"));
+        // node-postgres reads PGSSLMODE: `no-verify` is TLS with any certificate, as
+        // chronicle's default `sslmode=prefer` is when the server offers TLS.
+        cmd.env("PGSSLMODE", if peer.tls.is_some() { "no-verify" } else { "disable" });
         cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(stderr);
         let child = cmd.spawn().map_err(|e| format!("cannot run {}: {e}", peer.node))?;
         let (out, peak_kb) = wait_polled(child, true);
@@ -2631,9 +2656,13 @@ impl Bench {
             None,
             format!(
                 "`node benches/peers/graphile.js` (node {}): backlog added in one `add_jobs` before the start, \
-                 wall time from just before `run()` to the job table seen empty; node's peak RSS (VmHWM) {:.1} MB \
+                 wall time from just before `run()` to the job table seen empty; {}; node's peak RSS (VmHWM) {:.1} MB \
                  (min {:.1}, max {:.1}); runs alternate with the runbook drain's",
                 peer.node_version,
+                match &peer.tls {
+                    Some(t) => format!("over TLS ({t}) as the chronicle runs are (`PGSSLMODE=no-verify`)"),
+                    None => "without TLS, as the chronicle runs are".to_string(),
+                },
                 median(&rss),
                 min_of(&rss),
                 max_of(&rss)
