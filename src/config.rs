@@ -208,7 +208,7 @@ setting!(
     "concurrency",
     None,
     Kind::Count { min: 1, max: 64 },
-    "Claim threads in this process, each with its own connection (1-64). Unset: one per CPU the process may use (cgroup limits included), at least 2, at most 4."
+    "Claim threads in this process, each with its own connection (1-64). Unset: one per CPU the process may use (cgroup limits included) plus one, at most 4."
 );
 setting!(
     STATEMENT_TIMEOUT,
@@ -826,12 +826,17 @@ pub struct WorkerConfig {
 
 /// Reads a setting that has a default, so it is always present.
 /// `OUTBOX_CONCURRENCY` when unset: one claim thread per CPU this process may use (std
-/// reads the affinity mask and the cgroup quota), at least 2 and at most 4. A claim thread
-/// spends most of a batch waiting on the database, so even on one CPU a second thread
-/// overlaps one batch's commit with the next one's claim; beyond 4, more threads mostly
-/// contend on the database server (BENCHMARKS.md, *drain*).
+/// reads the affinity mask and the cgroup quota) plus one, at most 4. A claim thread
+/// spends part of every batch waiting on the database (its round trips, its commits'
+/// flushes), so one thread more than the CPUs keeps them busy through those waits; beyond
+/// 4, more threads mostly contend on the database server (BENCHMARKS.md, *drain*).
 pub fn default_concurrency() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(2, 4) as u32
+    concurrency_for_cpus(std::thread::available_parallelism().map_or(1, |n| n.get()))
+}
+
+/// The default number of claim threads on `cpus` CPUs: 2 on one, 3 on two, 4 from three.
+fn concurrency_for_cpus(cpus: usize) -> u32 {
+    cpus.saturating_add(1).clamp(2, 4) as u32
 }
 
 fn required<T>(v: Result<Option<T>>, s: &Setting) -> Result<T> {
@@ -929,9 +934,11 @@ mod tests {
         assert_eq!(c.max_processing, Duration::from_secs(600));
         assert_eq!(c.metrics_port, 9110);
         assert_eq!(c.metrics_bind, "127.0.0.1");
-        // Not a runbook variable: one thread per CPU this process may use, 2 to 4.
+        // Not a runbook variable: one thread per CPU this process may use plus one, 2 to 4.
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(c.concurrency as usize, cpus.clamp(2, 4), "{cpus} CPUs");
+        assert_eq!(c.concurrency as usize, (cpus + 1).clamp(2, 4), "{cpus} CPUs");
+        let by_cpus: Vec<u32> = [1, 2, 3, 4, 64].into_iter().map(concurrency_for_cpus).collect();
+        assert_eq!(by_cpus, [2, 3, 4, 4, 4]);
         assert_eq!(worker(&[("OUTBOX_CONCURRENCY", "1")], &[]).unwrap().concurrency, 1);
         assert_eq!(c.statement_timeout, Duration::from_secs(30));
         assert_eq!(c.run_for, None);
