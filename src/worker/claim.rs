@@ -208,7 +208,7 @@ pub fn run_once(
             let ids: Vec<i64> = held.iter().map(|(id, _)| *id).collect();
             if shared.stopping() {
                 // Interrupted by shutdown: the rows were not tried; give them back.
-                match outbox::release_claim(conn, &ids, token) {
+                match release_on_shutdown(conn, &ids, token) {
                     Ok(n) => report.released = n,
                     Err(e) => log::warn!(
                         "could not release rows on shutdown (the reclaim loop will): {}",
@@ -277,6 +277,26 @@ fn claim_committed(
                 log::debug!("could not roll back a failed claim: {}", db::describe_error(&e2));
             }
             Err(e)
+        }
+    }
+}
+
+/// `outbox::release_claim` during shutdown, which cancels the claim threads' statements
+/// until they have all finished: a cancel that lands on the release (or on the rollback
+/// before it) is not a reason to leave the rows to the lease, so the release is tried
+/// again, a few times, after a rollback of whatever the cancel left open.
+fn release_on_shutdown(conn: &mut Client, ids: &[i64], token: Uuid) -> Result<u64, postgres::Error> {
+    let mut tries = 0;
+    loop {
+        match outbox::release_claim(conn, ids, token) {
+            Err(e) if tries < 5 && !conn.is_closed() => {
+                log::debug!("releasing rows on shutdown, again: {}", db::describe_error(&e));
+                tries += 1;
+                if let Err(e2) = conn.batch_execute("ROLLBACK") {
+                    log::debug!("rollback before releasing again: {}", db::describe_error(&e2));
+                }
+            }
+            r => return r,
         }
     }
 }

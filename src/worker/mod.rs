@@ -589,15 +589,25 @@ fn shutdown(shared: &Shared, claimers: Vec<JoinHandle<()>>, services: Vec<JoinHa
     while claimers.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    let hard_deadline = Instant::now() + grace + Duration::from_secs(2);
     if claimers.iter().any(|h| !h.is_finished()) {
         log::warn!("in-flight batches did not finish within {grace:?}: interrupting them and releasing their rows");
-        if let Ok(tokens) = shared.cancel_tokens.lock() {
-            for t in tokens.iter() {
-                let _ = db::cancel_query(&shared.cfg.database_url, t);
+        // A cancel stops only the statement running when it arrives: a thread between two
+        // statements then would block on its next one. So the claim threads' statements
+        // are cancelled again until every thread has finished (a release that a cancel
+        // interrupts is tried again: `claim::release_on_shutdown`).
+        while claimers.iter().any(|h| !h.is_finished()) && Instant::now() < hard_deadline {
+            if let Ok(tokens) = shared.cancel_tokens.lock() {
+                for t in tokens.iter() {
+                    let _ = db::cancel_query(&shared.cfg.database_url, t);
+                }
+            }
+            let next = Instant::now() + Duration::from_millis(250);
+            while claimers.iter().any(|h| !h.is_finished()) && Instant::now() < next {
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
     }
-    let hard_deadline = Instant::now() + grace + Duration::from_secs(2);
     for h in claimers.into_iter().chain(services) {
         while !h.is_finished() && Instant::now() < hard_deadline {
             std::thread::sleep(Duration::from_millis(20));
