@@ -585,35 +585,39 @@ fn log_exit(shared: &Shared, pool: &db::Pool) {
 fn shutdown(shared: &Shared, claimers: Vec<JoinHandle<()>>, services: Vec<JoinHandle<()>>) {
     shared.request_stop();
     let grace = shutdown_grace(shared.cfg.lease);
-    let deadline = Instant::now() + grace;
-    while claimers.iter().any(|h| !h.is_finished()) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let mut finished = wait_finished(&claimers, Instant::now() + grace);
     let hard_deadline = Instant::now() + grace + Duration::from_secs(2);
-    if claimers.iter().any(|h| !h.is_finished()) {
+    if !finished {
         log::warn!("in-flight batches did not finish within {grace:?}: interrupting them and releasing their rows");
         // A cancel stops only the statement running when it arrives: a thread between two
         // statements then would block on its next one. So the claim threads' statements
         // are cancelled again until every thread has finished (a release that a cancel
         // interrupts is tried again: `claim::release_on_shutdown`).
-        while claimers.iter().any(|h| !h.is_finished()) && Instant::now() < hard_deadline {
+        while !finished && Instant::now() < hard_deadline {
             if let Ok(tokens) = shared.cancel_tokens.lock() {
                 for t in tokens.iter() {
                     let _ = db::cancel_query(&shared.cfg.database_url, t);
                 }
             }
-            let next = Instant::now() + Duration::from_millis(250);
-            while claimers.iter().any(|h| !h.is_finished()) && Instant::now() < next {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            finished = wait_finished(&claimers, (Instant::now() + Duration::from_millis(250)).min(hard_deadline));
         }
     }
     for h in claimers.into_iter().chain(services) {
-        while !h.is_finished() && Instant::now() < hard_deadline {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if h.is_finished() {
+        if wait_finished(std::slice::from_ref(&h), hard_deadline) {
             let _ = h.join();
         }
+    }
+}
+
+/// Waits until every one of `threads` has finished, or `until`; whether they all have.
+fn wait_finished(threads: &[JoinHandle<()>], until: Instant) -> bool {
+    loop {
+        if threads.iter().all(|h| h.is_finished()) {
+            return true;
+        }
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
