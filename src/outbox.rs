@@ -73,6 +73,11 @@ pub struct ClaimRequest<'a> {
     /// this turn. Suspects are always taken when no healthy row is ready.
     pub suspects_first: bool,
     pub sizes: SizeLimits,
+    /// The lowest id a healthy claim considers (`0`: every row). A claim thread passes
+    /// the lowest id of its previous full claim while it drains a backlog
+    /// (`worker::claim::ClaimFloor`), so the claim does not walk again over the rows already
+    /// claimed before it.
+    pub floor: i64,
 }
 
 /// The size of an event as text, the measure of both limits: what the driver receives.
@@ -101,6 +106,15 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// log2(batch) crashes and fails `max_attempts_exceeded` alone. `$5` says whether
 /// suspects go first this turn; the worker alternates, so suspects never starve the
 /// healthy backlog (and are taken anyway when nothing healthy is ready).
+///
+/// Healthy rows are taken from id `$8` up. The pending index keeps an entry for every row
+/// that has left `pending` until a vacuum removes it, and a walk from the lowest id steps
+/// over all of them: over a backlog, claim after claim, a cost that grows with the number
+/// of rows drained since the last vacuum. A claim thread draining a backlog therefore
+/// starts where its previous claim started, and from 0 again after a claim that found
+/// less than a full batch and at least once a second (`worker::claim::ClaimFloor`), so a row
+/// that went back to `pending` below it (a retry coming due, a release, a replay, a
+/// delivery that committed after later ones) waits at most that second longer.
 ///
 /// Size limits: each candidate is measured once here: its stored size
 /// (`STORED_EVENT_BYTES`) when that is over `$6`, else its size as text (`EVENT_BYTES`).
@@ -159,7 +173,7 @@ pub const CLAIM_BATCH: &str = "
     ), healthy AS (
         SELECT id, ctid, event_id, attempts FROM chronicle_outbox_events
         WHERE status = 'pending' AND reclaims = 0 AND (next_retry_at IS NULL OR next_retry_at <= now())
-          AND (SELECT k FROM plan) IS NULL
+          AND (SELECT k FROM plan) IS NULL AND id >= $8
         ORDER BY id
         LIMIT $1
         FOR UPDATE SKIP LOCKED
@@ -221,7 +235,8 @@ pub fn claim_batch(
     token: Uuid,
     lease: Duration,
 ) -> Result<Vec<Claimed>, postgres::Error> {
-    let req = ClaimRequest { limit, worker_id, token, lease, suspects_first: true, sizes: SizeLimits::default() };
+    let req =
+        ClaimRequest { limit, worker_id, token, lease, suspects_first: true, sizes: SizeLimits::default(), floor: 0 };
     claim_batch_with(client, claim_batch_sql().as_str(), &req, |c| c)
 }
 
@@ -280,6 +295,7 @@ struct ClaimValues<'a> {
     suspects_first: bool,
     max_event: i64,
     max_batch: i64,
+    floor: i64,
 }
 
 impl<'a> ClaimValues<'a> {
@@ -292,12 +308,22 @@ impl<'a> ClaimValues<'a> {
             suspects_first: req.suspects_first,
             max_event: max_event_param(&req.sizes),
             max_batch: req.sizes.batch_max_bytes.clamp(1, i64::MAX as u64) as i64,
+            floor: req.floor.max(0),
         }
     }
 
-    /// `$1` … `$7`, in order.
-    fn params(&self) -> [&(dyn ToSql + Sync); 7] {
-        [&self.limit, &self.worker_id, &self.token, &self.lease, &self.suspects_first, &self.max_event, &self.max_batch]
+    /// `$1` … `$8`, in order.
+    fn params(&self) -> [&(dyn ToSql + Sync); 8] {
+        [
+            &self.limit,
+            &self.worker_id,
+            &self.token,
+            &self.lease,
+            &self.suspects_first,
+            &self.max_event,
+            &self.max_batch,
+            &self.floor,
+        ]
     }
 }
 

@@ -24,6 +24,7 @@ fn claim(c: &mut Client, limit: u32, suspects_first: bool) -> Vec<i64> {
         lease: LEASE,
         suspects_first,
         sizes: SizeLimits::default(),
+        floor: 0,
     };
     outbox::claim_batch_with(c, outbox::claim_batch_sql().as_str(), &req, |r| r.outbox_id).unwrap()
 }

@@ -130,7 +130,7 @@ fn claim_plan_rows(c: &mut postgres::Client, limit: i64, settings: &str) -> (f64
     let (lease, max_event, max_batch) = (30.0f64, 16_777_216i64, 33_554_432i64);
     let token = Uuid::now_v7();
     let plan: serde_json::Value =
-        tx.query_one(&sql, &[&limit, &"w", &token, &lease, &false, &max_event, &max_batch]).unwrap().get(0);
+        tx.query_one(&sql, &[&limit, &"w", &token, &lease, &false, &max_event, &max_batch, &0i64]).unwrap().get(0);
     fn walk(node: &serde_json::Value, most: &mut (f64, f64)) {
         let n = |k: &str| node.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
         let loops = n("Actual Loops").max(1.0);
@@ -202,4 +202,28 @@ fn the_worker_claims_without_reading_the_backlog_even_with_no_statistics() {
     // The settings end with the claim's transaction: the connection keeps none of them.
     let seqscan: String = c.query_one("SHOW enable_seqscan", &[]).unwrap().get(0);
     assert_eq!(seqscan, "on");
+}
+
+#[test]
+fn a_claim_from_a_floor_takes_rows_from_that_id_up_and_a_claim_from_zero_the_rest() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 10);
+    let ids: Vec<i64> =
+        c.query("SELECT id FROM chronicle_outbox_events ORDER BY id", &[]).unwrap().iter().map(|r| r.get(0)).collect();
+    let claim = |c: &mut postgres::Client, floor: i64| -> Vec<i64> {
+        let req = outbox::ClaimRequest {
+            limit: 100,
+            worker_id: "w",
+            token: Uuid::now_v7(),
+            lease: LEASE,
+            suspects_first: false,
+            sizes: outbox::SizeLimits::default(),
+            floor,
+        };
+        outbox::claim_batch_with(c, outbox::claim_batch_sql().as_str(), &req, |r| r.outbox_id).unwrap()
+    };
+    assert_eq!(claim(&mut c, ids[6]), ids[6..]);
+    assert_eq!(claim(&mut c, ids[6]), Vec::<i64>::new(), "nothing pending from the floor up");
+    assert_eq!(claim(&mut c, 0), ids[..6], "a claim from 0 takes the rows below any floor");
 }

@@ -189,6 +189,47 @@ fn outbox_run_seconds_exits_0_in_time() {
     assert!(took >= Duration::from_millis(1900) && took < Duration::from_secs(6), "took {took:?}");
 }
 
+/// While a claim thread drains a backlog, each claim starts where its previous one did
+/// (the pending index is not walked again from its start); a row that goes back to
+/// `pending` below that point, here by a replay, is still claimed within a second, not
+/// only once the backlog is gone.
+#[cfg(unix)]
+#[test]
+fn a_row_replayed_behind_a_draining_backlog_is_projected_before_the_backlog_ends() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 30_000);
+    c.batch_execute(
+        "UPDATE chronicle_outbox_events SET status = 'failed', error_reason = 'rejected_by_read_model', error = 'test'
+         WHERE id IN (SELECT id FROM chronicle_outbox_events ORDER BY id LIMIT 5)",
+    )
+    .unwrap();
+    let child = worker_cmd(&db, &["--batch-size", "10", "--concurrency", "1"]).stderr(Stdio::piped()).spawn().unwrap();
+    wait_until(Duration::from_secs(60), "the drain to be under way", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'") >= 500
+    });
+    let r = run(&mut db.chronicle(&["replay-failed", "--by", "test", "--reason", "fixed", "--limit", "5"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let replayed_at = Instant::now();
+    wait_until(Duration::from_secs(60), "the replayed rows to be done", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE replay_count = 1 AND status = 'done'") == 5
+    });
+    let waited = replayed_at.elapsed();
+    let pending = count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending'");
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    assert!(
+        pending > 0,
+        "the replayed rows were projected only after the backlog was drained ({waited:?} after the replay): {log}"
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_entries e JOIN chronicle_outbox_events o ON o.event_id = e.id WHERE o.replay_count = 1"),
+        5
+    );
+}
+
 #[cfg(unix)]
 #[test]
 fn sigterm_releases_claimed_rows_and_gives_their_attempt_back() {

@@ -29,6 +29,55 @@ pub struct BatchReport {
     pub retried: u64,
     pub lease_lost: u64,
     pub released: u64,
+    /// The lowest outbox id claimed (none when nothing was).
+    pub lowest_id: Option<i64>,
+}
+
+/// Where a claim thread's next healthy claim starts (`ClaimRequest::floor`).
+///
+/// While the thread drains a backlog (its previous claim was a full batch), the next claim
+/// starts at the lowest id of the previous one instead of walking again over every row
+/// claimed since the last vacuum (`outbox::CLAIM_BATCH`). It starts from 0 again after a
+/// claim that found less than a full batch (no backlog left above the floor, or a claim
+/// cut by `OUTBOX_BATCH_MAX_BYTES`) and at least every `FULL_SCAN_EVERY`, so a row that
+/// went back to `pending` below the floor is claimed within that time even while the
+/// backlog lasts. A claim from a floor that finds nothing does not mean the outbox is
+/// empty: the thread claims again from 0 at once (`may_be_empty`).
+#[derive(Debug, Clone, Default)]
+pub struct ClaimFloor {
+    floor: i64,
+    last_full_scan: Option<Instant>,
+}
+
+impl ClaimFloor {
+    /// The longest a claim thread goes without a claim from the lowest id.
+    pub const FULL_SCAN_EVERY: Duration = Duration::from_secs(1);
+
+    /// The floor of the next claim, made at `now`.
+    pub fn next(&self, now: Instant) -> i64 {
+        match self.last_full_scan {
+            Some(t) if now.saturating_duration_since(t) < Self::FULL_SCAN_EVERY => self.floor,
+            _ => 0,
+        }
+    }
+
+    /// Records a claim made at `now` from `floor` that took `claimed` rows, the lowest
+    /// `lowest_id`, of a batch of `batch_size`.
+    pub fn record(&mut self, floor: i64, claimed: usize, lowest_id: Option<i64>, batch_size: u32, now: Instant) {
+        if floor == 0 {
+            self.last_full_scan = Some(now);
+        }
+        self.floor = match lowest_id {
+            Some(id) if claimed >= batch_size as usize => id,
+            _ => 0,
+        };
+    }
+
+    /// Whether a claim from `floor` that took nothing shows that nothing is ready: only a
+    /// claim from 0 does.
+    pub fn may_be_empty(floor: i64) -> bool {
+        floor == 0
+    }
 }
 
 /// The statements of the hot path, prepared once per connection: a batch then costs no
@@ -90,6 +139,7 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
         // first turn of a process is a healthy one: a process restarted after a crash
         // projects the healthy backlog before it tries a suspect again.
         let mut suspects_first = false;
+        let mut floor = ClaimFloor::default();
         // Keep this connection while it works; a broken one goes back to the pool, which
         // discards it, and the next turn gets a fresh one.
         while !shared.stopping() {
@@ -97,12 +147,14 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             // rows committed just after its snapshot) ends the idle wait at once instead
             // of being missed until the next poll.
             let wakeups = shared.wakeups();
-            match run_once(shared, &mut conn, &mut prepared, &mut jitter, suspects_first) {
+            let from = floor.next(Instant::now());
+            match run_once(shared, &mut conn, &mut prepared, &mut jitter, suspects_first, from) {
                 Ok(r) => {
                     shared.db_ok(&mut *conn);
                     reconnect.reset();
                     suspects_first = !suspects_first;
-                    if r.claimed == 0 {
+                    floor.record(from, r.claimed, r.lowest_id, shared.cfg.batch_size, Instant::now());
+                    if r.claimed == 0 && ClaimFloor::may_be_empty(from) {
                         if until_empty {
                             return;
                         }
@@ -135,6 +187,7 @@ pub fn run_once(
     prepared: &mut Prepared,
     jitter: &mut Jitter,
     suspects_first: bool,
+    floor: i64,
 ) -> Result<BatchReport, postgres::Error> {
     let cfg = &shared.cfg;
     let started = Instant::now();
@@ -150,6 +203,7 @@ pub fn run_once(
         lease: cfg.lease,
         suspects_first,
         sizes: cfg.sizes,
+        floor,
     };
     // The claim commits before any of its events is read, so its attempts count even if
     // a projection takes the process down; its rows are held as they came (bounded by
@@ -164,7 +218,11 @@ pub fn run_once(
             return Err(e);
         }
     };
-    let mut report = BatchReport { claimed: projected.len(), ..Default::default() };
+    let mut report = BatchReport {
+        claimed: projected.len(),
+        lowest_id: projected.iter().map(|p| p.outbox_id).min(),
+        ..Default::default()
+    };
     if projected.is_empty() {
         hold(shared, token, false);
         return Ok(report);
@@ -431,4 +489,42 @@ fn complete_isolating(
     let failed_reasons = outbox::mark_failed(&mut tx, &all_failures, token)?;
     tx.commit()?;
     Ok(Completed { done, latencies: latencies(&marked), failed_reasons, rejected })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_floor_follows_full_claims_and_falls_back_to_zero() {
+        let t0 = Instant::now();
+        let mut f = ClaimFloor::default();
+        assert_eq!(f.next(t0), 0, "the first claim looks everywhere");
+        f.record(0, 50, Some(100), 50, t0);
+        assert_eq!(f.next(t0), 100, "a full claim: the next starts at its lowest id");
+        f.record(100, 50, Some(180), 50, t0);
+        assert_eq!(f.next(t0 + Duration::from_millis(500)), 180);
+        f.record(180, 49, Some(230), 50, t0);
+        assert_eq!(f.next(t0), 0, "a claim short of a full batch: the next looks everywhere");
+        f.record(0, 0, None, 50, t0);
+        assert_eq!(f.next(t0), 0);
+    }
+
+    #[test]
+    fn a_floor_is_dropped_at_least_once_a_second() {
+        let t0 = Instant::now();
+        let mut f = ClaimFloor::default();
+        f.record(0, 50, Some(100), 50, t0);
+        f.record(100, 50, Some(150), 50, t0 + Duration::from_millis(900));
+        assert_eq!(f.next(t0 + Duration::from_millis(999)), 150);
+        assert_eq!(f.next(t0 + ClaimFloor::FULL_SCAN_EVERY), 0, "a second since the last claim from 0");
+        f.record(0, 50, Some(20), 50, t0 + ClaimFloor::FULL_SCAN_EVERY);
+        assert_eq!(f.next(t0 + Duration::from_millis(1500)), 20, "the second counts from the last claim from 0");
+    }
+
+    #[test]
+    fn only_a_claim_from_zero_that_took_nothing_means_nothing_is_ready() {
+        assert!(ClaimFloor::may_be_empty(0));
+        assert!(!ClaimFloor::may_be_empty(7));
+    }
 }
