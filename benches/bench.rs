@@ -1022,49 +1022,94 @@ impl Bench {
 
     /// (c) the drain's own finished entries (what `chronicle_entries` holds after a drain
     /// of the whole dataset) copied into a table with the same indexes: the raw cost of
-    /// the writes a drain must make, with its real search vectors (CJK bigrams included).
-    /// Returns the median in rows/s.
-    fn raw_copy_of_drained_entries(&mut self) -> Res<f64> {
+    /// the writes a drain must make to the read model, with its real search vectors (CJK
+    /// bigrams included). (d) those writes and the outbox's two transitions per event that
+    /// docs/DESIGN.md §3 asks for, each set-based in one statement of one backend: the
+    /// copy of (c), then `pending → processing` (`RAW_CLAIM`) and `processing → done`
+    /// (`RAW_DONE`) of one delivery per entry, in a copy of the outbox with its indexes,
+    /// filled as the enqueue trigger fills it. (d) is what the contract's writes cost with
+    /// no claim statement, no lock, no event read, no client and no second backend.
+    /// Returns the medians of (c) and (d) in rows/s.
+    fn raw_copy_of_drained_entries(&mut self) -> Res<(f64, f64)> {
         let mut c = self.connect()?;
         let entries = self.count(&mut c, "SELECT count(*) FROM chronicle_entries")?;
         self.sql(
             &mut c,
-            "DROP TABLE IF EXISTS bench_raw_copy;
-             CREATE TABLE bench_raw_copy (LIKE chronicle_entries INCLUDING ALL);",
+            "DROP TABLE IF EXISTS bench_raw_copy, bench_raw_outbox;
+             CREATE TABLE bench_raw_copy (LIKE chronicle_entries INCLUDING ALL);
+             CREATE TABLE bench_raw_outbox (LIKE chronicle_outbox_events INCLUDING ALL);",
         )?;
-        let mut rates = Vec::new();
+        let (mut rates, mut with_outbox, mut splits) = (Vec::new(), Vec::new(), Vec::new());
         for run in 0..self.plan.runs {
-            self.sql(&mut c, "TRUNCATE bench_raw_copy")?;
+            self.sql(
+                &mut c,
+                "TRUNCATE bench_raw_copy, bench_raw_outbox;
+                 INSERT INTO bench_raw_outbox (event_id) SELECT id FROM chronicle_entries ORDER BY occurred_at, id;",
+            )?;
+            self.sql(&mut c, "VACUUM ANALYZE bench_raw_outbox")?;
             self.checkpoint(&mut c);
-            let t = Instant::now();
-            let copied = c
-                .execute("INSERT INTO bench_raw_copy SELECT * FROM chronicle_entries", &[])
-                .map_err(|e| format!("raw copy of the drained entries: {}", pg(&e)))?;
-            let secs = t.elapsed().as_secs_f64();
-            self.progress(&format!("raw run {}: (c) {copied} rows in {secs:.2} s", run + 1));
+            let timed = |c: &mut Client, what: &str, sql: &str| -> Res<(u64, f64)> {
+                let t = Instant::now();
+                let n = c.execute(sql, &[]).map_err(|e| format!("raw {what}: {}", pg(&e)))?;
+                Ok((n, t.elapsed().as_secs_f64()))
+            };
+            let (copied, secs) = timed(
+                &mut c,
+                "copy of the drained entries",
+                "INSERT INTO bench_raw_copy SELECT * FROM chronicle_entries",
+            )?;
+            let (claimed, claim_secs) = timed(&mut c, "claim transition", RAW_CLAIM)?;
+            let (done, done_secs) = timed(&mut c, "done transition", RAW_DONE)?;
+            if claimed != copied || done != copied {
+                return Err(format!(
+                    "raw (d): {copied} entries copied but {claimed} deliveries claimed and {done} done"
+                ));
+            }
+            let total = secs + claim_secs + done_secs;
+            self.progress(&format!(
+                "raw run {}: (c) {copied} rows in {secs:.2} s; (d) + claim {claim_secs:.2} s + done {done_secs:.2} s = {total:.2} s",
+                run + 1
+            ));
             rates.push(copied as f64 / secs);
+            with_outbox.push(copied as f64 / total);
+            splits.push((secs, claim_secs, done_secs));
         }
         let lexemes: f64 = c
             .query_one("SELECT coalesce(avg(length(search)), 0)::float8 FROM chronicle_entries", &[])
             .and_then(|r| r.try_get(0))
             .unwrap_or(f64::NAN);
-        let med = median(&rates);
+        let (med, med_d) = (median(&rates), median(&with_outbox));
+        let split = |i: usize| median(&splits.iter().map(|s| [s.0, s.1, s.2][i]).collect::<Vec<_>>());
+        let size = thousands(entries);
         self.push(
             "raw limits",
-            format!(
-                "(c) `INSERT INTO t2 SELECT * FROM chronicle_entries`: the drain's own finished entries, {} rows",
-                thousands(entries)
-            ),
+            format!("(c) `INSERT INTO t2 SELECT * FROM chronicle_entries`: the drain's own finished entries, {size} rows"),
             rates,
             Unit::Rate,
             None,
             format!(
                 "rows/s; the entries the best-settings drain wrote ({lexemes:.1} lexemes/row, CJK bigrams included), \
-                 copied into a table with the same indexes: the writes a drain must make, and nothing else"
+                 copied into a table with the same indexes: the writes a drain must make to the read model, and nothing else"
             ),
         );
-        self.sql(&mut c, "DROP TABLE IF EXISTS bench_raw_copy")?;
-        Ok(med)
+        self.push(
+            "raw limits",
+            format!("(d) (c) and the outbox's two transitions per event, set-based: {size} rows"),
+            with_outbox,
+            Unit::Rate,
+            None,
+            format!(
+                "rows/s; one backend, three statements: the copy of (c) ({:.2} s), then every delivery of a copy of \
+                 the outbox with its indexes `pending → processing` ({:.2} s) and `processing → done` ({:.2} s), the \
+                 columns the worker's claim and completion set (medians); no lock, event read or client. (d) ÷ (c) = {:.2}",
+                split(0),
+                split(1),
+                split(2),
+                med_d / med
+            ),
+        );
+        self.sql(&mut c, "DROP TABLE IF EXISTS bench_raw_copy, bench_raw_outbox")?;
+        Ok((med, med_d))
     }
 
     // -----------------------------------------------------------------------------
@@ -1370,7 +1415,7 @@ impl Bench {
         );
 
         let bd = self.drain_runs(best, &[])?;
-        let raw_copy = self.raw_copy_of_drained_entries()?;
+        let (raw_copy, raw_writes) = self.raw_copy_of_drained_entries()?;
         let best_rates: Vec<f64> = bd.iter().map(|d| d.rate).collect();
         let best_rss: Vec<f64> = bd.iter().map(|d| d.peak_rss_mb).collect();
 
@@ -1452,6 +1497,14 @@ impl Bench {
             Unit::Ratio,
             Some(Target::AtLeast(0.7)),
             "ratio of the medians: the drain against writing its own finished entries",
+        );
+        self.push(
+            "drain",
+            "best settings ÷ raw (d)",
+            vec![best_med / raw_writes],
+            Unit::Ratio,
+            None,
+            "ratio of the medians: the drain on every core against one backend making the same writes set-based",
         );
         self.push(
             "drain",
@@ -2742,6 +2795,20 @@ fn tail(path: &Path) -> String {
     let lines: Vec<&str> = s.lines().collect();
     lines[lines.len().saturating_sub(8)..].join("\n")
 }
+
+/// Raw (d)'s claim: every pending delivery of the outbox's copy set as `CLAIM_BATCH`
+/// sets a claimed row (`src/outbox.rs`), in one statement.
+const RAW_CLAIM: &str = "UPDATE bench_raw_outbox
+    SET status = 'processing', claimed_by = 'bench', claim_token = '00000000-0000-7000-8000-000000000000',
+        claimed_at = now(), lease_until = now() + make_interval(secs => 30), attempts = attempts + 1,
+        updated_at = now()
+    WHERE status = 'pending'";
+
+/// Raw (d)'s completion: every processing delivery set as `MARK_DONE` sets it.
+const RAW_DONE: &str = "UPDATE bench_raw_outbox
+    SET status = 'done', processed_at = now(), lease_until = NULL, next_retry_at = NULL,
+        error_reason = NULL, error = NULL, updated_at = now()
+    WHERE status = 'processing'";
 
 /// Raw limit (a): the entries of every event built by one set-based statement, into a
 /// table shaped like the read model. The summary is built like the projection's (same
