@@ -260,6 +260,28 @@ fn sigterm_releases_claimed_rows_and_gives_their_attempt_back() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 0);
 }
 
+/// Shutdown wakes the listener through its own channel: it stops on that notification,
+/// not at the end of its wait for the next one, so an idle worker's exit is not held up.
+#[cfg(unix)]
+#[test]
+fn a_stopping_worker_wakes_its_listener_on_its_own_channel() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    let child = worker_cmd(&db, &[]).env("RUST_LOG", "chronicle=debug").stderr(Stdio::piped()).spawn().unwrap();
+    wait_until(Duration::from_secs(20), "the listener to listen on its own channel", || {
+        count(
+            &mut c,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() \
+             AND query LIKE 'LISTEN chronicle_outbox; LISTEN \"chronicle_stop_%'",
+        ) == 1
+    });
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("listener: stopping on the worker's shutdown notification"), "{stderr}");
+}
+
 /// A stop in the middle of a drain (every claim thread between a claim and its completion,
 /// or anywhere else) leaves every row done (its entry written, one attempt) or pending with
 /// no attempt spent, and none processing; the next worker finishes the rest.

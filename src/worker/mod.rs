@@ -54,6 +54,9 @@ pub struct Shared {
     /// Set once the outbox is known to have planner statistics (`reclaim_once` checks
     /// until then).
     outbox_has_statistics: AtomicBool,
+    /// The channel only this process's listener listens on: shutdown notifies it, so the
+    /// listener stops at once instead of at the end of its wait for notifications.
+    stop_channel: String,
 }
 
 impl Shared {
@@ -72,6 +75,7 @@ impl Shared {
             refusals: Arc::new(db::RefusalLog::default()),
             work_span: Mutex::new(None),
             outbox_has_statistics: AtomicBool::new(false),
+            stop_channel: format!("chronicle_stop_{}", Uuid::now_v7().simple()),
         })
     }
 
@@ -230,6 +234,8 @@ pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
         claimers.push(spawn(&format!("claim-{i}"), move || {
             claim::claim_loop(&s, &p, until_empty);
             active.fetch_sub(1, Ordering::SeqCst);
+            // The supervisor waits for this (`--until-empty`): tell it now.
+            s.wake_all();
         })?);
     }
     let mut services = Vec::new();
@@ -256,7 +262,7 @@ pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
     }
 
     supervise(&shared, &active_claimers, started);
-    shutdown(&shared, claimers, services);
+    shutdown(&shared, &pool, claimers, services);
     log_exit(&shared, &pool);
     log::info!("worker {} stopped", shared.cfg.worker_id);
     Ok(())
@@ -464,6 +470,11 @@ pub fn pooled(shared: &Shared, pool: &db::Pool, what: &str) -> Option<db::Pooled
     }
 }
 
+/// How long the listener waits for a notification before it looks whether the worker is
+/// stopping. Shutdown notifies the listener's own channel, so this is only the fallback
+/// for a shutdown that could not (no idle connection, or the database gone).
+const LISTENER_WAIT: Duration = Duration::from_secs(1);
+
 /// Keeps one connection listening on `chronicle_outbox` and wakes idle claim threads
 /// when the enqueue trigger notifies. Polling stays the fallback.
 fn listen_loop(shared: &Shared) {
@@ -477,7 +488,8 @@ fn listen_loop(shared: &Shared) {
                 continue;
             }
         };
-        if let Err(e) = client.batch_execute("LISTEN chronicle_outbox") {
+        let listen = format!("LISTEN chronicle_outbox; LISTEN \"{}\"", shared.stop_channel);
+        if let Err(e) = client.batch_execute(&listen) {
             log::debug!("listener cannot LISTEN: {}", db::describe_error(&e));
             backoff.wait(shared);
             continue;
@@ -493,7 +505,11 @@ fn listen_loop(shared: &Shared) {
             // A fresh iterator each turn: the driver's timeout is not re-armed after it
             // fires once, and a spent one returns at once without ever waiting on the
             // socket again (a busy loop that never sees a notification).
-            match notifications.timeout_iter(Duration::from_millis(250)).next() {
+            match notifications.timeout_iter(LISTENER_WAIT).next() {
+                Ok(Some(n)) if n.channel() == shared.stop_channel => {
+                    log::debug!("listener: stopping on the worker's shutdown notification");
+                    return;
+                }
                 Ok(Some(_)) => {
                     log::debug!("notified: waking idle claim threads");
                     shared.wake_all()
@@ -581,8 +597,10 @@ fn log_exit(shared: &Shared, pool: &db::Pool) {
 }
 
 /// Stops the threads: claim threads finish their batch within the grace period, or are
-/// interrupted (their rows released with the attempt given back).
-fn shutdown(shared: &Shared, claimers: Vec<JoinHandle<()>>, services: Vec<JoinHandle<()>>) {
+/// interrupted (their rows released with the attempt given back); then the listener is
+/// notified on its own channel, so that it does not hold the exit up for the rest of its
+/// wait.
+fn shutdown(shared: &Shared, pool: &db::Pool, claimers: Vec<JoinHandle<()>>, services: Vec<JoinHandle<()>>) {
     shared.request_stop();
     let grace = shutdown_grace(shared.cfg.lease);
     let mut finished = wait_finished(&claimers, Instant::now() + grace);
@@ -602,10 +620,26 @@ fn shutdown(shared: &Shared, claimers: Vec<JoinHandle<()>>, services: Vec<JoinHa
             finished = wait_finished(&claimers, (Instant::now() + Duration::from_millis(250)).min(hard_deadline));
         }
     }
+    if shared.cfg.listen {
+        notify_listener_of_shutdown(shared, pool);
+    }
     for h in claimers.into_iter().chain(services) {
         if wait_finished(std::slice::from_ref(&h), hard_deadline) {
             let _ = h.join();
         }
+    }
+}
+
+/// Wakes the listener for shutdown, through a connection the pool has idle (the claim
+/// threads' are, once they have finished); without one, the listener stops at the end of
+/// its wait (`LISTENER_WAIT`).
+fn notify_listener_of_shutdown(shared: &Shared, pool: &db::Pool) {
+    let Some(mut c) = pool.try_get() else {
+        log::debug!("no idle connection to notify the listener of shutdown with");
+        return;
+    };
+    if let Err(e) = c.execute("SELECT pg_notify($1, '')", &[&shared.stop_channel]) {
+        log::debug!("could not notify the listener of shutdown: {}", db::describe_error(&e));
     }
 }
 
