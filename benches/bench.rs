@@ -1657,7 +1657,7 @@ impl Bench {
             )?;
             let listening = self.count(
                 c,
-                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query = 'LISTEN chronicle_outbox'",
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND query LIKE 'LISTEN chronicle_outbox%'",
             )?;
             if claimers > 0 && (!listen || listening > 0) {
                 break;
