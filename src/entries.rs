@@ -75,6 +75,22 @@ pub const UPSERT_ENTRIES: &str = concat!(
 pub const INSERT_SHADOW_ENTRIES: &str =
     concat!("INSERT INTO chronicle_entries_rebuild (", entry_columns!(), ") ", entry_rows!());
 
+/// The search index's pending list limit for a worker's completing transaction, as a
+/// `SET LOCAL` (migration 11 leaves the limit to the writing session). GIN's fastupdate
+/// appends new entries to a pending list and merges it into the index in the insert that
+/// grows it past the limit: a long list merges for less per entry, but the insert that
+/// merges it waits longer. A worker draining a backlog (its claims come back full) takes
+/// the server's default of 4 MB, where throughput counts and one batch's wait is lost in
+/// the queue; one keeping up with a trickle takes 256 kB, so no batch waits long.
+/// BENCHMARKS.md has the A/B of both.
+pub fn search_pending_list(backlog: bool) -> &'static str {
+    if backlog {
+        "SET LOCAL gin_pending_list_limit = '4MB'"
+    } else {
+        "SET LOCAL gin_pending_list_limit = '256kB'"
+    }
+}
+
 /// Upserts `entries` in one round trip; returns the number of rows written (an entry
 /// kept because it is newer than ours is not counted).
 pub fn upsert_entries(client: &mut impl GenericClient, entries: &[&Entry]) -> Result<u64, postgres::Error> {

@@ -645,3 +645,51 @@ fn one_turn_of_the_reclaim_loop_runs_in_process() {
         "the outbox analyzed"
     );
 }
+
+/// The search index's pending list, in bytes, by pgstattuple's `pgstatginindex`.
+fn search_pending_list_bytes(c: &mut postgres::Client) -> i64 {
+    c.batch_execute("CREATE EXTENSION IF NOT EXISTS pgstattuple")
+        .expect("pgstattuple (shipped with PostgreSQL's contrib modules) reads the search index's pending list");
+    count(c, "SELECT pending_pages::bigint * current_setting('block_size')::bigint FROM pgstatginindex('chronicle_entries_search_idx')")
+}
+
+#[test]
+fn a_drained_backlog_merges_the_search_index_in_long_runs_and_a_trickle_in_short_ones() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    // About 700 kB of search index entries: more than the pending list a trickle keeps
+    // (256 kB), less than the one a backlog lets grow (4 MB).
+    insert_events(&mut c, 2000);
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100", "--concurrency", "1"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_fully_projected(&mut c);
+    let after_backlog = search_pending_list_bytes(&mut c);
+    assert!(
+        after_backlog > 256 * 1024,
+        "full claims let the pending list grow past 256 kB before it is merged; it holds {after_backlog} bytes"
+    );
+
+    let library = insert_events(&mut c, 1);
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100", "--concurrency", "1"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_fully_projected(&mut c);
+    let after_trickle = search_pending_list_bytes(&mut c);
+    assert!(
+        after_trickle < 256 * 1024,
+        "a claim short of a full batch merges a pending list past 256 kB; it holds {after_trickle} bytes"
+    );
+    // Whichever way an entry reached the index, the search finds it.
+    let q = chronicle::timeline::search_tsquery("旧标题").unwrap();
+    let found = |c: &mut postgres::Client, library: Option<uuid::Uuid>| {
+        let row = c
+            .query_one(
+                "SELECT count(*) FROM chronicle_entries WHERE search @@ $1::text::tsquery
+                   AND ($2::uuid IS NULL OR library_id = $2)",
+                &[&q, &library],
+            )
+            .unwrap();
+        row.get::<_, i64>(0)
+    };
+    assert_eq!(found(&mut c, None), 2001);
+    assert_eq!(found(&mut c, Some(library)), 1);
+}

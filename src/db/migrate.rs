@@ -34,6 +34,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(8, "eraser_role", "0008_eraser_role.sql"),
     migration!(9, "outbox_reclaims", "0009_outbox_reclaims.sql"),
     migration!(10, "rebuild_deliveries", "0010_rebuild_deliveries.sql"),
+    migration!(11, "search_index_pending_list_per_transaction", "0011_search_index_pending_list_per_transaction.sql"),
 ];
 
 /// The schema version this binary expects.

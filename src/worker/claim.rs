@@ -68,7 +68,7 @@ impl ClaimFloor {
             self.last_full_scan = Some(now);
         }
         self.floor = match lowest_id {
-            Some(id) if claimed >= batch_size as usize => id,
+            Some(id) if is_full(claimed, batch_size) => id,
             _ => 0,
         };
     }
@@ -78,6 +78,11 @@ impl ClaimFloor {
     pub fn may_be_empty(floor: i64) -> bool {
         floor == 0
     }
+}
+
+/// Whether a claim of `claimed` rows took a full batch: the sign of a backlog.
+pub fn is_full(claimed: usize, batch_size: u32) -> bool {
+    claimed >= batch_size as usize
 }
 
 /// The statements of the hot path, prepared once per connection: a batch then costs no
@@ -104,11 +109,11 @@ impl Prepared {
         })
     }
 
-    fn upsert_entries(&mut self, tx: &mut postgres::Transaction<'_>) -> Result<Statement, postgres::Error> {
+    fn upsert_entries(&mut self, conn: &mut Client) -> Result<Statement, postgres::Error> {
         match &self.upsert_entries {
             Some(s) => Ok(s.clone()),
             None => {
-                let s = tx.prepare(entries::UPSERT_ENTRIES)?;
+                let s = conn.prepare(entries::UPSERT_ENTRIES)?;
                 self.upsert_entries = Some(s.clone());
                 Ok(s)
             }
@@ -228,6 +233,7 @@ pub fn run_once(
         return Ok(report);
     }
 
+    let backlog = is_full(projected.len(), cfg.batch_size);
     let held: Vec<(i64, i32)> = projected.iter().map(|p| (p.outbox_id, p.attempts)).collect();
     let mut ok = Vec::with_capacity(projected.len());
     let mut failures = Vec::new();
@@ -237,7 +243,7 @@ pub fn run_once(
             Err(f) => failures.push(f),
         }
     }
-    let result = complete(conn, prepared, &ok, &failures, token).or_else(|e| {
+    let result = complete(conn, prepared, &ok, &failures, token, backlog).or_else(|e| {
         if db::is_transient(&e) {
             Err(e)
         } else {
@@ -324,15 +330,26 @@ fn claim_committed(
     prepared: &Prepared,
     req: &ClaimRequest<'_>,
 ) -> Result<Vec<postgres::Row>, postgres::Error> {
-    conn.batch_execute(&prepared.begin_claim)?;
-    match outbox::claim_rows(conn, &prepared.claim_batch, req) {
-        Ok(claimed) => {
+    in_transaction(conn, &prepared.begin_claim, |c| outbox::claim_rows(c, &prepared.claim_batch, req))
+}
+
+/// Runs `body` in a transaction opened by `begin` (`BEGIN` and the transaction's `SET
+/// LOCAL`s, sent as one message: no round trip of their own), committed when `body`
+/// succeeds and rolled back when it fails.
+fn in_transaction<T>(
+    conn: &mut Client,
+    begin: &str,
+    body: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
+) -> Result<T, postgres::Error> {
+    conn.batch_execute(begin)?;
+    match body(conn) {
+        Ok(v) => {
             conn.batch_execute("COMMIT")?;
-            Ok(claimed)
+            Ok(v)
         }
         Err(e) => {
             if let Err(e2) = conn.batch_execute("ROLLBACK") {
-                log::debug!("could not roll back a failed claim: {}", db::describe_error(&e2));
+                log::debug!("could not roll back a failed transaction: {}", db::describe_error(&e2));
             }
             Err(e)
         }
@@ -416,29 +433,32 @@ fn latencies(marked: &[outbox::Done]) -> Vec<f64> {
 
 /// The normal completion, one transaction: mark done the rows this claim still holds
 /// (locking them, so no reclaim can take them now), upsert their entries, mark the
-/// deterministic failures failed.
+/// deterministic failures failed. The search index's pending list is sized for a
+/// `backlog` or for a trickle (`entries::search_pending_list`).
 fn complete(
     conn: &mut Client,
     prepared: &mut Prepared,
     ok: &[(i64, Entry)],
     failures: &[Failure],
     token: Uuid,
+    backlog: bool,
 ) -> Result<Completed, postgres::Error> {
-    let mut tx = conn.transaction()?;
-    if failpoint::check("complete", None) == Hit::Error {
-        tx.batch_execute(failpoint::RAISE_TRANSIENT)?;
-    }
-    let ids: Vec<i64> = ok.iter().map(|(id, _)| *id).collect();
-    let marked = outbox::mark_done_with(&mut tx, &prepared.mark_done, &ids, token)?;
-    let done: HashSet<i64> = marked.iter().map(|d| d.outbox_id).collect();
-    let held: Vec<&Entry> = ok.iter().filter(|(id, _)| done.contains(id)).map(|(_, e)| e).collect();
-    if !held.is_empty() {
-        let upsert = prepared.upsert_entries(&mut tx)?;
-        entries::write_entries(&mut tx, &upsert, &held)?;
-    }
-    let failed_reasons = outbox::mark_failed(&mut tx, failures, token)?;
-    tx.commit()?;
-    Ok(Completed { done, latencies: latencies(&marked), failed_reasons, rejected: Vec::new() })
+    let begin = format!("BEGIN; {}", entries::search_pending_list(backlog));
+    in_transaction(conn, &begin, |tx| {
+        if failpoint::check("complete", None) == Hit::Error {
+            tx.batch_execute(failpoint::RAISE_TRANSIENT)?;
+        }
+        let ids: Vec<i64> = ok.iter().map(|(id, _)| *id).collect();
+        let marked = outbox::mark_done_with(tx, &prepared.mark_done, &ids, token)?;
+        let done: HashSet<i64> = marked.iter().map(|d| d.outbox_id).collect();
+        let held: Vec<&Entry> = ok.iter().filter(|(id, _)| done.contains(id)).map(|(_, e)| e).collect();
+        if !held.is_empty() {
+            let upsert = prepared.upsert_entries(tx)?;
+            entries::write_entries(tx, &upsert, &held)?;
+        }
+        let failed_reasons = outbox::mark_failed(tx, failures, token)?;
+        Ok(Completed { done, latencies: latencies(&marked), failed_reasons, rejected: Vec::new() })
+    })
 }
 
 /// The completion after a deterministic database error: each entry in its own savepoint;

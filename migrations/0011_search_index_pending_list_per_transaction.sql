@@ -1,0 +1,16 @@
+-- The search index's pending list: sized by each writing transaction, not by the index.
+--
+-- A GIN index with fastupdate (the default) appends new entries to a pending list and
+-- merges the list into the index in the insert that grows it past gin_pending_list_limit.
+-- A long list is cheaper per entry to merge (each lexeme's postings are merged once for
+-- many rows), but its merge stalls the one insert that triggers it for longer. Migration 7
+-- fixed the limit at 256 kB on the index, for the latency of a worker keeping up with a
+-- steady trickle; a worker draining a backlog then paid for merging small lists.
+--
+-- Without the storage parameter the limit is the writing session's setting (the server's
+-- default, 4 MB, unless set), so the worker chooses it per completing transaction
+-- (`entries::search_pending_list`): 4 MB while its claims come back full (a backlog, where
+-- throughput matters and one batch's stall is lost in the queue), 256 kB otherwise (a
+-- trickle, where every batch's latency shows). Other writers (rebuild, verify --fix) get
+-- the server's setting.
+ALTER INDEX chronicle_entries_search_idx RESET (gin_pending_list_limit);
