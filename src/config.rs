@@ -208,7 +208,7 @@ setting!(
     "concurrency",
     None,
     Kind::Count { min: 1, max: 64 },
-    "Claim threads in this process, each with its own connection (1-64). Unset: one per CPU the process may use (cgroup limits included) plus one, at most 4."
+    "Claim threads in this process, each with its own connection (1-64). Unset: two per CPU the process may use (cgroup limits included), at most 4."
 );
 setting!(
     STATEMENT_TIMEOUT,
@@ -825,18 +825,18 @@ pub struct WorkerConfig {
 }
 
 /// Reads a setting that has a default, so it is always present.
-/// `OUTBOX_CONCURRENCY` when unset: one claim thread per CPU this process may use (std
-/// reads the affinity mask and the cgroup quota) plus one, at most 4. A claim thread
-/// spends part of every batch waiting on the database (its round trips, its commits'
-/// flushes), so one thread more than the CPUs keeps them busy through those waits; beyond
-/// 4, more threads mostly contend on the database server (BENCHMARKS.md, *drain*).
+/// `OUTBOX_CONCURRENCY` when unset: two claim threads per CPU this process may use (std
+/// reads the affinity mask and the cgroup quota), at most 4. A claim thread spends part
+/// of every batch waiting on the database (its round trips, its commits' flushes), so
+/// more threads than CPUs keep them busy through those waits; beyond 4, more threads
+/// mostly contend on the database server (BENCHMARKS.md, *Changes measured by A/B*).
 pub fn default_concurrency() -> u32 {
     concurrency_for_cpus(std::thread::available_parallelism().map_or(1, |n| n.get()))
 }
 
-/// The default number of claim threads on `cpus` CPUs: 2 on one, 3 on two, 4 from three.
+/// The default number of claim threads on `cpus` CPUs: 2 on one, 4 from two.
 fn concurrency_for_cpus(cpus: usize) -> u32 {
-    cpus.saturating_add(1).clamp(2, 4) as u32
+    cpus.saturating_mul(2).clamp(2, 4) as u32
 }
 
 fn required<T>(v: Result<Option<T>>, s: &Setting) -> Result<T> {
@@ -934,11 +934,11 @@ mod tests {
         assert_eq!(c.max_processing, Duration::from_secs(600));
         assert_eq!(c.metrics_port, 9110);
         assert_eq!(c.metrics_bind, "127.0.0.1");
-        // Not a runbook variable: one thread per CPU this process may use plus one, 2 to 4.
+        // Not a runbook variable: two threads per CPU this process may use, 2 to 4.
         let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
-        assert_eq!(c.concurrency as usize, (cpus + 1).clamp(2, 4), "{cpus} CPUs");
+        assert_eq!(c.concurrency as usize, (2 * cpus).clamp(2, 4), "{cpus} CPUs");
         let by_cpus: Vec<u32> = [1, 2, 3, 4, 64].into_iter().map(concurrency_for_cpus).collect();
-        assert_eq!(by_cpus, [2, 3, 4, 4, 4]);
+        assert_eq!(by_cpus, [2, 4, 4, 4, 4]);
         assert_eq!(worker(&[("OUTBOX_CONCURRENCY", "1")], &[]).unwrap().concurrency, 1);
         assert_eq!(c.statement_timeout, Duration::from_secs(30));
         assert_eq!(c.run_for, None);

@@ -240,7 +240,7 @@ fn sigterm_releases_claimed_rows_and_gives_their_attempt_back() {
     let mut tx = locker.transaction().unwrap();
     tx.batch_execute("LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE").unwrap();
     let child = worker_cmd(&db, &["--batch-size", "10"]).stderr(Stdio::piped()).spawn().unwrap();
-    // Each claim thread (one per CPU plus one by default) holds a batch of 10, blocked on the lock.
+    // Each claim thread (two per CPU by default, at most 4) holds a batch of 10, blocked on the lock.
     wait_until(Duration::from_secs(20), "a batch to be claimed", || {
         count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing'") >= 10
     });
