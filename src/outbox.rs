@@ -140,10 +140,13 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// A row updated by a transaction that committed after this statement's snapshot is
 /// locked in its new version, which the update does not see: it stays `pending`,
 /// unclaimed and uncounted, for the next claim. The scans left to choose are the walk of
-/// the pending (or suspect) index in id order and the lookups above; the worker's
-/// settings for the claim (`CLAIM_PLANNER_SETTINGS`) leave the planner nothing else, so
-/// the one plan it makes per connection holds for an empty outbox, a never-analyzed one,
-/// and a burst alike.
+/// the pending (or suspect) index in id order, the walk of the primary key in id order
+/// filtering on the status, and the lookups above; the worker's settings for the claim
+/// (`CLAIM_PLANNER_SETTINGS`) leave the planner nothing else, so the one plan it makes
+/// per connection holds for an empty outbox, a never-analyzed one, and a burst alike.
+/// Between the two walks only the statistics decide: ones taken while a backlog waited
+/// make every row look pending, and the primary key's walk then reads the `done` rows a
+/// drain left; the worker analyzes such an outbox again (`analyze_if_stale`).
 ///
 /// `plan` looks for a ready healthy row only when there is a suspect and `$5` does not
 /// already decide, and looks for it in id order, so it walks the pending index:
@@ -487,49 +490,90 @@ pub fn extend_lease(
     client.execute(EXTEND_LEASE, &[&tokens, &lease.as_secs_f64(), &max_processing.as_secs_f64()])
 }
 
-/// The outbox's statistics: whether it has any (`reltuples` is negative until its first
-/// `ANALYZE` or `VACUUM`), and whether it holds rows.
+/// The outbox's statistics: the planner's row estimate (negative until its first `ANALYZE`
+/// or `VACUUM`), whether it holds rows, the rows inserted, updated or deleted since its
+/// last `ANALYZE` (the server's activity statistics), and whether this role may analyze
+/// it (its owner, or the database's).
 pub const OUTBOX_STATISTICS: &str = "
-    SELECT c.reltuples >= 0, pg_relation_size(c.oid) > 0
-    FROM pg_class c WHERE c.oid = 'chronicle_outbox_events'::regclass";
+    SELECT c.reltuples::float8, pg_relation_size(c.oid) > 0, coalesce(s.n_mod_since_analyze, 0),
+           pg_has_role(c.relowner, 'USAGE')
+             OR pg_has_role((SELECT datdba FROM pg_database WHERE datname = current_database()), 'USAGE')
+    FROM pg_class c LEFT JOIN pg_stat_user_tables s ON s.relid = c.oid
+    WHERE c.oid = 'chronicle_outbox_events'::regclass";
 
-/// The outbox's first statistics. Not a transition of any row.
-pub const ANALYZE_OUTBOX: &str = "ANALYZE chronicle_outbox_events";
+/// Fresh statistics for the outbox. `SKIP_LOCKED`: while a (auto)vacuum or another worker's
+/// `ANALYZE` holds the table, it does nothing rather than wait. Not a transition of any row.
+pub const ANALYZE_OUTBOX: &str = "ANALYZE (SKIP_LOCKED) chronicle_outbox_events";
 
-/// What `analyze_if_never_analyzed` found or did.
+/// Rows changed since the last `ANALYZE` past which the outbox's statistics are stale: this
+/// many, plus `STALE_SHARE` of the rows they counted. Autovacuum analyzes the outbox much
+/// sooner (migration 2 sets 1,000 plus 2 %); the worker's check is for a server whose
+/// autovacuum is off or behind.
+pub const STALE_ROWS: f64 = 1000.0;
+pub const STALE_SHARE: f64 = 0.2;
+
+/// Whether the outbox needs an `ANALYZE`: it holds rows and has never been analyzed, or
+/// more rows changed since its last one than `STALE_ROWS` + `STALE_SHARE` of its rows.
+pub fn statistics_are_stale(reltuples: f64, has_rows: bool, modified_since_analyze: i64) -> bool {
+    if reltuples < 0.0 {
+        return has_rows;
+    }
+    modified_since_analyze as f64 > STALE_ROWS + STALE_SHARE * reltuples
+}
+
+/// What `analyze_if_stale` found or did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FirstAnalyze {
-    /// The outbox already has statistics: nothing to do, now or later.
-    HadStatistics,
-    /// The outbox is empty: nothing to analyze yet.
-    Empty,
+pub enum Analyze {
+    /// The statistics are fresh enough, or the outbox is empty and was never analyzed.
+    Fresh,
     /// Analyzed now.
     Analyzed,
-    /// `ANALYZE` ran but left no statistics (only the table's owner can analyze it).
+    /// Stale, but the table was busy (a vacuum or another `ANALYZE`): the next turn tries again.
+    Busy,
+    /// Stale, and only the table's or the database's owner may analyze it.
     NotAllowed,
 }
 
-/// Analyzes the outbox when it holds rows but has never been analyzed: with the server's
-/// autovacuum off, or before its first pass. Without statistics the planner guesses how
-/// many rows are pending (a fixed share of the table): from a guess of a few hundred, a
-/// claim planned without `CLAIM_PLANNER_SETTINGS` reads every pending row and sorts them
-/// instead of walking the pending index, and the gauges and operations plan from the
-/// same guess. With any statistics, even old ones, the claim reads about what it claims.
-pub fn analyze_if_never_analyzed(client: &mut impl GenericClient) -> Result<FirstAnalyze, postgres::Error> {
-    let (has_statistics, has_rows) = outbox_statistics(client)?;
-    if has_statistics {
-        return Ok(FirstAnalyze::HadStatistics);
+/// Analyzes the outbox when its statistics are missing or stale (`statistics_are_stale`):
+/// with the server's autovacuum off, before its first pass, or behind. The plans made
+/// from them read the whole table otherwise: with no statistics the planner guesses how
+/// many rows are pending; with statistics taken while a backlog waited, every row looks
+/// pending, and a claim may walk the primary key over the whole `done` history the drain
+/// left instead of the pending index (`CLAIM_BATCH`). An `ANALYZE` invalidates the plans
+/// the claim threads hold, so their next claim is planned from the new statistics.
+pub fn analyze_if_stale(client: &mut impl GenericClient) -> Result<Analyze, postgres::Error> {
+    let before = outbox_statistics(client)?;
+    if !before.is_stale() {
+        return Ok(Analyze::Fresh);
     }
-    if !has_rows {
-        return Ok(FirstAnalyze::Empty);
+    if !before.may_analyze {
+        return Ok(Analyze::NotAllowed);
     }
     client.batch_execute(ANALYZE_OUTBOX)?;
-    Ok(if outbox_statistics(client)?.0 { FirstAnalyze::Analyzed } else { FirstAnalyze::NotAllowed })
+    Ok(if outbox_statistics(client)?.is_stale() { Analyze::Busy } else { Analyze::Analyzed })
 }
 
-fn outbox_statistics(client: &mut impl GenericClient) -> Result<(bool, bool), postgres::Error> {
+struct OutboxStatistics {
+    reltuples: f64,
+    has_rows: bool,
+    modified_since_analyze: i64,
+    may_analyze: bool,
+}
+
+impl OutboxStatistics {
+    fn is_stale(&self) -> bool {
+        statistics_are_stale(self.reltuples, self.has_rows, self.modified_since_analyze)
+    }
+}
+
+fn outbox_statistics(client: &mut impl GenericClient) -> Result<OutboxStatistics, postgres::Error> {
     let r = client.query_one(OUTBOX_STATISTICS, &[])?;
-    Ok((r.try_get(0)?, r.try_get(1)?))
+    Ok(OutboxStatistics {
+        reltuples: r.try_get(0)?,
+        has_rows: r.try_get(1)?,
+        modified_since_analyze: r.try_get(2)?,
+        may_analyze: r.try_get(3)?,
+    })
 }
 
 /// processing → pending for stuck rows (lease expired, or processing longer than

@@ -6,7 +6,7 @@ use std::time::Duration;
 use chronicle::outbox;
 use uuid::Uuid;
 
-use crate::util::{count, insert_events, TestDb};
+use crate::util::{count, insert_events, wait_until, TestDb};
 
 const LEASE: Duration = Duration::from_secs(30);
 
@@ -126,11 +126,18 @@ fn the_lease_keeper_extends_only_held_rows_and_never_past_max_processing() {
 fn claim_plan_rows(c: &mut postgres::Client, limit: i64, settings: &str) -> (f64, f64) {
     let mut tx = c.transaction().unwrap();
     tx.batch_execute(settings).unwrap();
-    let sql = format!("EXPLAIN (ANALYZE, FORMAT JSON) {}", outbox::claim_batch_sql());
-    let (lease, max_event, max_batch) = (30.0f64, 16_777_216i64, 33_554_432i64);
-    let token = Uuid::now_v7();
-    let plan: serde_json::Value =
-        tx.query_one(&sql, &[&limit, &"w", &token, &lease, &false, &max_event, &max_batch, &0i64]).unwrap().get(0);
+    // Prepared and executed by name, as the worker runs it: under `CLAIM_PLANNER_SETTINGS`
+    // its generic plan, made from the statistics of the moment.
+    tx.batch_execute(&format!(
+        "PREPARE claim (bigint, text, uuid, float8, bool, bigint, bigint, bigint) AS {}",
+        outbox::claim_batch_sql()
+    ))
+    .unwrap();
+    let sql = format!(
+        "EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE claim ({limit}, 'w', '{}', 30, false, 16777216, 33554432, 0)",
+        Uuid::now_v7()
+    );
+    let plan: serde_json::Value = tx.query_one(&sql, &[]).unwrap().get(0);
     fn walk(node: &serde_json::Value, most: &mut (f64, f64)) {
         let n = |k: &str| node.get(k).and_then(|v| v.as_f64()).unwrap_or(0.0);
         let loops = n("Actual Loops").max(1.0);
@@ -142,6 +149,7 @@ fn claim_plan_rows(c: &mut postgres::Client, limit: i64, settings: &str) -> (f64
     }
     let mut most = (0.0, 0.0);
     walk(&plan[0]["Plan"], &mut most);
+    tx.batch_execute("DEALLOCATE claim").unwrap();
     tx.rollback().unwrap();
     most
 }
@@ -168,11 +176,40 @@ fn a_claim_reads_about_the_rows_it_claims_even_when_the_statistics_predate_the_b
 }
 
 #[test]
-fn the_worker_gives_a_never_analyzed_outbox_its_first_statistics_once() {
-    use outbox::FirstAnalyze;
+fn a_claim_after_a_drain_reads_about_the_rows_it_claims_once_the_worker_refreshed_the_statistics() {
     let db = TestDb::new();
     let mut c = db.client();
-    assert_eq!(outbox::analyze_if_never_analyzed(&mut c).unwrap(), FirstAnalyze::Empty);
+    // Statistics taken while a backlog waited: every row pending.
+    insert_events(&mut c, 20_000);
+    c.batch_execute("ANALYZE chronicle_outbox_events").unwrap();
+    // The backlog drains (each row updated twice, in two transactions, as a claim and a
+    // completion do), then a trickle arrives. The statistics still say all is pending.
+    c.batch_execute(
+        "UPDATE chronicle_outbox_events SET status = 'processing', claim_token = gen_random_uuid(),
+                lease_until = now() + interval '30 seconds'",
+    )
+    .unwrap();
+    c.batch_execute("UPDATE chronicle_outbox_events SET status = 'done', processed_at = now(), lease_until = NULL")
+        .unwrap();
+    insert_events(&mut c, 100);
+    wait_until(Duration::from_secs(10), "the drain's updates in the table's activity statistics", || {
+        count(&mut c, "SELECT n_mod_since_analyze FROM pg_stat_user_tables WHERE relname = 'chronicle_outbox_events'")
+            >= 40_000
+    });
+    assert_eq!(outbox::analyze_if_stale(&mut c).unwrap(), outbox::Analyze::Analyzed);
+    let (rows, removed) = claim_plan_rows(&mut c, 50, outbox::CLAIM_PLANNER_SETTINGS);
+    assert!(rows <= 150.0, "a claim of 50 had a plan node produce {rows} rows");
+    assert!(removed <= 150.0, "a claim of 50 had a plan node discard {removed} rows");
+    // Fresh statistics are left alone.
+    assert_eq!(outbox::analyze_if_stale(&mut c).unwrap(), outbox::Analyze::Fresh);
+}
+
+#[test]
+fn the_worker_gives_a_never_analyzed_outbox_its_first_statistics_once() {
+    use outbox::Analyze;
+    let db = TestDb::new();
+    let mut c = db.client();
+    assert_eq!(outbox::analyze_if_stale(&mut c).unwrap(), Analyze::Fresh, "an empty outbox: nothing to analyze");
     insert_events(&mut c, 2000);
     let reltuples = |c: &mut postgres::Client| -> f32 {
         c.query_one("SELECT reltuples FROM pg_class WHERE oid = 'chronicle_outbox_events'::regclass", &[])
@@ -180,14 +217,24 @@ fn the_worker_gives_a_never_analyzed_outbox_its_first_statistics_once() {
             .get(0)
     };
     assert!(reltuples(&mut c) < 0.0, "a new outbox has no statistics");
-    assert_eq!(outbox::analyze_if_never_analyzed(&mut c).unwrap(), FirstAnalyze::Analyzed);
+    assert_eq!(outbox::analyze_if_stale(&mut c).unwrap(), Analyze::Analyzed);
     assert_eq!(reltuples(&mut c), 2000.0);
-    // With statistics, even ones the table has outgrown, it leaves the table alone.
+    // Statistics the table has outgrown by less than the stale share are left alone.
     insert_events(&mut c, 10);
-    assert_eq!(outbox::analyze_if_never_analyzed(&mut c).unwrap(), FirstAnalyze::HadStatistics);
+    assert_eq!(outbox::analyze_if_stale(&mut c).unwrap(), Analyze::Fresh);
     // And the claim then walks the pending index: it reads what it claims.
     let (rows, _) = claim_plan_rows(&mut c, 50, "");
     assert!(rows <= 150.0, "a claim of 50 on a fresh outbox had a plan node produce {rows} rows");
+}
+
+#[test]
+fn outbox_statistics_are_stale_when_missing_or_outgrown() {
+    assert!(!outbox::statistics_are_stale(-1.0, false, 0), "never analyzed, empty");
+    assert!(outbox::statistics_are_stale(-1.0, true, 0), "never analyzed, with rows");
+    assert!(!outbox::statistics_are_stale(0.0, true, 1000), "analyzed empty, a thousand rows since");
+    assert!(outbox::statistics_are_stale(0.0, true, 1001));
+    assert!(!outbox::statistics_are_stale(100_000.0, true, 21_000), "a fifth of the rows and a thousand");
+    assert!(outbox::statistics_are_stale(100_000.0, true, 21_001));
 }
 
 #[test]

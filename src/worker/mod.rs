@@ -25,7 +25,7 @@ use crate::db::{self, migrate};
 use crate::error::{AppError, Result};
 use crate::error_reason::ErrorReason;
 use crate::metrics::{http, Metrics};
-use crate::outbox::{self, FirstAnalyze};
+use crate::outbox::{self, Analyze};
 
 /// State shared by the threads of one worker process.
 pub struct Shared {
@@ -51,9 +51,9 @@ pub struct Shared {
     /// When the first batch that claimed rows started, and when the latest one ended: the
     /// time spent working, for the drain rate the exit line reports.
     work_span: Mutex<Option<(Instant, Instant)>>,
-    /// Set once the outbox is known to have planner statistics (`reclaim_once` checks
-    /// until then).
-    outbox_has_statistics: AtomicBool,
+    /// Set once this role is known not to be allowed to analyze the outbox
+    /// (`reclaim_once` stops trying, having said so once).
+    outbox_analyze_refused: AtomicBool,
     /// The channel only this process's listener listens on: shutdown notifies it, so the
     /// listener stops at once instead of at the end of its wait for notifications.
     stop_channel: String,
@@ -74,7 +74,7 @@ impl Shared {
             server: Mutex::new(None),
             refusals: Arc::new(db::RefusalLog::default()),
             work_span: Mutex::new(None),
-            outbox_has_statistics: AtomicBool::new(false),
+            outbox_analyze_refused: AtomicBool::new(false),
             stop_channel: format!("chronicle_stop_{}", Uuid::now_v7().simple()),
         })
     }
@@ -349,7 +349,8 @@ fn every(shared: &Shared, interval: Duration, mut f: impl FnMut()) {
 }
 
 /// One turn of the reclaim loop: stuck rows back to pending (or failed when out of
-/// attempts), counted; and, until the outbox has planner statistics, its first `ANALYZE`.
+/// attempts), counted; and an `ANALYZE` of the outbox when its planner statistics are
+/// missing or stale (`outbox::analyze_if_stale`).
 pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
     let Some(mut c) = pooled(shared, pool, "reclaim") else { return };
     match outbox::reclaim_stuck(&mut *c, shared.cfg.max_processing, shared.cfg.max_attempts) {
@@ -370,23 +371,26 @@ pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
         }
         Err(e) => return shared.db_error("while reclaiming stuck rows", &e),
     }
-    if shared.outbox_has_statistics.load(Ordering::Relaxed) {
+    if shared.outbox_analyze_refused.load(Ordering::Relaxed) {
         return;
     }
-    match outbox::analyze_if_never_analyzed(&mut *c) {
-        Ok(FirstAnalyze::Empty) => return,
-        Ok(FirstAnalyze::HadStatistics) => {}
-        Ok(FirstAnalyze::Analyzed) => {
-            log::info!("analyzed chronicle_outbox_events: it had rows but no planner statistics yet")
-        }
-        Ok(FirstAnalyze::NotAllowed) => log::warn!(
-            "chronicle_outbox_events has no planner statistics and this role cannot analyze it \
-             (only its owner can): the gauges and operations plan from guesses until autovacuum \
-             or an ANALYZE by its owner gives it some"
+    match outbox::analyze_if_stale(&mut *c) {
+        Ok(Analyze::Fresh) => {}
+        Ok(Analyze::Analyzed) => log::info!(
+            "analyzed chronicle_outbox_events: its planner statistics were missing or older than a large \
+             share of its rows"
         ),
-        Err(e) => return shared.db_error("while checking the outbox's planner statistics", &e),
+        Ok(Analyze::Busy) => log::debug!("chronicle_outbox_events is being vacuumed or analyzed: analyze it later"),
+        Ok(Analyze::NotAllowed) => {
+            log::warn!(
+                "chronicle_outbox_events has missing or stale planner statistics and this role cannot analyze \
+                 it (only its owner can): the claims, gauges and operations plan from them until autovacuum \
+                 or an ANALYZE by its owner refreshes them"
+            );
+            shared.outbox_analyze_refused.store(true, Ordering::Relaxed);
+        }
+        Err(e) => shared.db_error("while checking the outbox's planner statistics", &e),
     }
-    shared.outbox_has_statistics.store(true, Ordering::Relaxed);
 }
 
 fn extend_leases_once(shared: &Shared, pool: &db::Pool) {
