@@ -657,22 +657,41 @@ fn search_pending_list_bytes(c: &mut postgres::Client) -> i64 {
 fn a_drained_backlog_merges_the_search_index_in_long_runs_and_a_trickle_in_short_ones() {
     let db = TestDb::new();
     let mut c = db.client();
-    // About 700 kB of search index entries: more than the pending list a trickle keeps
-    // (256 kB), less than the one a backlog lets grow (4 MB).
+    // Which pending list limit each write into the read model ran under.
+    c.batch_execute(
+        "CREATE TABLE limits_seen (lim text);
+         CREATE FUNCTION note_limit() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO limits_seen VALUES (current_setting('gin_pending_list_limit')); RETURN NULL; END $$;
+         CREATE TRIGGER note_limit AFTER INSERT ON chronicle_entries
+             FOR EACH STATEMENT EXECUTE FUNCTION note_limit();",
+    )
+    .unwrap();
+    let limits_seen = |c: &mut postgres::Client| -> Vec<(String, i64)> {
+        c.query("SELECT lim, count(*) FROM limits_seen GROUP BY lim ORDER BY lim", &[])
+            .unwrap()
+            .iter()
+            .map(|r| (r.get(0), r.get(1)))
+            .collect()
+    };
+    // A backlog of 20 full claims: about 700 kB of search index entries, more than the
+    // pending list a trickle keeps (256 kB), less than the one a backlog lets grow (4 MB).
     insert_events(&mut c, 2000);
     let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100", "--concurrency", "1"]));
     assert_eq!(r.code, Some(0), "{r}");
     assert_fully_projected(&mut c);
+    assert_eq!(limits_seen(&mut c), [("4MB".to_string(), 20)], "every full claim's entries under 4 MB");
     let after_backlog = search_pending_list_bytes(&mut c);
     assert!(
         after_backlog > 256 * 1024,
         "full claims let the pending list grow past 256 kB before it is merged; it holds {after_backlog} bytes"
     );
 
+    c.batch_execute("TRUNCATE limits_seen").unwrap();
     let library = insert_events(&mut c, 1);
     let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100", "--concurrency", "1"]));
     assert_eq!(r.code, Some(0), "{r}");
     assert_fully_projected(&mut c);
+    assert_eq!(limits_seen(&mut c), [("256kB".to_string(), 1)], "a short claim's entry under 256 kB");
     let after_trickle = search_pending_list_bytes(&mut c);
     assert!(
         after_trickle < 256 * 1024,
