@@ -7,8 +7,8 @@
 -- fixed the limit at 256 kB on the index, for the latency of a worker keeping up with a
 -- steady trickle; a worker draining a backlog then paid for merging small lists.
 --
--- Without the storage parameter the limit is the writing session's setting (the server's
--- default, 4 MB, unless set), so the worker chooses it per completing transaction
+-- Without the storage parameter the limit is the writing connection's setting (the
+-- server's default, 4 MB, unless set), so the worker chooses it per completing transaction
 -- (`entries::search_pending_list`): 4 MB while its claims come back full (a backlog, where
 -- throughput matters and one batch's stall is lost in the queue), 256 kB otherwise (a
 -- trickle, where every batch's latency shows). Other writers (rebuild, verify --fix) get

@@ -673,25 +673,26 @@ fn a_drained_backlog_merges_the_search_index_in_long_runs_and_a_trickle_in_short
             .map(|r| (r.get(0), r.get(1)))
             .collect()
     };
+    // Drains what is pending with one claim thread, claims of 100; returns the limits seen.
+    let drain = |c: &mut postgres::Client| {
+        c.batch_execute("TRUNCATE limits_seen").unwrap();
+        let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100", "--concurrency", "1"]));
+        assert_eq!(r.code, Some(0), "{r}");
+        assert_fully_projected(c);
+        limits_seen(c)
+    };
     // A backlog of 20 full claims: about 700 kB of search index entries, more than the
     // pending list a trickle keeps (256 kB), less than the one a backlog lets grow (4 MB).
     insert_events(&mut c, 2000);
-    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100", "--concurrency", "1"]));
-    assert_eq!(r.code, Some(0), "{r}");
-    assert_fully_projected(&mut c);
-    assert_eq!(limits_seen(&mut c), [("4MB".to_string(), 20)], "every full claim's entries under 4 MB");
+    assert_eq!(drain(&mut c), [("4MB".to_string(), 20)], "every full claim's entries under 4 MB");
     let after_backlog = search_pending_list_bytes(&mut c);
     assert!(
         after_backlog > 256 * 1024,
         "full claims let the pending list grow past 256 kB before it is merged; it holds {after_backlog} bytes"
     );
 
-    c.batch_execute("TRUNCATE limits_seen").unwrap();
     let library = insert_events(&mut c, 1);
-    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100", "--concurrency", "1"]));
-    assert_eq!(r.code, Some(0), "{r}");
-    assert_fully_projected(&mut c);
-    assert_eq!(limits_seen(&mut c), [("256kB".to_string(), 1)], "a short claim's entry under 256 kB");
+    assert_eq!(drain(&mut c), [("256kB".to_string(), 1)], "a short claim's entry under 256 kB");
     let after_trickle = search_pending_list_bytes(&mut c);
     assert!(
         after_trickle < 256 * 1024,
