@@ -1,7 +1,8 @@
 //! Named fail points for the crash-isolation tests (cargo feature `failpoints`, which
 //! the tests enable and release builds never have: without it every check is a no-op).
 //!
-//! Points: `claim` (before a claim), `project` (before one event is projected) and
+//! Points: `claim` (before a claim in a transaction of its own, not before one that a
+//! backlog's completion makes), `project` (before one event is projected) and
 //! `complete` (inside the completing transaction). The environment variable
 //! `FAILPOINTS` (the `fail` crate's syntax) configures them in a process, e.g.
 //! `FAILPOINTS='project=return(abort@crash_me)'`. The argument of `return` says what

@@ -713,3 +713,29 @@ fn a_drained_backlog_merges_the_search_index_in_long_runs_and_a_trickle_in_short
     assert_eq!(found(&mut c, None), 2001);
     assert_eq!(found(&mut c, Some(library)), 1);
 }
+
+#[test]
+fn a_backlog_batch_is_claimed_by_the_transaction_that_completes_the_batch_before_it() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 500);
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100", "--concurrency", "1"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_fully_projected(&mut c);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts <> 1"), 0, "one claim each");
+    // now() is a transaction's start: a batch claimed by the transaction that completed
+    // the one before it has that batch's processed_at as its claimed_at.
+    let batches: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> = c
+        .query(
+            "SELECT claimed_at, max(processed_at) FROM chronicle_outbox_events GROUP BY claimed_at ORDER BY claimed_at",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(batches.len(), 5, "five claims of 100: {batches:?}");
+    for pair in batches.windows(2) {
+        assert_eq!(pair[1].0, pair[0].1, "claimed as the batch before it was completed: {batches:?}");
+    }
+}

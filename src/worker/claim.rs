@@ -1,7 +1,8 @@
 //! One claim thread: claim a batch, project it, complete it in one transaction.
 //!
 //! The path of one event reads straight through `run_once`: claim (outbox) → project
-//! (pure) → upsert entries + mark done (one transaction) → count (metrics).
+//! (pure) → upsert entries + mark done (one transaction, which in a backlog also claims
+//! the next batch) → count (metrics).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -31,6 +32,18 @@ pub struct BatchReport {
     pub released: u64,
     /// The lowest outbox id claimed (none when nothing was).
     pub lowest_id: Option<i64>,
+    /// The floor the turn's claim started from (`ClaimRequest::floor`).
+    pub from: i64,
+}
+
+/// A claim committed by the transaction that completed the batch before it (a backlog's
+/// next batch, `complete`): its rows, held as they came, for the next turn to project and
+/// complete.
+pub struct Carried {
+    token: Uuid,
+    started: Instant,
+    from: i64,
+    rows: Vec<postgres::Row>,
 }
 
 /// Where a claim thread's next healthy claim starts (`ClaimRequest::floor`).
@@ -125,6 +138,9 @@ impl Prepared {
 pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
     let mut jitter = Jitter::from_entropy();
     let mut reconnect = Reconnect::new();
+    // A batch claimed by the last completion, kept across a reconnection: its rows are
+    // fenced on its token, not on a connection.
+    let mut carried: Option<Carried> = None;
     while !shared.stopping() {
         let Some(mut conn) = pooled(shared, pool, "claim") else {
             reconnect.wait(shared);
@@ -152,14 +168,12 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             // rows committed just after its snapshot) ends the idle wait at once instead
             // of being missed until the next poll.
             let wakeups = shared.wakeups();
-            let from = floor.next(Instant::now());
-            match run_once(shared, &mut conn, &mut prepared, &mut jitter, suspects_first, from) {
+            match run_once(shared, &mut conn, &mut prepared, &mut jitter, &mut suspects_first, &mut floor, &mut carried)
+            {
                 Ok(r) => {
                     shared.db_ok(&mut *conn);
                     reconnect.reset();
-                    suspects_first = !suspects_first;
-                    floor.record(from, r.claimed, r.lowest_id, shared.cfg.batch_size, Instant::now());
-                    if r.claimed == 0 && ClaimFloor::may_be_empty(from) {
+                    if r.claimed == 0 && ClaimFloor::may_be_empty(r.from) {
                         if until_empty {
                             return;
                         }
@@ -176,11 +190,31 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
                 }
             }
         }
+        if shared.stopping() {
+            release_carried(shared, &mut conn, &mut carried);
+        }
         drop(conn);
         if !shared.stopping() {
             reconnect.wait(shared);
         }
     }
+    if carried.is_some() {
+        if let Some(mut conn) = pooled(shared, pool, "claim") {
+            release_carried(shared, &mut conn, &mut carried);
+        }
+    }
+}
+
+/// On shutdown: gives back a batch claimed by the last completion and not yet projected,
+/// with its attempt (`outbox::release_claim`); left to the reclaim loop if that fails.
+fn release_carried(shared: &Shared, conn: &mut Client, carried: &mut Option<Carried>) {
+    let Some(c) = carried.take() else { return };
+    let ids: Vec<i64> = c.rows.iter().filter_map(|r| r.try_get::<_, i64>(0).ok()).collect();
+    match release_on_shutdown(conn, &ids, c.token) {
+        Ok(n) => log::debug!("released {n} claimed row(s) on shutdown"),
+        Err(e) => log::warn!("could not release rows on shutdown (the reclaim loop will): {}", db::describe_error(&e)),
+    }
+    hold(shared, c.token, false);
 }
 
 /// One turn: claim up to a batch, project, complete. A database error before anything
@@ -191,17 +225,12 @@ pub fn run_once(
     conn: &mut Client,
     prepared: &mut Prepared,
     jitter: &mut Jitter,
-    suspects_first: bool,
-    floor: i64,
+    suspects_first: &mut bool,
+    floor: &mut ClaimFloor,
+    carried: &mut Option<Carried>,
 ) -> Result<BatchReport, postgres::Error> {
     let cfg = &shared.cfg;
-    let started = Instant::now();
-    let token = Uuid::now_v7();
-    if failpoint::check("claim", None) == Hit::Error {
-        conn.batch_execute(failpoint::RAISE_TRANSIENT)?;
-    }
-    hold(shared, token, true);
-    let req = ClaimRequest {
+    let request = |token: Uuid, suspects_first: bool, floor: i64| ClaimRequest {
         limit: cfg.batch_size,
         worker_id: &cfg.worker_id,
         token,
@@ -213,8 +242,22 @@ pub fn run_once(
     // The claim commits before any of its events is read, so its attempts count even if
     // a projection takes the process down; its rows are held as they came (bounded by
     // OUTBOX_BATCH_MAX_BYTES), then each is read, projected and dropped in turn: what
-    // stays in memory is the entries.
-    let projected: Vec<Projected> = match claim_committed(conn, prepared, &req).and_then(|rows| {
+    // stays in memory is the entries. A backlog's claims after the first are committed
+    // by the completion of the batch before them (`complete`), and carried here.
+    let (token, started, from, rows) = match carried.take() {
+        Some(c) => (c.token, c.started, c.from, Ok(c.rows)),
+        None => {
+            let started = Instant::now();
+            let token = Uuid::now_v7();
+            let from = floor.next(started);
+            if failpoint::check("claim", None) == Hit::Error {
+                conn.batch_execute(failpoint::RAISE_TRANSIENT)?;
+            }
+            hold(shared, token, true);
+            (token, started, from, claim_committed(conn, prepared, &request(token, *suspects_first, from)))
+        }
+    };
+    let projected: Vec<Projected> = match rows.and_then(|rows| {
         rows.into_iter().map(|r| Ok(project_one(outbox::read_claimed(&r, &cfg.sizes)?, &cfg.sizes))).collect()
     }) {
         Ok(p) => p,
@@ -226,14 +269,26 @@ pub fn run_once(
     let mut report = BatchReport {
         claimed: projected.len(),
         lowest_id: projected.iter().map(|p| p.outbox_id).min(),
+        from,
         ..Default::default()
     };
+    *suspects_first = !*suspects_first;
+    floor.record(from, report.claimed, report.lowest_id, cfg.batch_size, Instant::now());
     if projected.is_empty() {
         hold(shared, token, false);
         return Ok(report);
     }
 
     let backlog = is_full(projected.len(), cfg.batch_size);
+    // While a backlog lasts, the transaction that completes this batch claims the next
+    // one: one commit per batch instead of two, and the next batch's attempts are still
+    // committed before any of its events is projected.
+    let next_token = Uuid::now_v7();
+    let next_from = floor.next(Instant::now());
+    let chain = (backlog && !shared.stopping()).then(|| request(next_token, *suspects_first, next_from));
+    if chain.is_some() {
+        hold(shared, next_token, true);
+    }
     let held: Vec<(i64, i32)> = projected.iter().map(|p| (p.outbox_id, p.attempts)).collect();
     let mut ok = Vec::with_capacity(projected.len());
     let mut failures = Vec::new();
@@ -243,15 +298,28 @@ pub fn run_once(
             Err(f) => failures.push(f),
         }
     }
-    let result = complete(conn, prepared, &ok, &failures, token, backlog).or_else(|e| {
+    let result = complete(conn, prepared, &ok, &failures, token, backlog, chain.as_ref()).or_else(|e| {
         if db::is_transient(&e) {
             Err(e)
         } else {
             // A deterministic database error on the batch: find the entries the read
             // model refuses, one savepoint each, and fail only those.
-            complete_isolating(conn, &ok, &failures, token)
+            complete_isolating(conn, &ok, &failures, token).map(|c| (c, None))
         }
     });
+    let result = result.map(|(c, next)| {
+        match next {
+            Some(rows) if !rows.is_empty() => {
+                *carried = Some(Carried { token: next_token, started: Instant::now(), from: next_from, rows })
+            }
+            Some(_) => floor.record(next_from, 0, None, cfg.batch_size, Instant::now()),
+            None => {}
+        }
+        c
+    });
+    if chain.is_some() && carried.is_none() {
+        hold(shared, next_token, false);
+    }
     match result {
         Ok(c) => {
             for seconds in &c.latencies {
@@ -433,8 +501,12 @@ fn latencies(marked: &[outbox::Done]) -> Vec<f64> {
 
 /// The normal completion, one transaction: mark done the rows this claim still holds
 /// (locking them, so no reclaim can take them now), upsert their entries, mark the
-/// deterministic failures failed. The search index's pending list is sized for a
-/// `backlog` or for a trickle (`entries::search_pending_list`).
+/// deterministic failures failed; then, given a `chain` request, claim the next batch,
+/// whose rows come back for the next turn. The search index's pending list is sized for
+/// a `backlog` or for a trickle (`entries::search_pending_list`). With a chained claim
+/// the transaction also takes the claim's planner settings (`CLAIM_PLANNER_SETTINGS`),
+/// sent with its `BEGIN`: they decide only how statements are planned, and the
+/// completion's statements are lookups by key and an insert from arrays either way.
 fn complete(
     conn: &mut Client,
     prepared: &mut Prepared,
@@ -442,8 +514,12 @@ fn complete(
     failures: &[Failure],
     token: Uuid,
     backlog: bool,
-) -> Result<Completed, postgres::Error> {
-    let begin = format!("BEGIN; {}", entries::search_pending_list(backlog));
+    chain: Option<&ClaimRequest<'_>>,
+) -> Result<(Completed, Option<Vec<postgres::Row>>), postgres::Error> {
+    let mut begin = format!("BEGIN; {}", entries::search_pending_list(backlog));
+    if chain.is_some() {
+        begin = format!("{begin}; {}", outbox::CLAIM_PLANNER_SETTINGS);
+    }
     in_transaction(conn, &begin, |tx| {
         if failpoint::check("complete", None) == Hit::Error {
             tx.batch_execute(failpoint::RAISE_TRANSIENT)?;
@@ -457,7 +533,11 @@ fn complete(
             entries::write_entries(tx, &upsert, &held)?;
         }
         let failed_reasons = outbox::mark_failed(tx, failures, token)?;
-        Ok(Completed { done, latencies: latencies(&marked), failed_reasons, rejected: Vec::new() })
+        let next = match chain {
+            Some(req) => Some(outbox::claim_rows(tx, &prepared.claim_batch, req)?),
+            None => None,
+        };
+        Ok((Completed { done, latencies: latencies(&marked), failed_reasons, rejected: Vec::new() }, next))
     })
 }
 
