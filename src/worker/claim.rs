@@ -190,14 +190,12 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
                 }
             }
         }
-        if shared.stopping() {
-            release_carried(shared, &mut conn, &mut carried);
-        }
         drop(conn);
         if !shared.stopping() {
             reconnect.wait(shared);
         }
     }
+    // Stopping: a batch the last completion claimed is given back, on any connection.
     if carried.is_some() {
         if let Some(mut conn) = pooled(shared, pool, "claim") {
             release_carried(shared, &mut conn, &mut carried);
@@ -210,10 +208,8 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
 fn release_carried(shared: &Shared, conn: &mut Client, carried: &mut Option<Carried>) {
     let Some(c) = carried.take() else { return };
     let ids: Vec<i64> = c.rows.iter().filter_map(|r| r.try_get::<_, i64>(0).ok()).collect();
-    match release_on_shutdown(conn, &ids, c.token) {
-        Ok(n) => log::debug!("released {n} claimed row(s) on shutdown"),
-        Err(e) => log::warn!("could not release rows on shutdown (the reclaim loop will): {}", db::describe_error(&e)),
-    }
+    let n = release_on_shutdown(conn, &ids, c.token);
+    log::debug!("released {n} claimed row(s) on shutdown");
     hold(shared, c.token, false);
 }
 
@@ -340,13 +336,7 @@ pub fn run_once(
             let ids: Vec<i64> = held.iter().map(|(id, _)| *id).collect();
             if shared.stopping() {
                 // Interrupted by shutdown: the rows were not tried; give them back.
-                match release_on_shutdown(conn, &ids, token) {
-                    Ok(n) => report.released = n,
-                    Err(e) => log::warn!(
-                        "could not release rows on shutdown (the reclaim loop will): {}",
-                        db::describe_error(&e)
-                    ),
-                }
+                report.released = release_on_shutdown(conn, &ids, token);
             } else {
                 let delays: Vec<(i64, Duration)> = held
                     .iter()
@@ -428,7 +418,8 @@ fn in_transaction<T>(
 /// until they have all finished: a cancel that lands on the release (or on the rollback
 /// before it) is not a reason to leave the rows to the lease, so the release is tried
 /// again, a few times, after a rollback of whatever the cancel left open.
-fn release_on_shutdown(conn: &mut Client, ids: &[i64], token: Uuid) -> Result<u64, postgres::Error> {
+/// Returns the rows released; a failure is logged and leaves them to the reclaim loop.
+fn release_on_shutdown(conn: &mut Client, ids: &[i64], token: Uuid) -> u64 {
     let mut tries = 0;
     loop {
         match outbox::release_claim(conn, ids, token) {
@@ -439,7 +430,11 @@ fn release_on_shutdown(conn: &mut Client, ids: &[i64], token: Uuid) -> Result<u6
                     log::debug!("rollback before releasing again: {}", db::describe_error(&e2));
                 }
             }
-            r => return r,
+            Ok(n) => return n,
+            Err(e) => {
+                log::warn!("could not release rows on shutdown (the reclaim loop will): {}", db::describe_error(&e));
+                return 0;
+            }
         }
     }
 }
