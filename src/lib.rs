@@ -22,6 +22,7 @@ pub mod retry;
 pub mod rlimit;
 pub mod search;
 pub mod sqlstate;
+pub mod suggest;
 pub mod synthetic;
 pub mod terminal;
 pub mod timeline;
