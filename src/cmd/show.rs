@@ -10,7 +10,7 @@ use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
 use crate::ops::{self, Columns, Shown};
-use crate::terminal;
+use crate::terminal::{Align, Table};
 
 pub const SUMMARY: &str = "One event with every delivery of it (attempts, errors, replays) and its entry";
 
@@ -104,17 +104,18 @@ pub fn render_json(shown: &Shown) -> serde_json::Value {
     })
 }
 
-fn push_columns(s: &mut String, cols: &Columns, indent: &str) {
-    let width = cols.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+fn push_columns(s: &mut String, cols: &Columns) {
+    let mut table = Table::new(2, &[Align::Left, Align::Left]);
     for (k, v) in cols {
-        s.push_str(&format!("{indent}{k:<width$}  {}\n", terminal::printable(&ops::value_text(v))));
+        table.row([k.as_str(), &ops::value_text(v)]);
     }
+    s.push_str(&table.render());
 }
 
 pub fn render_text(id: Uuid, shown: &Shown) -> String {
     let mut s = format!("EVENT {id}\n");
     match &shown.event {
-        Some(cols) => push_columns(&mut s, cols, "  "),
+        Some(cols) => push_columns(&mut s, cols),
         None => s.push_str("  (not in chronicle_events)\n"),
     }
     s.push_str(&format!("\nDELIVERIES ({}, oldest first)\n", shown.deliveries.len()));
@@ -125,11 +126,11 @@ pub fn render_text(id: Uuid, shown: &Shown) -> String {
         if i > 0 {
             s.push('\n');
         }
-        push_columns(&mut s, cols, "  ");
+        push_columns(&mut s, cols);
     }
     s.push_str("\nENTRY\n");
     match &shown.entry {
-        Some(cols) => push_columns(&mut s, cols, "  "),
+        Some(cols) => push_columns(&mut s, cols),
         None => s.push_str("  (none: not projected yet, failed, or erased)\n"),
     }
     s

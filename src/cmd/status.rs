@@ -7,7 +7,7 @@ use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
 use crate::ops::{self, CountMode, Counts, Status};
-use crate::terminal::printable;
+use crate::terminal::{printable, Align, Table};
 
 pub const SUMMARY: &str = "The outbox by state, failures by reason, coverage, the last rebuild";
 
@@ -128,24 +128,24 @@ pub fn render_text(st: &Status) -> String {
         ));
     }
     s.push_str("OUTBOX (chronicle_outbox_events)\n");
-    s.push_str(&format!("  pending     {:>12}   oldest pending: {:.1} s\n", o.pending, o.oldest_pending_age_seconds));
-    s.push_str(&format!("  processing  {:>12}   stuck: {}\n", o.processing, o.stuck));
-    let about = if st.counts == Counts::Estimated { "~" } else { " " };
-    s.push_str(&format!("  done       {about}{:>12}\n", o.done));
-    s.push_str(&format!("  failed      {:>12}\n", o.failed));
+    let about = if st.counts == Counts::Estimated { "~" } else { "" };
+    let mut outbox = Table::new(2, &[Align::Left, Align::Right, Align::Left]);
+    outbox.row(["pending", &o.pending.to_string(), &format!("oldest pending: {:.1} s", o.oldest_pending_age_seconds)]);
+    outbox.row(["processing", &o.processing.to_string(), &format!("stuck: {}", o.stuck)]);
+    outbox.row(["done", &format!("{about}{}", o.done), ""]);
+    outbox.row(["failed", &o.failed.to_string(), ""]);
+    s.push_str(&outbox.render());
     s.push_str("\nFAILED BY REASON\n");
     if st.failed_by_reason.is_empty() {
         s.push_str("  (none)\n");
     } else {
-        s.push_str(&format!("  {:<24} {:>10}  {}\n", "error_reason", "count", "example event"));
+        let mut failed = Table::new(2, &[Align::Left, Align::Right, Align::Left]);
+        failed.row(["error_reason", "count", "example event"]);
         for f in &st.failed_by_reason {
-            s.push_str(&format!(
-                "  {:<24} {:>10}  {}\n",
-                printable(f.error_reason.as_deref().unwrap_or("none")),
-                f.count,
-                f.example_event_id
-            ));
+            let reason = f.error_reason.as_deref().unwrap_or("none");
+            failed.row([reason, &f.count.to_string(), &f.example_event_id.to_string()]);
         }
+        s.push_str(&failed.render());
         s.push_str("  (chronicle show EVENT_ID for one; chronicle replay-failed once fixed)\n");
     }
     match st.counts {
@@ -154,13 +154,16 @@ pub fn render_text(st: &Status) -> String {
             s.push_str("\nREAD MODEL (~ estimated from the server's statistics; chronicle status --exact counts)\n")
         }
     }
-    s.push_str(&format!("  events               {about}{:>12}\n", st.events));
-    s.push_str(&format!("  entries              {about}{:>12}\n", st.entries));
-    s.push_str(&format!("  events without entry  {:>12}", st.events_without_entry));
-    if st.counts == Counts::Estimated {
-        s.push_str("   (with a pending, processing or failed delivery; chronicle verify finds the others)");
-    }
-    s.push('\n');
+    let mut read_model = Table::new(2, &[Align::Left, Align::Right, Align::Left]);
+    read_model.row(["events", &format!("{about}{}", st.events), ""]);
+    read_model.row(["entries", &format!("{about}{}", st.entries), ""]);
+    let note = if st.counts == Counts::Estimated {
+        "(with a pending, processing or failed delivery; chronicle verify finds the others)"
+    } else {
+        ""
+    };
+    read_model.row(["events without entry", &st.events_without_entry.to_string(), note]);
+    s.push_str(&read_model.render());
     s.push_str("\nLAST REBUILD\n");
     match &st.last_rebuild {
         None => s.push_str("  (never)\n"),
