@@ -11,6 +11,7 @@ pub mod error;
 pub mod error_reason;
 pub mod event;
 pub mod failpoint;
+pub mod help;
 pub mod input;
 pub mod logging;
 pub mod metrics;

@@ -7,6 +7,7 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::ops::{self, Library};
 use crate::terminal::{Align, Table};
 
@@ -17,29 +18,30 @@ const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_UR
 const DEFAULT_LIMIT: u64 = 100;
 const MAX_LIMIT: u64 = 100_000;
 
-pub fn help() -> String {
-    format!(
-        "List the libraries that have events, the most recently active first: the library's
-name (from its latest LibraryCreated or LibraryRenamed event, if any), its id, how many
-events and entries it has, and the time of its newest event. Counting reads the events'
-and entries' library indexes whole.
-
-USAGE:
-    chronicle libraries [--limit N] [--json]
-
-FLAGS:
-{}  --limit N
-      At most N libraries (1-{MAX_LIMIT}; default {DEFAULT_LIMIT}).
-  --json
-      Print one JSON object: libraries (an array of objects with library_id, name, events,
-      entries, newest_event_at), and more (whether libraries were left out by --limit).
-
-EXAMPLES:
-    chronicle libraries
-    chronicle entries --library-id \"$(chronicle libraries --json | jq -r '.libraries[0].library_id')\"
-",
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(
+        "List the libraries that have events, the most recently active first: the library's name (from its \
+         latest LibraryCreated or LibraryRenamed event, if any), its id, how many events and entries it has, \
+         and the time of its newest event. Counting reads the events' and entries' library indexes whole.",
     )
+    .usage(&["chronicle libraries [--limit N] [--json]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--limit N", format!("At most N libraries (1-{MAX_LIMIT}; default {DEFAULT_LIMIT}).")),
+            (
+                "--json",
+                "Print one JSON object: libraries (an array of objects with library_id, name, events, entries, \
+                 newest_event_at), and more (whether libraries were left out by --limit)."
+                    .into(),
+            ),
+        ],
+    )
+    .examples(&[
+        "chronicle libraries",
+        "chronicle entries --library-id \\",
+        "    \"$(chronicle libraries --json | jq -r '.libraries[0].library_id')\"",
+    ])
 }
 
 #[derive(Debug)]

@@ -8,38 +8,41 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_duration, DbUrl, Env, Setting, Sources};
 use crate::db::{self, migrate};
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::terminal::{Align, Table};
 
-pub const SUMMARY: &str = "Apply the embedded schema migrations (or list them with --status)";
+pub const SUMMARY: &str = "Apply the embedded schema migrations (--status: list them)";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 
-pub fn help() -> String {
-    format!(
-        "Apply the SQL migrations embedded in this binary, in order, each in its own transaction.
-Applied migrations are recorded (version, name, checksum, time) in chronicle_schema_migrations;
-a changed or unknown applied migration is refused (exit 1). Concurrent runs wait for each
-other on an advisory lock and apply nothing twice. Up to date: does nothing.
-An existing chronicle_events (created by the application) is adopted when it matches the
-contract, and refused with the list of differences otherwise.
-
-USAGE:
-    chronicle migrate [--status] [--wait DURATION]
-
-FLAGS:
-{}  --status
-      List applied and pending migrations; change nothing.
-  --wait DURATION
-      Wait up to DURATION (e.g. 30s, 2m) for the database to accept connections first.
-      Without it an unreachable database exits 3 at once.
-
-EXAMPLES:
-    DATABASE_URL=postgresql://postgres@localhost/app chronicle migrate
-    chronicle migrate --status --database-url 'host=/var/run/postgresql dbname=app'
-    chronicle migrate --wait 60s      # in a container started before its database
-",
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(
+        "Apply the SQL migrations embedded in this binary, in order, each in its own transaction. Applied \
+         migrations are recorded (version, name, checksum, time) in chronicle_schema_migrations; a changed or \
+         unknown applied migration is refused (exit 1). Concurrent runs wait for each other on an advisory lock \
+         and apply nothing twice. Up to date: does nothing.\n\n\
+         An existing chronicle_events (created by the application) is adopted when it matches the contract, \
+         and refused with the list of differences otherwise.",
     )
+    .usage(&["chronicle migrate [--status] [--wait DURATION]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--status", "List applied and pending migrations; change nothing.".into()),
+            (
+                "--wait DURATION",
+                "Wait up to DURATION (e.g. 30s, 2m) for the database to accept connections first. Without it \
+                 an unreachable database exits 3 at once."
+                    .into(),
+            ),
+        ],
+    )
+    .examples(&[
+        "DATABASE_URL=postgresql://postgres@localhost/app chronicle migrate",
+        "chronicle migrate --status \\",
+        "    --database-url 'host=/var/run/postgresql dbname=app'",
+        "chronicle migrate --wait 60s    # a container started before its database",
+    ])
 }
 
 #[derive(Debug)]

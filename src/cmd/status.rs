@@ -6,48 +6,47 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::ops::{self, CountMode, Counts, Status};
 use crate::terminal::{printable, Align, Table};
 
-pub const SUMMARY: &str = "The outbox by state, failures by reason, coverage, the last rebuild";
+pub const SUMMARY: &str = "The outbox by state, failures by reason, coverage, last rebuild";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL, &config::MAX_PROCESSING];
 
-pub fn help() -> String {
-    format!(
-        "Answer \"is the projector healthy?\" in one read-only snapshot: the outbox by state (with
-the age of the oldest pending row and the stuck rows), failed rows by error_reason with an
-example event each, events against entries (and events that have no entry), and the last
-rebuild run. Informational: exits 0 whatever it finds (3 if the database is unreachable).
-
-Exact counts read the events, the entries and the whole outbox, which takes seconds on tens
-of millions of events. So beyond {limit} events (by the planner's estimate) the events, the
-entries and the done rows are estimated from the server's statistics, and \"events without
-entry\" counts those that have a pending, processing or failed delivery (chronicle verify
-finds the others); the output says which it did. The pending, processing, stuck and failed
-rows are always exact.
-
-USAGE:
-    chronicle status [--json] [--exact | --estimate]
-
-FLAGS:
-{settings}  --exact
-      Count exactly whatever the size (as the runbook's queries do).
-  --estimate
-      Estimate whatever the size (well under a second at any size).
-  --json
-      Print one JSON object: outbox, failed_by_reason, events, entries, events_without_entry,
-      counts (\"exact\" or \"estimated\"), last_rebuild, standby (see docs/operations.md).
-
-EXAMPLES:
-    chronicle status
-    chronicle status --json | jq '.outbox.failed'
-    chronicle status --max-processing-seconds 120     # count rows processing > 2 min as stuck
-    chronicle status --exact --json                    # exact counts on a large database
-",
-        settings = config::settings_help(SETTINGS),
+pub fn help() -> Help {
+    Help::new(format!(
+        "Answer \"is the projector healthy?\" in one read-only snapshot: the outbox by state (with the age of the \
+         oldest pending row and the stuck rows), failed rows by error_reason with an example event each, events \
+         against entries (and events that have no entry), and the last rebuild run. Informational: exits 0 \
+         whatever it finds (3 if the database is unreachable).\n\n\
+         Exact counts read the events, the entries and the whole outbox, which takes seconds on tens of \
+         millions of events. So beyond {limit} events (by the planner's estimate) the events, the entries and \
+         the done rows are estimated from the server's statistics, and \"events without entry\" counts those \
+         that have a pending, processing or failed delivery (chronicle verify finds the others); the output \
+         says which it did. The pending, processing, stuck and failed rows are always exact.",
         limit = thousands(ops::EXACT_COUNTS_UP_TO),
+    ))
+    .usage(&["chronicle status [--json] [--exact | --estimate]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--exact", "Count exactly whatever the size (as the runbook's queries do).".into()),
+            ("--estimate", "Estimate whatever the size (well under a second at any size).".into()),
+            (
+                "--json",
+                "Print one JSON object: outbox, failed_by_reason, events, entries, events_without_entry, counts \
+                 (\"exact\" or \"estimated\"), last_rebuild, standby (see docs/operations.md)."
+                    .into(),
+            ),
+        ],
     )
+    .examples(&[
+        "chronicle status",
+        "chronicle status --json | jq '.outbox.failed'",
+        "chronicle status --max-processing-seconds 120  # processing > 2 min is stuck",
+        "chronicle status --exact --json                # exact counts at any size",
+    ])
 }
 
 #[derive(Debug)]

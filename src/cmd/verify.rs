@@ -8,54 +8,57 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::projection::PROJECTION_VERSION;
 use crate::verify::{self, EventDrift, Finding, Fixed, Report};
 
-pub const SUMMARY: &str = "Compare chronicle_entries with chronicle_events; --fix heals the drift";
+pub const SUMMARY: &str = "Compare chronicle_entries with chronicle_events (--fix heals)";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL];
 
-pub fn help() -> String {
-    format!(
-        "Compare the read model (chronicle_entries) with the source of truth (chronicle_events),
-for one library or all, in one consistent snapshot, and report three kinds of drift, each
-with its count and up to {} example ids:
-  events without an entry    the entry is missing
-  entries without an event   an orphan entry
-  stale entries              built by an older projection_version than this binary's ({PROJECTION_VERSION})
-An event whose delivery is pending or processing is in flight, not drift (the worker is
-about to write it). An event whose delivery failed is drift, counted with its kind and
-reported apart: fix its cause, then `chronicle replay-failed` (--fix does not touch it;
-a new delivery would fail the same way, outside replay's audit trail).
-Exit 0 when clean, 1 on drift.
-
-With --fix, in one transaction: every missing or stale event (not failed) gets a new pending
-delivery (never a second live one), orphan entries are deleted, and idle workers are woken.
-A running worker then projects them (or run `chronicle worker --until-empty`). Exit 0 when
-everything found was fixed, 1 when failed deliveries remain for replay-failed.
-
-USAGE:
-    chronicle verify [--library-id ID] [--fix] [--json]
-
-FLAGS:
-{}  --library-id ID
-      Only this library (UUID). Default: every library.
-  --fix
-      Enqueue the missing and stale events, delete the orphan entries.
-  --json
-      Print one object: library_id, events_without_entry, entries_without_event,
-      stale_entries (each {{count, examples}}; the event kinds also {{failed: {{count, examples}}}}),
-      in_flight, projection_version, fixed ({{missing_enqueued, stale_enqueued,
-      orphans_deleted}} or null without --fix), clean.
-
-EXAMPLES:
-    chronicle verify
-    chronicle verify --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 --json
-    chronicle verify --fix && chronicle worker --until-empty && chronicle verify
-",
-        verify::MAX_EXAMPLES,
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(format!(
+        "Compare the read model (chronicle_entries) with the source of truth (chronicle_events), for one \
+         library or all, in one consistent snapshot, and report three kinds of drift, each with its count and \
+         up to {} example ids:",
+        verify::MAX_EXAMPLES
+    ))
+    .rows([
+        ("events without an entry", "the entry is missing".to_string()),
+        ("entries without an event", "an orphan entry".to_string()),
+        ("stale entries", format!("built by an older projection_version than this binary's ({PROJECTION_VERSION})")),
+    ])
+    .text(
+        "An event whose delivery is pending or processing is in flight, not drift (the worker is about to write \
+         it). An event whose delivery failed is drift, counted with its kind and reported apart: fix its cause, \
+         then `chronicle replay-failed` (--fix does not touch it; a new delivery would fail the same way, \
+         outside replay's audit trail). Exit 0 when clean, 1 on drift.\n\n\
+         With --fix, in one transaction: every missing or stale event (not failed) gets a new pending delivery \
+         (never a second live one), orphan entries are deleted, and idle workers are woken. A running worker \
+         then projects them (or run `chronicle worker --until-empty`). Exit 0 when everything found was fixed, \
+         1 when failed deliveries remain for replay-failed.",
     )
+    .usage(&["chronicle verify [--library-id ID] [--fix] [--json]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--library-id ID", "Only this library (UUID). Default: every library.".into()),
+            ("--fix", "Enqueue the missing and stale events, delete the orphan entries.".into()),
+            (
+                "--json",
+                "Print one object: library_id, events_without_entry, entries_without_event, stale_entries (each \
+                 {count, examples}; the event kinds also {failed: {count, examples}}), in_flight, \
+                 projection_version, fixed ({missing_enqueued, stale_enqueued, orphans_deleted} or null without \
+                 --fix), clean."
+                    .into(),
+            ),
+        ],
+    )
+    .examples(&[
+        "chronicle verify",
+        "chronicle verify --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 --json",
+        "chronicle verify --fix && chronicle worker --until-empty && chronicle verify",
+    ])
 }
 
 #[derive(Debug)]
