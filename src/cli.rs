@@ -124,7 +124,7 @@ where
             let name = v.string()?;
             parse_command(&name, &mut p, env)
         }
-        _ => Err(arg.unexpected().into()),
+        _ => Err(flag_hint(arg.unexpected().into(), &["help", "version", "log-format"], "chronicle --help")),
     }
 }
 
@@ -143,14 +143,19 @@ fn unknown_command(name: &str) -> AppError {
 /// A flag the command does not have (`--batchsize`): the nearest of its flags when one
 /// is near, and where its flags are listed. Other errors pass unchanged.
 fn suggest_flag(e: AppError, c: &CommandInfo) -> AppError {
+    flag_hint(e, &(c.help)().long_flags(), &format!("chronicle help {}", c.name))
+}
+
+/// `e` with the nearest of `flags` (long flags, without `--`) when it is an unknown option,
+/// and the help that lists them.
+fn flag_hint(e: AppError, flags: &[&str], help: &str) -> AppError {
     let typed = match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<lexopt::Error>()) {
         Some(lexopt::Error::UnexpectedOption(typed)) => typed.clone(),
         _ => return e,
     };
-    let help = (c.help)();
-    let near = typed.strip_prefix("--").and_then(|t| suggest::closest(t, &help.long_flags()));
+    let near = typed.strip_prefix("--").and_then(|t| suggest::closest(t, flags));
     let hint = near.map(|f| format!(" (did you mean --{f}?)")).unwrap_or_default();
-    AppError::usage(format!("{e}{hint}; `chronicle help {}` lists its flags", c.name)).caused_by(e)
+    AppError::usage(format!("{e}{hint}; `{help}` lists its flags")).caused_by(e)
 }
 
 fn parse_command(name: &str, p: &mut lexopt::Parser, env: &Env) -> Result<Command> {
@@ -316,6 +321,8 @@ mod tests {
         assert!(m.ends_with("; `chronicle help worker` lists its flags"), "{m}");
         let m = usage_message(&["worker", "--frobnicate"]);
         assert_eq!(m, "invalid option '--frobnicate'; `chronicle help worker` lists its flags");
+        let m = usage_message(&["--lgo-format", "json", "status"]);
+        assert_eq!(m, "invalid option '--lgo-format' (did you mean --log-format?); `chronicle --help` lists its flags");
         let m = usage_message(&["help", "wrker"]);
         assert!(m.contains("(did you mean worker?)"), "{m}");
     }

@@ -141,7 +141,14 @@ pub struct Table {
     align: Vec<Align>,
     max: Vec<Option<usize>>,
     total: Option<usize>,
-    rows: Vec<Vec<String>>,
+    rows: Vec<Row>,
+}
+
+#[derive(Debug, Clone)]
+enum Row {
+    Cells(Vec<String>),
+    /// A line of its own between rows (such as examples under a count), not measured.
+    Line(String),
 }
 
 impl Table {
@@ -185,27 +192,47 @@ impl Table {
             })
             .collect();
         row.resize(self.align.len(), String::new());
-        self.rows.push(row);
+        self.rows.push(Row::Cells(row));
     }
 
-    pub fn is_empty(&self) -> bool {
-        self.rows.is_empty()
+    /// A line printed as it is (escaped) after the rows so far: it takes no part in the
+    /// columns' widths.
+    pub fn line(&mut self, text: impl AsRef<str>) {
+        self.rows.push(Row::Line(printable(text.as_ref()).into_owned()));
     }
 
     /// The table, one line per row.
     pub fn render(&self) -> String {
         let mut rows = self.rows.clone();
-        let width_of = |rows: &[Vec<String>], i: usize| rows.iter().map(|r| columns(&r[i])).max().unwrap_or(0);
+        let width_of = |rows: &[Row], i: usize| {
+            rows.iter()
+                .filter_map(|r| match r {
+                    Row::Cells(cells) => Some(columns(&cells[i])),
+                    Row::Line(_) => None,
+                })
+                .max()
+                .unwrap_or(0)
+        };
         if let (Some(total), Some(last)) = (self.total, self.align.len().checked_sub(1)) {
             let others: usize = (0..last).map(|i| width_of(&rows, i) + 2).sum();
             let room = total.saturating_sub(self.indent + others).max(LAST_COLUMN_AT_LEAST);
             for r in &mut rows {
-                r[last] = fit(&r[last], room);
+                if let Row::Cells(cells) = r {
+                    cells[last] = fit(&cells[last], room);
+                }
             }
         }
         let widths: Vec<usize> = (0..self.align.len()).map(|i| width_of(&rows, i)).collect();
         let mut out = String::new();
         for row in &rows {
+            let row = match row {
+                Row::Cells(cells) => cells,
+                Row::Line(text) => {
+                    out.push_str(text);
+                    out.push('\n');
+                    continue;
+                }
+            };
             let mut line = " ".repeat(self.indent);
             // Up to the end of the last cell's text: no padding trails a line, and a cell's
             // own spaces stay.
@@ -365,6 +392,18 @@ mod tests {
         let id_at = |l: &str| columns(l) - 1;
         assert_eq!(id_at(lines[1]), id_at(lines[2]), "{text}");
         assert_eq!(id_at(lines[1]), columns("bad\\x1b[2Jname") + 2, "{text}");
+    }
+
+    #[test]
+    fn lines_between_rows_take_no_part_in_the_widths() {
+        let mut t = Table::new(0, &[Align::Left, Align::Right]);
+        t.row(["stale entries:", "2"]);
+        t.line("      0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 \u{7}");
+        t.row(["in flight:", "10"]);
+        assert_eq!(
+            t.render(),
+            "stale entries:   2\n      0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 \\x07\nin flight:      10\n"
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! over its rows whatever the names, English or Chinese (CJK two columns a character),
 //! with control characters escaped and counted as printed.
 
-use crate::util::{insert_events_into, run, TestDb};
+use crate::util::{insert_events, insert_events_into, run, TestDb};
 
 /// Columns where each cell of a line starts and ends (cells are two or more spaces apart),
 /// counting CJK characters as two.
@@ -78,4 +78,40 @@ fn migrate_status_lines_up_whatever_the_names() {
             assert_eq!((cells[1].1, cells[2].0, cells[3].0), (header[1].1, header[2].0, header[3].0), "{l:?} in\n{r}");
         }
     }
+}
+
+#[test]
+fn status_tables_line_up_whatever_the_counts() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 1234);
+    // 1200 failed one way, 1 another, the rest pending: counts of 1 to 4 digits.
+    c.batch_execute(
+        "WITH ranked AS (SELECT id, row_number() OVER (ORDER BY id) AS n FROM chronicle_outbox_events)
+         UPDATE chronicle_outbox_events o
+         SET status = 'failed', error = 'boom', attempts = 3, updated_at = now(),
+             error_reason = CASE WHEN r.n = 1 THEN 'max_attempts_exceeded' ELSE 'invalid_payload' END
+         FROM ranked r WHERE r.id = o.id AND r.n <= 1201",
+    )
+    .unwrap();
+    let r = run(&mut db.chronicle(&["status", "--exact"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let section = |title: &str| -> Vec<&str> {
+        r.stdout.lines().skip_while(|l| !l.starts_with(title)).skip(1).take_while(|l| !l.is_empty()).collect()
+    };
+    // The counts end at one column in each table; what follows them starts at one.
+    let outbox = section("OUTBOX");
+    assert_eq!(outbox.len(), 4, "{r}");
+    let ends: Vec<usize> = outbox.iter().map(|l| cell_spans(l)[1].1).collect();
+    assert!(ends.iter().all(|&e| e == ends[0]), "{r}");
+    let failed = section("FAILED BY REASON");
+    assert!(failed[0].trim_start().starts_with("error_reason"), "{r}");
+    let rows: Vec<&str> = failed.iter().copied().filter(|l| !l.trim_start().starts_with('(')).collect();
+    assert_eq!(rows.len(), 3, "{r}");
+    let header = cell_spans(rows[0]);
+    for l in &rows[1..] {
+        let cells = cell_spans(l);
+        assert_eq!((cells[1].1, cells[2].0), (header[1].1, header[2].0), "{l:?} in\n{r}");
+    }
+    assert!(r.stdout.contains("1200"), "{r}");
 }

@@ -10,6 +10,7 @@ use crate::db;
 use crate::error::{AppError, Result};
 use crate::help::Help;
 use crate::projection::PROJECTION_VERSION;
+use crate::terminal::{Align, Table};
 use crate::verify::{self, EventDrift, Finding, Fixed, Report};
 
 pub const SUMMARY: &str = "Compare chronicle_entries with chronicle_events (--fix heals)";
@@ -127,21 +128,21 @@ fn outcome(report: &Report, fixed: Option<&Fixed>) -> Result<()> {
     }
 }
 
-fn examples(out: &mut String, f: &Finding) {
+fn examples(t: &mut Table, f: &Finding) {
     for id in &f.examples {
-        out.push_str(&format!("      {id}\n"));
+        t.line(format!("      {id}"));
     }
     if f.count > f.examples.len() as i64 {
-        out.push_str(&format!("      … and {} more\n", f.count - f.examples.len() as i64));
+        t.line(format!("      … and {} more", f.count - f.examples.len() as i64));
     }
 }
 
-fn event_kind(out: &mut String, label: &str, d: &EventDrift) {
-    out.push_str(&format!("{label:<28}{}\n", d.all.count));
-    examples(out, &d.all);
+fn event_kind(t: &mut Table, label: &str, d: &EventDrift) {
+    t.row([label, &d.all.count.to_string()]);
+    examples(t, &d.all);
     if d.failed.count > 0 {
-        out.push_str(&format!("    of which delivery failed: {} (needs replay-failed)\n", d.failed.count));
-        examples(out, &d.failed);
+        t.line(format!("    of which delivery failed: {} (needs replay-failed)", d.failed.count));
+        examples(t, &d.failed);
     }
 }
 
@@ -151,11 +152,13 @@ pub fn report_text(r: &Report, fixed: Option<&Fixed>) -> String {
         Some(l) => format!("verify: library {l}, projection version {PROJECTION_VERSION}\n"),
         None => format!("verify: all libraries, projection version {PROJECTION_VERSION}\n"),
     };
-    event_kind(&mut out, "events without entry:", &r.events_without_entry);
-    out.push_str(&format!("{:<28}{}\n", "entries without event:", r.entries_without_event.count));
-    examples(&mut out, &r.entries_without_event);
-    event_kind(&mut out, "stale entries:", &r.stale_entries);
-    out.push_str(&format!("{:<28}{} (pending or processing: not drift)\n", "in flight:", r.in_flight));
+    let mut t = Table::new(0, &[Align::Left, Align::Left]);
+    event_kind(&mut t, "events without entry:", &r.events_without_entry);
+    t.row(["entries without event:", &r.entries_without_event.count.to_string()]);
+    examples(&mut t, &r.entries_without_event);
+    event_kind(&mut t, "stale entries:", &r.stale_entries);
+    t.row(["in flight:".to_string(), format!("{} (pending or processing: not drift)", r.in_flight)]);
+    out.push_str(&t.render());
     if r.is_clean() {
         out.push_str("clean: the read model matches the events\n");
         return out;
