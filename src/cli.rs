@@ -278,6 +278,20 @@ mod tests {
     }
 
     #[test]
+    fn at_any_width_only_examples_and_usage_lines_may_be_wider() {
+        for c in COMMANDS {
+            let help = command_help(c);
+            let verbatim = help.verbatim_lines();
+            for width in [40, 50, 60, 100] {
+                let text = help.render(width);
+                for l in text.lines().filter(|l| columns(l) > width) {
+                    assert!(verbatim.iter().any(|v| v == l), "{} at {width}: {l:?}", c.name);
+                }
+            }
+        }
+    }
+
+    #[test]
     fn every_command_help_keeps_its_variables_and_defaults() {
         for c in COMMANDS {
             let flat = command_help(c).render(80).split_whitespace().collect::<Vec<_>>().join(" ");

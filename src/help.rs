@@ -100,6 +100,17 @@ impl Help {
         flags
     }
 
+    /// The verbatim lines as printed, for tests: the only lines that may be wider than
+    /// the width asked for.
+    #[cfg(test)]
+    pub(crate) fn verbatim_lines(&self) -> Vec<String> {
+        let lines = self.blocks.iter().filter_map(|b| match b {
+            Block::Verbatim(lines) => Some(lines.iter().map(|l| format!("    {l}"))),
+            _ => None,
+        });
+        lines.flatten().collect()
+    }
+
     /// The help laid out in the terminal's width (see `terminal::width`), kept between
     /// 40 and 100 columns.
     pub fn render_for_terminal(&self) -> String {
