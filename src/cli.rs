@@ -8,14 +8,16 @@ use std::ffi::OsString;
 use lexopt::prelude::*;
 
 use crate::cmd;
-use crate::config::Env;
+use crate::config::{self, Env};
 use crate::error::{AppError, Kind, Result};
+use crate::help::Help;
+use crate::suggest;
 
 /// What the user asked for.
 #[derive(Debug)]
 pub enum Command {
-    /// Print this text on stdout and exit 0.
-    Help(String),
+    /// Print this help on stdout, laid out for the terminal, and exit 0.
+    Help(Help),
     Version,
     Migrate(cmd::migrate::Args),
     Append(cmd::append::Args),
@@ -33,11 +35,12 @@ pub enum Command {
     Libraries(cmd::libraries::Args),
 }
 
-/// One subcommand: its name, a one-line summary and its full help.
+/// One subcommand: its name, a one-line summary and its full help (whose flag rows are
+/// also the flags a typo is compared with).
 pub struct CommandInfo {
     pub name: &'static str,
     pub summary: &'static str,
-    pub help: fn() -> String,
+    pub help: fn() -> Help,
 }
 
 pub const COMMANDS: &[CommandInfo] = &[
@@ -61,29 +64,37 @@ pub fn version_text() -> String {
     format!("chronicle {}", env!("CARGO_PKG_VERSION"))
 }
 
-/// The top-level help: one screen. Each command in one line; a command's flags, variables
-/// and examples are in `chronicle help <COMMAND>`.
-pub fn main_help() -> String {
-    let mut s = format!(
-        "{}: keeps a notes application's activity timeline (chronicle_entries) projected\n\
-         from its events (chronicle_events) through a transactional outbox.\n\n\
-         USAGE:\n    chronicle [GLOBAL FLAGS] <COMMAND> [FLAGS]\n    chronicle help <COMMAND>\n\n\
-         COMMANDS:\n",
+/// The top-level help: one screen (24 lines at 80 columns). Each command in one line; a
+/// command's flags, variables, examples and the exit codes are in `chronicle help
+/// <COMMAND>`.
+pub fn main_help() -> Help {
+    Help::new(format!(
+        "{}: projects a notes application's events (chronicle_events) into its activity timeline \
+         (chronicle_entries) through a transactional outbox.",
         version_text()
-    );
-    for c in COMMANDS {
-        s.push_str(&format!("    {:<14} {}\n", c.name, c.summary));
-    }
-    s.push_str(
-        "\nGLOBAL FLAGS:\n    -h, --help           Print this help\n    -V, --version        Print the version\n    \
-         --log-format WORD    text (default), or json: one object per line [CHRONICLE_LOG_FORMAT]\n\n\
-         The database is DATABASE_URL (or --database-url). Flags win over environment variables.\n\
-         Logs go to stderr; RUST_LOG=debug shows more.\n\
-         Exit codes: 0 success, 1 failure, 2 usage or configuration error,\n            \
-         3 database unreachable or refusing us.\n\n\
-         Run `chronicle help <COMMAND>` for its flags, variables and examples (`chronicle help worker`).\n",
-    );
-    s
+    ))
+    .usage(&[
+        "chronicle [-h | -V] [--log-format text|json] <COMMAND> [FLAGS]",
+        "chronicle help <COMMAND>     its flags, variables, examples, exit codes",
+    ])
+    .heading("COMMANDS:")
+    .rows(COMMANDS.iter().map(|c| (c.name, c.summary)))
+    .text("The database is DATABASE_URL (or --database-url); a flag wins over its variable.")
+}
+
+/// A command's help, then what every command shares: the global flags, logging and the
+/// exit codes.
+pub fn command_help(c: &CommandInfo) -> Help {
+    (c.help)()
+        .flags_titled(
+            "GLOBAL FLAGS (before the command):",
+            &[&config::LOG_FORMAT],
+            &[("-h, --help", "Print this help (chronicle --help: every command).".to_string())],
+        )
+        .text(
+            "Flags win over environment variables. Logs go to stderr; RUST_LOG=debug shows more. Exit codes: \
+             0 success, 1 failure, 2 usage or configuration error, 3 database unreachable or refusing us.",
+        )
 }
 
 fn command_info(name: &str) -> Option<&'static CommandInfo> {
@@ -113,7 +124,7 @@ where
             let name = v.string()?;
             parse_command(&name, &mut p, env)
         }
-        _ => Err(arg.unexpected().into()),
+        _ => Err(flag_hint(arg.unexpected().into(), &["help", "version", "log-format"], "chronicle --help")),
     }
 }
 
@@ -122,39 +133,68 @@ fn short_usage() -> String {
     format!("usage: chronicle <COMMAND> [FLAGS]   (commands: {}; see chronicle --help)", names.join(", "))
 }
 
-fn parse_command(name: &str, p: &mut lexopt::Parser, env: &Env) -> Result<Command> {
-    let wrap = |info: &str, parsed: Option<Command>| -> Command {
-        parsed.unwrap_or_else(|| Command::Help(command_info(info).map(|c| (c.help)()).unwrap_or_default()))
+/// An unknown command, with the nearest known one when there is one.
+fn unknown_command(name: &str) -> AppError {
+    let names: Vec<&str> = COMMANDS.iter().map(|c| c.name).collect();
+    let hint = suggest::closest(name, &names).map(|c| format!(" (did you mean {c}?)")).unwrap_or_default();
+    AppError::usage(format!("unknown command {name:?}{hint}\n{}", short_usage()))
+}
+
+/// A flag the command does not have (`--batchsize`): the nearest of its flags when one
+/// is near, and where its flags are listed. Other errors pass unchanged.
+fn suggest_flag(e: AppError, c: &CommandInfo) -> AppError {
+    flag_hint(e, &(c.help)().long_flags(), &format!("chronicle help {}", c.name))
+}
+
+/// `e` with the nearest of `flags` (long flags, without `--`) when it is an unknown option,
+/// and the help that lists them.
+fn flag_hint(e: AppError, flags: &[&str], help: &str) -> AppError {
+    let typed = match std::error::Error::source(&e).and_then(|s| s.downcast_ref::<lexopt::Error>()) {
+        Some(lexopt::Error::UnexpectedOption(typed)) => typed.clone(),
+        _ => return e,
     };
-    Ok(match name {
-        "help" => {
-            let topic = p.values().ok().and_then(|mut v| v.next());
-            match topic {
-                None => Command::Help(main_help()),
-                Some(t) => {
-                    let t = t.string()?;
-                    match command_info(&t) {
-                        Some(c) => Command::Help((c.help)()),
-                        None => return Err(AppError::usage(format!("unknown command {t:?}\n{}", short_usage()))),
-                    }
-                }
+    let near = typed.strip_prefix("--").and_then(|t| suggest::closest(t, flags));
+    let hint = near.map(|f| format!(" (did you mean --{f}?)")).unwrap_or_default();
+    AppError::usage(format!("{e}{hint}; `{help}` lists its flags")).caused_by(e)
+}
+
+fn parse_command(name: &str, p: &mut lexopt::Parser, env: &Env) -> Result<Command> {
+    if name == "help" {
+        let topic = p.values().ok().and_then(|mut v| v.next());
+        return match topic {
+            None => Ok(Command::Help(main_help())),
+            Some(t) => {
+                let t = t.string()?;
+                command_info(&t).map(|c| Command::Help(command_help(c))).ok_or_else(|| unknown_command(&t))
             }
-        }
-        "migrate" => wrap(name, cmd::migrate::parse(p, env)?.map(Command::Migrate)),
-        "append" => wrap(name, cmd::append::parse(p, env)?.map(Command::Append)),
-        "inject" => wrap(name, cmd::inject::parse(p, env)?.map(Command::Inject)),
-        "worker" => wrap(name, cmd::worker::parse(p, env)?.map(Command::Worker)),
-        "entries" => wrap(name, cmd::entries::parse(p, env)?.map(Command::Entries)),
-        "verify" => wrap(name, cmd::verify::parse(p, env)?.map(Command::Verify)),
-        "rebuild" => wrap(name, cmd::rebuild::parse(p, env)?.map(Command::Rebuild)),
-        "healthcheck" => wrap(name, cmd::healthcheck::parse(p, env)?.map(Command::Healthcheck)),
-        "replay-failed" => wrap(name, cmd::replay_failed::parse(p, env)?.map(Command::ReplayFailed)),
-        "status" => wrap(name, cmd::status::parse(p, env)?.map(Command::Status)),
-        "show" => wrap(name, cmd::show::parse(p, env)?.map(Command::Show)),
-        "prune" => wrap(name, cmd::prune::parse(p, env)?.map(Command::Prune)),
-        "erase" => wrap(name, cmd::erase::parse(p, env)?.map(Command::Erase)),
-        "libraries" => wrap(name, cmd::libraries::parse(p, env)?.map(Command::Libraries)),
-        other => return Err(AppError::usage(format!("unknown command {other:?}\n{}", short_usage()))),
+        };
+    }
+    let Some(info) = command_info(name) else {
+        return Err(unknown_command(name));
+    };
+    parse_known(name, p, env)
+        .map(|parsed| parsed.unwrap_or_else(|| Command::Help(command_help(info))))
+        .map_err(|e| suggest_flag(e, info))
+}
+
+/// The command's own parse: `None` when it was asked for its help.
+fn parse_known(name: &str, p: &mut lexopt::Parser, env: &Env) -> Result<Option<Command>> {
+    Ok(match name {
+        "migrate" => cmd::migrate::parse(p, env)?.map(Command::Migrate),
+        "append" => cmd::append::parse(p, env)?.map(Command::Append),
+        "inject" => cmd::inject::parse(p, env)?.map(Command::Inject),
+        "worker" => cmd::worker::parse(p, env)?.map(Command::Worker),
+        "entries" => cmd::entries::parse(p, env)?.map(Command::Entries),
+        "verify" => cmd::verify::parse(p, env)?.map(Command::Verify),
+        "rebuild" => cmd::rebuild::parse(p, env)?.map(Command::Rebuild),
+        "healthcheck" => cmd::healthcheck::parse(p, env)?.map(Command::Healthcheck),
+        "replay-failed" => cmd::replay_failed::parse(p, env)?.map(Command::ReplayFailed),
+        "status" => cmd::status::parse(p, env)?.map(Command::Status),
+        "show" => cmd::show::parse(p, env)?.map(Command::Show),
+        "prune" => cmd::prune::parse(p, env)?.map(Command::Prune),
+        "erase" => cmd::erase::parse(p, env)?.map(Command::Erase),
+        "libraries" => cmd::libraries::parse(p, env)?.map(Command::Libraries),
+        other => return Err(unknown_command(other)),
     })
 }
 
@@ -171,8 +211,8 @@ pub fn exit_code(e: &AppError) -> u8 {
 /// Runs a parsed command.
 pub fn run(command: Command) -> Result<()> {
     match command {
-        Command::Help(text) => {
-            print!("{text}");
+        Command::Help(help) => {
+            print!("{}", help.render_for_terminal());
             Ok(())
         }
         Command::Version => {
@@ -199,6 +239,7 @@ pub fn run(command: Command) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::terminal::columns;
 
     fn parse(args: &[&str]) -> Result<Command> {
         parse_from(args.iter().copied(), &Env::from_pairs([]))
@@ -215,12 +256,89 @@ mod tests {
     }
 
     #[test]
-    fn main_help_lists_every_command_and_worker_variable() {
-        let h = main_help();
+    fn main_help_lists_every_command_on_one_screen() {
+        let h = main_help().render(80);
         for c in COMMANDS {
             assert!(h.contains(c.name));
         }
         assert!(h.contains("DATABASE_URL"));
+        assert!(h.lines().count() <= 24, "{} lines:\n{h}", h.lines().count());
+    }
+
+    #[test]
+    fn every_help_fits_80_columns() {
+        let helps = std::iter::once(("chronicle".to_string(), main_help()))
+            .chain(COMMANDS.iter().map(|c| (c.name.to_string(), command_help(c))));
+        for (name, help) in helps {
+            let text = help.render(80);
+            for l in text.lines() {
+                assert!(columns(l) <= 80, "{name}: {} columns: {l:?}", columns(l));
+            }
+        }
+    }
+
+    #[test]
+    fn at_any_width_only_examples_and_usage_lines_may_be_wider() {
+        for c in COMMANDS {
+            let help = command_help(c);
+            let verbatim = help.verbatim_lines();
+            for width in [40, 50, 60, 100] {
+                let text = help.render(width);
+                for l in text.lines().filter(|l| columns(l) > width) {
+                    assert!(verbatim.iter().any(|v| v == l), "{} at {width}: {l:?}", c.name);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn every_command_help_keeps_its_variables_and_defaults() {
+        for c in COMMANDS {
+            let flat = command_help(c).render(80).split_whitespace().collect::<Vec<_>>().join(" ");
+            assert!(flat.contains("[DATABASE_URL; required]") || c.name == "healthcheck", "{}", c.name);
+            assert!(flat.contains("[CHRONICLE_LOG_FORMAT; default text]"), "{}", c.name);
+        }
+        let worker = command_help(command_info("worker").unwrap()).render(80);
+        let flat = worker.split_whitespace().collect::<Vec<_>>().join(" ");
+        for s in config::WORKER_SETTINGS {
+            let default = s.default.map(|d| format!("default {d}]")).unwrap_or_default();
+            assert!(flat.contains(&format!("--{} {}", s.flag, s.metavar())), "--{}", s.flag);
+            assert!(flat.contains(&format!("[{}; {default}", s.var)), "{}", s.var);
+        }
+    }
+
+    fn usage_message(args: &[&str]) -> String {
+        match parse(args) {
+            Err(e) => {
+                assert_eq!(exit_code(&e), 2, "{args:?}");
+                e.to_string()
+            }
+            Ok(c) => panic!("{args:?} parsed as {c:?}"),
+        }
+    }
+
+    #[test]
+    fn a_mistyped_flag_or_command_gets_the_nearest() {
+        let cases: [(&[&str], &str); 6] = [
+            (&["worker", "--batchsize", "10"], "invalid option '--batchsize' (did you mean --batch-size?)"),
+            (&["worker", "--batch_size=10"], "invalid option '--batch_size' (did you mean --batch-size?)"),
+            (&["libraries", "--limt", "5"], "invalid option '--limt' (did you mean --limit?)"),
+            (&["rebuild", "--emit-outbx"], "(did you mean --emit-outbox?)"),
+            (&["status", "--jsn"], "(did you mean --json?)"),
+            (&["workr"], "unknown command \"workr\" (did you mean worker?)"),
+        ];
+        for (args, expected) in cases {
+            let m = usage_message(args);
+            assert!(m.contains(expected), "{args:?}: {m}");
+        }
+        let m = usage_message(&["worker", "--batchsize", "10"]);
+        assert!(m.ends_with("; `chronicle help worker` lists its flags"), "{m}");
+        let m = usage_message(&["worker", "--frobnicate"]);
+        assert_eq!(m, "invalid option '--frobnicate'; `chronicle help worker` lists its flags");
+        let m = usage_message(&["--lgo-format", "json", "status"]);
+        assert_eq!(m, "invalid option '--lgo-format' (did you mean --log-format?); `chronicle --help` lists its flags");
+        let m = usage_message(&["help", "wrker"]);
+        assert!(m.contains("(did you mean worker?)"), "{m}");
     }
 
     #[test]

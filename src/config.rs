@@ -884,20 +884,6 @@ impl WorkerConfig {
     }
 }
 
-/// Renders one help line per setting: flag, variable, default and meaning.
-pub fn settings_help(settings: &[&Setting]) -> String {
-    let mut out = String::new();
-    for s in settings {
-        let default = match s.default {
-            Some(d) => format!("default {d}"),
-            None if s.var == DATABASE_URL.var => "required".to_string(),
-            None => "unset".to_string(),
-        };
-        out.push_str(&format!("  --{} {:<8} [{}; {}]\n      {}\n", s.flag, s.metavar(), s.var, default, s.help));
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

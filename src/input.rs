@@ -15,6 +15,7 @@ use uuid::Uuid;
 
 use crate::error::Result;
 use crate::event::{EventType, Field, ENTITY_TYPES};
+use crate::suggest;
 
 /// The longest single event (one JSON line, or one pretty-printed document) we accept.
 pub const MAX_EVENT_BYTES: usize = 16 * 1024 * 1024;
@@ -239,7 +240,7 @@ pub fn event_from_json(v: &Value, rules: Rules) -> Result<NewEvent, Vec<String>>
         p.push(format!("{path} contains a NUL character (\\u0000), which PostgreSQL cannot store"));
     }
     for k in obj.keys().filter(|k| !EVENT_KEYS.contains(&k.as_str())) {
-        match closest(k, EVENT_KEYS) {
+        match suggest::closest(k, EVENT_KEYS) {
             Some(near) => p.push(format!("unknown key {k:?} (did you mean {near:?}?)")),
             None => p.push(format!("unknown key {k:?} (an event has only: {})", EVENT_KEYS.join(", "))),
         }
@@ -509,26 +510,6 @@ fn clip(s: &str, max_chars: usize) -> String {
         Some((i, _)) => format!("{}…", &s[..i]),
         None => s.to_string(),
     }
-}
-
-/// The candidate within edit distance 2 of `word`, to suggest for a typo.
-fn closest<'a>(word: &str, candidates: &[&'a str]) -> Option<&'a str> {
-    candidates.iter().copied().map(|c| (edit_distance(word, c), c)).filter(|(d, _)| *d <= 2).min().map(|(_, c)| c)
-}
-
-fn edit_distance(a: &str, b: &str) -> usize {
-    let b: Vec<char> = b.chars().collect();
-    let mut row: Vec<usize> = (0..=b.len()).collect();
-    for (i, ca) in a.chars().enumerate() {
-        let mut prev = row[0];
-        row[0] = i + 1;
-        for (j, cb) in b.iter().enumerate() {
-            let cur = row[j + 1];
-            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
-            prev = cur;
-        }
-    }
-    row[b.len()]
 }
 
 /// The JSON form of an event, as `append` reads it (keys with no value left out).

@@ -162,20 +162,66 @@ fn run_sh_and_run_ps1_have_the_same_verbs() {
     assert_eq!(a, b, "run.sh and run.ps1 differ");
 }
 
+/// `chronicle` with its output not a terminal and no COLUMNS: help is laid out in 80.
+fn at_80_columns(args: &[&str]) -> crate::util::Ran {
+    run(chronicle_cmd(args).env_remove("COLUMNS"))
+}
+
 #[test]
 fn the_main_help_fits_a_screen_and_points_at_each_command_help() {
-    let r = run(&mut chronicle_cmd(&["--help"]));
+    let r = at_80_columns(&["--help"]);
     assert_eq!(r.code, Some(0), "{r}");
     let lines: Vec<&str> = r.stdout.lines().collect();
-    assert!(lines.len() <= 40, "chronicle --help is {} lines long", lines.len());
+    assert!(lines.len() <= 24, "chronicle --help is {} lines long:\n{r}", lines.len());
     for l in &lines {
-        assert!(l.chars().count() <= 100, "a line wider than 100 columns: {l:?}");
+        assert!(l.chars().count() <= 80, "a line wider than 80 columns: {l:?}");
     }
     for c in chronicle::cli::COMMANDS {
         let one = lines.iter().filter(|l| l.trim_start().starts_with(&format!("{} ", c.name))).count();
         assert_eq!(one, 1, "{} should have exactly one line in chronicle --help", c.name);
     }
     assert!(r.stdout.contains("chronicle help <COMMAND>"), "{r}");
+}
+
+#[test]
+fn every_command_help_fits_80_columns_and_wraps_to_the_width_asked() {
+    for c in chronicle::cli::COMMANDS {
+        let r = at_80_columns(&["help", c.name]);
+        assert_eq!(r.code, Some(0), "{r}");
+        for l in r.stdout.lines() {
+            assert!(chronicle::terminal::columns(l) <= 80, "`chronicle help {}`: wider than 80: {l:?}", c.name);
+        }
+        assert_eq!(r.stdout, chronicle::cli::command_help(c).render(80), "{}", c.name);
+        // COLUMNS, when set, is the width (kept within 40 to 100).
+        for (columns, width) in [("60", 60), ("20", 40), ("300", 100)] {
+            let r = run(chronicle_cmd(&["help", c.name]).env("COLUMNS", columns));
+            assert_eq!(r.stdout, chronicle::cli::command_help(c).render(width), "COLUMNS={columns} {}", c.name);
+        }
+    }
+}
+
+#[test]
+fn a_mistyped_flag_gets_the_nearest_flag_and_exits_2() {
+    for (args, near) in [
+        (&["worker", "--batchsize", "10"][..], "did you mean --batch-size?"),
+        (&["worker", "--batch_size", "10"], "did you mean --batch-size?"),
+        (&["libraries", "--limt", "5"], "did you mean --limit?"),
+    ] {
+        let r = run(&mut chronicle_cmd(args));
+        assert_eq!(r.code, Some(2), "{args:?}: {r}");
+        assert!(r.stderr.contains(&format!("invalid option '{}'", args[1])), "{args:?}: {r}");
+        assert!(r.stderr.contains(near), "{args:?}: {r}");
+        assert!(r.stderr.contains(&format!("`chronicle help {}`", args[0])), "{args:?}: {r}");
+    }
+    // Nothing near: no guess, still the pointer to the command's flags.
+    let r = run(&mut chronicle_cmd(&["worker", "--frobnicate"]));
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(!r.stderr.contains("did you mean"), "{r}");
+    assert!(r.stderr.contains("invalid option '--frobnicate'; `chronicle help worker` lists its flags"), "{r}");
+    // A mistyped command gets the same kind of suggestion.
+    let r = run(&mut chronicle_cmd(&["wrker"]));
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("unknown command \"wrker\" (did you mean worker?)"), "{r}");
 }
 
 #[test]

@@ -19,6 +19,7 @@ mod rebuild;
 mod schema;
 #[cfg(unix)] // runs run.sh with bash
 mod scripts;
+mod tables;
 mod terminal_safety;
 #[cfg(unix)] // throwaway clusters with key files of mode 0600
 mod tls;

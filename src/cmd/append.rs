@@ -16,58 +16,67 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::input::{self, Rules, MAX_INPUT_BYTES, MAX_REPORTED_LINES};
 use crate::writer;
 
-pub const SUMMARY: &str = "Write events given as JSON (one event, or JSON lines) into chronicle_events";
+pub const SUMMARY: &str = "Write JSON events (one, or JSON lines) into chronicle_events";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 
-pub fn help() -> String {
-    format!(
-        "Read one JSON event, or JSON lines (one event per line; blank lines ignored), from stdin
-or --file, check every event against the contract and the event catalog (docs/events.md),
-then write them all in one transaction. The enqueue trigger gives each its outbox row.
-Prints the id of each event written, one per line, in input order.
-
-An event is an object with the columns of chronicle_events as keys:
-  required  library_id, entity_id (UUIDs), entity_type (library, bookshelf, book, block,
-            tag), event_type (a catalog type), occurred_at (RFC 3339)
-  optional  id (UUID; a UUIDv7 is generated when absent), actor_user_id (UUID; null means
-            the system), before, after, diff (JSON objects), created_at (RFC 3339; default
-            now), request_id, client, reason (strings), ip (an IP address)
-Other keys are refused (typo protection), as is a NUL (\\u0000) in any string.
-
-Nothing is written when any event is bad: every bad line is listed (the first {MAX_REPORTED_LINES})
-with its number and the reason, and the exit code is 2. An id already in chronicle_events,
-or repeated in the input, is refused with exit 1. One event may be at most 16 MiB, the
-whole input at most {} MiB.
-
-USAGE:
-    chronicle append [--file PATH] [--json] [--allow-unknown-type] [--check]
-
-FLAGS:
-{}  --file PATH
-      Read the events from PATH instead of stdin (- is stdin).
-  --json
-      Print the ids written as one JSON array instead of one per line.
-  --allow-unknown-type
-      Accept an event_type the catalog does not know. The projector fails such events as
-      unknown_event_type until a version that knows the type is deployed (then replay-failed).
-  --check
-      Only check the input and say how many events are valid; connect to nothing.
-
-EXAMPLES:
-    echo '{{\"library_id\":\"0190a5c4-9a0e-7cc1-8a42-2f7e3f6c2d11\",\"entity_type\":\"book\",
-           \"entity_id\":\"0190a5c4-9a0e-7cc1-8a42-2f7e3f6c2d12\",\"event_type\":\"BookRenamed\",
-           \"before\":{{\"title\":\"Old\"}},\"after\":{{\"title\":\"New\"}},
-           \"occurred_at\":\"2025-03-01T09:30:00Z\"}}' | chronicle append
-    chronicle append --file backfill.jsonl --json
-    chronicle append --check --file events.jsonl
-",
-        MAX_INPUT_BYTES >> 20,
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(
+        "Read one JSON event, or JSON lines (one event per line; blank lines ignored), from stdin or --file, \
+         check every event against the contract and the event catalog (docs/events.md), then write them all \
+         in one transaction. The enqueue trigger gives each its outbox row. Prints the id of each event \
+         written, one per line, in input order.\n\n\
+         An event is an object with the columns of chronicle_events as keys:",
     )
+    .rows([
+        (
+            "required",
+            "library_id, entity_id (UUIDs), entity_type (library, bookshelf, book, block, tag), event_type \
+             (a catalog type), occurred_at (RFC 3339)",
+        ),
+        (
+            "optional",
+            "id (UUID; a UUIDv7 is generated when absent), actor_user_id (UUID; null means the system), before, \
+             after, diff (JSON objects), created_at (RFC 3339; default now), request_id, client, reason \
+             (strings), ip (an IP address)",
+        ),
+    ])
+    .text(format!(
+        "Other keys are refused (typo protection), as is a NUL (\\u0000) in any string.\n\n\
+         Nothing is written when any event is bad: every bad line is listed (the first {MAX_REPORTED_LINES}) \
+         with its number and the reason, and the exit code is 2. An id already in chronicle_events, or \
+         repeated in the input, is refused with exit 1. One event may be at most 16 MiB, the whole input at \
+         most {} MiB.",
+        MAX_INPUT_BYTES >> 20
+    ))
+    .usage(&["chronicle append [--file PATH] [--json] [--allow-unknown-type] [--check]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--file PATH", "Read the events from PATH instead of stdin (- is stdin).".into()),
+            ("--json", "Print the ids written as one JSON array instead of one per line.".into()),
+            (
+                "--allow-unknown-type",
+                "Accept an event_type the catalog does not know. The projector fails such events as \
+                 unknown_event_type until a version that knows the type is deployed (then replay-failed)."
+                    .into(),
+            ),
+            ("--check", "Only check the input and say how many events are valid; connect to nothing.".into()),
+        ],
+    )
+    .examples(&[
+        r#"echo '{"library_id":"0190a5c4-9a0e-7cc1-8a42-2f7e3f6c2d11","#,
+        r#"      "entity_type":"book","event_type":"BookRenamed","#,
+        r#"      "entity_id":"0190a5c4-9a0e-7cc1-8a42-2f7e3f6c2d12","#,
+        r#"      "before":{"title":"Old"},"after":{"title":"New"},"#,
+        r#"      "occurred_at":"2025-03-01T09:30:00Z"}' | chronicle append"#,
+        "chronicle append --file backfill.jsonl --json",
+        "chronicle append --check --file events.jsonl",
+    ])
 }
 
 #[derive(Debug)]

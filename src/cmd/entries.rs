@@ -13,6 +13,7 @@ use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
 use crate::event::ENTITY_TYPES;
+use crate::help::Help;
 use crate::timeline::render::{page_json, page_table, rfc3339, TABLE_SUMMARY_CHARS};
 use crate::timeline::{self, Cursor, EntryQuery, DEFAULT_LIMIT, MAX_LIMIT};
 
@@ -20,56 +21,58 @@ pub const SUMMARY: &str = "Show one page of a library's timeline (filters, searc
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL];
 
-pub fn help() -> String {
-    format!(
-        "Show one page of a library's timeline from chronicle_entries, newest first on
-(occurred_at, id), as the application reads it. Filters combine with AND. A search matches
-entries containing every word of TEXT: English words as prefixes (\"distrib\" finds
-\"distributed\"), Chinese (and Japanese, Korean) text by its two-character words (\"系统\"
-finds \"分布式系统设计\"); results stay newest first (no relevance ranking).
-When more rows follow, the page ends with a cursor: pass it as --cursor for the next page.
-Pages are stable while events arrive: no row is skipped or repeated.
-
-USAGE:
-    chronicle entries --library-id ID [FLAGS]
-
-FLAGS:
-{}  --library-id ID
-      The library (UUID) whose timeline to read. Required: every read is scoped.
-  --entity-type TYPE
-      Only entries about one kind of object: {}.
-  --entity-id ID
-      Only one object's history (UUID).
-  --actor ID
-      Only what one user (UUID) did.
-  --event-type TYPE
-      Only one event type (e.g. BookRenamed).
-  --since TIME
-      Only entries that occurred at or after TIME (RFC 3339, e.g. 2025-03-01T09:00:00Z).
-  --until TIME
-      Only entries that occurred before TIME (RFC 3339; exclusive).
-  --search TEXT
-      Only entries whose summary, titles, names, tags or reason contain every word of TEXT.
-  --limit N
-      Entries per page, 1-{MAX_LIMIT} (default {DEFAULT_LIMIT}).
-  --cursor CURSOR
-      Continue after the page that printed CURSOR (same filters).
-  --wide
-      Every column at full width: times to the microsecond, whole actor ids and summaries (up
-      to {TABLE_SUMMARY_CHARS} characters). The default table fits 100 columns.
-  --json
-      Print {{\"entries\": [...], \"next_cursor\": \"...\" or null}}; each entry has every column of
-      chronicle_entries but the search vector.
-
-EXAMPLES:
-    chronicle entries --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01
-    chronicle entries --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 --search 系统 --limit 20
-    chronicle entries --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 --entity-type book \\
-        --since 2025-03-01T00:00:00Z --json --cursor AAYPRrzP0EABlfOgHCt9Po9AWmt8jZ4Q
-",
-        config::settings_help(SETTINGS),
-        ENTITY_TYPES.join(", ")
+pub fn help() -> Help {
+    Help::new(
+        "Show one page of a library's timeline from chronicle_entries, newest first on (occurred_at, id), as \
+         the application reads it. Filters combine with AND. A search matches entries containing every word of \
+         TEXT: English words as prefixes (\"distrib\" finds \"distributed\"), Chinese (and Japanese, Korean) text \
+         by its two-character words (\"系统\" finds \"分布式系统设计\"); results stay newest first (no relevance \
+         ranking).\n\n\
+         When more rows follow, the page ends with a cursor: pass it as --cursor for the next page. Pages are \
+         stable while events arrive: no row is skipped or repeated.",
     )
+    .usage(&["chronicle entries --library-id ID [FLAGS]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--library-id ID", "The library (UUID) whose timeline to read. Required: every read is scoped.".into()),
+            ("--entity-type TYPE", format!("Only entries about one kind of object: {}.", ENTITY_TYPES.join(", "))),
+            ("--entity-id ID", "Only one object's history (UUID).".into()),
+            ("--actor ID", "Only what one user (UUID) did.".into()),
+            ("--event-type TYPE", "Only one event type (e.g. BookRenamed).".into()),
+            (
+                "--since TIME",
+                "Only entries that occurred at or after TIME (RFC 3339, e.g. 2025-03-01T09:00:00Z).".into(),
+            ),
+            ("--until TIME", "Only entries that occurred before TIME (RFC 3339; exclusive).".into()),
+            (
+                "--search TEXT",
+                "Only entries whose summary, titles, names, tags or reason contain every word of TEXT.".into(),
+            ),
+            ("--limit N", format!("Entries per page, 1-{MAX_LIMIT} (default {DEFAULT_LIMIT}).")),
+            ("--cursor CURSOR", "Continue after the page that printed CURSOR (same filters).".into()),
+            (
+                "--wide",
+                format!(
+                    "Every column at full width: times to the microsecond, whole actor ids and summaries (up to \
+                     {TABLE_SUMMARY_CHARS} characters). The default table fits 100 columns."
+                ),
+            ),
+            (
+                "--json",
+                r#"Print {"entries": [...], "next_cursor": "..." or null}; each entry has every column of chronicle_entries but the search vector."#
+                    .into(),
+            ),
+        ],
+    )
+    .examples(&[
+        "chronicle entries --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01",
+        "chronicle entries --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 \\",
+        "    --search 系统 --limit 20",
+        "chronicle entries --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 \\",
+        "    --entity-type book --since 2025-03-01T00:00:00Z --json \\",
+        "    --cursor AAYPRrzP0EABlfOgHCt9Po9AWmt8jZ4Q",
+    ])
 }
 
 #[derive(Debug)]

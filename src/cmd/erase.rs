@@ -12,55 +12,56 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::ops;
 
-pub const SUMMARY: &str = "Legal erasure of events, their deliveries and entries, audited (who, why)";
+pub const SUMMARY: &str = "Legal erasure: events, deliveries, entries; audited (who, why)";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 
 /// Ids one erase may take (a larger request is split by the caller: each is audited).
 pub const MAX_IDS: usize = 10_000;
 
-pub fn help() -> String {
-    format!(
-        "Erase events for a legal request: in ONE transaction, the events (chronicle_events,
-through its deliberate erase path), every delivery of them (chronicle_outbox_events) and
-their entries (chronicle_entries) are deleted, and a row of chronicle_erasures records the
-erased ids, --by, --reason, the time and the counts (no content of the events). Nothing
-else ever deletes an event. Refused while a rebuild runs (it could write an erased entry
-back): run it again after the rebuild.
-
-WHO MAY ERASE: the database decides, whatever a role was granted: only the owner of the
-tables (the role that ran `chronicle migrate`) or a member of the role chronicle_eraser
-(created by the migrations, NOLOGIN). An administrator grants it to the person's role:
-    GRANT chronicle_eraser TO dpo;
-The audit row is written by the database itself in the same transaction, so an event
-deleted any other way still leaves one (with the connected role as erased_by).
-
-Ids with nothing to erase are reported. If no given id has anything, nothing is written
-(no audit row) and the exit code is 1.
-
-USAGE:
-    chronicle erase --event-id ID [--event-id ID ...] --by WHO --reason TEXT [--json]
-
-FLAGS:
-{}  --event-id ID
-      An event to erase (a UUID). Repeat for several (at most {MAX_IDS}).
-  --by WHO
-      Required. Who erases (recorded in chronicle_erasures.erased_by).
-  --reason TEXT
-      Required. Why, e.g. the request's reference (recorded verbatim).
-  --json
-      Print one JSON object: erasure_id, event_ids, not_found, events_erased,
-      deliveries_erased, entries_erased, erased_by, reason, erased_at (see docs/operations.md).
-
-EXAMPLES:
-    chronicle erase --event-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10 --by dpo@example.com --reason 'GDPR request #4411'
-    chronicle erase --event-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10 --event-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e11 \\
-        --by alice --reason 'legal hold released, erase ticket LEG-9' --json
-",
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(
+        "Erase events for a legal request: in ONE transaction, the events (chronicle_events, through its \
+         deliberate erase path), every delivery of them (chronicle_outbox_events) and their entries \
+         (chronicle_entries) are deleted, and a row of chronicle_erasures records the erased ids, --by, \
+         --reason, the time and the counts (no content of the events). Nothing else ever deletes an event. \
+         Refused while a rebuild runs (it could write an erased entry back): run it again after the rebuild.\n\n\
+         WHO MAY ERASE: the database decides, whatever a role was granted: only the owner of the tables (the \
+         role that ran `chronicle migrate`) or a member of the role chronicle_eraser (created by the \
+         migrations, NOLOGIN). An administrator grants it to the person's role:",
     )
+    .verbatim(&["GRANT chronicle_eraser TO dpo;"])
+    .text(
+        "The audit row is written by the database itself in the same transaction, so an event deleted any \
+         other way still leaves one (with the connected role as erased_by).\n\n\
+         Ids with nothing to erase are reported. If no given id has anything, nothing is written (no audit \
+         row) and the exit code is 1.",
+    )
+    .usage(&["chronicle erase --event-id ID [--event-id ID ...] --by WHO --reason TEXT", "                [--json]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--event-id ID", format!("An event to erase (a UUID). Repeat for several (at most {MAX_IDS}).")),
+            ("--by WHO", "Required. Who erases (recorded in chronicle_erasures.erased_by).".into()),
+            ("--reason TEXT", "Required. Why, e.g. the request's reference (recorded verbatim).".into()),
+            (
+                "--json",
+                "Print one JSON object: erasure_id, event_ids, not_found, events_erased, deliveries_erased, \
+                 entries_erased, erased_by, reason, erased_at (see docs/operations.md)."
+                    .into(),
+            ),
+        ],
+    )
+    .examples(&[
+        "chronicle erase --event-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10 \\",
+        "    --by dpo@example.com --reason 'GDPR request #4411'",
+        "chronicle erase --event-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10 \\",
+        "    --event-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e11 --by alice \\",
+        "    --reason 'legal hold released, erase ticket LEG-9' --json",
+    ])
 }
 
 #[derive(Debug)]

@@ -11,33 +11,31 @@ use lexopt::prelude::*;
 use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, Env, Setting, Sources};
 use crate::error::{AppError, Result};
+use crate::help::Help;
 
-pub const SUMMARY: &str = "Probe a running worker's /healthz (or --ready: /readyz); exit 0 when healthy";
+pub const SUMMARY: &str = "Probe a worker's /healthz (--ready: /readyz); 0 when healthy";
 
 const SETTINGS: &[&Setting] = &[&config::METRICS_PORT, &config::METRICS_BIND];
 
-pub fn help() -> String {
-    format!(
-        "Probe the metrics endpoint of a running worker on this host: GET /healthz (the process is
-alive) or, with --ready, GET /readyz (the database answers with the expected schema).
-Exit 0 on HTTP 200, 1 otherwise. For container health checks (the image has no curl).
-A bind address of 0.0.0.0 or :: is probed on loopback.
-
-USAGE:
-    chronicle healthcheck [--ready] [--timeout SECONDS]
-
-FLAGS:
-{}  --ready
-      Probe /readyz instead of /healthz.
-  --timeout SECONDS
-      Give up after this long (default 3).
-
-EXAMPLES:
-    chronicle healthcheck                       # in a Containerfile HEALTHCHECK
-    OUTBOX_METRICS_PORT=9111 chronicle healthcheck --ready
-",
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(
+        "Probe the metrics endpoint of a running worker on this host: GET /healthz (the process is alive) or, \
+         with --ready, GET /readyz (the database answers with the expected schema). Exit 0 on HTTP 200, 1 \
+         otherwise. For container health checks (the image has no curl). A bind address of 0.0.0.0 or :: is \
+         probed on loopback.",
     )
+    .usage(&["chronicle healthcheck [--ready] [--timeout SECONDS]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--ready", "Probe /readyz instead of /healthz.".into()),
+            ("--timeout SECONDS", "Give up after this long (default 3).".into()),
+        ],
+    )
+    .examples(&[
+        "chronicle healthcheck                       # in a Containerfile HEALTHCHECK",
+        "OUTBOX_METRICS_PORT=9111 chronicle healthcheck --ready",
+    ])
 }
 
 #[derive(Debug)]

@@ -21,6 +21,7 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::synthetic::Generator;
 use crate::writer::{begin_copy, end_copy, write_copy_row, COPY_EVENTS};
 
@@ -35,37 +36,37 @@ pub const MAX_LIBRARIES: u64 = 10_000;
 /// Rows per COPY statement: the enqueue trigger runs once per statement.
 const COPY_CHUNK: usize = 10_000;
 
-pub fn help() -> String {
-    format!(
-        "Write N synthetic events into chronicle_events, in one transaction, with binary COPY (the enqueue
-trigger gives each its outbox row). They cover the whole event catalog: libraries, bookshelves,
-books (English and Chinese titles), blocks, tags; a few actors and clients per library, request
-ids, IP addresses from the documentation ranges, a few percent of system events (no actor).
-Times spread over 90 days ending at a fixed point derived from the seed (not now), so the
-same seed writes the same rows, ids included; injecting one seed twice into one database is
-refused as duplicate ids. The first event of each library is its LibraryCreated.
-Prints how many events were written, to how many libraries, and the rate.
-
-USAGE:
-    chronicle inject --count N [--libraries K] [--seed S] [--json]
-
-FLAGS:
-{}  --count N
-      How many events to write (1-{MAX_COUNT}). Required.
-  --libraries K
-      How many libraries to spread them across (1-{MAX_LIBRARIES}; default 3). Some are
-      busier than others; with fewer events than libraries, fewer libraries get events.
-  --seed S
-      The seed (a whole number). Same seed, same events. Default: a new seed each run, printed.
-  --json
-      Print {{\"events\": N, \"libraries\": K, \"seed\": S, \"seconds\": x}} instead of a sentence.
-
-EXAMPLES:
-    chronicle inject --count 2000
-    chronicle inject --count 1000000 --libraries 50 --seed 7 --json
-",
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(
+        "Write N synthetic events into chronicle_events, in one transaction, with binary COPY (the enqueue \
+         trigger gives each its outbox row). They cover the whole event catalog: libraries, bookshelves, books \
+         (English and Chinese titles), blocks, tags; a few actors and clients per library, request ids, IP \
+         addresses from the documentation ranges, a few percent of system events (no actor). Times spread \
+         over 90 days ending at a fixed point derived from the seed (not now), so the same seed writes the \
+         same rows, ids included; injecting one seed twice into one database is refused as duplicate ids. The \
+         first event of each library is its LibraryCreated. Prints how many events were written, to how many \
+         libraries, and the rate.",
     )
+    .usage(&["chronicle inject --count N [--libraries K] [--seed S] [--json]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--count N", format!("How many events to write (1-{MAX_COUNT}). Required.")),
+            (
+                "--libraries K",
+                format!(
+                    "How many libraries to spread them across (1-{MAX_LIBRARIES}; default 3). Some are busier \
+                     than others; with fewer events than libraries, fewer libraries get events."
+                ),
+            ),
+            (
+                "--seed S",
+                "The seed (a whole number). Same seed, same events. Default: a new seed each run, printed.".into(),
+            ),
+            ("--json", r#"Print {"events": N, "libraries": K, "seed": S, "seconds": x} instead of a sentence."#.into()),
+        ],
+    )
+    .examples(&["chronicle inject --count 2000", "chronicle inject --count 1000000 --libraries 50 --seed 7 --json"])
 }
 
 #[derive(Debug)]

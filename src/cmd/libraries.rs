@@ -7,8 +7,9 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::ops::{self, Library};
-use crate::terminal::{columns, fit, printable};
+use crate::terminal::{Align, Table};
 
 pub const SUMMARY: &str = "List the libraries: name, events, entries, newest event";
 
@@ -17,29 +18,30 @@ const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_UR
 const DEFAULT_LIMIT: u64 = 100;
 const MAX_LIMIT: u64 = 100_000;
 
-pub fn help() -> String {
-    format!(
-        "List the libraries that have events, the most recently active first: the library's
-name (from its latest LibraryCreated or LibraryRenamed event, if any), its id, how many
-events and entries it has, and the time of its newest event. Counting reads the events'
-and entries' library indexes whole.
-
-USAGE:
-    chronicle libraries [--limit N] [--json]
-
-FLAGS:
-{}  --limit N
-      At most N libraries (1-{MAX_LIMIT}; default {DEFAULT_LIMIT}).
-  --json
-      Print one JSON object: libraries (an array of objects with library_id, name, events,
-      entries, newest_event_at), and more (whether libraries were left out by --limit).
-
-EXAMPLES:
-    chronicle libraries
-    chronicle entries --library-id \"$(chronicle libraries --json | jq -r '.libraries[0].library_id')\"
-",
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(
+        "List the libraries that have events, the most recently active first: the library's name (from its \
+         latest LibraryCreated or LibraryRenamed event, if any), its id, how many events and entries it has, \
+         and the time of its newest event. Counting reads the events' and entries' library indexes whole.",
     )
+    .usage(&["chronicle libraries [--limit N] [--json]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--limit N", format!("At most N libraries (1-{MAX_LIMIT}; default {DEFAULT_LIMIT}).")),
+            (
+                "--json",
+                "Print one JSON object: libraries (an array of objects with library_id, name, events, entries, \
+                 newest_event_at), and more (whether libraries were left out by --limit)."
+                    .into(),
+            ),
+        ],
+    )
+    .examples(&[
+        "chronicle libraries",
+        "chronicle entries --library-id \\",
+        "    \"$(chronicle libraries --json | jq -r '.libraries[0].library_id')\"",
+    ])
 }
 
 #[derive(Debug)]
@@ -88,27 +90,25 @@ pub fn run(args: Args) -> Result<()> {
 
 /// Names are cut to this many terminal columns, to keep a line within 100; the id is never
 /// cut.
-const NAME_CHARS: usize = 18;
+const NAME_COLUMNS: usize = 18;
 
 pub fn render_text(libraries: &[Library], more: bool) -> String {
     if libraries.is_empty() {
         return "(no libraries: chronicle_events is empty)\n".to_string();
     }
-    let mut s =
-        format!("{:<24}  {:<36}  {:>9}  {:>9}  {}\n", "NAME", "LIBRARY_ID", "EVENTS", "ENTRIES", "NEWEST_EVENT");
+    let mut table =
+        Table::new(0, &[Align::Left, Align::Left, Align::Right, Align::Right, Align::Left]).max_width(0, NAME_COLUMNS);
+    table.row(["NAME", "LIBRARY_ID", "EVENTS", "ENTRIES", "NEWEST_EVENT"]);
     for l in libraries {
-        let name = l.name.as_deref().map(|n| printable(n).into_owned()).unwrap_or_else(|| "-".into());
-        let name = fit(&name, NAME_CHARS);
-        let pad = NAME_CHARS.saturating_sub(columns(&name));
-        s.push_str(&format!(
-            "{name}{}  {:<36}  {:>9}  {:>9}  {}\n",
-            " ".repeat(pad),
-            l.library_id,
-            l.events,
-            l.entries,
-            l.newest_event_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-        ));
+        table.row([
+            l.name.as_deref().unwrap_or("-").to_string(),
+            l.library_id.to_string(),
+            l.events.to_string(),
+            l.entries.to_string(),
+            l.newest_event_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        ]);
     }
+    let mut s = table.render();
     if more {
         s.push_str("(more libraries: raise --limit)\n");
     }
@@ -119,6 +119,7 @@ pub fn render_text(libraries: &[Library], more: bool) -> String {
 mod tests {
     use super::*;
     use crate::error::Kind;
+    use crate::terminal::columns;
 
     fn parse_args(args: &[&str]) -> Result<Option<Args>> {
         crate::cmd::parse_for_test(parse, args)
@@ -135,6 +136,42 @@ mod tests {
         }
     }
 
+    fn library(name: Option<&str>, events: i64) -> Library {
+        Library {
+            library_id: uuid::Uuid::nil(),
+            name: name.map(String::from),
+            events,
+            entries: events / 2,
+            newest_event_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
+        }
+    }
+
+    #[test]
+    fn the_header_lines_up_with_english_and_chinese_names() {
+        let libraries = [
+            library(Some("Reading notes"), 7),
+            library(Some("读书笔记"), 123_456),
+            library(Some("分布式系统设计与实践：一本很长很长的书库名字"), 12),
+            library(Some("bad\u{1b}[31mname"), 3),
+            library(None, 1),
+        ];
+        let text = render_text(&libraries, false);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        // Every line has its id at the same column as the header's LIBRARY_ID, and ends
+        // with a time as wide as NEWEST_EVENT's column.
+        let id_at = |l: &str| columns(&l[..l.find("LIBRARY_ID").or_else(|| l.find("00000000-")).unwrap()]);
+        let end = columns(lines[1]);
+        for l in &lines {
+            assert_eq!(id_at(l), id_at(lines[0]), "{text}");
+            assert!(!l.contains('\u{1b}'), "{text}");
+        }
+        for l in &lines[1..] {
+            assert_eq!(columns(l), end, "{text}");
+        }
+        assert_eq!(columns(lines[0]) - columns("NEWEST_EVENT"), end - columns("2023-11-14T22:13:20Z"), "{text}");
+    }
+
     #[test]
     fn the_table_fits_100_columns_whatever_the_name() {
         let l = Library {
@@ -144,7 +181,7 @@ mod tests {
             entries: 123_456_789,
             newest_event_at: chrono::DateTime::from_timestamp(1_700_000_000, 0).unwrap(),
         };
-        for line in render_text(&[l], true).lines() {
+        for line in render_text(&[l, library(Some("x"), 1)], true).lines() {
             assert!(columns(line) <= 100, "{line}");
         }
     }

@@ -10,6 +10,7 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_count, parse_duration, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::outbox;
 
 pub const SUMMARY: &str = "Delete done outbox rows older than a duration, in small batches";
@@ -19,35 +20,36 @@ const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 pub const DEFAULT_BATCH: u64 = 1_000;
 pub const MAX_BATCH: u64 = 100_000;
 
-pub fn help() -> String {
-    format!(
-        "Delete the done rows of chronicle_outbox_events whose processed_at is older than
---older-than. Pending, processing and failed rows are never deleted, nor any event or
-entry. Each batch is its own short statement (rows locked by anyone are skipped), so it
-is safe while workers run. The worker can do the same on its own: set
-OUTBOX_DONE_RETENTION_SECONDS (see chronicle worker --help).
-
-USAGE:
-    chronicle prune --older-than DURATION [--batch-size N] [--dry-run] [--json]
-
-FLAGS:
-{}  --older-than DURATION
-      Required. Delete done rows processed before now minus this (90s, 15m, 2h, 7d; 0 = all).
-  --batch-size N
-      Rows deleted per statement (1-{MAX_BATCH}; default {DEFAULT_BATCH}).
-  --dry-run
-      Count the rows that would be deleted; delete nothing.
-  --json
-      Print one JSON object: deleted, batches, dry_run, older_than_seconds, cutoff
-      (see docs/operations.md).
-
-EXAMPLES:
-    chronicle prune --older-than 7d
-    chronicle prune --older-than 24h --dry-run
-    chronicle prune --older-than 30d --batch-size 5000 --json
-",
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(
+        "Delete the done rows of chronicle_outbox_events whose processed_at is older than --older-than. \
+         Pending, processing and failed rows are never deleted, nor any event or entry. Each batch is its own \
+         short statement (rows locked by anyone are skipped), so it is safe while workers run. The worker can do \
+         the same on its own: set OUTBOX_DONE_RETENTION_SECONDS (see chronicle worker --help).",
     )
+    .usage(&["chronicle prune --older-than DURATION [--batch-size N] [--dry-run] [--json]"])
+    .flags(
+        SETTINGS,
+        &[
+            (
+                "--older-than DURATION",
+                "Required. Delete done rows processed before now minus this (90s, 15m, 2h, 7d; 0 = all).".into(),
+            ),
+            ("--batch-size N", format!("Rows deleted per statement (1-{MAX_BATCH}; default {DEFAULT_BATCH}).")),
+            ("--dry-run", "Count the rows that would be deleted; delete nothing.".into()),
+            (
+                "--json",
+                "Print one JSON object: deleted, batches, dry_run, older_than_seconds, cutoff (see \
+                 docs/operations.md)."
+                    .into(),
+            ),
+        ],
+    )
+    .examples(&[
+        "chronicle prune --older-than 7d",
+        "chronicle prune --older-than 24h --dry-run",
+        "chronicle prune --older-than 30d --batch-size 5000 --json",
+    ])
 }
 
 #[derive(Debug)]

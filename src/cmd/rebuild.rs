@@ -10,9 +10,10 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, parse_count, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::rebuild::{self, Mode, Options, Progress};
 
-pub const SUMMARY: &str = "Rebuild the read model from the events (--truncate, --emit-outbox, --swap)";
+pub const SUMMARY: &str = "Rebuild the read model (--truncate, --emit-outbox, --swap)";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::MAX_EVENT_BYTES, &config::BATCH_MAX_BYTES];
 
@@ -20,50 +21,63 @@ const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::MAX_EVENT_BYTES,
 /// this connection reads and the writers project.
 const DEFAULT_WRITERS: usize = 2;
 
-pub fn help() -> String {
-    format!(
-        "Rebuild the read model from the source of truth, with the worker's projection.
-
-  (no mode flag)   re-project every event over the existing entries (upsert)
-  --truncate       empty chronicle_entries first, then re-project
-  --emit-outbox    enqueue one pending delivery per event (not for events that already have
-                   a pending or processing one) for the workers, instead of projecting here;
-                   with --truncate, the read model is emptied first (the runbook's pair)
-  --swap           zero downtime: build a shadow table while the old one keeps serving,
-                   catch up with events written meanwhile, then swap the two in one short
-                   transaction, keeping indexes, constraints, row-level security, policies
-                   and grants. Readers never see an empty or half-built timeline.
-
-Events that cannot be projected are counted by error_reason and recorded as failed
-deliveries (see `chronicle status`, `chronicle replay-failed`); the rebuild goes on and
-exits 1 at the end. Every run is recorded in chronicle_rebuild_runs. Progress goes to
-stderr. Only one rebuild runs at a time per database.
-
-USAGE:
-    chronicle rebuild [--truncate] [--emit-outbox | --swap] [--library-id ID] [--batch-size N]
-                      [--writers N] [--json]
-
-FLAGS:
-{}  --library-id ID
-      Rebuild one library (scope) only; other libraries are not touched. Not with --swap.
-  --batch-size N
-      Events read, projected and written per statement (default 1000, 1-50000).
-  --writers N
-      Connections projecting and writing entries in parallel while this one reads the
-      next batches (default 2, 1-16; 1: read, project and write in turn on one
-      connection). Not used by --emit-outbox.
-  --json
-      Print the report as JSON: {{\"run_id\", \"mode\", \"library_id\", \"events_total\",
-      \"rows_written\", \"failures\", \"failures_by_reason\", \"seconds\", \"swap_lock_held_ms\"}}.
-
-EXAMPLES:
-    chronicle rebuild --truncate
-    chronicle rebuild --truncate --emit-outbox && chronicle worker --until-empty
-    chronicle rebuild --swap
-    chronicle rebuild --library-id 0190a5c4-9a0e-7cc1-8a42-2f7e3f6c2d11
-",
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new("Rebuild the read model from the source of truth, with the worker's projection.")
+    .rows([
+        ("(no mode flag)", "re-project every event over the existing entries (upsert)"),
+        ("--truncate", "empty chronicle_entries first, then re-project"),
+        (
+            "--emit-outbox",
+            "enqueue one pending delivery per event (not for events that already have a pending or processing \
+             one) for the workers, instead of projecting here; with --truncate, the read model is emptied first \
+             (the runbook's pair)",
+        ),
+        (
+            "--swap",
+            "zero downtime: build a shadow table while the old one keeps serving, catch up with events written \
+             meanwhile, then swap the two in one short transaction, keeping indexes, constraints, row-level \
+             security, policies and grants. Readers never see an empty or half-built timeline.",
+        ),
+    ])
+    .text(
+        "Events that cannot be projected are counted by error_reason and recorded as failed deliveries (see \
+         `chronicle status`, `chronicle replay-failed`); the rebuild goes on and exits 1 at the end. Every run \
+         is recorded in chronicle_rebuild_runs. Progress goes to stderr. Only one rebuild runs at a time per \
+         database.",
     )
+    .usage(&[
+        "chronicle rebuild [--truncate] [--emit-outbox | --swap] [--library-id ID]",
+        "                  [--batch-size N] [--writers N] [--json]",
+    ])
+    .flags(
+        SETTINGS,
+        &[
+            (
+                "--library-id ID",
+                "Rebuild one library (scope) only; other libraries are not touched. Not with --swap.".into(),
+            ),
+            ("--batch-size N", "Events read, projected and written per statement (default 1000, 1-50000).".into()),
+            (
+                "--writers N",
+                format!(
+                    "Connections projecting and writing entries in parallel while this one reads the next batches \
+                     (default {DEFAULT_WRITERS}, 1-16; 1: read, project and write in turn on one connection). Not \
+                     used by --emit-outbox."
+                ),
+            ),
+            (
+                "--json",
+                r#"Print the report as JSON: {"run_id", "mode", "library_id", "events_total", "rows_written", "failures", "failures_by_reason", "seconds", "swap_lock_held_ms"}."#
+                    .into(),
+            ),
+        ],
+    )
+    .examples(&[
+        "chronicle rebuild --truncate",
+        "chronicle rebuild --truncate --emit-outbox && chronicle worker --until-empty",
+        "chronicle rebuild --swap",
+        "chronicle rebuild --library-id 0190a5c4-9a0e-7cc1-8a42-2f7e3f6c2d11",
+    ])
 }
 
 #[derive(Debug)]
@@ -261,7 +275,7 @@ mod tests {
 
     #[test]
     fn help_names_every_flag() {
-        let h = help();
+        let h = help().render(80);
         for flag in ["--truncate", "--emit-outbox", "--swap", "--library-id", "--batch-size", "--writers", "--json"] {
             assert!(h.contains(flag), "{flag}");
         }

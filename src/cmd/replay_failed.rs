@@ -8,11 +8,12 @@ use crate::config::{self, parse_count, parse_duration, DbUrl, Env, Setting, Sour
 use crate::db;
 use crate::error::{AppError, Result};
 use crate::error_reason::ErrorReason;
+use crate::help::Help;
 use crate::ops;
 use crate::outbox::replay_report::{report_json, report_text};
 use crate::outbox::{self, ReplayFilter};
 
-pub const SUMMARY: &str = "Send failed outbox rows back to pending (after a fix), with an audit trail";
+pub const SUMMARY: &str = "Send failed outbox rows back to pending, audited (after a fix)";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 
@@ -20,53 +21,65 @@ const SETTINGS: &[&Setting] = &[&config::DATABASE_URL];
 pub const DEFAULT_LIMIT: u64 = 100;
 pub const MAX_LIMIT: u64 = 100_000;
 
-pub fn help() -> String {
-    format!(
-        "Move failed outbox rows back to pending so the worker projects them again, typically
-after deploying a fix for their error_reason. In one transaction, the oldest matching
-failed rows (at most --limit) get attempts 0, no retry time and no claim, replay_count + 1,
-last_replayed_at = now, last_replayed_by = --by and last_replayed_reason = --reason.
-error and error_reason stay readable until the row succeeds. Rows held by someone else are
-skipped (SKIP LOCKED), so it is safe while workers run. Only failed rows are ever touched.
-
-A failed row whose event already has a pending or processing delivery is left failed and
-reported (one live delivery per event); of several failed rows of one event, only the
-newest is replayed (the others are reported the same way).
-
-USAGE:
-    chronicle replay-failed --by WHO --reason TEXT [--limit N] [FILTERS] [--dry-run] [--json]
-
-FLAGS:
-{}  --by WHO
-      Required. Who replays (recorded in last_replayed_by).
-  --reason TEXT
-      Required. Why (recorded verbatim in last_replayed_reason), e.g. the fix deployed.
-  --limit N
-      Replay at most N rows, oldest first (1-{MAX_LIMIT}; default {DEFAULT_LIMIT}). Run again for more.
-  --error-reason REASON
-      Only rows failed with this reason: {}.
-  --event-id ID
-      Only the deliveries of this event (a UUID). Repeat for several events.
-  --older-than DURATION
-      Only rows that failed at least this long ago (by updated_at), e.g. 90s, 15m, 2h, 7d.
-  --dry-run
-      Show what would be replayed (the same statement, rolled back); change nothing.
-  --json
-      Print one JSON object: replayed, by_error_reason, skipped_live_delivery, dry_run, rows
-      (see docs/operations.md).
-
-Exit codes: 0 done (also when nothing matched), 2 bad or missing flags, 3 database
-unreachable, 1 other failures.
-
-EXAMPLES:
-    chronicle replay-failed --by alice --reason 'fixed BookMoved parsing (v1.4.2)' --error-reason invalid_payload
-    chronicle replay-failed --by alice --reason 'retry after outage' --error-reason max_attempts_exceeded --limit 5000
-    chronicle replay-failed --by ops-bot --reason 'ticket OPS-17' --event-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10
-    chronicle replay-failed --by alice --reason check --older-than 1h --dry-run --json
-",
-        config::settings_help(SETTINGS),
-        ErrorReason::names()
+pub fn help() -> Help {
+    Help::new(
+        "Move failed outbox rows back to pending so the worker projects them again, typically after deploying a \
+         fix for their error_reason. In one transaction, the oldest matching failed rows (at most --limit) get \
+         attempts 0, no retry time and no claim, replay_count + 1, last_replayed_at = now, last_replayed_by = \
+         --by and last_replayed_reason = --reason. error and error_reason stay readable until the row succeeds. \
+         Rows held by someone else are skipped (SKIP LOCKED), so it is safe while workers run. Only failed rows \
+         are ever touched.\n\n\
+         A failed row whose event already has a pending or processing delivery is left failed and reported (one \
+         live delivery per event); of several failed rows of one event, only the newest is replayed (the others \
+         are reported the same way).",
     )
+    .usage(&[
+        "chronicle replay-failed --by WHO --reason TEXT [--limit N] [FILTERS]",
+        "                        [--dry-run] [--json]",
+    ])
+    .flags(
+        SETTINGS,
+        &[
+            ("--by WHO", "Required. Who replays (recorded in last_replayed_by).".into()),
+            (
+                "--reason TEXT",
+                "Required. Why (recorded verbatim in last_replayed_reason), e.g. the fix deployed.".into(),
+            ),
+            (
+                "--limit N",
+                format!(
+                    "Replay at most N rows, oldest first (1-{MAX_LIMIT}; default {DEFAULT_LIMIT}). Run again for more."
+                ),
+            ),
+            ("--error-reason REASON", format!("Only rows failed with this reason: {}.", ErrorReason::names())),
+            ("--event-id ID", "Only the deliveries of this event (a UUID). Repeat for several events.".into()),
+            (
+                "--older-than DURATION",
+                "Only rows that failed at least this long ago (by updated_at), e.g. 90s, 15m, 2h, 7d.".into(),
+            ),
+            ("--dry-run", "Show what would be replayed (the same statement, rolled back); change nothing.".into()),
+            (
+                "--json",
+                "Print one JSON object: replayed, by_error_reason, skipped_live_delivery, dry_run, rows (see \
+                 docs/operations.md)."
+                    .into(),
+            ),
+        ],
+    )
+    .text(
+        "Exit codes: 0 done (also when nothing matched), 2 bad or missing flags, 3 database unreachable, 1 other \
+         failures.",
+    )
+    .examples(&[
+        "chronicle replay-failed --error-reason invalid_payload --by alice \\",
+        "    --reason 'fixed BookMoved parsing (v1.4.2)'",
+        "chronicle replay-failed --by alice --reason 'retry after outage' \\",
+        "    --error-reason max_attempts_exceeded --limit 5000",
+        "chronicle replay-failed --by ops-bot --reason 'ticket OPS-17' \\",
+        "    --event-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10",
+        "chronicle replay-failed --by alice --reason check --older-than 1h \\",
+        "    --dry-run --json",
+    ])
 }
 
 #[derive(Debug)]

@@ -9,35 +9,30 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::ops::{self, Columns, Shown};
-use crate::terminal;
+use crate::terminal::{Align, Table};
 
-pub const SUMMARY: &str = "One event with every delivery of it (attempts, errors, replays) and its entry";
+pub const SUMMARY: &str = "One event, every delivery of it (errors, replays), its entry";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL];
 
-pub fn help() -> String {
-    format!(
-        "Print one event (every column of chronicle_events), every delivery of it (every column of
-chronicle_outbox_events: status, attempts, next retry, claim, error_reason and error, replay
-audit) oldest first, and its entry in chronicle_entries if there is one. Read in one snapshot.
-An id with no event exits 1 (any delivery or entry left for it is still printed); an id
-that is not a UUID exits 2.
-
-USAGE:
-    chronicle show EVENT_ID [--json]
-
-FLAGS:
-{}  --json
-      Print one JSON object: event, deliveries, entry (see docs/operations.md).
-
-EXAMPLES:
-    chronicle show 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10
-    chronicle show 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10 --json | jq '.deliveries[] | {{status, error}}'
-    chronicle status --json | jq -r '.failed_by_reason[0].example_event_id' | xargs chronicle show
-",
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(
+        "Print one event (every column of chronicle_events), every delivery of it (every column of \
+         chronicle_outbox_events: status, attempts, next retry, claim, error_reason and error, replay audit) \
+         oldest first, and its entry in chronicle_entries if there is one. Read in one snapshot. An id with no \
+         event exits 1 (any delivery or entry left for it is still printed); an id that is not a UUID exits 2.",
     )
+    .usage(&["chronicle show EVENT_ID [--json]"])
+    .flags(SETTINGS, &[("--json", "Print one JSON object: event, deliveries, entry (see docs/operations.md).".into())])
+    .examples(&[
+        "chronicle show 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10",
+        "chronicle show 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e10 --json \\",
+        "    | jq '.deliveries[] | {status, error}'",
+        "chronicle status --json | jq -r '.failed_by_reason[0].example_event_id' \\",
+        "    | xargs chronicle show",
+    ])
 }
 
 #[derive(Debug)]
@@ -104,17 +99,18 @@ pub fn render_json(shown: &Shown) -> serde_json::Value {
     })
 }
 
-fn push_columns(s: &mut String, cols: &Columns, indent: &str) {
-    let width = cols.iter().map(|(k, _)| k.len()).max().unwrap_or(0);
+fn push_columns(s: &mut String, cols: &Columns) {
+    let mut table = Table::new(2, &[Align::Left, Align::Left]);
     for (k, v) in cols {
-        s.push_str(&format!("{indent}{k:<width$}  {}\n", terminal::printable(&ops::value_text(v))));
+        table.row([k.as_str(), &ops::value_text(v)]);
     }
+    s.push_str(&table.render());
 }
 
 pub fn render_text(id: Uuid, shown: &Shown) -> String {
     let mut s = format!("EVENT {id}\n");
     match &shown.event {
-        Some(cols) => push_columns(&mut s, cols, "  "),
+        Some(cols) => push_columns(&mut s, cols),
         None => s.push_str("  (not in chronicle_events)\n"),
     }
     s.push_str(&format!("\nDELIVERIES ({}, oldest first)\n", shown.deliveries.len()));
@@ -125,11 +121,11 @@ pub fn render_text(id: Uuid, shown: &Shown) -> String {
         if i > 0 {
             s.push('\n');
         }
-        push_columns(&mut s, cols, "  ");
+        push_columns(&mut s, cols);
     }
     s.push_str("\nENTRY\n");
     match &shown.entry {
-        Some(cols) => push_columns(&mut s, cols, "  "),
+        Some(cols) => push_columns(&mut s, cols),
         None => s.push_str("  (none: not projected yet, failed, or erased)\n"),
     }
     s

@@ -6,48 +6,47 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::ops::{self, CountMode, Counts, Status};
-use crate::terminal::printable;
+use crate::terminal::{printable, Align, Table};
 
-pub const SUMMARY: &str = "The outbox by state, failures by reason, coverage, the last rebuild";
+pub const SUMMARY: &str = "The outbox by state, failures by reason, coverage, last rebuild";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL, &config::MAX_PROCESSING];
 
-pub fn help() -> String {
-    format!(
-        "Answer \"is the projector healthy?\" in one read-only snapshot: the outbox by state (with
-the age of the oldest pending row and the stuck rows), failed rows by error_reason with an
-example event each, events against entries (and events that have no entry), and the last
-rebuild run. Informational: exits 0 whatever it finds (3 if the database is unreachable).
-
-Exact counts read the events, the entries and the whole outbox, which takes seconds on tens
-of millions of events. So beyond {limit} events (by the planner's estimate) the events, the
-entries and the done rows are estimated from the server's statistics, and \"events without
-entry\" counts those that have a pending, processing or failed delivery (chronicle verify
-finds the others); the output says which it did. The pending, processing, stuck and failed
-rows are always exact.
-
-USAGE:
-    chronicle status [--json] [--exact | --estimate]
-
-FLAGS:
-{settings}  --exact
-      Count exactly whatever the size (as the runbook's queries do).
-  --estimate
-      Estimate whatever the size (well under a second at any size).
-  --json
-      Print one JSON object: outbox, failed_by_reason, events, entries, events_without_entry,
-      counts (\"exact\" or \"estimated\"), last_rebuild, standby (see docs/operations.md).
-
-EXAMPLES:
-    chronicle status
-    chronicle status --json | jq '.outbox.failed'
-    chronicle status --max-processing-seconds 120     # count rows processing > 2 min as stuck
-    chronicle status --exact --json                    # exact counts on a large database
-",
-        settings = config::settings_help(SETTINGS),
+pub fn help() -> Help {
+    Help::new(format!(
+        "Answer \"is the projector healthy?\" in one read-only snapshot: the outbox by state (with the age of the \
+         oldest pending row and the stuck rows), failed rows by error_reason with an example event each, events \
+         against entries (and events that have no entry), and the last rebuild run. Informational: exits 0 \
+         whatever it finds (3 if the database is unreachable).\n\n\
+         Exact counts read the events, the entries and the whole outbox, which takes seconds on tens of \
+         millions of events. So beyond {limit} events (by the planner's estimate) the events, the entries and \
+         the done rows are estimated from the server's statistics, and \"events without entry\" counts those \
+         that have a pending, processing or failed delivery (chronicle verify finds the others); the output \
+         says which it did. The pending, processing, stuck and failed rows are always exact.",
         limit = thousands(ops::EXACT_COUNTS_UP_TO),
+    ))
+    .usage(&["chronicle status [--json] [--exact | --estimate]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--exact", "Count exactly whatever the size (as the runbook's queries do).".into()),
+            ("--estimate", "Estimate whatever the size (well under a second at any size).".into()),
+            (
+                "--json",
+                "Print one JSON object: outbox, failed_by_reason, events, entries, events_without_entry, counts \
+                 (\"exact\" or \"estimated\"), last_rebuild, standby (see docs/operations.md)."
+                    .into(),
+            ),
+        ],
     )
+    .examples(&[
+        "chronicle status",
+        "chronicle status --json | jq '.outbox.failed'",
+        "chronicle status --max-processing-seconds 120  # processing > 2 min is stuck",
+        "chronicle status --exact --json                # exact counts at any size",
+    ])
 }
 
 #[derive(Debug)]
@@ -128,24 +127,24 @@ pub fn render_text(st: &Status) -> String {
         ));
     }
     s.push_str("OUTBOX (chronicle_outbox_events)\n");
-    s.push_str(&format!("  pending     {:>12}   oldest pending: {:.1} s\n", o.pending, o.oldest_pending_age_seconds));
-    s.push_str(&format!("  processing  {:>12}   stuck: {}\n", o.processing, o.stuck));
-    let about = if st.counts == Counts::Estimated { "~" } else { " " };
-    s.push_str(&format!("  done       {about}{:>12}\n", o.done));
-    s.push_str(&format!("  failed      {:>12}\n", o.failed));
+    let about = if st.counts == Counts::Estimated { "~" } else { "" };
+    let mut outbox = Table::new(2, &[Align::Left, Align::Right, Align::Left]);
+    outbox.row(["pending", &o.pending.to_string(), &format!("oldest pending: {:.1} s", o.oldest_pending_age_seconds)]);
+    outbox.row(["processing", &o.processing.to_string(), &format!("stuck: {}", o.stuck)]);
+    outbox.row(["done", &format!("{about}{}", o.done), ""]);
+    outbox.row(["failed", &o.failed.to_string(), ""]);
+    s.push_str(&outbox.render());
     s.push_str("\nFAILED BY REASON\n");
     if st.failed_by_reason.is_empty() {
         s.push_str("  (none)\n");
     } else {
-        s.push_str(&format!("  {:<24} {:>10}  {}\n", "error_reason", "count", "example event"));
+        let mut failed = Table::new(2, &[Align::Left, Align::Right, Align::Left]);
+        failed.row(["error_reason", "count", "example event"]);
         for f in &st.failed_by_reason {
-            s.push_str(&format!(
-                "  {:<24} {:>10}  {}\n",
-                printable(f.error_reason.as_deref().unwrap_or("none")),
-                f.count,
-                f.example_event_id
-            ));
+            let reason = f.error_reason.as_deref().unwrap_or("none");
+            failed.row([reason, &f.count.to_string(), &f.example_event_id.to_string()]);
         }
+        s.push_str(&failed.render());
         s.push_str("  (chronicle show EVENT_ID for one; chronicle replay-failed once fixed)\n");
     }
     match st.counts {
@@ -154,13 +153,16 @@ pub fn render_text(st: &Status) -> String {
             s.push_str("\nREAD MODEL (~ estimated from the server's statistics; chronicle status --exact counts)\n")
         }
     }
-    s.push_str(&format!("  events               {about}{:>12}\n", st.events));
-    s.push_str(&format!("  entries              {about}{:>12}\n", st.entries));
-    s.push_str(&format!("  events without entry  {:>12}", st.events_without_entry));
-    if st.counts == Counts::Estimated {
-        s.push_str("   (with a pending, processing or failed delivery; chronicle verify finds the others)");
-    }
-    s.push('\n');
+    let mut read_model = Table::new(2, &[Align::Left, Align::Right, Align::Left]);
+    read_model.row(["events", &format!("{about}{}", st.events), ""]);
+    read_model.row(["entries", &format!("{about}{}", st.entries), ""]);
+    let note = if st.counts == Counts::Estimated {
+        "(with a pending, processing or failed delivery; chronicle verify finds the others)"
+    } else {
+        ""
+    };
+    read_model.row(["events without entry", &st.events_without_entry.to_string(), note]);
+    s.push_str(&read_model.render());
     s.push_str("\nLAST REBUILD\n");
     match &st.last_rebuild {
         None => s.push_str("  (never)\n"),

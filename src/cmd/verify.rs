@@ -8,54 +8,58 @@ use crate::cmd::{setting_flag, string_value};
 use crate::config::{self, DbUrl, Env, Setting, Sources};
 use crate::db;
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::projection::PROJECTION_VERSION;
+use crate::terminal::{Align, Table};
 use crate::verify::{self, EventDrift, Finding, Fixed, Report};
 
-pub const SUMMARY: &str = "Compare chronicle_entries with chronicle_events; --fix heals the drift";
+pub const SUMMARY: &str = "Compare chronicle_entries with chronicle_events (--fix heals)";
 
 const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_URL];
 
-pub fn help() -> String {
-    format!(
-        "Compare the read model (chronicle_entries) with the source of truth (chronicle_events),
-for one library or all, in one consistent snapshot, and report three kinds of drift, each
-with its count and up to {} example ids:
-  events without an entry    the entry is missing
-  entries without an event   an orphan entry
-  stale entries              built by an older projection_version than this binary's ({PROJECTION_VERSION})
-An event whose delivery is pending or processing is in flight, not drift (the worker is
-about to write it). An event whose delivery failed is drift, counted with its kind and
-reported apart: fix its cause, then `chronicle replay-failed` (--fix does not touch it;
-a new delivery would fail the same way, outside replay's audit trail).
-Exit 0 when clean, 1 on drift.
-
-With --fix, in one transaction: every missing or stale event (not failed) gets a new pending
-delivery (never a second live one), orphan entries are deleted, and idle workers are woken.
-A running worker then projects them (or run `chronicle worker --until-empty`). Exit 0 when
-everything found was fixed, 1 when failed deliveries remain for replay-failed.
-
-USAGE:
-    chronicle verify [--library-id ID] [--fix] [--json]
-
-FLAGS:
-{}  --library-id ID
-      Only this library (UUID). Default: every library.
-  --fix
-      Enqueue the missing and stale events, delete the orphan entries.
-  --json
-      Print one object: library_id, events_without_entry, entries_without_event,
-      stale_entries (each {{count, examples}}; the event kinds also {{failed: {{count, examples}}}}),
-      in_flight, projection_version, fixed ({{missing_enqueued, stale_enqueued,
-      orphans_deleted}} or null without --fix), clean.
-
-EXAMPLES:
-    chronicle verify
-    chronicle verify --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 --json
-    chronicle verify --fix && chronicle worker --until-empty && chronicle verify
-",
-        verify::MAX_EXAMPLES,
-        config::settings_help(SETTINGS)
+pub fn help() -> Help {
+    Help::new(format!(
+        "Compare the read model (chronicle_entries) with the source of truth (chronicle_events), for one \
+         library or all, in one consistent snapshot, and report three kinds of drift, each with its count and \
+         up to {} example ids:",
+        verify::MAX_EXAMPLES
+    ))
+    .rows([
+        ("events without an entry", "the entry is missing".to_string()),
+        ("entries without an event", "an orphan entry".to_string()),
+        ("stale entries", format!("built by an older projection_version than this binary's ({PROJECTION_VERSION})")),
+    ])
+    .text(
+        "An event whose delivery is pending or processing is in flight, not drift (the worker is about to write \
+         it). An event whose delivery failed is drift, counted with its kind and reported apart: fix its cause, \
+         then `chronicle replay-failed` (--fix does not touch it; a new delivery would fail the same way, \
+         outside replay's audit trail). Exit 0 when clean, 1 on drift.\n\n\
+         With --fix, in one transaction: every missing or stale event (not failed) gets a new pending delivery \
+         (never a second live one), orphan entries are deleted, and idle workers are woken. A running worker \
+         then projects them (or run `chronicle worker --until-empty`). Exit 0 when everything found was fixed, \
+         1 when failed deliveries remain for replay-failed.",
     )
+    .usage(&["chronicle verify [--library-id ID] [--fix] [--json]"])
+    .flags(
+        SETTINGS,
+        &[
+            ("--library-id ID", "Only this library (UUID). Default: every library.".into()),
+            ("--fix", "Enqueue the missing and stale events, delete the orphan entries.".into()),
+            (
+                "--json",
+                "Print one object: library_id, events_without_entry, entries_without_event, stale_entries (each \
+                 {count, examples}; the event kinds also {failed: {count, examples}}), in_flight, \
+                 projection_version, fixed ({missing_enqueued, stale_enqueued, orphans_deleted} or null without \
+                 --fix), clean."
+                    .into(),
+            ),
+        ],
+    )
+    .examples(&[
+        "chronicle verify",
+        "chronicle verify --library-id 0195f3a0-1c2b-7d3e-8f40-5a6b7c8d9e01 --json",
+        "chronicle verify --fix && chronicle worker --until-empty && chronicle verify",
+    ])
 }
 
 #[derive(Debug)]
@@ -124,21 +128,21 @@ fn outcome(report: &Report, fixed: Option<&Fixed>) -> Result<()> {
     }
 }
 
-fn examples(out: &mut String, f: &Finding) {
+fn examples(t: &mut Table, f: &Finding) {
     for id in &f.examples {
-        out.push_str(&format!("      {id}\n"));
+        t.line(format!("      {id}"));
     }
     if f.count > f.examples.len() as i64 {
-        out.push_str(&format!("      … and {} more\n", f.count - f.examples.len() as i64));
+        t.line(format!("      … and {} more", f.count - f.examples.len() as i64));
     }
 }
 
-fn event_kind(out: &mut String, label: &str, d: &EventDrift) {
-    out.push_str(&format!("{label:<28}{}\n", d.all.count));
-    examples(out, &d.all);
+fn event_kind(t: &mut Table, label: &str, d: &EventDrift) {
+    t.row([label, &d.all.count.to_string()]);
+    examples(t, &d.all);
     if d.failed.count > 0 {
-        out.push_str(&format!("    of which delivery failed: {} (needs replay-failed)\n", d.failed.count));
-        examples(out, &d.failed);
+        t.line(format!("    of which delivery failed: {} (needs replay-failed)", d.failed.count));
+        examples(t, &d.failed);
     }
 }
 
@@ -148,11 +152,13 @@ pub fn report_text(r: &Report, fixed: Option<&Fixed>) -> String {
         Some(l) => format!("verify: library {l}, projection version {PROJECTION_VERSION}\n"),
         None => format!("verify: all libraries, projection version {PROJECTION_VERSION}\n"),
     };
-    event_kind(&mut out, "events without entry:", &r.events_without_entry);
-    out.push_str(&format!("{:<28}{}\n", "entries without event:", r.entries_without_event.count));
-    examples(&mut out, &r.entries_without_event);
-    event_kind(&mut out, "stale entries:", &r.stale_entries);
-    out.push_str(&format!("{:<28}{} (pending or processing: not drift)\n", "in flight:", r.in_flight));
+    let mut t = Table::new(0, &[Align::Left, Align::Left]);
+    event_kind(&mut t, "events without entry:", &r.events_without_entry);
+    t.row(["entries without event:", &r.entries_without_event.count.to_string()]);
+    examples(&mut t, &r.entries_without_event);
+    event_kind(&mut t, "stale entries:", &r.stale_entries);
+    t.row(["in flight:".to_string(), format!("{} (pending or processing: not drift)", r.in_flight)]);
+    out.push_str(&t.render());
     if r.is_clean() {
         out.push_str("clean: the read model matches the events\n");
         return out;

@@ -7,35 +7,34 @@ use crate::config::{self, Env, Sources, WorkerConfig};
 use std::sync::Arc;
 
 use crate::error::{AppError, Result};
+use crate::help::Help;
 use crate::worker::{self, Shared};
 
-pub const SUMMARY: &str = "Run the projector: claim outbox rows, project them into chronicle_entries";
+pub const SUMMARY: &str = "Run the projector: claim outbox rows, write chronicle_entries";
 
-pub fn help() -> String {
-    format!(
-        "Run the projector worker. It claims ready outbox rows under a lease (FOR UPDATE SKIP LOCKED),
-projects their events into chronicle_entries and marks them done, in one transaction per
-batch. Transient failures retry with exponential backoff and jitter; deterministic ones end
-failed with an error_reason (see `chronicle replay-failed`). A reclaim loop returns rows of
-crashed workers to pending. Idle threads wake on NOTIFY; polling is the fallback.
-Ctrl+C / SIGTERM: stop claiming, finish or release the current batch, exit 0. A second
-signal exits at once. An unreachable database is waited for, never fatal; one that refuses us
-(credentials, database name) too, reported as an error at most once a minute.
-
-USAGE:
-    chronicle worker [FLAGS]
-
-FLAGS (each also read from its environment variable; the flag wins):
-{}  --until-empty
-      Stop once nothing is ready to claim (batch jobs, tests).
-
-EXAMPLES:
-    DATABASE_URL=postgresql+psycopg://wordloom:wordloom@localhost:5435/wordloom_test chronicle worker
-    OUTBOX_RUN_SECONDS=2 chronicle worker          # smoke run: about 2 s, then exit 0
-    chronicle worker --concurrency 4 --batch-size 500 --until-empty
-",
-        config::settings_help(config::WORKER_SETTINGS)
+pub fn help() -> Help {
+    Help::new(
+        "Run the projector worker. It claims ready outbox rows under a lease (FOR UPDATE SKIP LOCKED), projects \
+         their events into chronicle_entries and marks them done, in one transaction per batch. Transient \
+         failures retry with exponential backoff and jitter; deterministic ones end failed with an error_reason \
+         (see `chronicle replay-failed`). A reclaim loop returns rows of crashed workers to pending. Idle \
+         threads wake on NOTIFY; polling is the fallback.\n\n\
+         Ctrl+C / SIGTERM: stop claiming, finish or release the current batch, exit 0. A second signal exits \
+         at once. An unreachable database is waited for, never fatal; one that refuses us (credentials, \
+         database name) too, reported as an error at most once a minute.",
     )
+    .usage(&["chronicle worker [FLAGS]"])
+    .flags_titled(
+        "FLAGS (each also read from its environment variable; the flag wins):",
+        config::WORKER_SETTINGS,
+        &[("--until-empty", "Stop once nothing is ready to claim (batch jobs, tests).".into())],
+    )
+    .examples(&[
+        "DATABASE_URL=postgresql+psycopg://wordloom@localhost:5435/wordloom_test \\",
+        "    chronicle worker",
+        "OUTBOX_RUN_SECONDS=2 chronicle worker   # smoke run: about 2 s, then exit 0",
+        "chronicle worker --concurrency 4 --batch-size 500 --until-empty",
+    ])
 }
 
 #[derive(Debug)]

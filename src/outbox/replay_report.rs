@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde_json::json;
 
 use crate::outbox::{ReplayFilter, ReplayOutcome};
+use crate::terminal::{Align, Table};
 
 /// Replayed rows per `error_reason` (`none` for a row without one).
 fn by_reason(outcome: &ReplayOutcome) -> BTreeMap<String, u64> {
@@ -55,20 +56,23 @@ pub fn report_text(outcome: &ReplayOutcome, dry_run: bool, filter: &ReplayFilter
         s.push_str(" (dry run: nothing changed)");
     }
     s.push('\n');
+    let mut counts = Table::new(2, &[Align::Left, Align::Right]);
     for (reason, n) in by_reason(outcome) {
-        s.push_str(&format!("  {reason:<24} {n:>8}\n"));
+        counts.row([reason.to_string(), n.to_string()]);
     }
+    s.push_str(&counts.render());
     if dry_run && !outcome.replayed.is_empty() {
-        s.push_str(&format!("  {:>12}  {:<36}  {:<24} {}\n", "outbox_id", "event_id", "error_reason", "replay_count"));
+        let mut rows = Table::new(2, &[Align::Right, Align::Left, Align::Left, Align::Right]);
+        rows.row(["outbox_id", "event_id", "error_reason", "replay_count"]);
         for r in &outcome.replayed {
-            s.push_str(&format!(
-                "  {:>12}  {:<36}  {:<24} {}\n",
-                r.outbox_id,
-                r.event_id,
-                r.error_reason.as_deref().unwrap_or("none"),
-                r.replay_count
-            ));
+            rows.row([
+                r.outbox_id.to_string(),
+                r.event_id.to_string(),
+                r.error_reason.as_deref().unwrap_or("none").to_string(),
+                r.replay_count.to_string(),
+            ]);
         }
+        s.push_str(&rows.render());
     }
     let skipped = skipped_events(outcome);
     if skipped.is_empty() {

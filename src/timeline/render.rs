@@ -5,7 +5,7 @@
 use chrono::{DateTime, SecondsFormat, Utc};
 
 use crate::error::{AppError, Result};
-use crate::terminal::{columns, fit, printable};
+use crate::terminal::{Align, Table};
 use crate::timeline::Page;
 
 /// The most characters of a summary shown in the table (JSON has it whole).
@@ -39,8 +39,9 @@ pub fn page_table(page: &Page, wide: bool) -> String {
             } else {
                 e.summary.clone()
             };
-            // One line per entry, whatever the summary holds, and nothing a terminal obeys.
-            let summary = printable(&summary.replace(['\n', '\r', '\t'], " ")).into_owned();
+            // One line per entry, whatever the summary holds (the table shows anything else
+            // a terminal would obey escaped).
+            let summary = summary.replace(['\n', '\r', '\t'], " ");
             let actor = match e.actor_user_id {
                 None => "system".to_string(),
                 Some(a) if wide => a.to_string(),
@@ -48,19 +49,18 @@ pub fn page_table(page: &Page, wide: bool) -> String {
             };
             let time =
                 if wide { rfc3339(e.occurred_at) } else { e.occurred_at.to_rfc3339_opts(SecondsFormat::Secs, true) };
-            [time, printable(&e.event_type).into_owned(), actor, summary]
+            [time, e.event_type.clone(), actor, summary]
         })
         .collect();
-    let header = ["OCCURRED_AT", "EVENT_TYPE", "ACTOR", "SUMMARY"].map(String::from);
-    let width = |i: usize| std::iter::once(&header).chain(&rows).map(|r| columns(&r[i])).max().unwrap_or(0);
-    let widths = [width(0), width(1), width(2)];
-    let summary_room = TABLE_COLUMNS.saturating_sub(widths.iter().sum::<usize>() + 6).max(20);
-    let mut out = String::new();
-    for r in std::iter::once(&header).chain(&rows) {
-        let pad = |i: usize| format!("{}{}", r[i], " ".repeat(widths[i].saturating_sub(columns(&r[i]))));
-        let summary = if wide { r[3].clone() } else { fit(&r[3], summary_room) };
-        out.push_str(&format!("{}  {}  {}  {}\n", pad(0), pad(1), pad(2), summary));
+    let mut table = Table::new(0, &[Align::Left; 4]);
+    if !wide {
+        table = table.max_total_width(TABLE_COLUMNS);
     }
+    table.row(["OCCURRED_AT", "EVENT_TYPE", "ACTOR", "SUMMARY"]);
+    for r in rows {
+        table.row(r);
+    }
+    let mut out = table.render();
     if page.entries.is_empty() {
         out.push_str("(no entries)\n");
     }
@@ -73,6 +73,7 @@ pub fn page_table(page: &Page, wide: bool) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::terminal::columns;
     use crate::timeline;
     use uuid::Uuid;
 
