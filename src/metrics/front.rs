@@ -303,8 +303,8 @@ impl Front {
         let (front, c) = (self.clone(), conn.clone());
         let spawned =
             std::thread::Builder::new().name("metrics-conn".into()).stack_size(THREAD_STACK).spawn(move || {
-                front.serve(&c);
-                lock(&front.live).remove(&id);
+                let leaving = Leaving(&front, id);
+                leaving.0.serve(&c);
             });
         if let Err(e) = spawned {
             lock(&self.live).remove(&id);
@@ -356,6 +356,16 @@ impl Front {
     }
 }
 
+/// Takes a connection out of the table when its thread ends, however it ends (the table
+/// holds its socket open).
+struct Leaving<'a>(&'a Front, u64);
+
+impl Drop for Leaving<'_> {
+    fn drop(&mut self) {
+        lock(&self.0.live).remove(&self.1);
+    }
+}
+
 /// Shuts down the connection that has waited longest for a request head, if any.
 fn evict_longest_waiting(live: &HashMap<u64, Arc<Conn>>) {
     let longest = live
@@ -369,10 +379,18 @@ fn evict_longest_waiting(live: &HashMap<u64, Arc<Conn>>) {
     }
 }
 
-/// Answers 503 from the accepting thread, without waiting for the client.
+/// Answers 503 from the accepting thread, without waiting for the client. What the client
+/// already sent is read first (a little of it): closing with unread bytes resets the
+/// connection, which can discard the answer before the client reads it.
 fn refuse_now(stream: &TcpStream) {
     if stream.set_nonblocking(true).is_ok() {
         let _ = (&*stream).write(&busy_answer());
+        let mut sink = [0u8; READ_CHUNK];
+        for _ in 0..4 {
+            if !matches!((&*stream).read(&mut sink), Ok(n) if n > 0) {
+                break;
+            }
+        }
     }
     let _ = stream.shutdown(Shutdown::Both);
 }
