@@ -31,6 +31,24 @@ pub fn raise_open_files_limit() {
 #[cfg(not(unix))]
 pub fn raise_open_files_limit() {}
 
+/// The soft RLIMIT_NOFILE (unix; None elsewhere, or when it cannot be read or is unlimited).
+#[cfg(unix)]
+pub fn open_files_limit() -> Option<u64> {
+    let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: getrlimit writes one rlimit into the struct we own.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 || lim.rlim_cur == libc::RLIM_INFINITY {
+        return None;
+    }
+    // rlim_t is 32 bits on some 32-bit targets.
+    #[allow(clippy::unnecessary_cast)]
+    Some(lim.rlim_cur as u64)
+}
+
+#[cfg(not(unix))]
+pub fn open_files_limit() -> Option<u64> {
+    None
+}
+
 #[cfg(all(test, unix))]
 mod tests {
     #[test]

@@ -1,44 +1,46 @@
 //! The metrics endpoint: tiny_http serving `/metrics`, `/healthz` and `/readyz`. A
 //! request never touches the database: gauges are sampled elsewhere.
 //!
-//! tiny_http 0.12 gives up for good when its accept thread meets an error (it ends on an
-//! `accept()` error and panics when it cannot clone a socket or start a thread), and it
-//! has no limits of its own. So this module keeps it alive and small from the outside:
+//! The public socket (`OUTBOX_METRICS_BIND:OUTBOX_METRICS_PORT`) belongs to the accept
+//! front (`front.rs`), which bounds connections, request heads and bodies, and relays the
+//! requests it accepts to tiny_http on an ephemeral loopback port. Around tiny_http,
+//! which gives up for good when its accept thread meets an error (it ends on an `accept()`
+//! error and panics when it cannot clone a socket or start a thread) and has no limits of
+//! its own, this module keeps it alive and small:
 //!
-//! - The listening socket is ours: tiny_http gets a clone of it, and a new server is
-//!   started on another clone (same socket, so the same address) when the old one stops:
-//!   when `recv` reports its accept error, when a tiny_http thread panics (seen by a panic
-//!   hook), or when the endpoint fails its own probe twice in a row. Restarts back off
-//!   (250 ms, then 500 ms) and are counted in `chronicle_metrics_server_restarts_total`.
-//! - Timeouts and small buffers are set on the listening socket and inherited by every
-//!   accepted one (unix): a connection that sends nothing for [`IO_TIMEOUT`] is closed by
-//!   tiny_http, and a write to a client that does not read fails after [`IO_TIMEOUT`].
-//!   The accept call itself honours the receive timeout, so the probe (every second)
-//!   keeps it from firing.
+//! - The loopback listening socket is ours: tiny_http gets a clone of it, and a new server
+//!   is started on another clone (same socket, so the same address) when the old one
+//!   stops: when `recv` reports its accept error, when a tiny_http thread panics (seen by
+//!   a panic hook), or when tiny_http fails its probe (`GET /healthz` every second) twice
+//!   in a row. Restarts back off (250 ms, then 500 ms) and are counted in
+//!   `chronicle_metrics_server_restarts_total`.
+//! - Timeouts and small buffers are set on the public listening socket and inherited by
+//!   every accepted one (unix), with a backlog of [`BACKLOG`].
 //! - Answers are written by one thread per connection with requests in flight, from a
 //!   queue of [`QUEUE_PER_CONNECTION`] requests; an answer is rendered only when that
 //!   thread gets to it. A connection whose queue is full, or whose write fails, is dropped:
 //!   its requests are discarded from then on without rendering or writing anything.
 //!   At most [`MAX_WRITERS`] connections are answered at once (idle writers end to make
-//!   room).
-//! - On Linux, a reaper thread closes from outside the connections dropped above, those
-//!   older than 30 s and the oldest beyond 512 (see `reaper.rs`).
+//!   room). The front relays over a few kept-alive connections; these bounds hold against
+//!   anything else on the host that connects to the loopback port.
+//! - On Linux, a reaper thread closes from outside the connections to tiny_http dropped
+//!   above, those older than 30 s and the oldest beyond 512 (see `reaper.rs`).
 //! - tiny_http drains an unread request body when the request is dropped, into one buffer
-//!   of the declared size: a `Content-Length` beyond the memory aborts the process. A
-//!   request declaring more than [`BODY_LIMIT`] is therefore never dropped: it is
-//!   abandoned (leaked with its connection and tiny_http's thread for it), counted, and
-//!   logged. Smaller bodies are drained by the writer or a drain thread, never by the
-//!   thread receiving requests.
+//!   of the declared size: a `Content-Length` beyond the memory aborts the process. The
+//!   front relays no request with a body; one that reaches the loopback port otherwise,
+//!   declaring more than [`BODY_LIMIT`], is never dropped: it is abandoned (leaked with its
+//!   connection and tiny_http's thread for it), counted, and logged. Smaller bodies are
+//!   drained by the writer or a drain thread, never by the thread receiving requests.
 
 use std::collections::{HashMap, VecDeque};
 use std::io::{Read, Write};
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use crate::error::{AppError, Result};
-use crate::metrics::Metrics;
+use crate::metrics::{front, Metrics};
 
 /// Idle time after which a connection is closed, and how long a write may wait for a
 /// client that does not read.
@@ -52,6 +54,9 @@ pub const SOCKET_BUFFER: usize = 64 * 1024;
 /// The largest request body that may be dropped (tiny_http drains it into a buffer of
 /// this size); this endpoint expects none.
 pub const BODY_LIMIT: usize = 1 << 20;
+/// Connections waiting to be accepted (the system may cap it: `net.core.somaxconn`).
+#[cfg(unix)]
+const BACKLOG: libc::c_int = 1024;
 const DRAIN_QUEUE: usize = 16;
 const WRITER_IDLE: Duration = Duration::from_secs(5);
 const PROBE_EVERY: Duration = Duration::from_secs(1);
@@ -104,16 +109,21 @@ pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool
         ))
     };
     watch_tiny_http_panics();
-    let listener = TcpListener::bind((bind, port)).map_err(|e| cannot(&e))?;
-    set_socket_options(&listener).map_err(|e| cannot(&e))?;
-    let addr = listener.local_addr().map_err(|e| cannot(&e))?;
+    let public = TcpListener::bind((bind, port)).map_err(|e| cannot(&e))?;
+    set_socket_options(&public).map_err(|e| cannot(&e))?;
+    let addr = public.local_addr().map_err(|e| cannot(&e))?;
+    // tiny_http listens on loopback only, for the front's relayed requests.
+    let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+        .or_else(|_| TcpListener::bind((Ipv6Addr::LOCALHOST, 0)))
+        .map_err(|e| cannot(&format!("no loopback port for tiny_http: {e}")))?;
+    let inner = listener.local_addr().map_err(|e| cannot(&e))?;
     let server = start(&listener).map_err(|e| cannot(&e))?;
 
     let probe = Arc::new(Probe::default());
     let p = probe.clone();
     std::thread::Builder::new()
         .name("metrics-probe".into())
-        .spawn(move || p.run(probe_target(addr)))
+        .spawn(move || p.run(inner))
         .map_err(|e| AppError::failed(format!("cannot start the metrics probe thread: {e}")).caused_by(e))?;
     // Dropping a tiny_http server connects to its address (to wake its accept thread),
     // which can wait for minutes when the backlog is full: done on a thread of its own.
@@ -122,7 +132,7 @@ pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool
         .name("metrics-retire".into())
         .spawn(move || retire_rx.iter().for_each(drop))
         .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")).caused_by(e))?;
-    let to_close = start_reaper(addr)?;
+    let to_close = start_reaper(inner)?;
     let (drain_tx, drain_rx) = mpsc::sync_channel::<tiny_http::Request>(DRAIN_QUEUE);
     std::thread::Builder::new()
         .name("metrics-drain".into())
@@ -130,12 +140,12 @@ pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool
         .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")).caused_by(e))?;
     let mut endpoint = Endpoint {
         listener,
-        addr,
+        addr: inner,
         server,
         retired: VecDeque::new(),
         retire_tx,
         writers: Writers::new(drain_tx, to_close),
-        metrics,
+        metrics: metrics.clone(),
         ready,
         probe,
         restart_wanted: false,
@@ -147,7 +157,9 @@ pub fn serve(bind: &str, port: u16, metrics: Arc<Metrics>, ready: Arc<AtomicBool
         .name("metrics-http".into())
         .spawn(move || endpoint.run())
         .map_err(|e| AppError::failed(format!("cannot start the metrics thread: {e}")).caused_by(e))?;
-    log::info!("serving metrics on http://{addr}/metrics");
+    let cap = front::connection_cap(crate::rlimit::open_files_limit());
+    front::start(public, inner, cap, metrics)?;
+    log::info!("serving metrics on http://{addr}/metrics (at most {cap} connections at once)");
     Ok(MetricsServer { addr })
 }
 
@@ -210,7 +222,15 @@ fn set_socket_options(listener: &TcpListener) -> std::io::Result<()> {
     set(fd, libc::SO_SNDTIMEO, &tv)?;
     let size = SOCKET_BUFFER as libc::c_int;
     set(fd, libc::SO_RCVBUF, &size)?;
-    set(fd, libc::SO_SNDBUF, &size)
+    set(fd, libc::SO_SNDBUF, &size)?;
+    // Listening again only sets the backlog: std's 128 drops the handshakes of a larger
+    // burst of scrapers, which their clients retry a second later.
+    // SAFETY: listen on a socket we own.
+    if unsafe { libc::listen(fd, BACKLOG) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
 }
 
 #[cfg(not(unix))]
@@ -218,18 +238,8 @@ fn set_socket_options(_listener: &TcpListener) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Where the probe connects: the bound address, or loopback for a wildcard bind.
-fn probe_target(addr: SocketAddr) -> SocketAddr {
-    let ip = match addr.ip() {
-        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
-        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        ip => ip,
-    };
-    SocketAddr::new(ip, addr.port())
-}
-
-/// The endpoint asking itself `GET /healthz` every second: proves the whole path (accept,
-/// parse, answer) works, and keeps the listener's accept call from timing out.
+/// tiny_http asked `GET /healthz` every second on its loopback port: proves its whole path
+/// (accept, parse, answer) works.
 #[derive(Default)]
 struct Probe {
     /// Failures in a row.
@@ -319,8 +329,8 @@ impl Endpoint {
             let failures = self.probe.failures.load(Ordering::SeqCst);
             if failures >= PROBE_FAILURES_BEFORE_RESTART && !self.restart_wanted {
                 log::warn!(
-                    "metrics endpoint: {failures} probes of http://{}/healthz failed in a row; starting it again",
-                    probe_target(self.addr)
+                    "metrics endpoint: {failures} probes of tiny_http (http://{}/healthz) failed in a row; starting it again",
+                    self.addr
                 );
                 self.restart_wanted = true;
             }
@@ -350,7 +360,7 @@ impl Endpoint {
                 self.probe.failures.store(0, Ordering::SeqCst);
                 self.probe_ok_at_restart = self.probe.successes.load(Ordering::SeqCst);
                 let n = self.metrics.metrics_server_restarts.fetch_add(1, Ordering::Relaxed) + 1;
-                log::warn!("metrics endpoint: started again on {} (restart {n})", self.addr);
+                log::warn!("metrics endpoint: tiny_http started again on {} (restart {n})", self.addr);
             }
             Err(e) if backoff == BACKOFF_MIN => {
                 log::warn!("metrics endpoint: cannot start again yet ({e}); trying again with backoff");
@@ -588,14 +598,6 @@ fn respond(req: tiny_http::Request, metrics: &Metrics, ready: &AtomicBool) -> st
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_probe_goes_to_loopback_for_a_wildcard_bind() {
-        let at = |s: &str| probe_target(s.parse().unwrap()).to_string();
-        assert_eq!(at("0.0.0.0:9110"), "127.0.0.1:9110");
-        assert_eq!(at("[::]:9110"), "[::1]:9110");
-        assert_eq!(at("10.1.2.3:9110"), "10.1.2.3:9110");
-    }
 
     #[test]
     fn only_bodies_not_read_with_the_headers_are_to_drain() {

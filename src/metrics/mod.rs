@@ -2,6 +2,7 @@
 //! Prometheus text by a pure function. Names and labels are a contract with dashboards
 //! and alert rules; every series carries `worker_id`.
 
+mod front;
 pub mod http;
 #[cfg(target_os = "linux")]
 mod reaper;
