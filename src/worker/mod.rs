@@ -2,7 +2,7 @@
 //! sampler and the listener, started and stopped together.
 //!
 //! Each background service has one job and is a `*_once` function inside a dumb loop
-//! (River's shape): `reclaim_once`, `prune_once`, `claim::run_once`. A test can run one
+//! (River's shape): `reclaim_once`, `prune_once`, `claim::ClaimThread::run_once`. A test can run one
 //! turn against a database without starting a worker (tests/worker.rs does for the
 //! reclaim loop). Database trouble never ends the process: every loop logs the change of
 //! state once, waits with backoff and resumes by itself. Signals are the command's
