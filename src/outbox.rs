@@ -148,6 +148,11 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// make every row look pending, and the primary key's walk then reads the `done` rows a
 /// drain left; the worker analyzes such an outbox again (`analyze_if_stale`).
 ///
+/// The lease is measured from this statement (`statement_timestamp()`), not from the
+/// start of its transaction (`now()`): a claim made at the end of the transaction that
+/// completes the batch before it (`worker::claim`) would otherwise commit rows whose lease
+/// a slow completion had already used up, for the reclaim loop to take back.
+///
 /// `plan` looks for a ready healthy row only when there is a suspect and `$5` does not
 /// already decide, and looks for it in id order, so it walks the pending index:
 /// unordered, the planner may take a sequential scan that reads the whole `done` history
@@ -199,8 +204,8 @@ pub const CLAIM_BATCH: &str = "
         WHERE bytes_before < $7::bigint
     ), claimed AS (
         UPDATE chronicle_outbox_events o
-        SET status = 'processing', claimed_by = $2, claim_token = $3, claimed_at = now(),
-            lease_until = now() + make_interval(secs => $4), attempts = o.attempts + 1,
+        SET status = 'processing', claimed_by = $2, claim_token = $3, claimed_at = statement_timestamp(),
+            lease_until = statement_timestamp() + make_interval(secs => $4), attempts = o.attempts + 1,
             updated_at = now()
         WHERE o.ctid = ANY (ARRAY(SELECT outbox_ctid FROM picked))
         RETURNING o.id
