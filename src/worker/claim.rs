@@ -451,23 +451,36 @@ fn claim_committed(
 
 /// Runs `body` in a transaction opened by `begin` (`BEGIN` and the transaction's `SET
 /// LOCAL`s, sent as one message: no round trip of their own), committed when `body`
-/// succeeds and rolled back when it fails.
+/// succeeds and rolled back when it fails or panics (`Open`).
 fn in_transaction<T>(
     conn: &mut Client,
     begin: &str,
     body: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
 ) -> Result<T, postgres::Error> {
     conn.batch_execute(begin)?;
-    match body(conn) {
-        Ok(v) => {
-            conn.batch_execute("COMMIT")?;
-            Ok(v)
+    let mut open = Open { conn, settled: false };
+    let value = body(open.conn)?;
+    // A failed COMMIT ends the transaction too: nothing is left to roll back.
+    open.settled = true;
+    open.conn.batch_execute("COMMIT")?;
+    Ok(value)
+}
+
+/// A transaction opened by `in_transaction`, rolled back when dropped unsettled (its body
+/// returned an error, or unwound from a panic), as `postgres::Transaction` is: the
+/// connection never goes back to the pool inside an open transaction holding row locks.
+struct Open<'c> {
+    conn: &'c mut Client,
+    settled: bool,
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
         }
-        Err(e) => {
-            if let Err(e2) = conn.batch_execute("ROLLBACK") {
-                log::debug!("could not roll back a failed transaction: {}", db::describe_error(&e2));
-            }
-            Err(e)
+        if let Err(e) = self.conn.batch_execute("ROLLBACK") {
+            log::debug!("could not roll back a failed transaction: {}", db::describe_error(&e));
         }
     }
 }

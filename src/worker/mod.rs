@@ -268,11 +268,21 @@ pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
     Ok(())
 }
 
-/// The worker's sessions carry a statement timeout, so nothing waits forever on a lock.
+/// The worker's sessions carry a statement timeout, so nothing waits forever on a lock,
+/// and an idle-in-transaction timeout of the longer of it and the lease: the worker sends
+/// a transaction's statements back to back, so a transaction left idle that long belongs
+/// to a thread that is stuck, and the server ends it rather than let its row locks hold
+/// the rows past their lease (the reclaim loop skips locked rows).
 fn session_url(cfg: &WorkerConfig) -> crate::config::DbUrl {
     let mut url = cfg.database_url.clone();
     let ms = cfg.statement_timeout.as_millis().max(1);
-    let options = format!("{} -c statement_timeout={ms}", url.config.get_options().unwrap_or("")).trim().to_string();
+    let idle_ms = cfg.statement_timeout.max(cfg.lease).as_millis().max(1);
+    let options = format!(
+        "{} -c statement_timeout={ms} -c idle_in_transaction_session_timeout={idle_ms}",
+        url.config.get_options().unwrap_or("")
+    )
+    .trim()
+    .to_string();
     url.config.options(&options);
     url.config.application_name(&format!("chronicle worker {}", cfg.worker_id));
     url
