@@ -7,7 +7,7 @@
 //! ```text
 //! pending ──claim_batch──▶ processing ──mark_done──▶ done
 //!    ▲                        │ ├──mark_failed──▶ failed ──replay (ops)──▶ pending
-//!    └──schedule_retry / release_claim / reclaim_stuck (attempts ≥ max: failed)
+//!    └──schedule_retry / release_claim(s) / reclaim_stuck (attempts ≥ max: failed)
 //! ```
 
 use std::time::Duration;
@@ -465,6 +465,28 @@ pub const RELEASE_CLAIM: &str = "
 
 pub fn release_claim(client: &mut impl GenericClient, ids: &[i64], token: Uuid) -> Result<u64, postgres::Error> {
     client.execute(RELEASE_CLAIM, &[&ids, &token])
+}
+
+/// processing → pending for every row still held by the given claims, when the worker
+/// stops and a claim thread could not give its rows back itself (it panicked, or did not
+/// finish in time): the attempt is given back, as by `RELEASE_CLAIM`. Rows locked by a
+/// completion still running are skipped: it settles them, or their lease expires. Fenced.
+pub const RELEASE_CLAIMS: &str = "
+    WITH held AS (
+        SELECT id FROM chronicle_outbox_events
+        WHERE status = 'processing' AND claim_token = ANY($1)
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE chronicle_outbox_events o
+    SET status = 'pending', attempts = greatest(o.attempts - 1, 0), claimed_by = NULL,
+        claim_token = NULL, claimed_at = NULL, lease_until = NULL, updated_at = now()
+    FROM held WHERE o.id = held.id";
+
+pub fn release_claims(client: &mut impl GenericClient, tokens: &[Uuid]) -> Result<u64, postgres::Error> {
+    if tokens.is_empty() {
+        return Ok(0);
+    }
+    client.execute(RELEASE_CLAIMS, &[&tokens])
 }
 
 /// Extends the lease of rows still held by the given claims (a live worker on a slow

@@ -292,6 +292,7 @@ struct Endpoint {
 impl Endpoint {
     fn run(&mut self) {
         loop {
+            crate::failpoint::check("metrics", None);
             match self.server.recv_timeout(Duration::from_millis(250)) {
                 Ok(Some(req)) => self.writers.answer(req, &self.metrics, &self.ready),
                 Ok(None) => {}

@@ -19,7 +19,7 @@ use crate::outbox::{self, ClaimRequest, Claimed, Failure, SizeLimits};
 use crate::projection::{self, Entry};
 use crate::retry::{backoff, Jitter};
 
-use super::{pooled, Reconnect, Shared};
+use super::{panics, pooled, Reconnect, Shared};
 
 /// What one turn did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -161,6 +161,7 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             // rows committed just after its snapshot) ends the idle wait at once instead
             // of being missed until the next poll.
             let wakeups = shared.wakeups();
+            failpoint::check("claim-loop", None);
             match thread.run_once(&mut conn, &mut prepared) {
                 Ok(r) => {
                     shared.db_ok(&mut *conn);
@@ -539,13 +540,18 @@ fn project_one(c: Claimed, sizes: &SizeLimits) -> Projected {
             None => fail(ErrorReason::InvalidPayload, format!("event {} was not loaded", c.event_id)),
         },
         (Some(Err(unreadable)), _) => fail(ErrorReason::InvalidPayload, unreadable.message()),
-        (Some(Ok(ev)), _) => match failpoint::check("project", Some(ev)) {
-            Hit::Error => fail(ErrorReason::InvalidPayload, "fail point project: injected error".to_string()),
-            Hit::Pass => match projection::project(ev) {
-                Ok(entry) => Ok(entry),
-                Err(e) => fail(e.error_reason(), e.to_string()),
-            },
-        },
+        // A panic here is a bug met by this one event: it fails alone, its batch goes on.
+        (Some(Ok(ev)), _) => {
+            match panics::catch_projection(c.outbox_id, c.event_id, || match failpoint::check("project", Some(ev)) {
+                Hit::Error => None,
+                Hit::Pass => Some(projection::project(ev)),
+            }) {
+                Ok(None) => fail(ErrorReason::InvalidPayload, "fail point project: injected error".to_string()),
+                Ok(Some(Ok(entry))) => Ok(entry),
+                Ok(Some(Err(e))) => fail(e.error_reason(), e.to_string()),
+                Err(message) => fail(ErrorReason::ProjectionPanicked, format!("the projection panicked: {message}")),
+            }
+        }
     };
     Projected { outbox_id: c.outbox_id, attempts: c.attempts, result }
 }
