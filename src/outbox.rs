@@ -371,6 +371,27 @@ pub fn mark_done_with<S: ToStatement + ?Sized>(
     rows.iter().map(|r| Ok(Done { outbox_id: r.try_get(0)?, since_enqueued_seconds: r.try_get(1)? })).collect()
 }
 
+/// The rows among `$1` that the claim `$2` still holds, locked until the transaction ends:
+/// a completion that must write entries one at a time (`worker::claim`'s isolating path)
+/// takes them first, so that nothing reclaims them before they are settled and no row
+/// lost meanwhile gets an entry. Not a transition: the rows stay `processing`.
+pub const LOCK_HELD: &str = "
+    SELECT id FROM chronicle_outbox_events
+    WHERE id = ANY($1) AND status = 'processing' AND claim_token = $2
+    ORDER BY id
+    FOR UPDATE";
+
+pub fn lock_held(
+    client: &mut impl GenericClient,
+    ids: &[i64],
+    token: Uuid,
+) -> Result<std::collections::HashSet<i64>, postgres::Error> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    client.query(LOCK_HELD, &[&ids, &token])?.iter().map(|r| r.try_get(0)).collect()
+}
+
 /// A deterministic failure of one row: its closed-list reason and the full message.
 #[derive(Debug, Clone)]
 pub struct Failure {

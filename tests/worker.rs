@@ -793,3 +793,81 @@ fn a_chained_claim_after_a_slow_completion_keeps_its_whole_lease() {
         .get(0);
     assert!(gap >= 2.9, "the second batch's lease started {gap:.2} s after the first batch's completion began");
 }
+
+/// A completion that finds half of its batch taken by another worker while it projected
+/// settles the half it still holds in the same turn (the deterministic failures among
+/// them included) instead of leaving it to the lease, and counts only the other half as
+/// lost.
+#[cfg(unix)]
+#[test]
+fn a_completion_that_lost_half_its_batch_settles_the_other_half_in_the_same_turn() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    // The read model refuses summaries with "REFUSE": the batch's completion meets a
+    // deterministic error and completes entry by entry.
+    c.batch_execute("ALTER TABLE chronicle_entries ADD CONSTRAINT no_refuse CHECK (summary NOT LIKE '%REFUSE%')")
+        .unwrap();
+    insert_events(&mut c, 8);
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at) VALUES
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed', '{\"title\": 5}', '{\"title\": \"x\"}', now()),
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed', '{\"title\": \"a\"}', '{\"title\": \"REFUSE\"}', now())",
+    )
+    .unwrap();
+    // The first projection of the batch takes 3 s: time for another worker to take five
+    // of its rows (after their lease, as far as this test is concerned).
+    let child = worker_cmd(&db, &["--batch-size", "10", "--concurrency", "1"])
+        .env("FAILPOINTS", "project=1*sleep(3000)")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the batch to be claimed", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing'") == 10
+    });
+    let taken = c
+        .execute(
+            "UPDATE chronicle_outbox_events
+             SET claim_token = gen_random_uuid(), claimed_by = 'other', claimed_at = now(),
+                 lease_until = now() + interval '1 hour'
+             WHERE id IN (SELECT o.id FROM chronicle_outbox_events o JOIN chronicle_events e ON e.id = o.event_id
+                          WHERE e.after->>'title' LIKE 'Title %' ORDER BY o.id LIMIT 5)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(taken, 5);
+    // Settled by the completion itself, well within the 30 s lease.
+    wait_until(Duration::from_secs(20), "the rows still held to be settled", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status IN ('done', 'failed')") == 5
+    });
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let by = outbox_by_status(&mut c);
+    assert_eq!(
+        by,
+        [
+            ("done".to_string(), 3),
+            ("failed/invalid_payload".to_string(), 1),
+            ("failed/rejected_by_read_model".to_string(), 1),
+            ("processing".to_string(), 5)
+        ]
+        .into(),
+        "{log}"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing' AND claimed_by = 'other'"
+        ),
+        5,
+        "the rows taken are left to their new holder"
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts <> 1 OR reclaims <> 0"),
+        0,
+        "one claim each, nothing reclaimed"
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 3);
+    assert!(log.contains("lost the claim on 5 row(s)"), "{log}");
+}

@@ -613,8 +613,11 @@ fn complete(
     })
 }
 
-/// The completion after a deterministic database error: each entry in its own savepoint;
-/// those the read model refuses fail with `rejected_by_read_model`, the rest are done.
+/// The completion after a deterministic database error: the rows this claim still holds
+/// are locked first (`outbox::lock_held`), so none is reclaimed before it is settled and
+/// none lost meanwhile gets an entry; then each of their entries in its own savepoint:
+/// those the read model refuses fail with `rejected_by_read_model`, the rest are done, and
+/// the deterministic failures among them fail. The rows lost are left to their new holder.
 /// Costs a round trip per entry, only on this rare path.
 fn complete_isolating(
     conn: &mut Client,
@@ -623,9 +626,11 @@ fn complete_isolating(
     token: Uuid,
 ) -> Result<Completed, postgres::Error> {
     let mut tx = conn.transaction()?;
+    let claimed: Vec<i64> = ok.iter().map(|(id, _)| *id).chain(failures.iter().map(|f| f.outbox_id)).collect();
+    let held = outbox::lock_held(&mut tx, &claimed, token)?;
     let mut written = Vec::new();
     let mut rejected = Vec::new();
-    for (id, entry) in ok {
+    for (id, entry) in ok.iter().filter(|(id, _)| held.contains(id)) {
         let mut sp = tx.savepoint("entry")?;
         match entries::upsert_entries(&mut sp, &[entry]) {
             Ok(_) => {
@@ -643,21 +648,11 @@ fn complete_isolating(
             Err(e) => return Err(e),
         }
     }
+    // Locked above: every row written is still held, and marked.
     let marked = outbox::mark_done(&mut tx, &written, token)?;
     let done: HashSet<i64> = marked.iter().map(|d| d.outbox_id).collect();
-    if done.len() != written.len() {
-        // Some rows were lost meanwhile: undo everything and let the next turn or the
-        // new holder handle them. Rolled back on drop.
-        let lost: Vec<i64> = written.iter().filter(|id| !done.contains(id)).copied().collect();
-        log::warn!("claim lost on rows {lost:?} while isolating a failure; nothing written for this batch");
-        return Ok(Completed {
-            done: HashSet::new(),
-            latencies: Vec::new(),
-            failed_reasons: Vec::new(),
-            rejected: Vec::new(),
-        });
-    }
-    let all_failures: Vec<Failure> = failures.iter().chain(&rejected).cloned().collect();
+    let all_failures: Vec<Failure> =
+        failures.iter().filter(|f| held.contains(&f.outbox_id)).chain(&rejected).cloned().collect();
     let failed_reasons = outbox::mark_failed(&mut tx, &all_failures, token)?;
     tx.commit()?;
     Ok(Completed { done, latencies: latencies(&marked), failed_reasons, rejected })
