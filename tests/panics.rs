@@ -148,6 +148,8 @@ fn a_panic_in_any_background_thread_stops_the_worker_with_exit_70_and_gives_its_
         let mut locker = db.client();
         let mut tx = locker.transaction().unwrap();
         tx.batch_execute("LOCK TABLE chronicle_entries IN ACCESS EXCLUSIVE MODE").unwrap();
+        // When each probe of /readyz was sent, and whether it said ready.
+        let mut probes: Vec<(Instant, bool)> = Vec::new();
         let ended = run_to_end(
             worker_cmd(&db, &["--until-empty", "--batch-size", "10", "--concurrency", "2"])
                 .env("OUTBOX_RECLAIM_INTERVAL_SECONDS", "0.1")
@@ -155,7 +157,11 @@ fn a_panic_in_any_background_thread_stops_the_worker_with_exit_70_and_gives_its_
                 .env("OUTBOX_METRICS_PORT", &port)
                 .env("FAILPOINTS", format!("{point}=1*sleep(1500)->panic")),
             Duration::from_secs(60),
-            || {},
+            || {
+                let sent = Instant::now();
+                let body = crate::util::http_get(port.parse().unwrap(), "/readyz").unwrap_or_default();
+                probes.push((sent, body.contains("\"status\":\"ready\"")));
+            },
         );
         tx.rollback().unwrap();
         let log = ended.log();
@@ -168,6 +174,13 @@ fn a_panic_in_any_background_thread_stops_the_worker_with_exit_70_and_gives_its_
         assert!(took <= STOPPED_WITHIN, "{point}: exited {took:?} after the panic:\n{log}");
         assert!(log.contains(&format!("its thread {thread} panicked (failpoint {point} panic)")), "{point}:\n{log}");
         assert!(!log.contains("RUST_BACKTRACE"), "the default panic hook's message: {log}");
+        // Ready until the panic; never again from the moment it was logged (50 ms after
+        // the line arrived here) until the process was gone.
+        if point != "metrics" {
+            assert!(probes.iter().any(|(t, ready)| *ready && *t < panicked), "{point}: never ready before the panic");
+            let after = probes.iter().filter(|(t, _)| *t > panicked + Duration::from_millis(50));
+            assert_eq!(after.filter(|(_, ready)| *ready).count(), 0, "{point}: /readyz said ready after the panic");
+        }
         assert_released_or_done(&mut c, point, &log);
         assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'"), 0);
     }
