@@ -348,10 +348,14 @@ fn session_url(cfg: &WorkerConfig) -> crate::config::DbUrl {
     url
 }
 
+/// Starts one of the worker's own threads (`panics::own_thread`).
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(f)
+        .spawn(move || {
+            panics::own_thread();
+            f()
+        })
         .map_err(|e| AppError::failed(format!("cannot start thread {name}: {e}")).caused_by(e))
 }
 

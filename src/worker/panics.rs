@@ -1,10 +1,13 @@
 //! A panic is a bug, and a bug must not leave a worker that looks healthy. It is caught at
 //! the one boundary whose blast radius is known, one event's projection
 //! (`catch_projection`: that event fails `projection_panicked`, the rest of its batch goes
-//! on); anywhere else, in any thread, it stops the whole worker (`install_hook` tells the
-//! supervisor, which stops every thread, gives the claims back, and the command exits 70).
-//! Either way the panic is logged through `log`, with its thread and place, instead of the
-//! default hook's message on stderr.
+//! on); anywhere else in a thread of the worker's own (`own_thread`: the claim threads, the
+//! services, the listener, the metrics endpoint's thread) it stops the whole worker
+//! (`install_hook` tells the supervisor, which stops every thread, gives the claims back,
+//! and the command exits 70). A panic in a thread a library started and looks after (the
+//! connection pool's, tiny_http's) is that library's to survive, as it does when it runs
+//! out of descriptors or threads. Every panic is logged through `log`, with its thread and
+//! place, instead of the default hook's message on stderr.
 
 use std::any::Any;
 use std::backtrace::{Backtrace, BacktraceStatus};
@@ -23,6 +26,14 @@ pub struct ThreadPanic {
 thread_local! {
     /// The outbox row and event this thread is projecting inside `catch_projection`.
     static PROJECTING: Cell<Option<(i64, Uuid)>> = const { Cell::new(None) };
+    /// Whether this thread is one of the worker's own (`own_thread`).
+    static OWN: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Marks the calling thread as one of the worker's own: a panic in it (outside a
+/// projection) stops the worker. Called first thing by each such thread.
+pub fn own_thread() {
+    OWN.with(|own| own.set(true));
 }
 
 /// Runs `project`, the projection of outbox row `outbox_id` (event `event_id`); a panic
@@ -36,8 +47,9 @@ pub fn catch_projection<T>(outbox_id: i64, event_id: Uuid, project: impl FnOnce(
 }
 
 /// Installs the process's panic hook: every panic is logged as an error, with its thread,
-/// place and message (and a backtrace when `RUST_BACKTRACE` asks for one); one outside a
-/// projection is also handed to `stop`, which stops the worker.
+/// place and message (and a backtrace when `RUST_BACKTRACE` asks for one); one in a thread
+/// of the worker's own, outside a projection, is also handed to `stop`, which stops the
+/// worker.
 pub fn install_hook(stop: impl Fn(ThreadPanic) + Send + Sync + 'static) {
     std::panic::set_hook(Box::new(move |info| {
         let thread = std::thread::current().name().unwrap_or("unnamed").to_string();
@@ -51,10 +63,11 @@ pub fn install_hook(stop: impl Fn(ThreadPanic) + Send + Sync + 'static) {
                 "the projection of outbox row {outbox_id} (event {event_id}) panicked at {place}: {message}; \
                  the row fails projection_panicked{backtrace}"
             ),
-            None => {
+            None if OWN.try_with(Cell::get).unwrap_or(false) => {
                 log::error!("thread {thread} panicked at {place}: {message}; stopping the worker (exit 70){backtrace}");
                 stop(ThreadPanic { thread, message });
             }
+            None => log::error!("thread {thread} (a library's) panicked at {place}: {message}{backtrace}"),
         }
     }));
 }
