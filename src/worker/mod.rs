@@ -2,11 +2,13 @@
 //! sampler and the listener, started and stopped together.
 //!
 //! Each background service has one job and is a `*_once` function inside a dumb loop
-//! (River's shape): `reclaim_once`, `prune_once`, `claim::ClaimThread::run_once`. A test can run one
-//! turn against a database without starting a worker (tests/worker.rs does for the
-//! reclaim loop). Database trouble never ends the process: every loop logs the change of
-//! state once, waits with backoff and resumes by itself. Signals are the command's
-//! business (`cmd/worker.rs`): it asks the worker to stop through `Shared`.
+//! (River's shape): `reclaim_once`, `prune_once`, `claim::ClaimThread::run_once`. A test
+//! can run one turn against a database without starting a worker (tests/worker.rs does
+//! for the reclaim loop). Database trouble never ends the process: every loop logs the
+//! change of state once, waits with backoff and resumes by itself. A panic in one of its
+//! threads outside a projection, a bug, does: every thread is stopped as on a stop, and the
+//! worker exits 70 (`panics`). Signals are the command's business (`cmd/worker.rs`): it
+//! asks the worker to stop through `Shared`.
 
 pub mod claim;
 pub mod panics;
@@ -96,8 +98,9 @@ impl Shared {
     }
 
     /// A thread panicked outside a projection (the panic hook, `panics::install_hook`): the
-    /// worker is not ready from now on, and stops. Only atomics and a lock nothing else
-    /// holds while it could panic: this runs on the panicking thread.
+    /// worker is not ready from now on, and stops. It runs on the panicking thread, so it
+    /// takes no lock that thread could hold when it panics (only the wake-up's, for a
+    /// moment).
     pub fn thread_panicked(&self, panic: ThreadPanic) {
         let _ = self.panicked.set(panic);
         self.stop.store(true, Ordering::SeqCst);
