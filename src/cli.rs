@@ -199,12 +199,14 @@ fn parse_known(name: &str, p: &mut lexopt::Parser, env: &Env) -> Result<Option<C
 }
 
 /// The exit code of a failure (docs/DESIGN.md §4): 2 usage or configuration, 3 the
-/// database unreachable or refusing us, 1 anything else. Decided here, at the boundary.
+/// database unreachable or refusing us, 70 a worker thread panicked (a bug in chronicle;
+/// sysexits' EX_SOFTWARE), 1 anything else. Decided here, at the boundary.
 pub fn exit_code(e: &AppError) -> u8 {
     match e.kind() {
         Kind::Usage => 2,
         Kind::Unreachable => 3,
         Kind::Failed => 1,
+        Kind::Panicked => 70,
     }
 }
 

@@ -16,6 +16,8 @@ pub enum Kind {
     Unreachable,
     /// Anything else.
     Failed,
+    /// A bug in chronicle: a thread of the worker panicked.
+    Panicked,
 }
 
 type Source = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -42,6 +44,10 @@ impl AppError {
 
     pub fn failed(message: impl Into<String>) -> AppError {
         AppError::new(Kind::Failed, message)
+    }
+
+    pub fn panicked(message: impl Into<String>) -> AppError {
+        AppError::new(Kind::Panicked, message)
     }
 
     /// The same error, caused by `source` (kept for `source()`).

@@ -1,7 +1,8 @@
 //! The closed list of `error_reason` values (docs/DESIGN.md §3): why a delivery ended
 //! `failed`. They label metrics and alerts and are what `replay-failed --error-reason`
 //! selects, so the list is closed, spelled here once, and checked by the database too
-//! (a CHECK constraint on `chronicle_outbox_events.error_reason`). Pure.
+//! (a CHECK constraint on `chronicle_outbox_events.error_reason`, migrations 2 and 12).
+//! Pure.
 
 use std::fmt;
 
@@ -16,15 +17,18 @@ pub enum ErrorReason {
     RejectedByReadModel,
     /// Transient failures, or lost leases, used up the attempts.
     MaxAttemptsExceeded,
+    /// The projection of the event panicked: a bug in chronicle, caught at that one event.
+    ProjectionPanicked,
 }
 
 impl ErrorReason {
     /// Every reason, in the order metrics render them.
-    pub const ALL: [ErrorReason; 4] = [
+    pub const ALL: [ErrorReason; 5] = [
         ErrorReason::UnknownEventType,
         ErrorReason::InvalidPayload,
         ErrorReason::RejectedByReadModel,
         ErrorReason::MaxAttemptsExceeded,
+        ErrorReason::ProjectionPanicked,
     ];
 
     /// The name stored in the outbox and used as the metrics label.
@@ -34,6 +38,7 @@ impl ErrorReason {
             ErrorReason::InvalidPayload => "invalid_payload",
             ErrorReason::RejectedByReadModel => "rejected_by_read_model",
             ErrorReason::MaxAttemptsExceeded => "max_attempts_exceeded",
+            ErrorReason::ProjectionPanicked => "projection_panicked",
         }
     }
 
@@ -68,14 +73,15 @@ mod tests {
         }
         assert_eq!(
             ErrorReason::names(),
-            "unknown_event_type, invalid_payload, rejected_by_read_model, max_attempts_exceeded"
+            "unknown_event_type, invalid_payload, rejected_by_read_model, max_attempts_exceeded, projection_panicked"
         );
     }
 
-    /// The database's CHECK constraint lists the same names (migration 2).
+    /// The database's CHECK constraint lists the same names (migration 12, which widened
+    /// the one of migration 2).
     #[test]
     fn the_outbox_check_constraint_allows_exactly_these() {
-        let sql = include_str!("../migrations/0002_outbox.sql");
+        let sql = include_str!("../migrations/0012_projection_panicked.sql");
         let start = sql.find("error_reason IN (").expect("the error_reason constraint");
         let list = &sql[start..start + sql[start..].find(')').expect("its end")];
         let named: Vec<&str> = list.split('\'').skip(1).step_by(2).collect();

@@ -2,13 +2,21 @@
 //! the tests enable and release builds never have: without it every check is a no-op).
 //!
 //! Points: `claim` (before a claim in a transaction of its own, not before one that a
-//! backlog's completion makes), `project` (before one event is projected) and
-//! `complete` (inside the completing transaction). The environment variable
-//! `FAILPOINTS` (the `fail` crate's syntax) configures them in a process, e.g.
-//! `FAILPOINTS='project=return(abort@crash_me)'`. The argument of `return` says what
-//! to do: `abort` the process, return an `error`, or `stall` (sleep until killed);
+//! backlog's completion makes), `project` (before one event is projected, inside the
+//! boundary that catches a projection's panic) and `complete` (inside the completing
+//! transaction). One more in the turn of each of the worker's other threads, where a panic
+//! stops the whole worker: `claim-loop` (a claim thread's turn, outside the projection),
+//! `reclaim`, `lease-keeper`, `gauges`, `prune`, `listener` and `metrics` (the metrics
+//! endpoint's thread).
+//!
+//! The environment variable `FAILPOINTS` (the `fail` crate's syntax) configures them in a
+//! process, e.g. `FAILPOINTS='project=return(abort@crash_me)'` or
+//! `FAILPOINTS='reclaim=1*sleep(1000)->panic'`. The argument of `return` says what to do:
+//! `abort` the process, return an `error`, `stall` (sleep until killed) or `panic`;
 //! `@KEY` limits the point to events whose `after` object has the key KEY. The fail
-//! crate's own actions (`panic`, `sleep(ms)`, `1*return(...)`, `50%return(...)`) work too.
+//! crate's own actions (`panic`, `sleep(ms)`, `1*return(...)`, `50%return(...)`, `->`)
+//! work too. An `error` means something only where the point can fail (`claim`, `project`,
+//! `complete`); elsewhere it is ignored.
 
 use crate::event::Event;
 
@@ -64,12 +72,13 @@ pub fn check(name: &str, event: Option<&Event>) -> Hit {
                 std::thread::sleep(std::time::Duration::from_secs(3600));
             }
         }
+        "panic" => panic!("fail point {name}: injected panic{what}"),
         "error" | "" => {
             log::warn!("fail point {name}: returning an error{what}");
             Hit::Error
         }
         other => {
-            log::warn!("fail point {name}: unknown action {other:?} (abort, error, stall); ignored");
+            log::warn!("fail point {name}: unknown action {other:?} (abort, error, stall, panic); ignored");
             Hit::Pass
         }
     }

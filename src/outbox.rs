@@ -7,7 +7,7 @@
 //! ```text
 //! pending ──claim_batch──▶ processing ──mark_done──▶ done
 //!    ▲                        │ ├──mark_failed──▶ failed ──replay (ops)──▶ pending
-//!    └──schedule_retry / release_claim / reclaim_stuck (attempts ≥ max: failed)
+//!    └──schedule_retry / release_claim(s) / reclaim_stuck (attempts ≥ max: failed)
 //! ```
 
 use std::time::Duration;
@@ -148,6 +148,11 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// make every row look pending, and the primary key's walk then reads the `done` rows a
 /// drain left; the worker analyzes such an outbox again (`analyze_if_stale`).
 ///
+/// The lease is measured from this statement (`statement_timestamp()`), not from the
+/// start of its transaction (`now()`): a claim made at the end of the transaction that
+/// completes the batch before it (`worker::claim`) would otherwise commit rows whose lease
+/// a slow completion had already used up, for the reclaim loop to take back.
+///
 /// `plan` looks for a ready healthy row only when there is a suspect and `$5` does not
 /// already decide, and looks for it in id order, so it walks the pending index:
 /// unordered, the planner may take a sequential scan that reads the whole `done` history
@@ -199,8 +204,8 @@ pub const CLAIM_BATCH: &str = "
         WHERE bytes_before < $7::bigint
     ), claimed AS (
         UPDATE chronicle_outbox_events o
-        SET status = 'processing', claimed_by = $2, claim_token = $3, claimed_at = now(),
-            lease_until = now() + make_interval(secs => $4), attempts = o.attempts + 1,
+        SET status = 'processing', claimed_by = $2, claim_token = $3, claimed_at = statement_timestamp(),
+            lease_until = statement_timestamp() + make_interval(secs => $4), attempts = o.attempts + 1,
             updated_at = now()
         WHERE o.ctid = ANY (ARRAY(SELECT outbox_ctid FROM picked))
         RETURNING o.id
@@ -366,6 +371,27 @@ pub fn mark_done_with<S: ToStatement + ?Sized>(
     rows.iter().map(|r| Ok(Done { outbox_id: r.try_get(0)?, since_enqueued_seconds: r.try_get(1)? })).collect()
 }
 
+/// The rows among `$1` that the claim `$2` still holds, locked until the transaction ends:
+/// a completion that must write entries one at a time (`worker::claim`'s isolating path)
+/// takes them first, so that nothing reclaims them before they are settled and no row
+/// lost meanwhile gets an entry. Not a transition: the rows stay `processing`.
+pub const LOCK_HELD: &str = "
+    SELECT id FROM chronicle_outbox_events
+    WHERE id = ANY($1) AND status = 'processing' AND claim_token = $2
+    ORDER BY id
+    FOR UPDATE";
+
+pub fn lock_held(
+    client: &mut impl GenericClient,
+    ids: &[i64],
+    token: Uuid,
+) -> Result<std::collections::HashSet<i64>, postgres::Error> {
+    if ids.is_empty() {
+        return Ok(Default::default());
+    }
+    client.query(LOCK_HELD, &[&ids, &token])?.iter().map(|r| r.try_get(0)).collect()
+}
+
 /// A deterministic failure of one row: its closed-list reason and the full message.
 #[derive(Debug, Clone)]
 pub struct Failure {
@@ -460,6 +486,28 @@ pub const RELEASE_CLAIM: &str = "
 
 pub fn release_claim(client: &mut impl GenericClient, ids: &[i64], token: Uuid) -> Result<u64, postgres::Error> {
     client.execute(RELEASE_CLAIM, &[&ids, &token])
+}
+
+/// processing → pending for every row still held by the given claims, when the worker
+/// stops and a claim thread could not give its rows back itself (it panicked, or did not
+/// finish in time): the attempt is given back, as by `RELEASE_CLAIM`. Rows locked by a
+/// completion still running are skipped: it settles them, or their lease expires. Fenced.
+pub const RELEASE_CLAIMS: &str = "
+    WITH held AS (
+        SELECT id FROM chronicle_outbox_events
+        WHERE status = 'processing' AND claim_token = ANY($1)
+        FOR UPDATE SKIP LOCKED
+    )
+    UPDATE chronicle_outbox_events o
+    SET status = 'pending', attempts = greatest(o.attempts - 1, 0), claimed_by = NULL,
+        claim_token = NULL, claimed_at = NULL, lease_until = NULL, updated_at = now()
+    FROM held WHERE o.id = held.id";
+
+pub fn release_claims(client: &mut impl GenericClient, tokens: &[Uuid]) -> Result<u64, postgres::Error> {
+    if tokens.is_empty() {
+        return Ok(0);
+    }
+    client.execute(RELEASE_CLAIMS, &[&tokens])
 }
 
 /// Extends the lease of rows still held by the given claims (a live worker on a slow

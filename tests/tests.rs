@@ -14,6 +14,7 @@ mod isolation;
 mod metrics_endpoint;
 mod ops;
 mod outbox;
+mod panics;
 mod read_model;
 mod rebuild;
 mod schema;

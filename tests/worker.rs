@@ -718,24 +718,156 @@ fn a_drained_backlog_merges_the_search_index_in_long_runs_and_a_trickle_in_short
 fn a_backlog_batch_is_claimed_by_the_transaction_that_completes_the_batch_before_it() {
     let db = TestDb::new();
     let mut c = db.client();
+    // The transaction of each claim and of each completion, as the outbox rows change state.
+    c.batch_execute(
+        "CREATE TABLE transitions (xid bigint, id bigint, status text);
+         CREATE FUNCTION note_transition() RETURNS trigger LANGUAGE plpgsql AS $$
+         BEGIN INSERT INTO transitions VALUES (txid_current(), NEW.id, NEW.status); RETURN NULL; END $$;
+         CREATE TRIGGER note_transition AFTER UPDATE OF status ON chronicle_outbox_events
+             FOR EACH ROW WHEN (OLD.status IS DISTINCT FROM NEW.status) EXECUTE FUNCTION note_transition();",
+    )
+    .unwrap();
     insert_events(&mut c, 500);
     let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "100", "--concurrency", "1"]));
     assert_eq!(r.code, Some(0), "{r}");
     assert_fully_projected(&mut c);
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts <> 1"), 0, "one claim each");
-    // now() is a transaction's start: a batch claimed by the transaction that completed
-    // the one before it has that batch's processed_at as its claimed_at.
-    let batches: Vec<(chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>)> = c
+    // Per claim, in order: its transaction, the transaction that completed it, and the
+    // batch's claimed_at and processed_at.
+    type Batch = (i64, i64, chrono::DateTime<chrono::Utc>, chrono::DateTime<chrono::Utc>);
+    let batches: Vec<Batch> = c
         .query(
-            "SELECT claimed_at, max(processed_at) FROM chronicle_outbox_events GROUP BY claimed_at ORDER BY claimed_at",
+            "SELECT p.xid, min(d.xid), min(o.claimed_at), max(o.processed_at)
+             FROM transitions p JOIN transitions d ON d.id = p.id AND d.status = 'done'
+             JOIN chronicle_outbox_events o ON o.id = p.id
+             WHERE p.status = 'processing' GROUP BY p.xid ORDER BY min(o.claimed_at)",
             &[],
         )
         .unwrap()
         .iter()
-        .map(|r| (r.get(0), r.get(1)))
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
         .collect();
     assert_eq!(batches.len(), 5, "five claims of 100: {batches:?}");
     for pair in batches.windows(2) {
-        assert_eq!(pair[1].0, pair[0].1, "claimed as the batch before it was completed: {batches:?}");
+        let (before, next) = (&pair[0], &pair[1]);
+        assert_eq!(next.0, before.1, "claimed by the transaction that completed the batch before: {batches:?}");
+        // The lease of a claim counts from its own statement, which comes after the start
+        // of that transaction (processed_at).
+        assert!(next.2 >= before.3, "claimed after the completing transaction began: {batches:?}");
     }
+}
+
+/// A completion slowed past the lease commits a chained claim whose lease starts at the
+/// claim's own statement: the rows it claims are not taken back by the reclaim loop, and
+/// no attempt is spent on them.
+#[test]
+fn a_chained_claim_after_a_slow_completion_keeps_its_whole_lease() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 30);
+    // The first completion sleeps 3 s inside its transaction, longer than the 2 s lease,
+    // before it claims the second batch; the reclaim loop looks every 0.1 s.
+    let r = run(worker_cmd(&db, &["--until-empty", "--batch-size", "10", "--concurrency", "1"])
+        .env("OUTBOX_LEASE_SECONDS", "2")
+        .env("OUTBOX_RECLAIM_INTERVAL_SECONDS", "0.1")
+        .env("FAILPOINTS", "complete=1*sleep(3000)"));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_fully_projected(&mut c);
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts <> 1 OR reclaims <> 0"),
+        0,
+        "nothing reclaimed, one attempt each: {}",
+        r.stderr
+    );
+    assert!(!r.stderr.contains("stuck row"), "{r}");
+    // The second batch was claimed 3 s into the transaction that completed the first
+    // (whose processed_at is that transaction's start): its lease began then.
+    let gap: f64 = c
+        .query_one(
+            "SELECT extract(epoch FROM
+                 (SELECT min(claimed_at) FROM (SELECT claimed_at FROM chronicle_outbox_events ORDER BY id OFFSET 10 LIMIT 10) b)
+                 - (SELECT max(processed_at) FROM (SELECT processed_at FROM chronicle_outbox_events ORDER BY id LIMIT 10) a))::float8",
+            &[],
+        )
+        .unwrap()
+        .get(0);
+    assert!(gap >= 2.9, "the second batch's lease started {gap:.2} s after the first batch's completion began");
+}
+
+/// A completion that finds half of its batch taken by another worker while it projected
+/// settles the half it still holds in the same turn (the deterministic failures among
+/// them included) instead of leaving it to the lease, and counts only the other half as
+/// lost.
+#[cfg(unix)]
+#[test]
+fn a_completion_that_lost_half_its_batch_settles_the_other_half_in_the_same_turn() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    // The read model refuses summaries with "REFUSE": the batch's completion meets a
+    // deterministic error and completes entry by entry.
+    c.batch_execute("ALTER TABLE chronicle_entries ADD CONSTRAINT no_refuse CHECK (summary NOT LIKE '%REFUSE%')")
+        .unwrap();
+    insert_events(&mut c, 8);
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at) VALUES
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed', '{\"title\": 5}', '{\"title\": \"x\"}', now()),
+         (gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookRenamed', '{\"title\": \"a\"}', '{\"title\": \"REFUSE\"}', now())",
+    )
+    .unwrap();
+    // The first projection of the batch takes 3 s: time for another worker to take five
+    // of its rows (after their lease, as far as this test is concerned).
+    let child = worker_cmd(&db, &["--batch-size", "10", "--concurrency", "1"])
+        .env("FAILPOINTS", "project=1*sleep(3000)")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the batch to be claimed", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing'") == 10
+    });
+    let taken = c
+        .execute(
+            "UPDATE chronicle_outbox_events
+             SET claim_token = gen_random_uuid(), claimed_by = 'other', claimed_at = now(),
+                 lease_until = now() + interval '1 hour'
+             WHERE id IN (SELECT o.id FROM chronicle_outbox_events o JOIN chronicle_events e ON e.id = o.event_id
+                          WHERE e.after->>'title' LIKE 'Title %' ORDER BY o.id LIMIT 5)",
+            &[],
+        )
+        .unwrap();
+    assert_eq!(taken, 5);
+    // Settled by the completion itself, well within the 30 s lease.
+    wait_until(Duration::from_secs(20), "the rows still held to be settled", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status IN ('done', 'failed')") == 5
+    });
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    let log = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{log}");
+    let by = outbox_by_status(&mut c);
+    assert_eq!(
+        by,
+        [
+            ("done".to_string(), 3),
+            ("failed/invalid_payload".to_string(), 1),
+            ("failed/rejected_by_read_model".to_string(), 1),
+            ("processing".to_string(), 5)
+        ]
+        .into(),
+        "{log}"
+    );
+    assert_eq!(
+        count(
+            &mut c,
+            "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing' AND claimed_by = 'other'"
+        ),
+        5,
+        "the rows taken are left to their new holder"
+    );
+    assert_eq!(
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE attempts <> 1 OR reclaims <> 0"),
+        0,
+        "one claim each, nothing reclaimed"
+    );
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 3);
+    assert!(log.contains("lost the claim on 5 row(s)"), "{log}");
 }

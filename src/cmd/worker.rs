@@ -20,8 +20,10 @@ pub fn help() -> Help {
          (see `chronicle replay-failed`). A reclaim loop returns rows of crashed workers to pending. Idle \
          threads wake on NOTIFY; polling is the fallback.\n\n\
          Ctrl+C / SIGTERM: stop claiming, finish or release the current batch, exit 0. A second signal exits \
-         at once. An unreachable database is waited for, never fatal; one that refuses us (credentials, \
-         database name) too, reported as an error at most once a minute.",
+         130 at once. A panic while projecting one event fails that event alone (projection_panicked); a \
+         panic anywhere else stops the worker the same way, then exits 70. An unreachable database is waited \
+         for, never fatal; one that refuses us (credentials, database name) too, reported as an error at most \
+         once a minute.",
     )
     .usage(&["chronicle worker [FLAGS]"])
     .flags_titled(

@@ -301,7 +301,11 @@ struct Endpoint {
 
 impl Endpoint {
     fn run(&mut self) {
+        // A panic in this thread is a bug of the worker's, which stops it; the threads of
+        // tiny_http, which this one restarts, are not the worker's.
+        crate::worker::panics::own_thread();
         loop {
+            crate::failpoint::check("metrics", None);
             match self.server.recv_timeout(Duration::from_millis(250)) {
                 Ok(Some(req)) => self.writers.answer(req, &self.metrics, &self.ready),
                 Ok(None) => {}

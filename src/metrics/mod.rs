@@ -55,7 +55,7 @@ pub struct Metrics {
     pub worker_id: String,
     pub processed: AtomicU64,
     pub retry_scheduled: AtomicU64,
-    pub terminal_failed: [AtomicU64; 4],
+    pub terminal_failed: [AtomicU64; ErrorReason::ALL.len()],
     pub reclaimed: AtomicU64,
     pub lease_lost: AtomicU64,
     pub db_errors: AtomicU64,

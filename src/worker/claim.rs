@@ -1,8 +1,8 @@
 //! One claim thread: claim a batch, project it, complete it in one transaction.
 //!
-//! The path of one event reads straight through `run_once`: claim (outbox) → project
-//! (pure) → upsert entries + mark done (one transaction, which in a backlog also claims
-//! the next batch) → count (metrics).
+//! The path of one event reads straight through `ClaimThread::run_once`: `claim`
+//! (outbox) → `project` (pure) → `complete`: upsert entries + mark done (one transaction,
+//! which in a backlog also claims the next batch) → count (metrics).
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -19,7 +19,7 @@ use crate::outbox::{self, ClaimRequest, Claimed, Failure, SizeLimits};
 use crate::projection::{self, Entry};
 use crate::retry::{backoff, Jitter};
 
-use super::{pooled, Reconnect, Shared};
+use super::{panics, pooled, Reconnect, Shared};
 
 /// What one turn did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -36,9 +36,9 @@ pub struct BatchReport {
     pub from: i64,
 }
 
-/// A claim committed by the transaction that completed the batch before it (a backlog's
-/// next batch, `complete`): its rows, held as they came, for the next turn to project and
-/// complete.
+/// A claim this thread holds: its rows, held as they came, for its turn to project and
+/// complete. Between turns, one committed by the transaction that completed the batch
+/// before it (a backlog's next batch, `complete`), carried to the next turn.
 pub struct Carried {
     token: Uuid,
     started: Instant,
@@ -136,11 +136,8 @@ impl Prepared {
 
 /// The loop of one claim thread: a turn, then sleep when idle (woken by the listener).
 pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
-    let mut jitter = Jitter::from_entropy();
+    let mut thread = ClaimThread::new(shared);
     let mut reconnect = Reconnect::new();
-    // A batch claimed by the last completion, kept across a reconnection: its rows are
-    // fenced on its token, not on a connection.
-    let mut carried: Option<Carried> = None;
     while !shared.stopping() {
         let Some(mut conn) = pooled(shared, pool, "claim") else {
             reconnect.wait(shared);
@@ -156,11 +153,7 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             }
         };
         shared.register_cancel(conn.cancel_token());
-        // Suspect rows (back from an expired lease) go first every other turn, and the
-        // first turn of a process is a healthy one: a process restarted after a crash
-        // projects the healthy backlog before it tries a suspect again.
-        let mut suspects_first = false;
-        let mut floor = ClaimFloor::default();
+        thread.connected();
         // Keep this connection while it works; a broken one goes back to the pool, which
         // discards it, and the next turn gets a fresh one.
         while !shared.stopping() {
@@ -168,8 +161,8 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             // rows committed just after its snapshot) ends the idle wait at once instead
             // of being missed until the next poll.
             let wakeups = shared.wakeups();
-            match run_once(shared, &mut conn, &mut prepared, &mut jitter, &mut suspects_first, &mut floor, &mut carried)
-            {
+            failpoint::check("claim-loop", None);
+            match thread.run_once(&mut conn, &mut prepared) {
                 Ok(r) => {
                     shared.db_ok(&mut *conn);
                     reconnect.reset();
@@ -196,189 +189,255 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
         }
     }
     // Stopping: a batch the last completion claimed is given back, on any connection.
-    if carried.is_some() {
+    if thread.carried.is_some() {
         if let Some(mut conn) = pooled(shared, pool, "claim") {
-            release_carried(shared, &mut conn, &mut carried);
+            thread.release_carried(&mut conn);
         }
     }
 }
 
-/// On shutdown: gives back a batch claimed by the last completion and not yet projected,
-/// with its attempt (`outbox::release_claim`); left to the reclaim loop if that fails.
-fn release_carried(shared: &Shared, conn: &mut Client, carried: &mut Option<Carried>) {
-    let Some(c) = carried.take() else { return };
-    let ids: Vec<i64> = c.rows.iter().filter_map(|r| r.try_get::<_, i64>(0).ok()).collect();
-    let n = release_on_shutdown(conn, &ids, c.token);
-    log::debug!("released {n} claimed row(s) on shutdown");
-    hold(shared, c.token, false);
+/// One claim thread's state from turn to turn, and its turn (`run_once`) in three steps:
+/// `claim`, `project`, `complete`.
+pub struct ClaimThread<'a> {
+    shared: &'a Shared,
+    jitter: Jitter,
+    /// Suspect rows (back from an expired lease) go first every other turn, and the first
+    /// turn on a connection is a healthy one: a process restarted after a crash projects
+    /// the healthy backlog before it tries a suspect again.
+    suspects_first: bool,
+    floor: ClaimFloor,
+    /// A batch claimed by the last completion, kept across a reconnection: its rows are
+    /// fenced on its token, not on a connection.
+    carried: Option<Carried>,
 }
 
-/// One turn: claim up to a batch, project, complete. A database error before anything
-/// was claimed is returned; once rows are claimed, every outcome is handled here (done,
-/// failed, retried, released, or left for the reclaim loop if the connection is gone).
-pub fn run_once(
-    shared: &Shared,
-    conn: &mut Client,
-    prepared: &mut Prepared,
-    jitter: &mut Jitter,
-    suspects_first: &mut bool,
-    floor: &mut ClaimFloor,
-    carried: &mut Option<Carried>,
-) -> Result<BatchReport, postgres::Error> {
-    let cfg = &shared.cfg;
-    let request = |token: Uuid, suspects_first: bool, floor: i64| ClaimRequest {
-        limit: cfg.batch_size,
-        worker_id: &cfg.worker_id,
-        token,
-        lease: cfg.lease,
-        suspects_first,
-        sizes: cfg.sizes,
-        floor,
-    };
-    // The claim commits before any of its events is read, so its attempts count even if
-    // a projection takes the process down; its rows are held as they came (bounded by
-    // OUTBOX_BATCH_MAX_BYTES), then each is read, projected and dropped in turn: what
-    // stays in memory is the entries. A backlog's claims after the first are committed
-    // by the completion of the batch before them (`complete`), and carried here.
-    let (token, started, from, rows) = match carried.take() {
-        Some(c) => (c.token, c.started, c.from, Ok(c.rows)),
-        None => {
-            let started = Instant::now();
-            let token = Uuid::now_v7();
-            let from = floor.next(started);
-            if failpoint::check("claim", None) == Hit::Error {
-                conn.batch_execute(failpoint::RAISE_TRANSIENT)?;
-            }
-            hold(shared, token, true);
-            (token, started, from, claim_committed(conn, prepared, &request(token, *suspects_first, from)))
+impl<'a> ClaimThread<'a> {
+    pub fn new(shared: &'a Shared) -> ClaimThread<'a> {
+        ClaimThread {
+            shared,
+            jitter: Jitter::from_entropy(),
+            suspects_first: false,
+            floor: ClaimFloor::default(),
+            carried: None,
         }
-    };
-    let projected: Vec<Projected> = match rows.and_then(|rows| {
-        rows.into_iter().map(|r| Ok(project_one(outbox::read_claimed(&r, &cfg.sizes)?, &cfg.sizes))).collect()
-    }) {
-        Ok(p) => p,
-        Err(e) => {
-            hold(shared, token, false);
-            return Err(e);
-        }
-    };
-    let mut report = BatchReport {
-        claimed: projected.len(),
-        lowest_id: projected.iter().map(|p| p.outbox_id).min(),
-        from,
-        ..Default::default()
-    };
-    *suspects_first = !*suspects_first;
-    floor.record(from, report.claimed, report.lowest_id, cfg.batch_size, Instant::now());
-    if projected.is_empty() {
-        hold(shared, token, false);
-        return Ok(report);
     }
 
-    let backlog = is_full(projected.len(), cfg.batch_size);
-    // While a backlog lasts, the transaction that completes this batch claims the next
-    // one: one commit per batch instead of two, and the next batch's attempts are still
-    // committed before any of its events is projected.
-    let next_token = Uuid::now_v7();
-    let next_from = floor.next(Instant::now());
-    let chain = (backlog && !shared.stopping()).then(|| request(next_token, *suspects_first, next_from));
-    if chain.is_some() {
-        hold(shared, next_token, true);
+    /// A new connection: its first turn is a healthy one, from the lowest id.
+    pub fn connected(&mut self) {
+        self.suspects_first = false;
+        self.floor = ClaimFloor::default();
     }
-    let held: Vec<(i64, i32)> = projected.iter().map(|p| (p.outbox_id, p.attempts)).collect();
-    let mut ok = Vec::with_capacity(projected.len());
-    let mut failures = Vec::new();
-    for p in projected {
-        match p.result {
-            Ok(entry) => ok.push((p.outbox_id, entry)),
-            Err(f) => failures.push(f),
+
+    /// One turn: claim up to a batch, project, complete. A database error before anything
+    /// was claimed is returned; once rows are claimed, every outcome is handled here (done,
+    /// failed, retried, released, or left for the reclaim loop if the connection is gone).
+    pub fn run_once(&mut self, conn: &mut Client, prepared: &mut Prepared) -> Result<BatchReport, postgres::Error> {
+        let Carried { token, started, from, rows } = self.claim(conn, prepared)?;
+        let projected = match self.project(rows) {
+            Ok(p) => p,
+            Err(e) => {
+                hold(self.shared, token, false);
+                return Err(e);
+            }
+        };
+        let mut report = BatchReport {
+            claimed: projected.len(),
+            lowest_id: projected.iter().map(|p| p.outbox_id).min(),
+            from,
+            ..Default::default()
+        };
+        self.suspects_first = !self.suspects_first;
+        self.floor.record(from, report.claimed, report.lowest_id, self.shared.cfg.batch_size, Instant::now());
+        if !projected.is_empty() {
+            if let Err(e) = self.complete(conn, prepared, token, projected, &mut report) {
+                hold(self.shared, token, false);
+                return Err(e);
+            }
+        }
+        hold(self.shared, token, false);
+        if report.claimed == 0 {
+            return Ok(report);
+        }
+        let m = &self.shared.metrics;
+        Metrics::add(&m.processed, report.done);
+        Metrics::add(&m.retry_scheduled, report.retried);
+        Metrics::add(&m.lease_lost, report.lease_lost);
+        if report.lease_lost > 0 {
+            log::warn!(
+                "lost the claim on {} row(s) (reclaimed by another worker); changed nothing for them",
+                report.lease_lost
+            );
+        }
+        m.batch_duration.observe(started.elapsed().as_secs_f64());
+        self.shared.note_work(started);
+        Ok(report)
+    }
+
+    /// The claim parameters of this thread's next claim.
+    fn request(&self, token: Uuid, floor: i64) -> ClaimRequest<'a> {
+        let cfg = &self.shared.cfg;
+        ClaimRequest {
+            limit: cfg.batch_size,
+            worker_id: &cfg.worker_id,
+            token,
+            lease: cfg.lease,
+            suspects_first: self.suspects_first,
+            sizes: cfg.sizes,
+            floor,
         }
     }
-    let result = complete(conn, prepared, &ok, &failures, token, backlog, chain.as_ref()).or_else(|e| {
-        if db::is_transient(&e) {
-            Err(e)
-        } else {
-            // A deterministic database error on the batch: find the entries the read
-            // model refuses, one savepoint each, and fail only those.
-            complete_isolating(conn, &ok, &failures, token).map(|c| (c, None))
+
+    /// Step 1: the batch of this turn, its token held for the lease keeper. The claim
+    /// commits before any of its events is read, so its attempts count even if a
+    /// projection takes the process down; its rows are held as they came (bounded by
+    /// OUTBOX_BATCH_MAX_BYTES). A backlog's claims after the first are committed by the
+    /// completion of the batch before them (`complete`), and carried here.
+    fn claim(&mut self, conn: &mut Client, prepared: &Prepared) -> Result<Carried, postgres::Error> {
+        if let Some(c) = self.carried.take() {
+            return Ok(c);
         }
-    });
-    let result = result.map(|(c, next)| {
-        match next {
-            Some(rows) if !rows.is_empty() => {
-                *carried = Some(Carried { token: next_token, started: Instant::now(), from: next_from, rows })
+        let started = Instant::now();
+        let token = Uuid::now_v7();
+        let from = self.floor.next(started);
+        if failpoint::check("claim", None) == Hit::Error {
+            conn.batch_execute(failpoint::RAISE_TRANSIENT)?;
+        }
+        hold(self.shared, token, true);
+        match claim_committed(conn, prepared, &self.request(token, from)) {
+            Ok(rows) => Ok(Carried { token, started, from, rows }),
+            Err(e) => {
+                hold(self.shared, token, false);
+                Err(e)
             }
-            Some(_) => floor.record(next_from, 0, None, cfg.batch_size, Instant::now()),
-            None => {}
         }
-        c
-    });
-    if chain.is_some() && carried.is_none() {
-        hold(shared, next_token, false);
     }
-    match result {
-        Ok(c) => {
-            for seconds in &c.latencies {
-                shared.metrics.projection_latency.observe(*seconds);
-            }
-            report.done = c.done.len() as u64;
-            report.failed = c.failed_reasons.len() as u64;
-            for r in &c.failed_reasons {
-                shared.metrics.terminal_failure(*r);
-            }
-            for f in failures.iter().chain(&c.rejected) {
-                log::warn!("outbox row {} failed ({}): {}", f.outbox_id, f.error_reason, f.error);
-            }
-            report.lease_lost = (ok.len() + failures.len()) as u64 - report.done - report.failed;
+
+    /// Step 2: each row is read, projected and dropped in turn: what stays in memory is
+    /// the entries.
+    fn project(&self, rows: Vec<postgres::Row>) -> Result<Vec<Projected>, postgres::Error> {
+        let sizes = &self.shared.cfg.sizes;
+        rows.into_iter().map(|r| Ok(project_one(outbox::read_claimed(&r, sizes)?, sizes))).collect()
+    }
+
+    /// Step 3: the entries written and the rows marked done or failed in one transaction
+    /// (`complete`, or `complete_isolating` after a deterministic database error), which
+    /// in a backlog also claims the next batch; after a transient error the rows are
+    /// retried with backoff, or given back when the worker is stopping. Counts into
+    /// `report`; an error is returned only when the rows could not be settled at all
+    /// (the connection is gone: their lease expires and the reclaim loop returns them).
+    fn complete(
+        &mut self,
+        conn: &mut Client,
+        prepared: &mut Prepared,
+        token: Uuid,
+        projected: Vec<Projected>,
+        report: &mut BatchReport,
+    ) -> Result<(), postgres::Error> {
+        let shared = self.shared;
+        let cfg = &shared.cfg;
+        let backlog = is_full(projected.len(), cfg.batch_size);
+        // While a backlog lasts, the transaction that completes this batch claims the next
+        // one: one commit per batch instead of two, and the next batch's attempts are still
+        // committed before any of its events is projected.
+        let next_token = Uuid::now_v7();
+        let next_from = self.floor.next(Instant::now());
+        let chain = (backlog && !shared.stopping()).then(|| self.request(next_token, next_from));
+        if chain.is_some() {
+            hold(shared, next_token, true);
         }
-        Err(e) => {
-            shared.db_error("while completing a batch", &e);
-            let ids: Vec<i64> = held.iter().map(|(id, _)| *id).collect();
-            if shared.stopping() {
-                // Interrupted by shutdown: the rows were not tried; give them back.
-                report.released = release_on_shutdown(conn, &ids, token);
+        let held: Vec<(i64, i32)> = projected.iter().map(|p| (p.outbox_id, p.attempts)).collect();
+        let mut ok = Vec::with_capacity(projected.len());
+        let mut failures = Vec::new();
+        for p in projected {
+            match p.result {
+                Ok(entry) => ok.push((p.outbox_id, entry)),
+                Err(f) => failures.push(f),
+            }
+        }
+        let result = complete(conn, prepared, &ok, &failures, token, backlog, chain.as_ref()).or_else(|e| {
+            if db::is_transient(&e) {
+                Err(e)
             } else {
-                let delays: Vec<(i64, Duration)> = held
-                    .iter()
-                    .map(|&(id, attempts)| {
-                        (id, backoff(attempts.max(1) as u32, cfg.base_backoff, cfg.max_backoff, jitter.next_f64()))
-                    })
-                    .collect();
-                let msg = format!("transient: {}", db::describe_error(&e));
-                match outbox::schedule_retry(conn, &delays, cfg.max_attempts, &msg, token) {
-                    Ok(o) => {
-                        report.retried = o.retried;
-                        report.failed = o.exhausted;
-                        for _ in 0..o.exhausted {
-                            shared.metrics.terminal_failure(ErrorReason::MaxAttemptsExceeded);
+                // A deterministic database error on the batch: find the entries the read
+                // model refuses, one savepoint each, and fail only those.
+                complete_isolating(conn, &ok, &failures, token).map(|c| (c, None))
+            }
+        });
+        let result = result.map(|(c, next)| {
+            match next {
+                Some(rows) if !rows.is_empty() => {
+                    self.carried = Some(Carried { token: next_token, started: Instant::now(), from: next_from, rows })
+                }
+                Some(_) => self.floor.record(next_from, 0, None, cfg.batch_size, Instant::now()),
+                None => {}
+            }
+            c
+        });
+        if chain.is_some() && self.carried.is_none() {
+            hold(shared, next_token, false);
+        }
+        match result {
+            Ok(c) => {
+                for seconds in &c.latencies {
+                    shared.metrics.projection_latency.observe(*seconds);
+                }
+                report.done = c.done.len() as u64;
+                report.failed = c.failed_reasons.len() as u64;
+                for r in &c.failed_reasons {
+                    shared.metrics.terminal_failure(*r);
+                }
+                for f in failures.iter().chain(&c.rejected) {
+                    log::warn!("outbox row {} failed ({}): {}", f.outbox_id, f.error_reason, f.error);
+                }
+                report.lease_lost = (ok.len() + failures.len()) as u64 - report.done - report.failed;
+            }
+            Err(e) => {
+                shared.db_error("while completing a batch", &e);
+                let ids: Vec<i64> = held.iter().map(|(id, _)| *id).collect();
+                if shared.stopping() {
+                    // Interrupted by shutdown: the rows were not tried; give them back.
+                    report.released = release_on_shutdown(conn, &ids, token);
+                } else {
+                    let delays: Vec<(i64, Duration)> = held
+                        .iter()
+                        .map(|&(id, attempts)| {
+                            let jitter = self.jitter.next_f64();
+                            (id, backoff(attempts.max(1) as u32, cfg.base_backoff, cfg.max_backoff, jitter))
+                        })
+                        .collect();
+                    let msg = format!("transient: {}", db::describe_error(&e));
+                    match outbox::schedule_retry(conn, &delays, cfg.max_attempts, &msg, token) {
+                        Ok(o) => {
+                            report.retried = o.retried;
+                            report.failed = o.exhausted;
+                            for _ in 0..o.exhausted {
+                                shared.metrics.terminal_failure(ErrorReason::MaxAttemptsExceeded);
+                            }
+                            report.lease_lost = ids.len() as u64 - o.retried - o.exhausted;
                         }
-                        report.lease_lost = ids.len() as u64 - o.retried - o.exhausted;
-                    }
-                    Err(e2) => {
-                        // The connection is gone too: the lease expires and the reclaim
-                        // loop returns the rows, keeping their attempt.
-                        log::debug!("could not schedule a retry: {}", db::describe_error(&e2));
-                        hold(shared, token, false);
-                        return Err(e2);
+                        Err(e2) => {
+                            // The connection is gone too: the lease expires and the reclaim
+                            // loop returns the rows, keeping their attempt.
+                            log::debug!("could not schedule a retry: {}", db::describe_error(&e2));
+                            return Err(e2);
+                        }
                     }
                 }
             }
         }
+        Ok(())
     }
-    hold(shared, token, false);
-    let m = &shared.metrics;
-    Metrics::add(&m.processed, report.done);
-    Metrics::add(&m.retry_scheduled, report.retried);
-    Metrics::add(&m.lease_lost, report.lease_lost);
-    if report.lease_lost > 0 {
-        log::warn!(
-            "lost the claim on {} row(s) (reclaimed by another worker); changed nothing for them",
-            report.lease_lost
-        );
+
+    /// On shutdown: gives back a batch claimed by the last completion and not yet
+    /// projected, with its attempt (`outbox::release_claim`); left to the reclaim loop if
+    /// that fails.
+    fn release_carried(&mut self, conn: &mut Client) {
+        let Some(c) = self.carried.take() else { return };
+        let ids: Vec<i64> = c.rows.iter().filter_map(|r| r.try_get::<_, i64>(0).ok()).collect();
+        let n = release_on_shutdown(conn, &ids, c.token);
+        log::debug!("released {n} claimed row(s) on shutdown");
+        hold(self.shared, c.token, false);
     }
-    m.batch_duration.observe(started.elapsed().as_secs_f64());
-    shared.note_work(started);
-    Ok(report)
 }
 
 /// The claim in its own transaction, under the planner settings of the claim
@@ -393,23 +452,36 @@ fn claim_committed(
 
 /// Runs `body` in a transaction opened by `begin` (`BEGIN` and the transaction's `SET
 /// LOCAL`s, sent as one message: no round trip of their own), committed when `body`
-/// succeeds and rolled back when it fails.
+/// succeeds and rolled back when it fails or panics (`Open`).
 fn in_transaction<T>(
     conn: &mut Client,
     begin: &str,
     body: impl FnOnce(&mut Client) -> Result<T, postgres::Error>,
 ) -> Result<T, postgres::Error> {
     conn.batch_execute(begin)?;
-    match body(conn) {
-        Ok(v) => {
-            conn.batch_execute("COMMIT")?;
-            Ok(v)
+    let mut open = Open { conn, settled: false };
+    let value = body(open.conn)?;
+    // A failed COMMIT ends the transaction too: nothing is left to roll back.
+    open.settled = true;
+    open.conn.batch_execute("COMMIT")?;
+    Ok(value)
+}
+
+/// A transaction opened by `in_transaction`, rolled back when dropped unsettled (its body
+/// returned an error, or unwound from a panic), as `postgres::Transaction` is: the
+/// connection never goes back to the pool inside an open transaction holding row locks.
+struct Open<'c> {
+    conn: &'c mut Client,
+    settled: bool,
+}
+
+impl Drop for Open<'_> {
+    fn drop(&mut self) {
+        if self.settled {
+            return;
         }
-        Err(e) => {
-            if let Err(e2) = conn.batch_execute("ROLLBACK") {
-                log::debug!("could not roll back a failed transaction: {}", db::describe_error(&e2));
-            }
-            Err(e)
+        if let Err(e) = self.conn.batch_execute("ROLLBACK") {
+            log::debug!("could not roll back a failed transaction: {}", db::describe_error(&e));
         }
     }
 }
@@ -468,13 +540,18 @@ fn project_one(c: Claimed, sizes: &SizeLimits) -> Projected {
             None => fail(ErrorReason::InvalidPayload, format!("event {} was not loaded", c.event_id)),
         },
         (Some(Err(unreadable)), _) => fail(ErrorReason::InvalidPayload, unreadable.message()),
-        (Some(Ok(ev)), _) => match failpoint::check("project", Some(ev)) {
-            Hit::Error => fail(ErrorReason::InvalidPayload, "fail point project: injected error".to_string()),
-            Hit::Pass => match projection::project(ev) {
-                Ok(entry) => Ok(entry),
-                Err(e) => fail(e.error_reason(), e.to_string()),
-            },
-        },
+        // A panic here is a bug met by this one event: it fails alone, its batch goes on.
+        (Some(Ok(ev)), _) => {
+            match panics::catch_projection(c.outbox_id, c.event_id, || match failpoint::check("project", Some(ev)) {
+                Hit::Error => None,
+                Hit::Pass => Some(projection::project(ev)),
+            }) {
+                Ok(None) => fail(ErrorReason::InvalidPayload, "fail point project: injected error".to_string()),
+                Ok(Some(Ok(entry))) => Ok(entry),
+                Ok(Some(Err(e))) => fail(e.error_reason(), e.to_string()),
+                Err(message) => fail(ErrorReason::ProjectionPanicked, format!("the projection panicked: {message}")),
+            }
+        }
     };
     Projected { outbox_id: c.outbox_id, attempts: c.attempts, result }
 }
@@ -536,8 +613,11 @@ fn complete(
     })
 }
 
-/// The completion after a deterministic database error: each entry in its own savepoint;
-/// those the read model refuses fail with `rejected_by_read_model`, the rest are done.
+/// The completion after a deterministic database error: the rows this claim still holds
+/// are locked first (`outbox::lock_held`), so none is reclaimed before it is settled and
+/// none lost meanwhile gets an entry; then each of their entries in its own savepoint:
+/// those the read model refuses fail with `rejected_by_read_model`, the rest are done, and
+/// the deterministic failures among them fail. The rows lost are left to their new holder.
 /// Costs a round trip per entry, only on this rare path.
 fn complete_isolating(
     conn: &mut Client,
@@ -546,9 +626,11 @@ fn complete_isolating(
     token: Uuid,
 ) -> Result<Completed, postgres::Error> {
     let mut tx = conn.transaction()?;
+    let claimed: Vec<i64> = ok.iter().map(|(id, _)| *id).chain(failures.iter().map(|f| f.outbox_id)).collect();
+    let held = outbox::lock_held(&mut tx, &claimed, token)?;
     let mut written = Vec::new();
     let mut rejected = Vec::new();
-    for (id, entry) in ok {
+    for (id, entry) in ok.iter().filter(|(id, _)| held.contains(id)) {
         let mut sp = tx.savepoint("entry")?;
         match entries::upsert_entries(&mut sp, &[entry]) {
             Ok(_) => {
@@ -566,21 +648,11 @@ fn complete_isolating(
             Err(e) => return Err(e),
         }
     }
+    // Locked above: every row written is still held, and marked.
     let marked = outbox::mark_done(&mut tx, &written, token)?;
     let done: HashSet<i64> = marked.iter().map(|d| d.outbox_id).collect();
-    if done.len() != written.len() {
-        // Some rows were lost meanwhile: undo everything and let the next turn or the
-        // new holder handle them. Rolled back on drop.
-        let lost: Vec<i64> = written.iter().filter(|id| !done.contains(id)).copied().collect();
-        log::warn!("claim lost on rows {lost:?} while isolating a failure; nothing written for this batch");
-        return Ok(Completed {
-            done: HashSet::new(),
-            latencies: Vec::new(),
-            failed_reasons: Vec::new(),
-            rejected: Vec::new(),
-        });
-    }
-    let all_failures: Vec<Failure> = failures.iter().chain(&rejected).cloned().collect();
+    let all_failures: Vec<Failure> =
+        failures.iter().filter(|f| held.contains(&f.outbox_id)).chain(&rejected).cloned().collect();
     let failed_reasons = outbox::mark_failed(&mut tx, &all_failures, token)?;
     tx.commit()?;
     Ok(Completed { done, latencies: latencies(&marked), failed_reasons, rejected })

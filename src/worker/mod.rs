@@ -2,17 +2,20 @@
 //! sampler and the listener, started and stopped together.
 //!
 //! Each background service has one job and is a `*_once` function inside a dumb loop
-//! (River's shape): `reclaim_once`, `prune_once`, `claim::run_once`. A test can run one
-//! turn against a database without starting a worker (tests/worker.rs does for the
-//! reclaim loop). Database trouble never ends the process: every loop logs the change of
-//! state once, waits with backoff and resumes by itself. Signals are the command's
-//! business (`cmd/worker.rs`): it asks the worker to stop through `Shared`.
+//! (River's shape): `reclaim_once`, `prune_once`, `claim::ClaimThread::run_once`. A test
+//! can run one turn against a database without starting a worker (tests/worker.rs does
+//! for the reclaim loop). Database trouble never ends the process: every loop logs the
+//! change of state once, waits with backoff and resumes by itself. A panic in one of its
+//! threads outside a projection, a bug, does: every thread is stopped as on a stop, and the
+//! worker exits 70 (`panics`). Signals are the command's business (`cmd/worker.rs`): it
+//! asks the worker to stop through `Shared`.
 
 pub mod claim;
+pub mod panics;
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -24,8 +27,11 @@ use crate::config::WorkerConfig;
 use crate::db::{self, migrate};
 use crate::error::{AppError, Result};
 use crate::error_reason::ErrorReason;
+use crate::failpoint;
 use crate::metrics::{http, Metrics};
 use crate::outbox::{self, Analyze};
+
+use panics::ThreadPanic;
 
 /// State shared by the threads of one worker process.
 pub struct Shared {
@@ -57,6 +63,8 @@ pub struct Shared {
     /// The channel only this process's listener listens on: shutdown notifies it, so the
     /// listener stops at once instead of at the end of its wait for notifications.
     stop_channel: String,
+    /// The first panic outside a projection (`panics`): the worker stops, and exits 70.
+    panicked: OnceLock<ThreadPanic>,
 }
 
 impl Shared {
@@ -76,6 +84,7 @@ impl Shared {
             work_span: Mutex::new(None),
             outbox_analyze_refused: AtomicBool::new(false),
             stop_channel: format!("chronicle_stop_{}", Uuid::now_v7().simple()),
+            panicked: OnceLock::new(),
         })
     }
 
@@ -86,6 +95,32 @@ impl Shared {
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::SeqCst);
         self.wake_all();
+    }
+
+    /// A thread panicked outside a projection (the panic hook, `panics::install_hook`): the
+    /// worker is not ready from now on, and stops. It runs on the panicking thread, so it
+    /// takes no lock that thread could hold when it panics (only the wake-up's, for a
+    /// moment).
+    pub fn thread_panicked(&self, panic: ThreadPanic) {
+        let _ = self.panicked.set(panic);
+        self.stop.store(true, Ordering::SeqCst);
+        self.ready.store(false, Ordering::SeqCst);
+        self.wake_all();
+    }
+
+    /// The first panic outside a projection, if one happened.
+    pub fn panicked(&self) -> Option<&ThreadPanic> {
+        self.panicked.get()
+    }
+
+    /// Says the worker is ready (the database answers and has our schema), unless it is
+    /// stopping: stored first and checked after, so a panic's `thread_panicked` cannot be
+    /// overwritten by a readiness noted just before it.
+    pub fn mark_ready(&self) {
+        self.ready.store(true, Ordering::SeqCst);
+        if self.stopping() {
+            self.ready.store(false, Ordering::SeqCst);
+        }
     }
 
     pub fn wake_all(&self) {
@@ -189,14 +224,24 @@ impl Default for Reconnect {
 }
 
 /// How long shutdown waits for in-flight batches before cancelling them and releasing
-/// their rows: well within the lease.
-fn shutdown_grace(lease: Duration) -> Duration {
+/// their rows: well within the lease; after a panic, short, so the worker is gone within
+/// 2 s of it.
+fn shutdown_grace(lease: Duration, panicked: bool) -> Duration {
+    if panicked {
+        return Duration::from_millis(500);
+    }
     (lease / 3).clamp(Duration::from_millis(200), Duration::from_secs(5))
 }
 
 /// Runs the worker until stopped (`Shared::request_stop`, which the command's signal
-/// handler calls; `OUTBOX_RUN_SECONDS`; or `until_empty`).
+/// handler calls; `OUTBOX_RUN_SECONDS`; or `until_empty`), or until a thread panics
+/// outside a projection: then every thread is stopped and the claims given back as on a
+/// stop, and the result is an error of kind `Panicked` (exit 70).
 pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
+    {
+        let s = shared.clone();
+        panics::install_hook(move |p| s.thread_panicked(p));
+    }
     let cfg = &shared.cfg;
     // Unusable TLS settings (an unreadable sslrootcert) are a configuration error, found
     // before anything connects.
@@ -209,8 +254,10 @@ pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
     // database never answers.
     let started = Instant::now();
     if !wait_for_schema(&shared, started)? {
-        log::info!("stopped before the database was reachable");
-        return Ok(());
+        if shared.panicked().is_none() {
+            log::info!("stopped before the database was reachable");
+        }
+        return outcome(&shared);
     }
     log::info!(
         "worker {} started: concurrency {}, batch {}, lease {:?}, max attempts {}{}",
@@ -241,14 +288,14 @@ pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
     let mut services = Vec::new();
     {
         let (s, p) = (shared.clone(), pool.clone());
-        services.push(spawn("reclaim", move || every(&s, s.cfg.reclaim_interval, || reclaim_once(&s, &p)))?);
+        services.push(spawn("reclaim", move || every(&s, "reclaim", s.cfg.reclaim_interval, || reclaim_once(&s, &p)))?);
         let (s, p) = (shared.clone(), pool.clone());
         let tick = (s.cfg.lease / 3).min(s.cfg.reclaim_interval);
-        services.push(spawn("lease-keeper", move || every(&s, tick, || extend_leases_once(&s, &p)))?);
+        services.push(spawn("lease-keeper", move || every(&s, "lease-keeper", tick, || extend_leases_once(&s, &p)))?);
         let (s, p) = (shared.clone(), pool.clone());
         services.push(spawn("gauges", move || {
             let mut last_run_seen = 0;
-            every(&s, Duration::from_secs(1), || sample_gauges_once(&s, &p, &mut last_run_seen))
+            every(&s, "gauges", Duration::from_secs(1), || sample_gauges_once(&s, &p, &mut last_run_seen))
         })?);
         if shared.cfg.listen {
             let s = shared.clone();
@@ -257,31 +304,61 @@ pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
         if let Some(retention) = cfg.done_retention {
             let (s, p) = (shared.clone(), pool.clone());
             let tick = (retention / 10).clamp(Duration::from_secs(1), Duration::from_secs(60));
-            services.push(spawn("prune", move || every(&s, tick, || prune_once(&s, &p, retention)))?);
+            services.push(spawn("prune", move || every(&s, "prune", tick, || prune_once(&s, &p, retention)))?);
         }
     }
 
     supervise(&shared, &active_claimers, started);
     shutdown(&shared, &pool, claimers, services);
     log_exit(&shared, &pool);
-    log::info!("worker {} stopped", shared.cfg.worker_id);
-    Ok(())
+    outcome(&shared)
 }
 
-/// The worker's sessions carry a statement timeout, so nothing waits forever on a lock.
+/// How the worker ended: stopped, or stopped by a panic (a bug: exit 70).
+fn outcome(shared: &Shared) -> Result<()> {
+    match shared.panicked() {
+        None => {
+            log::info!("worker {} stopped", shared.cfg.worker_id);
+            Ok(())
+        }
+        Some(p) => {
+            shared.ready.store(false, Ordering::SeqCst);
+            Err(AppError::panicked(format!(
+                "worker {} stopped: its thread {} panicked ({}); this is a bug in chronicle",
+                shared.cfg.worker_id, p.thread, p.message
+            )))
+        }
+    }
+}
+
+/// The worker's sessions carry a statement timeout, so nothing waits forever on a lock,
+/// and an idle-in-transaction timeout of the longer of it and the lease: the worker sends
+/// a transaction's statements back to back, so a transaction left idle that long belongs
+/// to a thread that is stuck, and the server ends it rather than let its row locks hold
+/// the rows past their lease (the reclaim loop skips locked rows).
 fn session_url(cfg: &WorkerConfig) -> crate::config::DbUrl {
     let mut url = cfg.database_url.clone();
     let ms = cfg.statement_timeout.as_millis().max(1);
-    let options = format!("{} -c statement_timeout={ms}", url.config.get_options().unwrap_or("")).trim().to_string();
+    let idle_ms = cfg.statement_timeout.max(cfg.lease).as_millis().max(1);
+    let options = format!(
+        "{} -c statement_timeout={ms} -c idle_in_transaction_session_timeout={idle_ms}",
+        url.config.get_options().unwrap_or("")
+    )
+    .trim()
+    .to_string();
     url.config.options(&options);
     url.config.application_name(&format!("chronicle worker {}", cfg.worker_id));
     url
 }
 
+/// Starts one of the worker's own threads (`panics::own_thread`).
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name(name.to_string())
-        .spawn(f)
+        .spawn(move || {
+            panics::own_thread();
+            f()
+        })
         .map_err(|e| AppError::failed(format!("cannot start thread {name}: {e}")).caused_by(e))
 }
 
@@ -340,9 +417,11 @@ fn wait_for_schema(shared: &Shared, started: Instant) -> Result<bool> {
     }
 }
 
-/// Runs `f` now and then every `interval` until stop.
-fn every(shared: &Shared, interval: Duration, mut f: impl FnMut()) {
+/// Runs `f` now and then every `interval` until stop; each turn passes the fail point
+/// `name` first.
+fn every(shared: &Shared, name: &str, interval: Duration, mut f: impl FnMut()) {
     while !shared.stopping() {
+        failpoint::check(name, None);
         f();
         shared.idle_wait(interval);
     }
@@ -429,7 +508,7 @@ fn sample_gauges_once(shared: &Shared, pool: &db::Pool, last_run_seen: &mut i64)
     let Some(mut c) = pooled(shared, pool, "gauges") else { return };
     match outbox::sample_gauges(&mut *c, shared.cfg.max_processing) {
         Ok(g) => {
-            shared.ready.store(true, Ordering::Relaxed);
+            shared.mark_ready();
             if let Ok(mut slot) = shared.metrics.gauges.lock() {
                 *slot = Some(g);
             }
@@ -506,6 +585,7 @@ fn listen_loop(shared: &Shared) {
             if shared.stopping() {
                 return;
             }
+            failpoint::check("listener", None);
             // A fresh iterator each turn: the driver's timeout is not re-armed after it
             // fires once, and a spent one returns at once without ever waiting on the
             // socket again (a busy loop that never sees a notification).
@@ -606,9 +686,10 @@ fn log_exit(shared: &Shared, pool: &db::Pool) {
 /// wait.
 fn shutdown(shared: &Shared, pool: &db::Pool, claimers: Vec<JoinHandle<()>>, services: Vec<JoinHandle<()>>) {
     shared.request_stop();
-    let grace = shutdown_grace(shared.cfg.lease);
+    let panicked = shared.panicked().is_some();
+    let grace = shutdown_grace(shared.cfg.lease, panicked);
     let mut finished = wait_finished(&claimers, Instant::now() + grace);
-    let hard_deadline = Instant::now() + grace + Duration::from_secs(2);
+    let hard_deadline = Instant::now() + grace + Duration::from_secs(if panicked { 1 } else { 2 });
     if !finished {
         log::warn!("in-flight batches did not finish within {grace:?}: interrupting them and releasing their rows");
         // A cancel stops only the statement running when it arrives: a thread between two
@@ -629,8 +710,32 @@ fn shutdown(shared: &Shared, pool: &db::Pool, claimers: Vec<JoinHandle<()>>, ser
     }
     for h in claimers.into_iter().chain(services) {
         if wait_finished(std::slice::from_ref(&h), hard_deadline) {
+            // A panic was seen by the panic hook already (`Shared::thread_panicked`).
             let _ = h.join();
         }
+    }
+    release_held_claims(shared, pool);
+}
+
+/// Gives back, with their attempt, the rows of every claim still held once the threads
+/// have stopped: a claim thread that panicked could not, nor one that did not finish in
+/// time. Otherwise they would wait for their lease, or for `OUTBOX_MAX_PROCESSING_SECONDS`.
+fn release_held_claims(shared: &Shared, pool: &db::Pool) {
+    let tokens: Vec<Uuid> = shared.held_claims.lock().map(|mut h| h.drain().collect()).unwrap_or_default();
+    if tokens.is_empty() {
+        return;
+    }
+    let released = pool
+        .get_timeout(Duration::from_secs(1))
+        .map_err(|e| e.to_string())
+        .and_then(|mut c| outbox::release_claims(&mut *c, &tokens).map_err(|e| db::describe_error(&e)));
+    match released {
+        Ok(n) => log::info!("gave back {n} row(s) of {} claim(s) left held at shutdown", tokens.len()),
+        Err(e) => log::warn!(
+            "could not give back the rows of {} claim(s) left held at shutdown (the reclaim loop of a worker \
+             will, once their lease expires): {e}",
+            tokens.len()
+        ),
     }
 }
 

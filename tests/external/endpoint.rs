@@ -100,7 +100,7 @@ fn every_metric_moves_as_the_worker_drains() {
     assert!(batches >= (N / 20) as f64, "batches observed: {batches}");
     assert!(at("chronicle_outbox_batch_duration_seconds_sum", &[]) > 0.0);
     assert_eq!(at("chronicle_outbox_batch_duration_seconds_bucket", &[("le", "+Inf")]), batches);
-    for other in ["invalid_payload", "rejected_by_read_model", "max_attempts_exceeded"] {
+    for other in ["invalid_payload", "rejected_by_read_model", "max_attempts_exceeded", "projection_panicked"] {
         assert_eq!(at("chronicle_outbox_terminal_failed_total", &[("error_reason", other)]), 0.0, "{other}");
     }
     for quiet in [
