@@ -26,18 +26,24 @@ pub fn help() -> String {
 
   (no mode flag)   re-project every event over the existing entries (upsert)
   --truncate       empty chronicle_entries first, then re-project
-  --emit-outbox    enqueue one pending delivery per event (not for events that already have
-                   a pending or processing one) for the workers, instead of projecting here;
-                   with --truncate, the read model is emptied first (the runbook's pair)
+  --emit-outbox    give every event one pending delivery for the workers, instead of
+                   projecting here: a new one, or its failed one sent back (replayed, with
+                   the audit), or the pending or processing one it already has (counted in
+                   the run); with --truncate, the read model is emptied first (the
+                   runbook's pair). The run is finished when its deliveries are; it
+                   succeeds only if none failed and every event it delivered has an entry
   --swap           zero downtime: build a shadow table while the old one keeps serving,
                    catch up with events written meanwhile, then swap the two in one short
                    transaction, keeping indexes, constraints, row-level security, policies
                    and grants. Readers never see an empty or half-built timeline.
 
 Events that cannot be projected are counted by error_reason and recorded as failed
-deliveries (see `chronicle status`, `chronicle replay-failed`); the rebuild goes on and
-exits 1 at the end. Every run is recorded in chronicle_rebuild_runs. Progress goes to
-stderr. Only one rebuild runs at a time per database.
+deliveries, one per event however many runs fail it (see `chronicle status`,
+`chronicle replay-failed`); the rebuild goes on and exits 1 at the end. An event whose
+delivery had failed and whose entry the rebuild writes has that delivery closed (done,
+recorded in its replay audit). Every run is recorded in chronicle_rebuild_runs with its
+verdict and, when it failed, why. Progress goes to stderr. Only one rebuild runs at a
+time per database.
 
 USAGE:
     chronicle rebuild [--truncate] [--emit-outbox | --swap] [--library-id ID] [--batch-size N]
@@ -54,7 +60,9 @@ FLAGS:
       connection). Not used by --emit-outbox.
   --json
       Print the report as JSON: {{\"run_id\", \"mode\", \"library_id\", \"events_total\",
-      \"rows_written\", \"failures\", \"failures_by_reason\", \"seconds\", \"swap_lock_held_ms\"}}.
+      \"rows_written\", \"failures\", \"failures_by_reason\", \"failures_resolved\", \"deliveries\",
+      \"seconds\", \"swap_lock_held_ms\"}}; deliveries (--emit-outbox, else null):
+      {{\"new\", \"replayed\", \"adopted\"}}.
 
 EXAMPLES:
     chronicle rebuild --truncate
@@ -164,6 +172,10 @@ pub fn run(args: Args) -> Result<()> {
             "rows_written": report.rows_written,
             "failures": report.failures(),
             "failures_by_reason": report.failures_by_reason,
+            "failures_resolved": report.failures_resolved,
+            "deliveries": report.queued.map(|q| serde_json::json!({
+                "new": q.new, "replayed": q.replayed, "adopted": q.adopted,
+            })),
             "seconds": report.seconds,
             "swap_lock_held_ms": report.swap_lock_held.map(|d| d.as_secs_f64() * 1000.0),
         });
@@ -183,6 +195,16 @@ pub fn run(args: Args) -> Result<()> {
             report.failures(),
             report.seconds
         );
+        if let Some(q) = report.queued {
+            println!(
+                "  deliveries: {} new, {} failed ones sent again (replayed), {} already waiting (counted in this run); \
+                 the run is finished when the workers have delivered them (chronicle status shows its verdict)",
+                q.new, q.replayed, q.adopted
+            );
+        }
+        if report.failures_resolved > 0 {
+            println!("  {} failed deliveries closed: this run wrote their events' entries", report.failures_resolved);
+        }
         if let Some(held) = report.swap_lock_held {
             println!("swap: the read model was locked for {:.1} ms", held.as_secs_f64() * 1000.0);
         }
@@ -190,11 +212,8 @@ pub fn run(args: Args) -> Result<()> {
             println!("  failed {reason}: {n} (recorded as failed deliveries; see chronicle status, replay-failed)");
         }
     }
-    if report.failures() > 0 {
-        return Err(AppError::failed(format!(
-            "{} event(s) could not be projected; the rest of the rebuild was done",
-            report.failures()
-        )));
+    if let Some(why) = report.failure_message() {
+        return Err(AppError::failed(format!("{why}; the rest of the rebuild was done")));
     }
     Ok(())
 }

@@ -16,8 +16,9 @@ const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_UR
 pub fn help() -> String {
     format!(
         "Answer \"is the projector healthy?\" in one read-only snapshot: the outbox by state (with
-the age of the oldest pending row and the stuck rows), failed rows by error_reason with an
-example event each, events against entries (and events that have no entry), and the last
+the age of the oldest pending row and the stuck rows), the failing events (those whose
+current delivery failed, each counted once however many failed deliveries it has) by
+error_reason with an example event each, events against entries (and events that have no entry), and the last
 rebuild run. Informational: exits 0 whatever it finds (3 if the database is unreachable).
 
 Exact counts read the events, the entries and the whole outbox, which takes seconds on tens
@@ -132,12 +133,12 @@ pub fn render_text(st: &Status) -> String {
     s.push_str(&format!("  processing  {:>12}   stuck: {}\n", o.processing, o.stuck));
     let about = if st.counts == Counts::Estimated { "~" } else { " " };
     s.push_str(&format!("  done       {about}{:>12}\n", o.done));
-    s.push_str(&format!("  failed      {:>12}\n", o.failed));
-    s.push_str("\nFAILED BY REASON\n");
+    s.push_str(&format!("  failed      {:>12}   events whose delivery failed, each counted once\n", o.failed));
+    s.push_str("\nFAILED BY REASON (events)\n");
     if st.failed_by_reason.is_empty() {
         s.push_str("  (none)\n");
     } else {
-        s.push_str(&format!("  {:<24} {:>10}  {}\n", "error_reason", "count", "example event"));
+        s.push_str(&format!("  {:<24} {:>10}  {}\n", "error_reason", "events", "example event"));
         for f in &st.failed_by_reason {
             s.push_str(&format!(
                 "  {:<24} {:>10}  {}\n",
