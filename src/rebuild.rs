@@ -754,3 +754,22 @@ pub fn finished_runs_after(
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_with_failures_says_how_many_of_how_many_and_why() {
+        let mut r = Report { events_total: 203, ..Default::default() };
+        assert_eq!(r.failure_message(), None);
+        r.failures_by_reason.insert("unknown_event_type".into(), 2);
+        r.failures_by_reason.insert("invalid_payload".into(), 1);
+        let m = r.failure_message().unwrap();
+        assert!(
+            m.starts_with("3 of 203 event(s) could not be projected (invalid_payload 1, unknown_event_type 2)"),
+            "{m}"
+        );
+        assert!(m.contains("replay-failed"), "{m}");
+    }
+}

@@ -549,8 +549,8 @@ fn last_rebuild(db: &TestDb) -> (Value, String) {
 }
 
 /// A worker with its metrics endpoint on, until `cond` holds of its metrics (then it is
-/// stopped): closes the `--emit-outbox` runs and samples the gauges.
-fn worker_until(db: &TestDb, what: &str, cond: impl Fn(&str) -> bool) {
+/// stopped): closes the `--emit-outbox` runs and samples the gauges. Returns the metrics.
+fn worker_until(db: &TestDb, what: &str, cond: impl Fn(&str) -> bool) -> String {
     let port = crate::util::free_port();
     let mut child = worker_cmd(db, &[])
         .env("OUTBOX_METRICS_PORT", port.to_string())
@@ -570,6 +570,7 @@ fn worker_until(db: &TestDb, what: &str, cond: impl Fn(&str) -> bool) {
     if ok.is_err() {
         panic!("timed out waiting for {what}; last metrics:\n{seen}");
     }
+    seen
 }
 
 /// Three events that cannot be projected are three failing events whatever the operator
@@ -624,11 +625,13 @@ fn failing_events_are_counted_once_through_replays_and_rebuilds() {
         drain(&db);
         assert_failing(&db, &mut c, 3, &format!("round {round}: after rebuild --emit-outbox"));
         // A worker closes the run; its gauge counts the failing events too.
-        worker_until(&db, "the failed gauge and the rebuild run's end", |m| {
+        let metrics = worker_until(&db, "the failed gauge and the rebuild run's end", |m| {
             m.contains("chronicle_rebuild_last_finished_timestamp_seconds{")
                 && crate::util::metric_sum(m, "chronicle_outbox_failed_events") == 3.0
                 && count(&mut db.client(), "SELECT count(*) FROM chronicle_rebuild_runs WHERE finished_at IS NULL") == 0
         });
+        // No run succeeded: the metrics say the last rebuild failed (ChronicleRebuildFailed).
+        assert!(!metrics.contains("chronicle_rebuild_last_success_timestamp_seconds{"), "{metrics}");
         let (run_row, text) = last_rebuild(&db);
         assert_eq!(run_row["mode"], "emit-outbox", "{run_row}");
         assert_eq!(run_row["success"], false, "three events have no entry: {run_row}");

@@ -30,8 +30,9 @@ error and error_reason stay readable until the row succeeds. Rows held by someon
 skipped (SKIP LOCKED), so it is safe while workers run. Only failed rows are ever touched.
 
 A failed row whose event already has a pending or processing delivery is left failed and
-reported (one live delivery per event); of several failed rows of one event, only the
-newest is replayed (the others are reported the same way).
+reported (one open delivery per event); of several failed rows of one event, only the
+newest is replayed (the others are reported the same way: they are history, and
+`chronicle status` counts the event once).
 
 USAGE:
     chronicle replay-failed --by WHO --reason TEXT [--limit N] [FILTERS] [--dry-run] [--json]
