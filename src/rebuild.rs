@@ -181,9 +181,11 @@ const RECORD_QUEUED: &str = "
     WHERE id = $1";
 
 /// Closes the queued runs none of whose deliveries is pending or processing any more:
-/// finished when the last one was, successful only when none failed and every event it
-/// delivered has an entry; otherwise its `error` says how many failed (by reason) and how
-/// many of its events have no entry. Runs held by another worker's statement are left to
+/// finished when the last one was, successful only when none failed (and so every event
+/// it delivered has an entry: the run has one delivery per event of its scope, and a done
+/// delivery wrote its entry); otherwise its `error` says how many failed (by reason) and
+/// how many of those events have no entry (an event whose projection failed may still
+/// have an older entry). Runs held by another worker's statement are left to
 /// it (SKIP LOCKED).
 const FINISH_QUEUED_RUNS: &str = "
     WITH closing AS (
@@ -196,8 +198,10 @@ const FINISH_QUEUED_RUNS: &str = "
         SELECT o.rebuild_run_id AS id,
                count(*) FILTER (WHERE o.status = 'done') AS done,
                count(*) FILTER (WHERE o.status = 'failed') AS failed,
-               count(*) FILTER (WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = o.event_id))
-                   AS without_entry,
+               -- A done delivery wrote its entry; only a failed one's event is looked up.
+               count(*) FILTER (WHERE CASE WHEN o.status = 'failed'
+                                           THEN NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = o.event_id)
+                                           ELSE false END) AS without_entry,
                count(*) AS deliveries,
                max(o.processed_at) AS last
         FROM chronicle_outbox_events o JOIN closing c ON o.rebuild_run_id = c.id
