@@ -137,8 +137,9 @@ impl Report {
         let n = self.failures();
         (n > 0).then(|| {
             format!(
-                "{n} of {} event(s) could not be projected ({}); they have no entry from this run and are \
-                 failed deliveries: chronicle status lists them, chronicle replay-failed sends them again once fixed",
+                "{n} of {} event(s) could not be projected ({}); they have no entry from this run, and each keeps \
+                 one delivery, failed (or still pending): chronicle status lists the failed ones, chronicle \
+                 replay-failed sends them again once fixed",
                 self.events_total,
                 reasons_text(&self.failures_by_reason)
             )

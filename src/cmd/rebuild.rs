@@ -209,7 +209,7 @@ pub fn run(args: Args) -> Result<()> {
             println!("swap: the read model was locked for {:.1} ms", held.as_secs_f64() * 1000.0);
         }
         for (reason, n) in &report.failures_by_reason {
-            println!("  failed {reason}: {n} (recorded as failed deliveries; see chronicle status, replay-failed)");
+            println!("  failed {reason}: {n} (one failed delivery per event; see chronicle status, replay-failed)");
         }
     }
     if let Some(why) = report.failure_message() {
