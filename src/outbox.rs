@@ -9,6 +9,10 @@
 //!    ▲                        │ ├──mark_failed──▶ failed ──replay (ops)──▶ pending
 //!    └──schedule_retry / release_claim / reclaim_stuck (attempts ≥ max: failed)
 //! ```
+//!
+//! The operations keep one open delivery per event (DESIGN §3): a rebuild records a
+//! failure on the event's failed delivery, revives it (`--emit-outbox`), or closes it
+//! (failed → done) when it wrote the event's entry.
 
 use std::time::Duration;
 
@@ -1003,16 +1007,18 @@ pub const RECORD_FAILED_DELIVERIES: &str = concat!(
 
 /// failed → done, for a `rebuild` that wrote the entries itself (run `$1`, scope `$2`):
 /// an event whose current delivery failed and whose entry this run wrote (projected
-/// since the run started) is projected; its failed delivery is closed, recorded in the
-/// replay audit (`$3` who, `$4` why) as a replay that succeeded at once. Returns how many.
+/// since the run started) is projected; its failed delivery is closed. The row says by
+/// what: `rebuild_run_id` is the run (its row says who started it), and `error` keeps
+/// the failure it had, after `$3` (the run's note). The replay audit is left as it is:
+/// it records the replays, not this. Returns how many.
 pub const RESOLVE_FAILED_BY_REBUILD: &str = concat!(
     "
     WITH resolved AS (
         UPDATE chronicle_outbox_events f
-        SET status = 'done', processed_at = now(), error_reason = NULL, error = NULL,
-            next_retry_at = NULL, claim_token = NULL, lease_until = NULL,
-            replay_count = f.replay_count + 1, last_replayed_at = now(),
-            last_replayed_by = $3, last_replayed_reason = $4, updated_at = now()
+        SET status = 'done', processed_at = now(), error_reason = NULL,
+            error = $3 || ' (it had failed: ' || coalesce(f.error_reason, 'no reason') || ': ' || coalesce(f.error, '') || ')',
+            next_retry_at = NULL, claim_token = NULL, lease_until = NULL, rebuild_run_id = $1,
+            updated_at = now()
         FROM chronicle_rebuild_runs r, chronicle_entries n
         WHERE r.id = $1 AND n.id = f.event_id AND n.projected_at >= r.started_at
           AND ($2::uuid IS NULL OR n.library_id = $2) AND ",

@@ -184,9 +184,9 @@ const RECORD_QUEUED: &str = "
 /// Closes the queued runs none of whose deliveries is pending or processing any more:
 /// finished when the last one was, successful only when none failed (and so every event
 /// it delivered has an entry: the run has one delivery per event of its scope, and a done
-/// delivery wrote its entry); otherwise its `error` says how many failed (by reason) and
-/// how many of those events have no entry (an event whose projection failed may still
-/// have an older entry). Runs held by another worker's statement are left to
+/// delivery wrote its entry); otherwise its `error` says how many failed, by reason: those
+/// events have no entry from it. It reads no entry: the worker's gauge sampler runs it,
+/// and must not wait on a lock of the read model (a `--swap`, a DDL). Runs held by another worker's statement are left to
 /// it (SKIP LOCKED).
 const FINISH_QUEUED_RUNS: &str = "
     WITH closing AS (
@@ -199,10 +199,6 @@ const FINISH_QUEUED_RUNS: &str = "
         SELECT o.rebuild_run_id AS id,
                count(*) FILTER (WHERE o.status = 'done') AS done,
                count(*) FILTER (WHERE o.status = 'failed') AS failed,
-               -- A done delivery wrote its entry; only a failed one's event is looked up.
-               count(*) FILTER (WHERE CASE WHEN o.status = 'failed'
-                                           THEN NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = o.event_id)
-                                           ELSE false END) AS without_entry,
                count(*) AS deliveries,
                max(o.processed_at) AS last
         FROM chronicle_outbox_events o JOIN closing c ON o.rebuild_run_id = c.id
@@ -220,13 +216,12 @@ const FINISH_QUEUED_RUNS: &str = "
         rows_written = coalesce(t.done, 0),
         failures = coalesce(t.failed, 0),
         failures_by_reason = coalesce(rs.by_reason, '{}'),
-        success = coalesce(t.failed, 0) = 0 AND coalesce(t.without_entry, 0) = 0 AND r.error IS NULL,
+        success = coalesce(t.failed, 0) = 0 AND r.error IS NULL,
         error = concat_ws('; ', r.error,
             CASE WHEN t.failed > 0 THEN format(
-                '%s of its %s deliveries failed (%s): chronicle status lists them, chronicle replay-failed '
-                'sends them again once fixed', t.failed, t.deliveries, rs.text) END,
-            CASE WHEN t.without_entry > 0 THEN format(
-                '%s of the %s events it delivered have no entry', t.without_entry, t.deliveries) END)
+                '%s of its %s deliveries failed (%s), so %s of the events it delivered have no entry from it: '
+                'chronicle status lists them, chronicle replay-failed sends them again once fixed',
+                t.failed, t.deliveries, rs.text, t.failed) END)
     FROM closing c LEFT JOIN tally t USING (id) LEFT JOIN reasons rs USING (id)
     WHERE r.id = c.id
     RETURNING r.id";
@@ -278,15 +273,8 @@ fn run_locked(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Prog
         return outcome.map(|()| report);
     }
     // Entries written by this run close the failed deliveries of their events.
-    let resolved = client.query_one(
-        outbox::RESOLVE_FAILED_BY_REBUILD,
-        &[
-            &run_id,
-            &opts.library_id,
-            &opts.started_by,
-            &format!("rebuild run #{run_id} ({}) wrote its entry", opts.mode.name()),
-        ],
-    );
+    let note = format!("closed by rebuild run #{run_id} ({}), which wrote the event's entry", opts.mode.name());
+    let resolved = client.query_one(outbox::RESOLVE_FAILED_BY_REBUILD, &[&run_id, &opts.library_id, &note]);
     match resolved.and_then(|r| r.try_get::<_, i64>(0)) {
         Ok(n) => report.failures_resolved = n.max(0) as u64,
         Err(e) => log::warn!(

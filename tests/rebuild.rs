@@ -637,8 +637,12 @@ fn failing_events_are_counted_once_through_replays_and_rebuilds() {
         assert_eq!(run_row["success"], false, "three events have no entry: {run_row}");
         assert_eq!((run_row["rows_written"].as_i64(), run_row["failures"].as_i64()), (Some(200), Some(3)));
         let error = run_row["error"].as_str().unwrap_or_default();
-        assert!(error.contains("3 of its 203 deliveries failed (unknown_event_type 3)"), "{run_row}");
-        assert!(error.contains("3 of the 203 events it delivered have no entry"), "{run_row}");
+        assert!(
+            error.contains(
+                "3 of its 203 deliveries failed (unknown_event_type 3), so 3 of the events it delivered have no entry"
+            ),
+            "{run_row}"
+        );
         assert!(text.contains("FAILED: 3 of its 203 deliveries failed"), "{text}");
     }
 
@@ -662,7 +666,8 @@ fn failing_events_are_counted_once_through_replays_and_rebuilds() {
 }
 
 /// Once the cause is fixed, a rebuild that writes an event's entry closes its failed
-/// delivery (`done`, recorded in its replay audit): the event is no longer failing.
+/// delivery (`done`, naming the run and keeping the failure it had; its replay audit is
+/// left to replays): the event is no longer failing.
 #[test]
 fn a_rebuild_that_projects_a_failed_event_closes_its_failed_delivery() {
     let db = injected_and_drained("50");
@@ -683,16 +688,18 @@ fn a_rebuild_that_projects_a_failed_event_closes_its_failed_delivery() {
     assert_failing(&db, &mut c, 0, "after the rebuild");
     let row = c
         .query_one(
-            "SELECT status, replay_count, last_replayed_by, last_replayed_reason, error FROM chronicle_outbox_events
-             WHERE event_id = $1 ORDER BY id DESC LIMIT 1",
+            "SELECT status, replay_count, last_replayed_by, rebuild_run_id, error, error_reason
+             FROM chronicle_outbox_events WHERE event_id = $1 ORDER BY id DESC LIMIT 1",
             &[&good],
         )
         .unwrap();
-    assert_eq!(row.get::<_, String>(0), "done");
-    assert_eq!(row.get::<_, i32>(1), 1);
-    assert!(row.get::<_, Option<String>>(2).is_some());
-    assert!(row.get::<_, String>(3).contains("wrote its entry"), "{:?}", row.get::<_, String>(3));
-    assert_eq!(row.get::<_, Option<String>>(4), None);
     let (run_row, _) = last_rebuild(&db);
+    assert_eq!(row.get::<_, String>(0), "done");
+    assert_eq!((row.get::<_, i32>(1), row.get::<_, Option<String>>(2)), (0, None), "not a replay");
+    assert_eq!(row.get::<_, Option<i64>>(3), run_row["id"].as_i64());
+    let error: String = row.get(4);
+    assert!(error.starts_with(&format!("closed by rebuild run #{} (truncate)", run_row["id"])), "{error}");
+    assert!(error.ends_with("(it had failed: invalid_payload: before the fix)"), "{error}");
+    assert_eq!(row.get::<_, Option<String>>(5), None);
     assert_eq!((run_row["success"].as_bool(), run_row["error"].as_str()), (Some(true), None), "{run_row}");
 }

@@ -41,7 +41,7 @@ Events that cannot be projected are counted by error_reason and recorded as fail
 deliveries, one per event however many runs fail it (see `chronicle status`,
 `chronicle replay-failed`); the rebuild goes on and exits 1 at the end. An event whose
 delivery had failed and whose entry the rebuild writes has that delivery closed (done,
-recorded in its replay audit). Every run is recorded in chronicle_rebuild_runs with its
+naming the run, keeping the failure it had). Every run is recorded in chronicle_rebuild_runs with its
 verdict and, when it failed, why. Progress goes to stderr. Only one rebuild runs at a
 time per database.
 
