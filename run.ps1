@@ -714,7 +714,7 @@ function Verb-Smoke([string[]]$Arguments) {
       $problems += "$($st.Processing) outbox row(s) still processing after the worker stopped (another worker on this database?)"
     }
     if ($st.Failed -gt 0) {
-      $problems += "$($st.Failed) outbox row(s) failed: see chronicle status and chronicle show EVENT_ID; after the fix, chronicle replay-failed"
+      $problems += "$($st.Failed) event(s) failing (their delivery failed): see chronicle status and chronicle show EVENT_ID; after the fix, chronicle replay-failed"
     }
     if ($st.Entries -le $before) {
       $problems += "chronicle_entries did not grow ($before before, $($st.Entries) after): the worker projected nothing new in $env:OUTBOX_RUN_SECONDS s"

@@ -592,7 +592,7 @@ verb_smoke() {
       problems+=("$ST_PROCESSING outbox row(s) still processing after the worker stopped (another worker on this database?)")
     fi
     if (( ST_FAILED > 0 )); then
-      problems+=("$ST_FAILED outbox row(s) failed: see chronicle status and chronicle show EVENT_ID; after the fix, chronicle replay-failed")
+      problems+=("$ST_FAILED event(s) failing (their delivery failed): see chronicle status and chronicle show EVENT_ID; after the fix, chronicle replay-failed")
     fi
     if (( ST_ENTRIES <= before )); then
       problems+=("chronicle_entries did not grow ($before before, $ST_ENTRIES after): the worker projected nothing new in $OUTBOX_RUN_SECONDS s")

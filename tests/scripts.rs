@@ -114,7 +114,7 @@ fn smoke_fails_on_a_failed_row() {
     let r = smoke(&db.url());
     assert_eq!(r.code, Some(1), "{r}");
     assert!(r.stderr.contains("smoke run FAILED"), "{r}");
-    assert!(r.stderr.contains("1 outbox row(s) failed"), "{r}");
+    assert!(r.stderr.contains("1 event(s) failing (their delivery failed)"), "{r}");
     assert!(!r.stdout.contains("smoke run OK"), "{r}");
 }
 
