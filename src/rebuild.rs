@@ -326,13 +326,29 @@ fn run_mode(
     match opts.mode {
         Mode::EmitOutbox | Mode::TruncateEmitOutbox => {
             let why = format!("rebuild run #{} ({}) delivers every event again", report.run_id, opts.mode.name());
-            let queued = client
-                .query_one(outbox::ENQUEUE_FOR_REBUILD, &[&opts.library_id, &report.run_id, &opts.started_by, &why])
-                .and_then(|r| {
-                    let n = |i: usize| r.try_get::<_, i64>(i).map(|n| n.max(0) as u64);
-                    Ok(Queued { new: n(0)?, replayed: n(1)?, adopted: n(2)? })
-                })
-                .map_err(|e| AppError::db("while enqueueing deliveries", e))?;
+            // One statement: it adopts the live deliveries, locking them, so it may meet a
+            // worker completing some of them (a deadlock, a serialization failure): then
+            // it is tried again, as a batch write is.
+            let mut retries = 0;
+            let queued = loop {
+                let attempt = client
+                    .query_one(outbox::ENQUEUE_FOR_REBUILD, &[&opts.library_id, &report.run_id, &opts.started_by, &why])
+                    .and_then(|r| {
+                        let n = |i: usize| r.try_get::<_, i64>(i).map(|n| n.max(0) as u64);
+                        Ok(Queued { new: n(0)?, replayed: n(1)?, adopted: n(2)? })
+                    });
+                match attempt {
+                    Err(e) if db::is_transient(&e) && !db::is_connection_error(&e) && retries < WRITE_RETRIES => {
+                        retries += 1;
+                        log::info!(
+                            "rebuild: enqueueing the deliveries failed ({}); retry {retries} of {WRITE_RETRIES}",
+                            db::describe_error(&e)
+                        );
+                        std::thread::sleep(Duration::from_millis(50 << retries));
+                    }
+                    other => break other.map_err(|e| AppError::db("while enqueueing deliveries", e))?,
+                }
+            };
             let _ = client.execute("SELECT pg_notify('chronicle_outbox', '')", &[]);
             report.rows_written = queued.new + queued.replayed + queued.adopted;
             report.queued = Some(queued);
