@@ -186,8 +186,8 @@ const RECORD_QUEUED: &str = "
 /// it delivered has an entry: the run has one delivery per event of its scope, and a done
 /// delivery wrote its entry); otherwise its `error` says how many failed, by reason: those
 /// events have no entry from it. It reads no entry: the worker's gauge sampler runs it,
-/// and must not wait on a lock of the read model (a `--swap`, a DDL). Runs held by another worker's statement are left to
-/// it (SKIP LOCKED).
+/// and must not wait on a lock of the read model (a `--swap`, a DDL). Runs held by
+/// another worker's statement are left to it (SKIP LOCKED).
 const FINISH_QUEUED_RUNS: &str = "
     WITH closing AS (
         SELECT r.id FROM chronicle_rebuild_runs r
@@ -272,15 +272,18 @@ fn run_locked(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Prog
         }
         return outcome.map(|()| report);
     }
-    // Entries written by this run close the failed deliveries of their events.
-    let note = format!("closed by rebuild run #{run_id} ({}), which wrote the event's entry", opts.mode.name());
-    let resolved = client.query_one(outbox::RESOLVE_FAILED_BY_REBUILD, &[&run_id, &opts.library_id, &note]);
-    match resolved.and_then(|r| r.try_get::<_, i64>(0)) {
-        Ok(n) => report.failures_resolved = n.max(0) as u64,
-        Err(e) => log::warn!(
-            "could not close the failed deliveries of the events rebuild run {run_id} projected: {}",
-            db::describe_error(&e)
-        ),
+    // Entries written by this run close the failed deliveries of their events (also
+    // after an error: what was written stays written).
+    if !matches!(opts.mode, Mode::EmitOutbox | Mode::TruncateEmitOutbox) {
+        let note = format!("closed by rebuild run #{run_id} ({}), which wrote the event's entry", opts.mode.name());
+        let resolved = client.query_one(outbox::RESOLVE_FAILED_BY_REBUILD, &[&run_id, &opts.library_id, &note]);
+        match resolved.and_then(|r| r.try_get::<_, i64>(0)) {
+            Ok(n) => report.failures_resolved = n.max(0) as u64,
+            Err(e) => log::warn!(
+                "could not close the failed deliveries of the events rebuild run {run_id} projected: {}",
+                db::describe_error(&e)
+            ),
+        }
     }
     let success = error.is_none() && report.failures() == 0;
     if error.is_none() {
