@@ -923,7 +923,8 @@ pub(crate) use current_failure;
 /// gets exactly one delivery in the run, so the run's verdict covers all of them
 /// (docs/DESIGN.md §3, one open delivery per event):
 /// - a pending or processing delivery already there is adopted: it joins the run as it
-///   stands (rows locked in id order, as a worker's completion locks them);
+///   stands, its state untouched (rows locked in id order; should a worker completing
+///   some of them deadlock with it, the caller runs it again);
 /// - failed → pending for an event whose current delivery failed: the failed row itself is
 ///   replayed, with the replay audit (`$3` who, `$4` why), instead of a second delivery
 ///   beside it (guarded by its state, not locked ahead: a row a concurrent replay took
@@ -944,7 +945,7 @@ pub const ENQUEUE_FOR_REBUILD: &str = concat!(
         ORDER BY o.id
         FOR UPDATE OF o
     ), adopted AS (
-        UPDATE chronicle_outbox_events o SET rebuild_run_id = $2, updated_at = now()
+        UPDATE chronicle_outbox_events o SET rebuild_run_id = $2
         FROM live WHERE o.id = live.id AND o.status IN ('pending', 'processing')
         RETURNING o.event_id
     ), superseded AS (
