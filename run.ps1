@@ -18,7 +18,9 @@ $DevDbName = 'wordloom_test'
 $DevDbUser = 'wordloom'
 $DevDbPassword = 'wordloom'
 $DevDatabaseUrl = "postgresql+psycopg://${DevDbUser}:${DevDbPassword}@localhost:${DevDbPort}/${DevDbName}"
-$DemoDatabaseUrl = 'postgres://postgres@127.0.0.1:5432/chronicle_demo'
+# The demo's own database on 127.0.0.1:5432 (CHRONICLE_DEMO_DB picks another name).
+$DemoDbName = if ($env:CHRONICLE_DEMO_DB) { $env:CHRONICLE_DEMO_DB } else { 'chronicle_demo' }
+$DemoDatabaseUrl = "postgres://postgres@127.0.0.1:5432/$DemoDbName"
 # The runbook's Docker container (docker-compose name): reused when Docker has it, else created.
 $DockerName = 'wordloom-devtest-db_devtest-1'
 $TargetDir = if ($env:CARGO_TARGET_DIR) { $env:CARGO_TARGET_DIR } else { 'target' }
@@ -39,16 +41,22 @@ verbs:
   migrate    build, then chronicle migrate [args...] on DATABASE_URL (unset: the dev database)
   worker     build, then chronicle worker [args...] with the runbook's OUTBOX_* values as defaults
   db-start   start the dev PostgreSQL: 127.0.0.1:5435, user/password wordloom, database wordloom_test
-  db-stop    stop the dev PostgreSQL
-  demo       migrate, inject 5000 events, run the worker for 5 s, show the results
+  db-stop    stop the dev PostgreSQL (its data stays; db-destroy removes it)
+  db-destroy stop the dev PostgreSQL and delete its data folder for good (--yes to confirm; a Docker
+             container is left to docker rm)
+  demo       migrate, inject 5000 events into its database, run the worker for 5 s, show the results
+             (DATABASE_URL, else database chronicle_demo on 127.0.0.1:5432, else the dev database)
   smoke      the runbook's smoke run: dev database, migrate, worker for 2 s, the acceptance queries;
-             exits 1 when anything is off (see docs/operations.md)
+             exits 1 when anything is off (see docs/operations.md). When nothing is pending it injects
+             100 synthetic events: into a DATABASE_URL other than the dev database only with --yes
   monitoring a local Prometheus with monitoring/alerts.yml scraping the local worker, in the foreground
              (PROMETHEUS_PORT, default 9090 or the next free port; OUTBOX_METRICS_PORT, default 9110)
 
 environment:
   DATABASE_URL    the database of migrate, worker, demo and smoke (then no dev database is started)
   CHRONICLE_BIN   a chronicle binary to use instead of building target\release\chronicle.exe
+  CHRONICLE_DEMO_DB     the demo's database name on 127.0.0.1:5432 (default chronicle_demo)
+  CHRONICLE_SMOKE_WRITE 1: as smoke --yes (for CI, which has no one to ask)
 
 PowerShell keeps a bare -- for itself: quote it, e.g. .\run.ps1 test '--' --nocapture
 '@
@@ -488,11 +496,50 @@ function Verb-DbStop {
   Step-AsOwner $pgctl @('-D', $data, '-m', 'fast', '-w', 'stop')
 }
 
-# DATABASE_URL, else user postgres on 127.0.0.1:5432 (database chronicle_demo), else the dev database.
+# Stops the dev cluster and deletes its data folder (with --yes; without, says what it would
+# delete and exits 2). The runbook's Docker container is not ours to remove: it says how.
+function Verb-DbDestroy([string[]]$Arguments) {
+  $yes = $false
+  foreach ($a in $Arguments) {
+    if ($a -eq '--yes') { $yes = $true } else { Show-Usage; [Console]::Error.WriteLine("error: db-destroy takes --yes only, not '$a'"); exit 2 }
+  }
+  $state = if (Test-Docker) { Get-DockerState } else { '' }
+  if ($state) {
+    Write-Host "    the runbook's Docker container $DockerName ($state) is not removed here; docker rm -f -v $DockerName removes it and its data"
+  }
+  $devdb = Get-DevDbDir
+  $data = Join-Path $devdb 'data'
+  if (-not (Test-Path $devdb)) {
+    Write-Host "no dev cluster at $devdb; nothing to delete"
+    return
+  }
+  $bytes = 0
+  Get-ChildItem -Path $devdb -Recurse -Force -File -ErrorAction SilentlyContinue | ForEach-Object { $bytes += $_.Length }
+  $mb = [math]::Ceiling($bytes / 1048576)
+  if (-not $yes) {
+    [Console]::Error.WriteLine("error: db-destroy deletes the dev cluster at $devdb ($mb MB), every database in it, for good; confirm with .\run.ps1 db-destroy --yes")
+    exit 2
+  }
+  if (Test-Path (Join-Path $data 'PG_VERSION')) {
+    $bindir = Find-PgBinDir (Get-Content (Join-Path $data 'PG_VERSION') -TotalCount 1).Trim()
+    if ($bindir -and (Test-QuietAsOwner (Join-Path $bindir "pg_ctl$ExeSuffix") @('status', '-D', $data))) {
+      Step-AsOwner (Join-Path $bindir "pg_ctl$ExeSuffix") @('-D', $data, '-m', 'fast', '-w', 'stop')
+    }
+  }
+  Write-Host "==> Remove-Item -Recurse -Force $devdb"
+  Remove-Item -Path $devdb -Recurse -Force
+  Write-Host "dev cluster deleted ($devdb, $mb MB)"
+}
+
+# DATABASE_URL, else user postgres on 127.0.0.1:5432 (database CHRONICLE_DEMO_DB, default
+# chronicle_demo), else the dev database.
 function Use-DemoDatabase {
   if ($env:DATABASE_URL) {
-    Write-Host ('    DATABASE_URL from the environment: ' + (Hide-Password $env:DATABASE_URL))
+    Write-Host ('    DATABASE_URL from the environment: ' + (Hide-Password $env:DATABASE_URL) + '; the demo injects 5000 events into it')
     return
+  }
+  if ($DemoDbName -cnotmatch '^[a-z_][a-z0-9_]*$') {
+    Die "CHRONICLE_DEMO_DB=${DemoDbName}: a database name is lowercase letters, digits and _ (not first a digit)"
   }
   if (Test-PgReady '127.0.0.1' 5432) {
     $psql = Find-Psql
@@ -502,11 +549,11 @@ function Use-DemoDatabase {
       Set-Env 'PGPASSFILE' (Join-Path $Root '.devdb-no-pgpass')
       $admin = @('-X', '-w', '-h', '127.0.0.1', '-p', '5432', '-U', 'postgres', '-d', 'postgres')
       if (Test-Quiet $psql ($admin + @('-c', 'select 1'))) {
-        $exists = Get-Output $psql ($admin + @('-Atqc', "select 1 from pg_database where datname = 'chronicle_demo'"))
+        $exists = Get-Output $psql ($admin + @('-Atqc', "select 1 from pg_database where datname = '$DemoDbName'"))
         if ($exists -ne '1') {
-          Step $psql ($admin + @('-c', 'create database chronicle_demo'))
+          Step $psql ($admin + @('-c', "create database $DemoDbName"))
         } else {
-          Write-Host '    database chronicle_demo already exists on 127.0.0.1:5432'
+          Write-Host "    database $DemoDbName already exists on 127.0.0.1:5432 (CHRONICLE_DEMO_DB or DATABASE_URL picks another)"
         }
         Set-Env 'DATABASE_URL' $DemoDatabaseUrl
         Write-Host "    using $env:DATABASE_URL"
@@ -589,12 +636,19 @@ function Format-Status($St) {
 # The runbook's smoke run (section 6.2, steps 1-4), with a verdict: exit 1 when the worker
 # exits non-zero or logs an ERROR line, or afterwards rows are processing or failed, or
 # chronicle_entries did not grow. An empty outbox first gets 100 injected events.
-function Verb-Smoke {
+# Is DATABASE_URL the dev database (the same URL, whatever its scheme)?
+function Test-DevDatabase { return (($env:DATABASE_URL -replace '^[^:]*://', '') -eq ($DevDatabaseUrl -replace '^[^:]*://', '')) }
+
+function Verb-Smoke([string[]]$Arguments) {
   $problems = @()
   $container = ''
   $injected = $false
+  $yes = ($env:CHRONICLE_SMOKE_WRITE -eq '1')
   $q1 = 'select status, count(*) from chronicle_outbox_events group by 1 order by 1;'
   $q2 = 'select count(*) from chronicle_entries;'
+  foreach ($p in $Arguments) {
+    if ($p -eq '--yes') { $yes = $true } else { Show-Usage; [Console]::Error.WriteLine("error: smoke takes --yes only, not '$p'"); exit 2 }
+  }
   if ($env:DATABASE_URL) {
     Write-Host ('    DATABASE_URL from the environment: ' + (Hide-Password $env:DATABASE_URL))
   } else {
@@ -609,6 +663,12 @@ function Verb-Smoke {
   if (-not $st) { Die 'chronicle status --exact --json failed or answered something unexpected' }
   $before = $st.Entries
   Write-Host ('    before: ' + (Format-Status $st))
+  if ($st.Pending -eq 0 -and -not (Test-DevDatabase) -and -not $yes) {
+    [Console]::Error.WriteLine('error: nothing is pending in the outbox, and the smoke run would inject 100 synthetic events (1 library) into ' +
+      'DATABASE_URL, which is not the dev database; allow it with .\run.ps1 smoke --yes (or CHRONICLE_SMOKE_WRITE=1), ' +
+      'or queue events there first')
+    exit 2
+  }
   if ($st.Pending -eq 0) {
     Write-Host '    nothing is pending in the outbox: injecting 100 synthetic events (1 library) for the worker to project'
     Step $Bin @('inject', '--count', '100', '--libraries', '1')
@@ -654,7 +714,7 @@ function Verb-Smoke {
       $problems += "$($st.Processing) outbox row(s) still processing after the worker stopped (another worker on this database?)"
     }
     if ($st.Failed -gt 0) {
-      $problems += "$($st.Failed) outbox row(s) failed: see chronicle status and chronicle show EVENT_ID; after the fix, chronicle replay-failed"
+      $problems += "$($st.Failed) event(s) failing (their delivery failed): see chronicle status and chronicle show EVENT_ID; after the fix, chronicle replay-failed"
     }
     if ($st.Entries -le $before) {
       $problems += "chronicle_entries did not grow ($before before, $($st.Entries) after): the worker projected nothing new in $env:OUTBOX_RUN_SECONDS s"
@@ -734,8 +794,9 @@ switch ($Verb) {
   'worker' { Verb-Worker $Rest }
   'db-start' { Verb-DbStart }
   'db-stop' { Verb-DbStop }
+  'db-destroy' { Verb-DbDestroy $Rest }
   'demo' { Verb-Demo }
-  'smoke' { Verb-Smoke }
+  'smoke' { Verb-Smoke $Rest }
   'monitoring' { Verb-Monitoring }
   default { Show-Usage; [Console]::Error.WriteLine("error: unknown verb '$Verb'"); exit 2 }
 }

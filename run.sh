@@ -13,7 +13,9 @@ DEV_DB_NAME=wordloom_test
 DEV_DB_USER=wordloom
 DEV_DB_PASSWORD=wordloom
 DEV_DATABASE_URL="postgresql+psycopg://$DEV_DB_USER:$DEV_DB_PASSWORD@localhost:$DEV_DB_PORT/$DEV_DB_NAME"
-DEMO_DATABASE_URL="postgres://postgres@127.0.0.1:5432/chronicle_demo"
+# The demo's own database on 127.0.0.1:5432 (CHRONICLE_DEMO_DB picks another name).
+DEMO_DB_NAME="${CHRONICLE_DEMO_DB:-chronicle_demo}"
+DEMO_DATABASE_URL="postgres://postgres@127.0.0.1:5432/$DEMO_DB_NAME"
 # The runbook's Docker container (docker-compose name): reused when Docker has it.
 RUNBOOK_CONTAINER=wordloom-devtest-db_devtest-1
 # CHRONICLE_BIN=path: use that binary, build nothing (relative paths start at the repository).
@@ -32,16 +34,22 @@ verbs:
   migrate    build, then chronicle migrate [args...] on DATABASE_URL (unset: the dev database)
   worker     build, then chronicle worker [args...] with the runbook's OUTBOX_* values as defaults
   db-start   start the dev PostgreSQL: 127.0.0.1:5435, user/password wordloom, database wordloom_test
-  db-stop    stop the dev PostgreSQL
-  demo       migrate, inject 5000 events, run the worker for 5 s, show the results
+  db-stop    stop the dev PostgreSQL (its data stays; db-destroy removes it)
+  db-destroy stop the dev PostgreSQL and delete its data folder for good (--yes to confirm; a Docker
+             container is left to docker rm)
+  demo       migrate, inject 5000 events into its database, run the worker for 5 s, show the results
+             (DATABASE_URL, else database chronicle_demo on 127.0.0.1:5432, else the dev database)
   smoke      the runbook's smoke run: dev database, migrate, worker for 2 s, the acceptance queries;
-             exits 1 when anything is off (see docs/operations.md)
+             exits 1 when anything is off (see docs/operations.md). When nothing is pending it injects
+             100 synthetic events: into a DATABASE_URL other than the dev database only with --yes
   monitoring a local Prometheus with monitoring/alerts.yml scraping the local worker, in the foreground
              (PROMETHEUS_PORT, default 9090 or the next free port; OUTBOX_METRICS_PORT, default 9110)
 
 environment:
   DATABASE_URL    the database of migrate, worker, demo and smoke (then no dev database is started)
   CHRONICLE_BIN   a chronicle binary to use instead of building target/release/chronicle
+  CHRONICLE_DEMO_DB     the demo's database name on 127.0.0.1:5432 (default chronicle_demo)
+  CHRONICLE_SMOKE_WRITE 1: as smoke --yes (for CI, which has no one to ask)
 EOF
 }
 
@@ -402,23 +410,56 @@ verb_db_stop() {
   owner_step "$bindir/pg_ctl" -D "$data" -m fast -w stop
 }
 
-# DATABASE_URL, else user postgres on 127.0.0.1:5432 (database chronicle_demo), else the dev database.
+# Stops the dev cluster and deletes its data folder (with --yes; without, says what it would
+# delete and exits 2). The runbook's Docker container is not ours to remove: it says how.
+verb_db_destroy() {
+  local yes="" a devdb data state mb bindir
+  for a in "$@"; do
+    if [[ "$a" == --yes ]]; then yes=1; else usage >&2; echo "error: db-destroy takes --yes only, not '$a'" >&2; exit 2; fi
+  done
+  state="$(container_state)"
+  if [[ -n "$state" ]]; then
+    echo "    the runbook's Docker container $RUNBOOK_CONTAINER ($state) is not removed here; docker rm -f -v $RUNBOOK_CONTAINER removes it and its data"
+  fi
+  devdb="$(devdb_dir)"
+  data="$devdb/data"
+  if [[ ! -d "$devdb" ]]; then
+    echo "no dev cluster at $devdb; nothing to delete"
+    return 0
+  fi
+  mb="$(du -sm "$devdb" | cut -f1)"
+  if [[ "$yes" != 1 ]]; then
+    echo "error: db-destroy deletes the dev cluster at $devdb ($mb MB), every database in it, for good; confirm with ./run.sh db-destroy --yes" >&2
+    exit 2
+  fi
+  if [[ -f "$data/PG_VERSION" ]] && bindir="$(find_pg_bindir "$(cat "$data/PG_VERSION")")" &&
+     quiet as_owner "$bindir/pg_ctl" status -D "$data"; then
+    owner_step "$bindir/pg_ctl" -D "$data" -m fast -w stop
+  fi
+  step rm -rf "$devdb"
+  echo "dev cluster deleted ($devdb, $mb MB)"
+}
+
+# DATABASE_URL, else user postgres on 127.0.0.1:5432 (database CHRONICLE_DEMO_DB, default
+# chronicle_demo), else the dev database.
 demo_database() {
   local psql exists
   if [[ -n "${DATABASE_URL:-}" ]]; then
-    echo "    DATABASE_URL from the environment: $(mask "$DATABASE_URL")"
+    echo "    DATABASE_URL from the environment: $(mask "$DATABASE_URL"); the demo injects 5000 events into it"
     return 0
   fi
+  [[ "$DEMO_DB_NAME" =~ ^[a-z_][a-z0-9_]*$ ]] ||
+    die "CHRONICLE_DEMO_DB=$DEMO_DB_NAME: a database name is lowercase letters, digits and _ (not first a digit)"
   if pg_ready 127.0.0.1 5432; then
     if psql="$(find_psql)"; then
       # Probe without a password, as the chronicle binary will connect (it reads no PGPASSWORD or .pgpass).
       if quiet env -u PGPASSWORD PGPASSFILE=/nonexistent "$psql" -X -w -h 127.0.0.1 -p 5432 -U postgres -d postgres -c 'select 1'; then
         exists="$(env -u PGPASSWORD PGPASSFILE=/nonexistent "$psql" -X -w -h 127.0.0.1 -p 5432 -U postgres -d postgres \
-          -Atqc "select 1 from pg_database where datname = 'chronicle_demo'")"
+          -Atqc "select 1 from pg_database where datname = '$DEMO_DB_NAME'")"
         if [[ "$exists" != 1 ]]; then
-          step env -u PGPASSWORD PGPASSFILE=/nonexistent "$psql" -X -w -h 127.0.0.1 -p 5432 -U postgres -d postgres -c 'create database chronicle_demo'
+          step env -u PGPASSWORD PGPASSFILE=/nonexistent "$psql" -X -w -h 127.0.0.1 -p 5432 -U postgres -d postgres -c "create database $DEMO_DB_NAME"
         else
-          echo "    database chronicle_demo already exists on 127.0.0.1:5432"
+          echo "    database $DEMO_DB_NAME already exists on 127.0.0.1:5432 (CHRONICLE_DEMO_DB or DATABASE_URL picks another)"
         fi
         export DATABASE_URL="$DEMO_DATABASE_URL"
         echo "    using $DATABASE_URL"
@@ -476,13 +517,20 @@ verb_demo() {
   fi
 }
 
+# Is DATABASE_URL the dev database (the same URL, whatever its scheme)?
+is_dev_database() { [[ "${DATABASE_URL#*://}" == "${DEV_DATABASE_URL#*://}" ]]; }
+
 # The runbook's smoke run (section 6.2, steps 1-4), with a verdict: exit 1 when the worker
 # exits non-zero or logs an ERROR line, or afterwards rows are processing or failed, or
-# chronicle_entries did not grow. An empty outbox first gets 100 injected events.
+# chronicle_entries did not grow. An empty outbox first gets 100 injected events: in a
+# database other than the dev one only with --yes (or CHRONICLE_SMOKE_WRITE=1), else exit 2.
 verb_smoke() {
-  local before injected="" rc errlog errors psql p problems=() container=""
+  local before injected="" rc errlog errors psql p problems=() container="" yes="${CHRONICLE_SMOKE_WRITE:-}"
   local q1='select status, count(*) from chronicle_outbox_events group by 1 order by 1;'
   local q2='select count(*) from chronicle_entries;'
+  for p in "$@"; do
+    if [[ "$p" == --yes ]]; then yes=1; else usage >&2; echo "error: smoke takes --yes only, not '$p'" >&2; exit 2; fi
+  done
   if [[ -n "${DATABASE_URL:-}" ]]; then
     echo "    DATABASE_URL from the environment: $(mask "$DATABASE_URL")"
   else
@@ -496,6 +544,12 @@ verb_smoke() {
   read_status || die "chronicle status --exact --json failed or answered something unexpected"
   before="$ST_ENTRIES"
   echo "    before: $ST_ENTRIES entries; outbox: pending $ST_PENDING, processing $ST_PROCESSING, done $ST_DONE, failed $ST_FAILED"
+  if (( ST_PENDING == 0 )) && ! is_dev_database && [[ "$yes" != 1 ]]; then
+    echo "error: nothing is pending in the outbox, and the smoke run would inject 100 synthetic events (1 library) into" \
+      "DATABASE_URL, which is not the dev database; allow it with ./run.sh smoke --yes (or CHRONICLE_SMOKE_WRITE=1)," \
+      "or queue events there first" >&2
+    exit 2
+  fi
   if (( ST_PENDING == 0 )); then
     echo "    nothing is pending in the outbox: injecting 100 synthetic events (1 library) for the worker to project"
     step "$BIN" inject --count 100 --libraries 1
@@ -538,7 +592,7 @@ verb_smoke() {
       problems+=("$ST_PROCESSING outbox row(s) still processing after the worker stopped (another worker on this database?)")
     fi
     if (( ST_FAILED > 0 )); then
-      problems+=("$ST_FAILED outbox row(s) failed: see chronicle status and chronicle show EVENT_ID; after the fix, chronicle replay-failed")
+      problems+=("$ST_FAILED event(s) failing (their delivery failed): see chronicle status and chronicle show EVENT_ID; after the fix, chronicle replay-failed")
     fi
     if (( ST_ENTRIES <= before )); then
       problems+=("chronicle_entries did not grow ($before before, $ST_ENTRIES after): the worker projected nothing new in $OUTBOX_RUN_SECONDS s")
@@ -607,8 +661,9 @@ case "$verb" in
   worker) verb_worker "$@" ;;
   db-start) verb_db_start ;;
   db-stop) verb_db_stop ;;
+  db-destroy) verb_db_destroy "$@" ;;
   demo) verb_demo ;;
-  smoke) verb_smoke ;;
+  smoke) verb_smoke "$@" ;;
   monitoring) verb_monitoring ;;
   *) usage >&2; echo "error: unknown verb '$verb'" >&2; exit 2 ;;
 esac

@@ -21,6 +21,8 @@ pub struct OutboxCounts {
     pub pending: i64,
     pub processing: i64,
     pub done: i64,
+    /// Failing events: events whose current delivery failed (none pending or processing,
+    /// none done since), each counted once however many failed deliveries it has.
     pub failed: i64,
     /// Age of the oldest pending row; 0 when nothing is pending (as the gauge).
     pub oldest_pending_age_seconds: f64,
@@ -28,7 +30,8 @@ pub struct OutboxCounts {
     pub stuck: i64,
 }
 
-/// Failed rows of one `error_reason`, with the event of the latest such failure.
+/// Failing events of one `error_reason` (that of each one's current failed delivery), with
+/// the event of the latest such failure.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct FailedReason {
     pub error_reason: Option<String>,
@@ -168,16 +171,26 @@ pub const STATUS_UNDELIVERED_WITHOUT_ENTRY: &str = "
           SELECT event_id FROM chronicle_outbox_events WHERE status = 'failed') o
     WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries n WHERE n.id = o.event_id)";
 
-/// Failures by reason, most frequent first, each with the event of its latest failure
-/// (served by the partial index on failed rows).
-pub const STATUS_FAILED_BY_REASON: &str = "
+/// Failing events by reason, most frequent first, each with the event of its latest
+/// failure. An event counts once, under the reason of its current failed delivery
+/// (`outbox::current_failure`); older failed deliveries of it are history (served by the
+/// partial index on failed rows, one lookup of the event's deliveries per failed row).
+pub const STATUS_FAILED_BY_REASON: &str = concat!(
+    "
+    WITH failing AS (
+        SELECT DISTINCT ON (f.event_id) f.event_id, f.error_reason, f.updated_at, f.id
+        FROM chronicle_outbox_events f
+        WHERE ",
+    crate::outbox::current_failure!("f"),
+    "
+        ORDER BY f.event_id, f.id DESC
+    )
     SELECT r.error_reason, r.n,
-           (SELECT o.event_id FROM chronicle_outbox_events o
-            WHERE o.status = 'failed' AND o.error_reason IS NOT DISTINCT FROM r.error_reason
-            ORDER BY o.updated_at DESC, o.id DESC LIMIT 1)
-    FROM (SELECT error_reason, count(*) AS n FROM chronicle_outbox_events
-          WHERE status = 'failed' GROUP BY error_reason) r
-    ORDER BY r.n DESC, r.error_reason";
+           (SELECT x.event_id FROM failing x WHERE x.error_reason IS NOT DISTINCT FROM r.error_reason
+            ORDER BY x.updated_at DESC, x.id DESC LIMIT 1)
+    FROM (SELECT error_reason, count(*) AS n FROM failing GROUP BY error_reason) r
+    ORDER BY r.n DESC, r.error_reason"
+);
 
 /// The latest rebuild run (running or finished).
 pub const STATUS_LAST_REBUILD: &str = "

@@ -9,6 +9,10 @@
 //!    ▲                        │ ├──mark_failed──▶ failed ──replay (ops)──▶ pending
 //!    └──schedule_retry / release_claim(s) / reclaim_stuck (attempts ≥ max: failed)
 //! ```
+//!
+//! The operations keep one open delivery per event (DESIGN §3): a rebuild records a
+//! failure on the event's failed delivery, revives it (`--emit-outbox`), or closes it
+//! (failed → done) when it wrote the event's entry.
 
 use std::time::Duration;
 
@@ -673,7 +677,10 @@ pub const SAMPLE_GAUGES: &str = "
         (SELECT count(*) FROM chronicle_outbox_events
          WHERE status = 'processing'
            AND (lease_until < now() OR claimed_at < now() - make_interval(secs => $1))),
-        (SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed')";
+        (SELECT count(DISTINCT f.event_id) FROM chronicle_outbox_events f
+         WHERE f.status = 'failed'
+           AND NOT EXISTS (SELECT 1 FROM chronicle_outbox_events s WHERE s.event_id = f.event_id
+                           AND (s.status IN ('pending', 'processing') OR (s.status = 'done' AND s.id > f.id))))";
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Gauges {
@@ -943,29 +950,133 @@ pub const ENQUEUE_MISSING_AND_STALE: &str = concat!(
     FROM enqueued q JOIN todo t ON t.id = q.event_id"
 );
 
-/// none → pending, for `rebuild --emit-outbox`: one delivery per event of the scope ($1,
-/// NULL for all), except events that already have a live one, each marked with the run
-/// that queued it ($2). Returns how many.
-pub const ENQUEUE_FOR_REBUILD: &str = "
-    WITH enqueued AS (
+/// An event's failed delivery that is its current one: none of the event's deliveries
+/// is pending or processing, and none done after it. Of an event's failed deliveries,
+/// the newest such one is the event's failure; an older one is history, superseded (a
+/// condition over the alias given, for the statements that count or take failures).
+#[rustfmt::skip]
+macro_rules! current_failure {
+    ($f:literal) => {
+        concat!(
+            $f, ".status = 'failed'
+             AND NOT EXISTS (SELECT 1 FROM chronicle_outbox_events s
+                             WHERE s.event_id = ", $f, ".event_id
+                               AND (s.status IN ('pending', 'processing') OR (s.status = 'done' AND s.id > ", $f, ".id)))"
+        )
+    };
+}
+pub(crate) use current_failure;
+
+/// For `rebuild --emit-outbox` (run `$2`), every event of the scope (`$1`, NULL for all)
+/// gets exactly one delivery in the run, so the run's verdict covers all of them
+/// (docs/DESIGN.md §3, one open delivery per event):
+/// - a pending or processing delivery already there is adopted: it joins the run as it
+///   stands, its state untouched (rows locked in id order; should a worker completing
+///   some of them deadlock with it, the caller runs it again);
+/// - failed → pending for an event whose current delivery failed: the failed row itself is
+///   replayed, with the replay audit (`$3` who, `$4` why), instead of a second delivery
+///   beside it (guarded by its state, not locked ahead: a row a concurrent replay took
+///   is left to it);
+/// - none → pending for every other event (no delivery, or only done ones).
+///
+/// An unfinished earlier run whose waiting deliveries are adopted is told so in its
+/// `error`: it finishes with what it delivered, unsuccessful.
+///
+/// Returns the deliveries queued (new), replayed and adopted.
+pub const ENQUEUE_FOR_REBUILD: &str = concat!(
+    "
+    WITH live AS (
+        SELECT o.id, o.rebuild_run_id AS prior FROM chronicle_outbox_events o
+        WHERE o.status IN ('pending', 'processing')
+          AND ($1::uuid IS NULL OR EXISTS (SELECT 1 FROM chronicle_events e
+                                           WHERE e.id = o.event_id AND e.library_id = $1))
+        ORDER BY o.id
+        FOR UPDATE OF o
+    ), adopted AS (
+        UPDATE chronicle_outbox_events o SET rebuild_run_id = $2
+        FROM live WHERE o.id = live.id AND o.status IN ('pending', 'processing')
+        RETURNING o.event_id
+    ), superseded AS (
+        UPDATE chronicle_rebuild_runs r
+        SET error = concat_ws('; ', r.error, format('superseded by rebuild run #%s, which took over its waiting deliveries', $2::bigint))
+        WHERE r.id IN (SELECT prior FROM live WHERE prior <> $2) AND r.finished_at IS NULL
+        RETURNING 1
+    ), failing AS (
+        SELECT DISTINCT ON (f.event_id) f.id FROM chronicle_outbox_events f
+        WHERE ",
+    current_failure!("f"),
+    "
+          AND ($1::uuid IS NULL OR EXISTS (SELECT 1 FROM chronicle_events e
+                                           WHERE e.id = f.event_id AND e.library_id = $1))
+        ORDER BY f.event_id, f.id DESC
+    ), replayed AS (
+        UPDATE chronicle_outbox_events o
+        SET status = 'pending', attempts = 0, reclaims = 0, next_retry_at = NULL, claimed_by = NULL,
+            claim_token = NULL, claimed_at = NULL, lease_until = NULL, rebuild_run_id = $2,
+            replay_count = o.replay_count + 1, last_replayed_at = now(),
+            last_replayed_by = $3, last_replayed_reason = $4, updated_at = now()
+        FROM failing WHERE o.id = failing.id AND o.status = 'failed'
+        RETURNING o.event_id
+    ), enqueued AS (
         INSERT INTO chronicle_outbox_events (event_id, rebuild_run_id)
-        SELECT id, $2 FROM chronicle_events
-        WHERE ($1::uuid IS NULL OR library_id = $1)
-        ORDER BY occurred_at, id
+        SELECT e.id, $2 FROM chronicle_events e
+        WHERE ($1::uuid IS NULL OR e.library_id = $1)
+          AND e.id NOT IN (SELECT event_id FROM replayed)
+        ORDER BY e.occurred_at, e.id
         ON CONFLICT (event_id) WHERE status IN ('pending', 'processing') DO NOTHING
         RETURNING 1
     )
-    SELECT count(*) FROM enqueued";
+    SELECT (SELECT count(*) FROM enqueued), (SELECT count(*) FROM replayed), (SELECT count(*) FROM adopted)"
+);
 
-/// none → failed, for `rebuild`: events it cannot project become failed deliveries, so `status` and
-/// `replay-failed` see them; an event already failed for that reason is not doubled.
-pub const RECORD_FAILED_DELIVERIES: &str = "
-    INSERT INTO chronicle_outbox_events (event_id, status, error_reason, error)
-    SELECT f.event_id, 'failed', f.reason, f.error
-    FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(event_id, reason, error)
-    WHERE NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o
-                      WHERE o.event_id = f.event_id AND o.status = 'failed'
-                        AND o.error_reason = f.reason)";
+/// none → failed, or failed → failed again, for `rebuild`: an event it cannot project
+/// ($1 ids, $2 reasons, $3 messages) has one failed delivery, so `status` and
+/// `replay-failed` see it once however many runs failed it. Its current failed delivery
+/// takes the new reason and message; an event with a pending or processing delivery
+/// gets nothing (that delivery is its one open delivery, and ends failed itself if the
+/// event still cannot be projected); any other event gets a new failed delivery.
+pub const RECORD_FAILED_DELIVERIES: &str = concat!(
+    "
+    WITH f AS (
+        SELECT * FROM unnest($1::uuid[], $2::text[], $3::text[]) AS f(event_id, reason, error)
+    ), again AS (
+        UPDATE chronicle_outbox_events o
+        SET error_reason = f.reason, error = f.error, processed_at = now(), updated_at = now()
+        FROM f WHERE o.event_id = f.event_id AND ",
+    current_failure!("o"),
+    "
+        RETURNING o.event_id
+    )
+    INSERT INTO chronicle_outbox_events (event_id, status, error_reason, error, processed_at)
+    SELECT f.event_id, 'failed', f.reason, f.error, now() FROM f
+    WHERE f.event_id NOT IN (SELECT event_id FROM again)
+      AND NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o
+                      WHERE o.event_id = f.event_id AND o.status IN ('pending', 'processing'))"
+);
+
+/// failed → done, for a `rebuild` that wrote the entries itself (run `$1`, scope `$2`):
+/// an event whose current delivery failed and whose entry this run wrote (projected
+/// since the run started) is projected; its failed delivery is closed. The row says by
+/// what: `rebuild_run_id` is the run (its row says who started it), and `error` keeps
+/// the failure it had, after `$3` (the run's note). The replay audit is left as it is:
+/// it records the replays, not this. Returns how many.
+pub const RESOLVE_FAILED_BY_REBUILD: &str = concat!(
+    "
+    WITH resolved AS (
+        UPDATE chronicle_outbox_events f
+        SET status = 'done', processed_at = now(), error_reason = NULL,
+            error = $3 || ' (it had failed: ' || coalesce(f.error_reason, 'no reason') || ': ' || coalesce(f.error, '') || ')',
+            next_retry_at = NULL, claim_token = NULL, lease_until = NULL, rebuild_run_id = $1,
+            updated_at = now()
+        FROM chronicle_rebuild_runs r, chronicle_entries n
+        WHERE r.id = $1 AND n.id = f.event_id AND n.projected_at >= r.started_at
+          AND ($2::uuid IS NULL OR n.library_id = $2) AND ",
+    current_failure!("f"),
+    "
+        RETURNING 1
+    )
+    SELECT count(*) FROM resolved"
+);
 
 /// any → gone, for `erase`: the deliveries of events that have no event left (the
 /// database's erasure trigger removes those of the events it deletes).

@@ -15,7 +15,7 @@
 //! transaction while the next batches are read. One writer means no threads: read,
 //! project and write one after the other on this connection.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, PoisonError};
@@ -90,13 +90,66 @@ pub struct Report {
     pub failures_by_reason: BTreeMap<String, u64>,
     /// `--swap`: how long the final transaction held the read model locked.
     pub swap_lock_held: Option<Duration>,
+    /// `--emit-outbox`: the run's deliveries, by how each event got its one delivery.
+    pub queued: Option<Queued>,
+    /// Failed deliveries closed (`done`) because this run wrote their event's entry.
+    pub failures_resolved: u64,
+    /// The events this run could not project (`--swap` does not read them again when it
+    /// catches up).
+    pub failed_events: HashSet<Uuid>,
     pub seconds: f64,
 }
 
+/// The deliveries of an `--emit-outbox` run: one per event of the scope.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Queued {
+    /// New pending deliveries.
+    pub new: u64,
+    /// Failed deliveries sent back to pending (the event's current delivery had failed).
+    pub replayed: u64,
+    /// Pending or processing deliveries already there, now counted in the run.
+    pub adopted: u64,
+}
+
+/// The events of a batch that could not be projected: counted by reason, and which.
+#[derive(Debug, Default)]
+pub(crate) struct Failures {
+    by_reason: BTreeMap<String, u64>,
+    events: Vec<Uuid>,
+}
+
 impl Report {
+    /// Adds a batch's failures to the run's.
+    pub(crate) fn absorb(&mut self, f: Failures) {
+        for (reason, n) in f.by_reason {
+            *self.failures_by_reason.entry(reason).or_default() += n;
+        }
+        self.failed_events.extend(f.events);
+    }
+
     pub fn failures(&self) -> u64 {
         self.failures_by_reason.values().sum()
     }
+
+    /// The run's verdict when events could not be projected: how many, why, and where
+    /// they are; None when every event was.
+    pub fn failure_message(&self) -> Option<String> {
+        let n = self.failures();
+        (n > 0).then(|| {
+            format!(
+                "{n} of {} event(s) could not be projected ({}); they have no entry from this run, and each keeps \
+                 one delivery, failed (or still pending): chronicle status lists the failed ones, chronicle \
+                 replay-failed sends them again once fixed",
+                self.events_total,
+                reasons_text(&self.failures_by_reason)
+            )
+        })
+    }
+}
+
+/// `{"a": 2, "b": 1}` as `a 2, b 1`.
+fn reasons_text(by_reason: &BTreeMap<String, u64>) -> String {
+    by_reason.iter().map(|(r, n)| format!("{r} {n}")).collect::<Vec<_>>().join(", ")
 }
 
 /// Progress as the rebuild goes: events done of the total.
@@ -129,8 +182,12 @@ const RECORD_QUEUED: &str = "
     WHERE id = $1";
 
 /// Closes the queued runs none of whose deliveries is pending or processing any more:
-/// finished when the last one was, successful when none failed, with the failures by
-/// reason. Runs held by another worker's statement are left to it (SKIP LOCKED).
+/// finished when the last one was, successful only when none failed (and so every event
+/// it delivered has an entry: the run has one delivery per event of its scope, and a done
+/// delivery wrote its entry); otherwise its `error` says how many failed, by reason: those
+/// events have no entry from it. It reads no entry: the worker's gauge sampler runs it,
+/// and must not wait on a lock of the read model (a `--swap`, a DDL). Runs held by
+/// another worker's statement are left to it (SKIP LOCKED).
 const FINISH_QUEUED_RUNS: &str = "
     WITH closing AS (
         SELECT r.id FROM chronicle_rebuild_runs r
@@ -142,11 +199,13 @@ const FINISH_QUEUED_RUNS: &str = "
         SELECT o.rebuild_run_id AS id,
                count(*) FILTER (WHERE o.status = 'done') AS done,
                count(*) FILTER (WHERE o.status = 'failed') AS failed,
+               count(*) AS deliveries,
                max(o.processed_at) AS last
         FROM chronicle_outbox_events o JOIN closing c ON o.rebuild_run_id = c.id
         GROUP BY 1
     ), reasons AS (
-        SELECT id, jsonb_object_agg(error_reason, n) AS by_reason
+        SELECT id, jsonb_object_agg(error_reason, n) AS by_reason,
+               string_agg(error_reason || ' ' || n, ', ' ORDER BY error_reason) AS text
         FROM (SELECT o.rebuild_run_id AS id, coalesce(o.error_reason, 'none') AS error_reason, count(*) AS n
               FROM chronicle_outbox_events o JOIN closing c ON o.rebuild_run_id = c.id
               WHERE o.status = 'failed' GROUP BY 1, 2) f
@@ -157,7 +216,12 @@ const FINISH_QUEUED_RUNS: &str = "
         rows_written = coalesce(t.done, 0),
         failures = coalesce(t.failed, 0),
         failures_by_reason = coalesce(rs.by_reason, '{}'),
-        success = coalesce(t.failed, 0) = 0 AND r.error IS NULL
+        success = coalesce(t.failed, 0) = 0 AND r.error IS NULL,
+        error = concat_ws('; ', r.error,
+            CASE WHEN t.failed > 0 THEN format(
+                '%s of its %s deliveries failed (%s), so %s of the events it delivered have no entry from it: '
+                'chronicle status lists them, chronicle replay-failed sends them again once fixed',
+                t.failed, t.deliveries, rs.text, t.failed) END)
     FROM closing c LEFT JOIN tally t USING (id) LEFT JOIN reasons rs USING (id)
     WHERE r.id = c.id
     RETURNING r.id";
@@ -199,7 +263,7 @@ fn run_locked(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Prog
     let mut report = Report { run_id, mode: opts.mode.name(), ..Default::default() };
     let outcome = run_mode(client, opts, &mut report, started, progress);
     report.seconds = started.elapsed().as_secs_f64();
-    let error = outcome.as_ref().err().map(|e| e.to_string());
+    let mut error = outcome.as_ref().err().map(|e| e.to_string());
     if error.is_none() && matches!(opts.mode, Mode::EmitOutbox | Mode::TruncateEmitOutbox) {
         // Finished only when its deliveries are: the worker closes the run.
         let queued = client.execute(RECORD_QUEUED, &[&run_id, &report.events_total, &(report.rows_written as i64)]);
@@ -208,7 +272,23 @@ fn run_locked(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Prog
         }
         return outcome.map(|()| report);
     }
+    // Entries written by this run close the failed deliveries of their events (also
+    // after an error: what was written stays written).
+    if !matches!(opts.mode, Mode::EmitOutbox | Mode::TruncateEmitOutbox) {
+        let note = format!("closed by rebuild run #{run_id} ({}), which wrote the event's entry", opts.mode.name());
+        let resolved = client.query_one(outbox::RESOLVE_FAILED_BY_REBUILD, &[&run_id, &opts.library_id, &note]);
+        match resolved.and_then(|r| r.try_get::<_, i64>(0)) {
+            Ok(n) => report.failures_resolved = n.max(0) as u64,
+            Err(e) => log::warn!(
+                "could not close the failed deliveries of the events rebuild run {run_id} projected: {}",
+                db::describe_error(&e)
+            ),
+        }
+    }
     let success = error.is_none() && report.failures() == 0;
+    if error.is_none() {
+        error = report.failure_message();
+    }
     let by_reason = serde_json::to_value(&report.failures_by_reason).unwrap_or_default();
     let finish = client.execute(
         FINISH_RUN,
@@ -248,12 +328,33 @@ fn run_mode(
     }
     match opts.mode {
         Mode::EmitOutbox | Mode::TruncateEmitOutbox => {
-            let n: i64 = client
-                .query_one(outbox::ENQUEUE_FOR_REBUILD, &[&opts.library_id, &report.run_id])
-                .and_then(|r| r.try_get(0))
-                .map_err(|e| AppError::db("while enqueueing deliveries", e))?;
+            let why = format!("rebuild run #{} ({}) delivers every event again", report.run_id, opts.mode.name());
+            // One statement: it adopts the live deliveries, locking them, so it may meet a
+            // worker completing some of them (a deadlock, a serialization failure): then
+            // it is tried again, as a batch write is.
+            let mut retries = 0;
+            let queued = loop {
+                let attempt = client
+                    .query_one(outbox::ENQUEUE_FOR_REBUILD, &[&opts.library_id, &report.run_id, &opts.started_by, &why])
+                    .and_then(|r| {
+                        let n = |i: usize| r.try_get::<_, i64>(i).map(|n| n.max(0) as u64);
+                        Ok(Queued { new: n(0)?, replayed: n(1)?, adopted: n(2)? })
+                    });
+                match attempt {
+                    Err(e) if db::is_transient(&e) && !db::is_connection_error(&e) && retries < WRITE_RETRIES => {
+                        retries += 1;
+                        log::info!(
+                            "rebuild: enqueueing the deliveries failed ({}); retry {retries} of {WRITE_RETRIES}",
+                            db::describe_error(&e)
+                        );
+                        std::thread::sleep(Duration::from_millis(50 << retries));
+                    }
+                    other => break other.map_err(|e| AppError::db("while enqueueing deliveries", e))?,
+                }
+            };
             let _ = client.execute("SELECT pg_notify('chronicle_outbox', '')", &[]);
-            report.rows_written = n as u64;
+            report.rows_written = queued.new + queued.replayed + queued.adopted;
+            report.queued = Some(queued);
             progress(Progress {
                 done: report.events_total as u64,
                 total: report.events_total as u64,
@@ -293,7 +394,7 @@ fn load(
     }
     let prepared = client.prepare(statement).map_err(|e| AppError::db("while preparing the entries' statement", e))?;
     scan_events(client, library, opts.batch_size, &opts.sizes, &mut |c, batch| {
-        let mut failures = BTreeMap::new();
+        let mut failures = Failures::default();
         let rows = project_and_write(c, &batch, &prepared, &mut failures)?;
         tally.add(Written { events: batch.len() as u64, rows, failures });
         Ok(())
@@ -304,7 +405,7 @@ fn load(
 struct Written {
     events: u64,
     rows: u64,
-    failures: BTreeMap<String, u64>,
+    failures: Failures,
 }
 
 /// The load's results as they come back, into the report; the first writer error.
@@ -319,9 +420,7 @@ struct Tally<'a> {
 impl Tally<'_> {
     fn add(&mut self, w: Written) {
         self.report.rows_written += w.rows;
-        for (reason, n) in w.failures {
-            *self.report.failures_by_reason.entry(reason).or_default() += n;
-        }
+        self.report.absorb(w.failures);
         self.done += w.events;
         let total = self.report.events_total as u64;
         (self.progress)(Progress { done: self.done, total, elapsed: self.started.elapsed() });
@@ -434,7 +533,7 @@ fn write_batches(
         if stop.load(Ordering::SeqCst) {
             return;
         }
-        let mut failures = BTreeMap::new();
+        let mut failures = Failures::default();
         let outcome = project_and_write(&mut client, &batch, statement, &mut failures).map(|rows| Written {
             events: batch.len() as u64,
             rows,
@@ -552,7 +651,7 @@ fn project_and_write<S: ToStatement + ?Sized>(
     client: &mut impl GenericClient,
     events: &EventBatch,
     statement: &S,
-    failures: &mut BTreeMap<String, u64>,
+    failures: &mut Failures,
 ) -> Result<u64> {
     let mut ok: Vec<Entry> = Vec::with_capacity(events.len());
     let (mut ids, mut reasons, mut errors) = (Vec::new(), Vec::new(), Vec::new());
@@ -565,7 +664,7 @@ fn project_and_write<S: ToStatement + ?Sized>(
             Ok((id, Err(e))) => (id, e.error_reason(), e.to_string()),
             Err(unreadable) => (unreadable.id, ErrorReason::InvalidPayload, unreadable.message()),
         };
-        *failures.entry(reason.to_string()).or_default() += 1;
+        *failures.by_reason.entry(reason.to_string()).or_default() += 1;
         ids.push(id);
         reasons.push(reason.as_str());
         errors.push(error);
@@ -610,7 +709,7 @@ fn project_and_write<S: ToStatement + ?Sized>(
                     Err(e) if !db::is_transient(&e) => {
                         drop(tx);
                         let reason = ErrorReason::RejectedByReadModel;
-                        *failures.entry(reason.to_string()).or_default() += 1;
+                        *failures.by_reason.entry(reason.to_string()).or_default() += 1;
                         ids.push(entry.id);
                         reasons.push(reason.as_str());
                         errors.push(format!("the read model refused the entry: {}", db::describe_error(&e)));
@@ -626,6 +725,7 @@ fn project_and_write<S: ToStatement + ?Sized>(
         client
             .execute(outbox::RECORD_FAILED_DELIVERIES, &[&ids, &reasons, &errors])
             .map_err(|e| AppError::db("while recording failed deliveries", e))?;
+        failures.events.extend(ids);
     }
     Ok(written)
 }
@@ -665,4 +765,23 @@ pub fn finished_runs_after(
             })
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_run_with_failures_says_how_many_of_how_many_and_why() {
+        let mut r = Report { events_total: 203, ..Default::default() };
+        assert_eq!(r.failure_message(), None);
+        r.failures_by_reason.insert("unknown_event_type".into(), 2);
+        r.failures_by_reason.insert("invalid_payload".into(), 1);
+        let m = r.failure_message().unwrap();
+        assert!(
+            m.starts_with("3 of 203 event(s) could not be projected (invalid_payload 1, unknown_event_type 2)"),
+            "{m}"
+        );
+        assert!(m.contains("replay-failed"), "{m}");
+    }
 }

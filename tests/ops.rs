@@ -975,3 +975,68 @@ fn read_only_commands_read_a_standby_and_write_nothing_there() {
     let _ = standby.pg_ctl(&["stop", "-m", "immediate"]);
     let _ = primary.pg_ctl(&["stop", "-m", "immediate"]);
 }
+
+/// `status` counts failing events, once each: an event with several failed deliveries
+/// (left by an older version, or beside a replay of its newest) is one failing event,
+/// under the reason of its newest failure; an event whose newest delivery is pending or
+/// done is not failing, whatever failed before. The text says it counts events.
+#[test]
+fn status_counts_each_failing_event_once() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 4);
+    let ids = event_ids(&mut c);
+    let add_failed = |c: &mut Client, event: Uuid, reason: &str| {
+        c.execute(
+            "INSERT INTO chronicle_outbox_events (event_id, status, error_reason, error) VALUES ($1, 'failed', $2, 'x')",
+            &[&event, &reason],
+        )
+        .unwrap();
+    };
+    // ids[0]: three failed deliveries, the newest rejected_by_read_model.
+    fail(&mut c, ids[0], "invalid_payload", 60.0);
+    add_failed(&mut c, ids[0], "invalid_payload");
+    add_failed(&mut c, ids[0], "rejected_by_read_model");
+    // ids[1]: a failed delivery and a pending one (replayed or re-delivered): not failing.
+    add_failed(&mut c, ids[1], "invalid_payload");
+    // ids[2]: a failed delivery, then a done one: projected since, not failing.
+    add_failed(&mut c, ids[2], "unknown_event_type");
+    set_done(&mut c, ids[2]);
+    c.execute(
+        "UPDATE chronicle_outbox_events SET status = 'failed', error_reason = 'unknown_event_type'
+         WHERE id = (SELECT min(id) FROM chronicle_outbox_events WHERE event_id = $1)",
+        &[&ids[2]],
+    )
+    .unwrap();
+    // ids[3]: one failed delivery.
+    fail(&mut c, ids[3], "invalid_payload", 30.0);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed'"), 6);
+
+    let v = status_json(&db, &[]);
+    assert_eq!(v["outbox"]["failed"], 2, "ids[0] and ids[3]: {v}");
+    let by: Vec<(String, i64, String)> = v["failed_by_reason"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["error_reason"].as_str().unwrap().to_string(),
+                f["count"].as_i64().unwrap(),
+                f["example_event_id"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        by,
+        vec![
+            ("invalid_payload".to_string(), 1, ids[3].to_string()),
+            ("rejected_by_read_model".to_string(), 1, ids[0].to_string())
+        ],
+        "{v}"
+    );
+    let r = run(&mut db.chronicle(&["status"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let line = r.stdout.lines().find(|l| l.trim_start().starts_with("failed ")).unwrap_or_default();
+    assert_eq!(line.split_whitespace().nth(1), Some("2"), "{r}");
+    assert!(line.contains("events"), "the text says what it counts: {line:?}");
+}

@@ -68,10 +68,16 @@ fn truncate_emit_outbox_then_a_drain_gives_the_same_entries() {
     assert_eq!(r.code, Some(0), "{r}");
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 0);
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending'"), 2000);
-    // Emitting again enqueues nothing twice: every event already has a live delivery.
+    // Emitting again enqueues nothing twice: every event already has a live delivery,
+    // which the new run counts as its own.
     let r = run(&mut db.chronicle(&["rebuild", "--emit-outbox", "--json"]));
     assert_eq!(r.code, Some(0), "{r}");
-    assert!(r.stdout.contains("\"rows_written\":0"), "{r}");
+    let report: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(report["deliveries"], serde_json::json!({"new": 0, "replayed": 0, "adopted": 2000}), "{report}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending'"), 2000);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE rebuild_run_id = 2"), 2000);
+    let (first, _) = last_rebuild_run(&mut c, 1);
+    assert!(first.contains("superseded by rebuild run #2"), "the first run is told: {first}");
     let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "500"]));
     assert_eq!(r.code, Some(0), "{r}");
     assert_eq!(entries_snapshot(&mut c, ""), by_worker);
@@ -123,11 +129,27 @@ fn events_that_cannot_be_projected_are_failed_deliveries_and_the_rebuild_goes_on
         assert_eq!(report["rows_written"], 500, "{report}");
         assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 500);
     }
+    // Their one open delivery is still the one the trigger queued: no failed one beside it.
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'"), 2);
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
     // Recorded once each as failed deliveries, whatever the number of runs.
+    for args in [&["rebuild", "--truncate", "--json"][..], &["rebuild", "--swap", "--json"]] {
+        let r = run(&mut db.chronicle(args));
+        assert_eq!(r.code, Some(1), "{args:?}: {r}");
+        assert!(r.stdout.contains("\"failures\":2"), "{args:?}: {r}");
+    }
     let by = outbox_by_status(&mut c);
     assert_eq!(by.get("failed/unknown_event_type"), Some(&1), "{by:?}");
     assert_eq!(by.get("failed/invalid_payload"), Some(&1), "{by:?}");
-    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_rebuild_runs WHERE success = false AND failures = 2"), 2);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'"), 2);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_rebuild_runs WHERE success = false AND failures = 2"), 4);
+}
+
+/// A rebuild run's error, and its mode.
+fn last_rebuild_run(c: &mut Client, id: i64) -> (String, String) {
+    let r = c.query_one("SELECT coalesce(error, ''), mode FROM chronicle_rebuild_runs WHERE id = $1", &[&id]).unwrap();
+    (r.get(0), r.get(1))
 }
 
 /// The runs recorded so far: (mode, success, rows_written, failures).
@@ -226,12 +248,19 @@ fn several_writers_record_the_same_failures_and_write_the_rest() {
             "{args:?}"
         );
     }
+    // Their one open delivery each, failed once the workers have tried it.
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'"), 7);
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--writers", "3", "--batch-size", "97", "--json"]));
+    assert_eq!(r.code, Some(1), "{r}");
     // Recorded once each as failed deliveries, whatever the number of runs and writers.
     let by = outbox_by_status(&mut c);
     assert_eq!(by.get("failed/unknown_event_type"), Some(&1), "{by:?}");
     assert_eq!(by.get("failed/invalid_payload"), Some(&1), "{by:?}");
     assert_eq!(by.get("failed/rejected_by_read_model"), Some(&5), "{by:?}");
-    assert_eq!(runs(&mut c).iter().filter(|r| r.1 == Some(false) && r.2 == 1500 && r.3 == 7).count(), 3);
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status <> 'done'"), 7);
+    assert_eq!(runs(&mut c).iter().filter(|r| r.1 == Some(false) && r.2 == 1500 && r.3 == 7).count(), 4);
 }
 
 #[test]
@@ -487,4 +516,190 @@ fn an_emit_outbox_rebuild_finishes_when_its_deliveries_do() {
     assert_eq!(done["failures_by_reason"]["unknown_event_type"], 1, "{done}");
     assert_eq!(done["deliveries"]["waiting"], 0, "{done}");
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 300);
+}
+
+/// What an operator sees of the failures: `status --json` (`outbox.failed`, the sum of
+/// `failed_by_reason`), the text status, and the failed rows themselves.
+fn failing_seen(db: &TestDb, c: &mut Client) -> (i64, i64, i64, String) {
+    let r = run(&mut db.chronicle(&["status", "--json"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let by_reason: i64 = v["failed_by_reason"].as_array().unwrap().iter().map(|f| f["count"].as_i64().unwrap()).sum();
+    let text = run(&mut db.chronicle(&["status"]));
+    assert_eq!(text.code, Some(0), "{text}");
+    let line = text.stdout.lines().find(|l| l.trim_start().starts_with("failed ")).unwrap_or_default().to_string();
+    let rows = count(c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed'");
+    (v["outbox"]["failed"].as_i64().unwrap(), by_reason, rows, line)
+}
+
+fn assert_failing(db: &TestDb, c: &mut Client, n: i64, when: &str) {
+    let (failed, by_reason, rows, line) = failing_seen(db, c);
+    assert_eq!((failed, by_reason, rows), (n, n, n), "{when}: outbox {:?}", outbox_by_status(c));
+    let figures: Vec<&str> = line.split_whitespace().collect();
+    assert_eq!(figures.get(1), Some(&n.to_string().as_str()), "{when}: text status line {line:?}");
+}
+
+/// The latest rebuild run as `status --json` shows it, and the text status.
+fn last_rebuild(db: &TestDb) -> (Value, String) {
+    let r = run(&mut db.chronicle(&["status", "--json"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let v: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    let text = run(&mut db.chronicle(&["status"]));
+    (v["last_rebuild"].clone(), text.stdout)
+}
+
+/// A worker with its metrics endpoint on, until `cond` holds of its metrics (then it is
+/// stopped): closes the `--emit-outbox` runs and samples the gauges. Returns the metrics.
+fn worker_until(db: &TestDb, what: &str, cond: impl Fn(&str) -> bool) -> String {
+    let port = crate::util::free_port();
+    let mut child = worker_cmd(db, &[])
+        .env("OUTBOX_METRICS_PORT", port.to_string())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("starting chronicle worker");
+    let mut seen = String::new();
+    let ok = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        crate::util::wait_until(Duration::from_secs(60), what, || {
+            seen = crate::util::http_get(port, "/metrics").unwrap_or_default();
+            cond(&seen)
+        })
+    }));
+    let _ = child.kill();
+    let _ = child.wait();
+    if ok.is_err() {
+        panic!("timed out waiting for {what}; last metrics:\n{seen}");
+    }
+    seen
+}
+
+/// Three events that cannot be projected are three failing events whatever the operator
+/// does: replays, rebuilds writing the entries, rebuilds through the outbox, twice each.
+/// No run adds a failed delivery beside one an event already has, and each run's verdict
+/// says what failed, why, and that those events have no entry.
+#[test]
+fn failing_events_are_counted_once_through_replays_and_rebuilds() {
+    let db = injected_and_drained("200");
+    let mut c = db.client();
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at)
+         SELECT gen_random_uuid(), gen_random_uuid(), 'book', gen_random_uuid(), 'BookTeleported', '{}', now()
+         FROM generate_series(1, 3)",
+    )
+    .unwrap();
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert_failing(&db, &mut c, 3, "after the first drain");
+    let drain = |db: &TestDb| {
+        let r = run(&mut worker_cmd(db, &["--until-empty"]));
+        assert_eq!(r.code, Some(0), "{r}");
+    };
+
+    for round in 1..=2 {
+        // A replay: the failed rows themselves go back to pending, and fail again.
+        let r = run(&mut db.chronicle(&["replay-failed", "--by", "ops", "--reason", "try again"]));
+        assert_eq!(r.code, Some(0), "{r}");
+        assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending'"), 3);
+        drain(&db);
+        assert_failing(&db, &mut c, 3, &format!("round {round}: after a replay"));
+
+        // A rebuild writing the entries: the same failed rows, refreshed, none added.
+        let r = run(&mut db.chronicle(&["rebuild", "--truncate"]));
+        assert_eq!(r.code, Some(1), "{r}");
+        assert!(r.stderr.contains("3 of 203 event(s) could not be projected (unknown_event_type 3)"), "{r}");
+        assert_failing(&db, &mut c, 3, &format!("round {round}: after rebuild --truncate"));
+        let (run_row, text) = last_rebuild(&db);
+        assert_eq!(run_row["success"], false, "{run_row}");
+        let error = run_row["error"].as_str().unwrap_or_default();
+        assert!(error.contains("3 of 203 event(s) could not be projected (unknown_event_type 3)"), "{run_row}");
+        assert!(text.contains("FAILED: 3 of 203 event(s)") && !text.contains("(no message)"), "{text}");
+
+        // A rebuild through the outbox: each failing event's one delivery, sent again.
+        let r = run(&mut db.chronicle(&["rebuild", "--emit-outbox", "--json"]));
+        assert_eq!(r.code, Some(0), "{r}");
+        let report: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+        assert_eq!(report["deliveries"]["replayed"], 3, "{report}");
+        assert_eq!(report["deliveries"]["new"], 200, "{report}");
+        assert_eq!(report["rows_written"], 203, "{report}");
+        assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed'"), 0);
+        drain(&db);
+        assert_failing(&db, &mut c, 3, &format!("round {round}: after rebuild --emit-outbox"));
+        // A worker closes the run; its gauge counts the failing events too.
+        let metrics = worker_until(&db, "the failed gauge and the rebuild run's end", |m| {
+            m.contains("chronicle_rebuild_last_finished_timestamp_seconds{")
+                && crate::util::metric_sum(m, "chronicle_outbox_failed_events") == 3.0
+                && count(&mut db.client(), "SELECT count(*) FROM chronicle_rebuild_runs WHERE finished_at IS NULL") == 0
+        });
+        // No run succeeded: the metrics say the last rebuild failed (ChronicleRebuildFailed).
+        assert!(!metrics.contains("chronicle_rebuild_last_success_timestamp_seconds{"), "{metrics}");
+        let (run_row, text) = last_rebuild(&db);
+        assert_eq!(run_row["mode"], "emit-outbox", "{run_row}");
+        assert_eq!(run_row["success"], false, "three events have no entry: {run_row}");
+        assert_eq!((run_row["rows_written"].as_i64(), run_row["failures"].as_i64()), (Some(200), Some(3)));
+        let error = run_row["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains(
+                "3 of its 203 deliveries failed (unknown_event_type 3), so 3 of the events it delivered have no entry"
+            ),
+            "{run_row}"
+        );
+        assert!(text.contains("FAILED: 3 of its 203 deliveries failed"), "{text}");
+    }
+
+    // A rebuild while replayed deliveries wait: they stay the events' one open delivery.
+    let r = run(&mut db.chronicle(&["replay-failed", "--by", "ops", "--reason", "once more"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate"]));
+    assert_eq!(r.code, Some(1), "{r}");
+    assert_failing(&db, &mut c, 0, "replayed, not delivered yet");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending'"), 3);
+    drain(&db);
+    assert_failing(&db, &mut c, 3, "after the replayed deliveries failed");
+    // The audit trail of each failing event's one delivery: three replays, two rebuilds.
+    let audits: Vec<i32> = c
+        .query("SELECT replay_count FROM chronicle_outbox_events WHERE status = 'failed' ORDER BY id", &[])
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(audits, vec![5, 5, 5]);
+}
+
+/// Once the cause is fixed, a rebuild that writes an event's entry closes its failed
+/// delivery (`done`, naming the run and keeping the failure it had; its replay audit is
+/// left to replays): the event is no longer failing.
+#[test]
+fn a_rebuild_that_projects_a_failed_event_closes_its_failed_delivery() {
+    let db = injected_and_drained("50");
+    let mut c = db.client();
+    let good: uuid::Uuid = c.query_one("SELECT id FROM chronicle_events ORDER BY id LIMIT 1", &[]).unwrap().get(0);
+    // The event failed once (say, before a fix was deployed).
+    c.execute(
+        "INSERT INTO chronicle_outbox_events (event_id, status, error_reason, error)
+         VALUES ($1, 'failed', 'invalid_payload', 'before the fix')",
+        &[&good],
+    )
+    .unwrap();
+    assert_failing(&db, &mut c, 1, "before the rebuild");
+    let r = run(&mut db.chronicle(&["rebuild", "--truncate", "--json"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let report: Value = serde_json::from_str(r.stdout.trim()).unwrap();
+    assert_eq!(report["failures_resolved"], 1, "{report}");
+    assert_failing(&db, &mut c, 0, "after the rebuild");
+    let row = c
+        .query_one(
+            "SELECT status, replay_count, last_replayed_by, rebuild_run_id, error, error_reason
+             FROM chronicle_outbox_events WHERE event_id = $1 ORDER BY id DESC LIMIT 1",
+            &[&good],
+        )
+        .unwrap();
+    let (run_row, _) = last_rebuild(&db);
+    assert_eq!(row.get::<_, String>(0), "done");
+    assert_eq!((row.get::<_, i32>(1), row.get::<_, Option<String>>(2)), (0, None), "not a replay");
+    assert_eq!(row.get::<_, Option<i64>>(3), run_row["id"].as_i64());
+    let error: String = row.get(4);
+    assert!(error.starts_with(&format!("closed by rebuild run #{} (truncate)", run_row["id"])), "{error}");
+    assert!(error.ends_with("(it had failed: invalid_payload: before the fix)"), "{error}");
+    assert_eq!(row.get::<_, Option<String>>(5), None);
+    assert_eq!((run_row["success"].as_bool(), run_row["error"].as_str()), (Some(true), None), "{run_row}");
 }

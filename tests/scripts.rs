@@ -33,8 +33,9 @@ fn run_sh(args: &[&str]) -> Command {
     c
 }
 
+/// A smoke run on a test database: not the dev database, so allowed to inject.
 fn smoke(database_url: &str) -> Ran {
-    run(run_sh(&["smoke"]).env("DATABASE_URL", database_url))
+    run(run_sh(&["smoke"]).env("DATABASE_URL", database_url).env("CHRONICLE_SMOKE_WRITE", "1"))
 }
 
 const Q_OUTBOX: &str = "select status, count(*) from chronicle_outbox_events group by 1 order by 1;";
@@ -113,7 +114,7 @@ fn smoke_fails_on_a_failed_row() {
     let r = smoke(&db.url());
     assert_eq!(r.code, Some(1), "{r}");
     assert!(r.stderr.contains("smoke run FAILED"), "{r}");
-    assert!(r.stderr.contains("1 outbox row(s) failed"), "{r}");
+    assert!(r.stderr.contains("1 event(s) failing (their delivery failed)"), "{r}");
     assert!(!r.stdout.contains("smoke run OK"), "{r}");
 }
 
@@ -151,7 +152,7 @@ fn smoke_fails_when_the_worker_logs_an_error_or_exits_non_zero() {
         )
         .unwrap();
         std::fs::set_permissions(&fake, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
-        let r = run(run_sh(&["smoke"]).env("DATABASE_URL", db.url()).env("CHRONICLE_BIN", &fake));
+        let r = run(run_sh(&["smoke", "--yes"]).env("DATABASE_URL", db.url()).env("CHRONICLE_BIN", &fake));
         assert_eq!(r.code, Some(1), "{name}: {r}");
         assert!(r.stderr.contains(expect), "{name}: {r}");
         assert!(r.stderr.contains("chronicle_entries did not grow"), "{name}: {r}");
@@ -160,5 +161,65 @@ fn smoke_fails_when_the_worker_logs_an_error_or_exits_non_zero() {
             assert_eq!(r.stderr.matches("nothing was projected").count(), 2, "{name}: {r}");
         }
     }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A database that is not the dev one gets no synthetic events unless the caller says so
+/// (`--yes` or `CHRONICLE_SMOKE_WRITE=1`): without, the smoke run stops, exit 2, having
+/// written no event, and says how to allow it. No prompt: CI has no one to answer.
+#[test]
+fn smoke_injects_into_another_database_only_when_allowed() {
+    let db = TestDb::new();
+    let r = run(run_sh(&["smoke"]).env("DATABASE_URL", db.url()));
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("not the dev database") && r.stderr.contains("smoke --yes"), "{r}");
+    assert!(!r.stdout.contains("injecting"), "{r}");
+    assert_eq!(count(&mut db.client(), "SELECT count(*) FROM chronicle_events"), 0, "nothing was injected");
+    let r = run(run_sh(&["smoke", "--yes"]).env("DATABASE_URL", db.url()));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.contains("injecting 100 synthetic events") && r.stdout.contains("entries 0 -> 100"), "{r}");
+    let r = run(run_sh(&["smoke", "--force"]).env("DATABASE_URL", db.url()));
+    assert_eq!(r.code, Some(2), "{r}");
+}
+
+/// `db-destroy` deletes the dev cluster's folder only with `--yes`; without, it says what
+/// it would delete and how large it is. Run from a copy of run.sh, so the cluster folder
+/// is the copy's own, never this checkout's.
+#[test]
+fn db_destroy_deletes_the_dev_cluster_only_with_yes() {
+    let dir = std::env::temp_dir().join(format!("chronicle-db-destroy-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::copy(repo("run.sh"), dir.join("run.sh")).unwrap();
+    let destroy = |args: &[&str]| {
+        let mut c = run_sh(&[]);
+        c.arg("db-destroy").args(args);
+        let mut sh = Command::new("bash");
+        sh.arg(dir.join("run.sh")).arg("db-destroy").args(args);
+        for (k, v) in c.get_envs() {
+            match v {
+                Some(v) => sh.env(k, v),
+                None => sh.env_remove(k),
+            };
+        }
+        sh.stdin(Stdio::null());
+        run(&mut sh)
+    };
+    let r = destroy(&[]);
+    assert_eq!(r.code, Some(0), "{r}");
+    let devdb =
+        r.stdout.split("no dev cluster at ").nth(1).and_then(|t| t.split("; nothing").next()).unwrap_or_default();
+    assert!(!devdb.is_empty(), "{r}");
+    let devdb = PathBuf::from(devdb);
+    std::fs::create_dir_all(devdb.join("data")).unwrap();
+    // 3 MB and a little less, so that the folders' own blocks keep it at 3 MB rounded up.
+    std::fs::write(devdb.join("data").join("base"), vec![0u8; (3 << 20) - (64 << 10)]).unwrap();
+    let r = destroy(&[]);
+    assert_eq!(r.code, Some(2), "{r}");
+    assert!(r.stderr.contains("(3 MB)") && r.stderr.contains("db-destroy --yes"), "{r}");
+    assert!(devdb.join("data").join("base").exists(), "deleted without --yes");
+    let r = destroy(&["--yes"]);
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(r.stdout.contains("dev cluster deleted"), "{r}");
+    assert!(!devdb.exists(), "{r}");
     let _ = std::fs::remove_dir_all(&dir);
 }

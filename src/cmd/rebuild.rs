@@ -28,9 +28,11 @@ pub fn help() -> Help {
         ("--truncate", "empty chronicle_entries first, then re-project"),
         (
             "--emit-outbox",
-            "enqueue one pending delivery per event (not for events that already have a pending or processing \
-             one) for the workers, instead of projecting here; with --truncate, the read model is emptied first \
-             (the runbook's pair)",
+            "give every event one pending delivery for the workers, instead of projecting here: a new one, or \
+             its failed one sent back (replayed, with the audit), or the pending or processing one it already has \
+             (counted in the run); with --truncate, the read model is emptied first (the runbook's pair). The run \
+             is finished when its deliveries are; it succeeds only if none failed and every event it delivered \
+             has an entry",
         ),
         (
             "--swap",
@@ -40,10 +42,12 @@ pub fn help() -> Help {
         ),
     ])
     .text(
-        "Events that cannot be projected are counted by error_reason and recorded as failed deliveries (see \
-         `chronicle status`, `chronicle replay-failed`); the rebuild goes on and exits 1 at the end. Every run \
-         is recorded in chronicle_rebuild_runs. Progress goes to stderr. Only one rebuild runs at a time per \
-         database.",
+        "Events that cannot be projected are counted by error_reason and recorded as failed deliveries, one per \
+         event however many runs fail it (see `chronicle status`, `chronicle replay-failed`); the rebuild goes \
+         on and exits 1 at the end. An event whose delivery had failed and whose entry the rebuild writes has \
+         that delivery closed (done, naming the run, keeping the failure it had). Every run is recorded in \
+         chronicle_rebuild_runs with its verdict and, when it failed, why. Progress goes to stderr. Only one \
+         rebuild runs at a time per database.",
     )
     .usage(&[
         "chronicle rebuild [--truncate] [--emit-outbox | --swap] [--library-id ID]",
@@ -67,7 +71,7 @@ pub fn help() -> Help {
             ),
             (
                 "--json",
-                r#"Print the report as JSON: {"run_id", "mode", "library_id", "events_total", "rows_written", "failures", "failures_by_reason", "seconds", "swap_lock_held_ms"}."#
+                r#"Print the report as JSON: {"run_id", "mode", "library_id", "events_total", "rows_written", "failures", "failures_by_reason", "failures_resolved", "deliveries", "seconds", "swap_lock_held_ms"}; deliveries (--emit-outbox, else null): {"new", "replayed", "adopted"}."#
                     .into(),
             ),
         ],
@@ -178,6 +182,10 @@ pub fn run(args: Args) -> Result<()> {
             "rows_written": report.rows_written,
             "failures": report.failures(),
             "failures_by_reason": report.failures_by_reason,
+            "failures_resolved": report.failures_resolved,
+            "deliveries": report.queued.map(|q| serde_json::json!({
+                "new": q.new, "replayed": q.replayed, "adopted": q.adopted,
+            })),
             "seconds": report.seconds,
             "swap_lock_held_ms": report.swap_lock_held.map(|d| d.as_secs_f64() * 1000.0),
         });
@@ -197,18 +205,25 @@ pub fn run(args: Args) -> Result<()> {
             report.failures(),
             report.seconds
         );
+        if let Some(q) = report.queued {
+            println!(
+                "  deliveries: {} new, {} failed ones sent again (replayed), {} already waiting (counted in this run); \
+                 the run is finished when the workers have delivered them (chronicle status shows its verdict)",
+                q.new, q.replayed, q.adopted
+            );
+        }
+        if report.failures_resolved > 0 {
+            println!("  {} failed deliveries closed: this run wrote their events' entries", report.failures_resolved);
+        }
         if let Some(held) = report.swap_lock_held {
             println!("swap: the read model was locked for {:.1} ms", held.as_secs_f64() * 1000.0);
         }
         for (reason, n) in &report.failures_by_reason {
-            println!("  failed {reason}: {n} (recorded as failed deliveries; see chronicle status, replay-failed)");
+            println!("  failed {reason}: {n} (one failed delivery per event; see chronicle status, replay-failed)");
         }
     }
-    if report.failures() > 0 {
-        return Err(AppError::failed(format!(
-            "{} event(s) could not be projected; the rest of the rebuild was done",
-            report.failures()
-        )));
+    if let Some(why) = report.failure_message() {
+        return Err(AppError::failed(format!("{why}; the rest of the rebuild was done")));
     }
     Ok(())
 }

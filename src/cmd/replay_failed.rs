@@ -30,8 +30,8 @@ pub fn help() -> Help {
          Rows held by someone else are skipped (SKIP LOCKED), so it is safe while workers run. Only failed rows \
          are ever touched.\n\n\
          A failed row whose event already has a pending or processing delivery is left failed and reported (one \
-         live delivery per event); of several failed rows of one event, only the newest is replayed (the others \
-         are reported the same way).",
+         open delivery per event); of several failed rows of one event, only the newest is replayed (the others \
+         are reported the same way: they are history, and `chronicle status` counts the event once).",
     )
     .usage(&[
         "chronicle replay-failed --by WHO --reason TEXT [--limit N] [FILTERS]",

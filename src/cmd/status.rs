@@ -17,7 +17,8 @@ const SETTINGS: &[&Setting] = &[&config::DATABASE_URL, &config::READ_DATABASE_UR
 pub fn help() -> Help {
     Help::new(format!(
         "Answer \"is the projector healthy?\" in one read-only snapshot: the outbox by state (with the age of the \
-         oldest pending row and the stuck rows), failed rows by error_reason with an example event each, events \
+         oldest pending row and the stuck rows), the failing events (those whose current delivery failed, each \
+         counted once however many failed deliveries it has) by error_reason with an example event each, events \
          against entries (and events that have no entry), and the last rebuild run. Informational: exits 0 \
          whatever it finds (3 if the database is unreachable).\n\n\
          Exact counts read the events, the entries and the whole outbox, which takes seconds on tens of \
@@ -132,14 +133,14 @@ pub fn render_text(st: &Status) -> String {
     outbox.row(["pending", &o.pending.to_string(), &format!("oldest pending: {:.1} s", o.oldest_pending_age_seconds)]);
     outbox.row(["processing", &o.processing.to_string(), &format!("stuck: {}", o.stuck)]);
     outbox.row(["done", &format!("{about}{}", o.done), ""]);
-    outbox.row(["failed", &o.failed.to_string(), ""]);
+    outbox.row(["failed", &o.failed.to_string(), "events whose delivery failed, each counted once"]);
     s.push_str(&outbox.render());
-    s.push_str("\nFAILED BY REASON\n");
+    s.push_str("\nFAILED BY REASON (events)\n");
     if st.failed_by_reason.is_empty() {
         s.push_str("  (none)\n");
     } else {
         let mut failed = Table::new(2, &[Align::Left, Align::Right, Align::Left]);
-        failed.row(["error_reason", "count", "example event"]);
+        failed.row(["error_reason", "events", "example event"]);
         for f in &st.failed_by_reason {
             let reason = f.error_reason.as_deref().unwrap_or("none");
             failed.row([reason, &f.count.to_string(), &f.example_event_id.to_string()]);

@@ -151,7 +151,7 @@ impl Metrics {
             ),
             (
                 "chronicle_outbox_failed_events",
-                "Outbox rows in the terminal failed state.",
+                "Failing events: events whose current delivery failed, each counted once.",
                 gauges.map(|g| g.failed as f64),
             ),
         ];
@@ -199,7 +199,7 @@ impl Metrics {
             &mut out,
             "chronicle_outbox_terminal_failed_total",
             "counter",
-            "Rows that ended failed, by error_reason.",
+            "Deliveries that ended failed, by error_reason (a replayed event failing again counts again).",
         );
         for (reason, c) in ErrorReason::ALL.iter().zip(&self.terminal_failed) {
             out.push_str(&format!(

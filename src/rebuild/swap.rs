@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use postgres::{Client, GenericClient};
 
-use super::{load, project_and_write, read_events, Options, Progress, Report};
+use super::{load, project_and_write, read_events, Failures, Options, Progress, Report};
 use crate::entries::INSERT_SHADOW_ENTRIES;
 use crate::error::{AppError, Result};
 use crate::event::EVENT_COLUMNS;
@@ -66,7 +66,8 @@ const SELECT_TRIGGERS: &str = "
     WHERE t.tgrelid = 'chronicle_entries'::regclass AND NOT t.tgisinternal";
 
 /// Events with no entry in the shadow table yet (written during the load), except those
-/// that could not be projected (already recorded as failed deliveries).
+/// that could not be projected: by this run (`$2`), or by a worker meanwhile (a failed
+/// delivery).
 /// Columns as `rebuild::read_events` reads them: id, keyset time, size, then the event
 /// (NULL when over `$1` bytes: it is recorded as failed, not loaded).
 fn select_missing() -> String {
@@ -74,6 +75,7 @@ fn select_missing() -> String {
         "SELECT k.id, k.occurred_at::text, k.bytes, e.* FROM (
              SELECT e.id, e.occurred_at, {EVENT_BYTES} AS bytes FROM chronicle_events e
              WHERE NOT EXISTS (SELECT 1 FROM chronicle_entries_rebuild s WHERE s.id = e.id)
+               AND e.id <> ALL ($2::uuid[])
                AND NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o
                                WHERE o.event_id = e.id AND o.status = 'failed')
          ) k
@@ -153,12 +155,17 @@ fn load_and_swap(
 /// Projects the events that have no shadow entry yet.
 fn catch_up(client: &mut impl GenericClient, report: &mut Report, sizes: &SizeLimits) -> Result<u64> {
     let max_event = sizes.max_event_bytes.min(i64::MAX as u64) as i64;
-    let rows = client.query(&select_missing(), &[&max_event]).map_err(|e| AppError::db("while catching up", e))?;
+    let failed: Vec<uuid::Uuid> = report.failed_events.iter().copied().collect();
+    let rows =
+        client.query(&select_missing(), &[&max_event, &failed]).map_err(|e| AppError::db("while catching up", e))?;
     let events = read_events(&rows, sizes)?;
     if events.is_empty() {
         return Ok(0);
     }
-    project_and_write(client, &events, INSERT_SHADOW_ENTRIES, &mut report.failures_by_reason)
+    let mut failures = Failures::default();
+    let written = project_and_write(client, &events, INSERT_SHADOW_ENTRIES, &mut failures);
+    report.absorb(failures);
+    written
 }
 
 /// At the swap: how to move the old table's indexes and constraints out of the way
