@@ -2325,7 +2325,7 @@ fn chaos_run_seconds_ends_a_worker_that_never_reached_its_database() {
         !overran,
         "OUTBOX_RUN_SECONDS=1 did not stop a worker waiting for an unreachable database within 10 s:\n{r}"
     );
-    assert_eq!(r.code, Some(0), "{r}");
+    assert_eq!(r.code, Some(3), "a run that never reached its database: {r}");
 }
 
 // ---------------------------------------------------------------------------------

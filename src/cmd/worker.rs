@@ -20,18 +20,21 @@ failed with an error_reason (see `chronicle replay-failed`). A reclaim loop retu
 crashed workers to pending. Idle threads wake on NOTIFY; polling is the fallback.
 Ctrl+C / SIGTERM: stop claiming, finish or release the current batch, exit 0. A second
 signal exits at once. An unreachable database is waited for, never fatal; one that refuses us
-(credentials, database name) too, reported as an error at most once a minute.
+(credentials, database name) too, reported as an error at most once a minute. A bounded run
+(OUTBOX_RUN_SECONDS, --until-empty) is different: refused at start, or ended before it ever
+reached its database, it exits 3.
 
 USAGE:
     chronicle worker [FLAGS]
 
 FLAGS (each also read from its environment variable; the flag wins):
 {}  --until-empty
-      Stop once nothing is ready to claim (batch jobs, tests).
+      Stop once nothing is ready to claim and no row is held by another worker's claim
+      (a dead worker's claims are reclaimed and projected first; batch jobs, tests).
 
 EXAMPLES:
     DATABASE_URL=postgresql+psycopg://wordloom:wordloom@localhost:5435/wordloom_test chronicle worker
-    OUTBOX_RUN_SECONDS=2 chronicle worker          # smoke run: about 2 s, then exit 0
+    OUTBOX_RUN_SECONDS=2 chronicle worker          # smoke run: about 2 s, then exit 0 (3: no database)
     chronicle worker --concurrency 4 --batch-size 500 --until-empty
 ",
         config::settings_help(config::WORKER_SETTINGS)
