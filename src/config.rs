@@ -1075,6 +1075,42 @@ mod tests {
     }
 
     #[test]
+    fn connect_timeout_and_keepalives_default_and_read_like_libpq() {
+        let parse = |s: &str| DbUrl::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        let u = parse("postgres://u@h/db");
+        assert_eq!(u.connect_timeout, Some(CONNECT_TIMEOUT));
+        assert_eq!(u.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert!(u.config.get_keepalives());
+        assert_eq!(u.config.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(u.config.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(u.config.get_keepalives_retries(), Some(KEEPALIVES_COUNT));
+        assert_eq!(u.config.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+
+        for (raw, want) in [
+            ("postgres://u@h/db?connect_timeout=5", Some(5)),
+            ("host=h user=u connect_timeout=5", Some(5)),
+            ("postgres://u@h/db?connect_timeout=1", Some(2)),
+            ("postgres://u@h/db?connect_timeout=0", None),
+            ("postgres://u@h/db?connect_timeout=-3", None),
+        ] {
+            assert_eq!(parse(raw).connect_timeout, want.map(Duration::from_secs), "{raw}");
+        }
+        let e = DbUrl::parse("postgres://u@h/db?connect_timeout=soon").unwrap_err();
+        assert!(e.contains("connect_timeout") && e.contains("soon"), "{e}");
+
+        let u =
+            parse("postgres://u@h/db?keepalives_idle=5&keepalives_interval=2&keepalives_count=7&tcp_user_timeout=9");
+        assert_eq!(u.config.get_keepalives_idle(), Duration::from_secs(5));
+        assert_eq!(u.config.get_keepalives_interval(), Some(Duration::from_secs(2)));
+        assert_eq!(u.config.get_keepalives_retries(), Some(7));
+        assert_eq!(u.config.get_tcp_user_timeout(), Some(&Duration::from_secs(9)));
+        assert_eq!(parse("host=h keepalives_retries=4").config.get_keepalives_retries(), Some(4));
+        assert!(!parse("postgres://u@h/db?keepalives=0").config.get_keepalives());
+        // 0 is the system's default, as in libpq: none of ours then.
+        assert_eq!(parse("postgres://u@h/db?tcp_user_timeout=0").config.get_tcp_user_timeout(), None);
+    }
+
+    #[test]
     fn database_url_forms_are_accepted() {
         for url in [
             "postgres://u:p@localhost:5432/db",
