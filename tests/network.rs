@@ -43,6 +43,7 @@ fn one_shot_commands_against_a_server_that_never_answers_exit_3_within_connect_t
         let started = Instant::now();
         let r = run(chronicle_cmd(args).env("DATABASE_URL", &url));
         let took = started.elapsed().as_secs_f64();
+        eprintln!("silent server: chronicle {args:?} with {url}: exit {:?} after {took:.2} s", r.code);
         assert_eq!(r.code, Some(3), "{args:?} {url}: {r}");
         assert!(took >= at_least && took <= at_most, "{args:?} {url}: took {took:.1} s: {r}");
         assert!(r.stderr.contains("was not complete after"), "{args:?} {url}: the reason is not said: {r}");
@@ -62,6 +63,7 @@ fn a_worker_waiting_on_a_server_that_never_answers_stops_on_time_and_on_sigterm(
         .env("OUTBOX_METRICS_PORT", "0")
         .env("OUTBOX_RUN_SECONDS", "2"));
     let took = started.elapsed();
+    eprintln!("silent server: worker with OUTBOX_RUN_SECONDS=2: exit {:?} after {took:?}", r.code);
     assert_eq!(r.code, Some(3), "{r}");
     assert!(took < Duration::from_millis(3000), "OUTBOX_RUN_SECONDS=2 took {took:?}: {r}");
     assert!(r.stderr.contains("nothing was projected"), "{r}");
@@ -79,6 +81,7 @@ fn a_worker_waiting_on_a_server_that_never_answers_stops_on_time_and_on_sigterm(
         signal(child.id(), "TERM");
         let (exit, took) = exit_of(&mut child, Duration::from_secs(10), sent);
         let stderr = stderr_of(&mut child);
+        eprintln!("silent server: SIGTERM, OUTBOX_RUN_SECONDS={run_seconds:?}: exit {exit:?} after {took:?}");
         assert_eq!(exit, Some(code), "OUTBOX_RUN_SECONDS={run_seconds:?}:\n{stderr}");
         assert!(took < Duration::from_secs(1), "OUTBOX_RUN_SECONDS={run_seconds:?}: SIGTERM took {took:?}:\n{stderr}");
     }
@@ -121,6 +124,7 @@ fn a_worker_cut_off_by_a_silent_network_resumes_without_loss_and_stops_on_time()
     signal(child.id(), "TERM");
     let (exit, took) = exit_of(&mut child, Duration::from_secs(20), sent);
     let stderr = stderr_of(&mut child);
+    eprintln!("paused proxy: SIGTERM: exit {exit:?} after {took:?}");
     assert_eq!(exit, Some(0), "{stderr}");
     assert!(took < Duration::from_secs(1), "SIGTERM while the network was silent took {took:?}:\n{stderr}");
     proxy.resume();
@@ -140,6 +144,7 @@ fn a_worker_cut_off_by_a_silent_network_resumes_without_loss_and_stops_on_time()
     insert_events(&mut c, 10);
     let (exit, took) = exit_of(&mut child, Duration::from_secs(20), started);
     let stderr = stderr_of(&mut child);
+    eprintln!("paused proxy: OUTBOX_RUN_SECONDS=4: exit {exit:?} after {took:?}");
     proxy.resume();
     assert_eq!(exit, Some(0), "{stderr}");
     assert!(
@@ -217,6 +222,7 @@ fn a_shutdown_cancels_each_claim_thread_once_however_often_it_reconnected() {
     let stderr = stderr_of(&mut child);
     let opened = proxy.accepted() - before;
     locker.batch_execute("ROLLBACK").unwrap();
+    eprintln!("cancel: {opened} connection(s) opened by the shutdown after {} backends seen", seen.len());
     assert_eq!(exit, Some(0), "{stderr}");
     assert!(stderr.contains("interrupting them"), "the shutdown did not have to cancel anything:\n{stderr}");
     assert!(
