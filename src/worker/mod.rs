@@ -4,9 +4,13 @@
 //! Each background service has one job and is a `*_once` function inside a dumb loop
 //! (River's shape): `reclaim_once`, `prune_once`, `claim::run_once`. A test can run one
 //! turn against a database without starting a worker (tests/worker.rs does for the
-//! reclaim loop). Database trouble never ends the process: every loop logs the change of
-//! state once, waits with backoff and resumes by itself. Signals are the command's
-//! business (`cmd/worker.rs`): it asks the worker to stop through `Shared`.
+//! reclaim loop). Database trouble never ends the process once it has reached its
+//! database: every loop logs the change of state once, waits with backoff and resumes by
+//! itself (a bounded run that never reached it ends with exit 3: `wait_for_schema`). No
+//! wait on the network outlasts a stop: connections are made in slices the caller can
+//! abandon (`db::connect_until`), and shutdown gives up on a database that does not
+//! answer. Signals are the command's business (`cmd/worker.rs`): it asks the worker to
+//! stop through `Shared`.
 
 pub mod claim;
 
