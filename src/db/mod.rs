@@ -368,3 +368,30 @@ impl r2d2::HandleError<ConnectError> for PoolErrors {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn connection_attempts_beyond_the_bound_are_refused_until_one_ends() {
+        let mut running = Vec::new();
+        while let Ok(a) = Attempt::start() {
+            running.push(a);
+            assert!(running.len() <= MAX_CONNECTING, "more than {MAX_CONNECTING} attempts started");
+        }
+        assert!(matches!(Attempt::start(), Err(ConnectError::Unanswered(n)) if n == MAX_CONNECTING));
+        running.pop();
+        assert!(Attempt::start().is_ok(), "an ended attempt frees its place");
+    }
+
+    #[test]
+    fn a_connection_that_never_completes_is_a_connection_error_naming_the_limit() {
+        let by_timeout = ConnectError::TimedOut { after: Duration::from_secs(10), by_connect_timeout: true };
+        assert!(by_timeout.is_connection_error() && !by_timeout.is_refusal());
+        assert!(by_timeout.to_string().contains("10.0 s (connect_timeout)"), "{by_timeout}");
+        let by_caller = ConnectError::TimedOut { after: Duration::from_millis(500), by_connect_timeout: false };
+        assert!(!by_caller.to_string().contains("connect_timeout"), "{by_caller}");
+        assert!(ConnectError::Stopped.is_connection_error() && ConnectError::Unanswered(32).is_connection_error());
+    }
+}
