@@ -700,7 +700,7 @@ fn shutdown(shared: &Shared, pool: &db::Pool, claimers: Vec<JoinHandle<()>>, ser
     shared.request_stop();
     let grace = shutdown_grace(shared.cfg.lease);
     let mut finished = wait_finished(&claimers, Instant::now() + SHUTDOWN_PROBE_AFTER.min(grace));
-    if !finished && !database_answers(shared) {
+    if !finished && !database_answers(shared, pool) {
         shared.ready.store(false, Ordering::Relaxed);
         log::warn!(
             "the database does not answer: not waiting for in-flight batches (their rows return to pending \
@@ -753,16 +753,28 @@ fn shutdown(shared: &Shared, pool: &db::Pool, claimers: Vec<JoinHandle<()>>, ser
 /// still answers at all (`database_answers`).
 const SHUTDOWN_PROBE_AFTER: Duration = Duration::from_millis(150);
 
-/// How long a new connection may take at shutdown before the database is taken not to
-/// answer: a server that answers completes one in far less.
+/// How long the database may take to answer at shutdown before it is taken not to answer
+/// at all: a server that answers does in far less.
 const SHUTDOWN_PROBE_LIMIT: Duration = Duration::from_millis(500);
 
-/// Whether a new connection to the database completes within `SHUTDOWN_PROBE_LIMIT`. A
-/// claim thread waiting on a network gone silent (a path that drops packets, a server
-/// that stopped answering) would not finish in any grace period, nor would a cancel
-/// request reach the server: shutdown then stops waiting at once.
-fn database_answers(shared: &Shared) -> bool {
+/// Whether the database answers within `SHUTDOWN_PROBE_LIMIT`: a `SELECT 1` on a
+/// connection the pool has idle (one round trip), else a new connection. A claim thread
+/// waiting on a network gone silent (a path that drops packets, a server that stopped
+/// answering) would not finish in any grace period, nor would a cancel request reach the
+/// server: shutdown then stops waiting at once.
+fn database_answers(shared: &Shared, pool: &db::Pool) -> bool {
     let url = &shared.cfg.database_url;
+    if let Some(mut c) = pool.try_get() {
+        match within(SHUTDOWN_PROBE_LIMIT, move || c.simple_query("SELECT 1").map(|_| ())) {
+            Some(Ok(())) => return true,
+            None => {
+                log::debug!("at shutdown, the database at {url} does not answer within {SHUTDOWN_PROBE_LIMIT:?}");
+                return false;
+            }
+            // That connection was broken: a new one says whether the database answers.
+            Some(Err(e)) => log::debug!("at shutdown, an idle connection is broken: {}", db::describe_error(&e)),
+        }
+    }
     match db::connect_until(url, Some(Instant::now() + SHUTDOWN_PROBE_LIMIT), &|| false) {
         Ok(_) => true,
         Err(e) => {
