@@ -448,10 +448,10 @@ fn cleanup() {
             let sql = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", c.dbname);
             match admin.batch_execute(&sql) {
                 Ok(()) => eprintln!("bench: dropped database {}", c.dbname),
-                Err(e) => eprintln!("bench: could not drop database {}: {}", c.dbname, pg(&e)),
+                Err(e) => eprintln!("bench: could not drop database {}: {}", c.dbname, e),
             }
         }
-        Err(e) => eprintln!("bench: could not connect to drop database {}: {}", c.dbname, pg(&e)),
+        Err(e) => eprintln!("bench: could not connect to drop database {}: {}", c.dbname, e),
     }
     let _ = std::fs::remove_dir_all(&c.logs);
 }
@@ -500,7 +500,7 @@ fn run() -> Res<()> {
     let admin = DbUrl::parse(&raw).map_err(|e| format!("{origin} {e}"))?;
     let mut admin_client = chronicle::db::connect(&admin)
         .or_else(|_| chronicle::db::connect(&admin.with_dbname("postgres")))
-        .map_err(|e| format!("cannot connect to {admin} ({origin}): {}", pg(&e)))?;
+        .map_err(|e| format!("cannot connect to {admin} ({origin}): {e}"))?;
     let dbname = format!("chronicle_bench_{}", std::process::id());
     let logs = std::env::temp_dir().join(&dbname);
     std::fs::create_dir_all(&logs).map_err(|e| format!("creating {}: {e}", logs.display()))?;
@@ -644,7 +644,7 @@ impl Bench {
     }
 
     fn connect(&self) -> Res<Client> {
-        chronicle::db::connect(&self.db).map_err(|e| format!("cannot connect to the bench database: {}", pg(&e)))
+        chronicle::db::connect(&self.db).map_err(|e| format!("cannot connect to the bench database: {e}"))
     }
 
     fn sql(&self, c: &mut Client, sql: &str) -> Res<()> {
@@ -2458,7 +2458,7 @@ struct ReaderSamples {
 /// Pages a library's timeline (5 pages, then from the top again) until stopped; the
 /// duration of every query in ms.
 fn reader_loop(db: &DbUrl, lib: Uuid, stop: &AtomicBool) -> Res<ReaderSamples> {
-    let mut c = chronicle::db::connect(db).map_err(|e| format!("reader: {}", pg(&e)))?;
+    let mut c = chronicle::db::connect(db).map_err(|e| format!("reader: {e}"))?;
     let mut out = ReaderSamples { times: Vec::new(), errors: 0 };
     let mut q = EntryQuery::new(lib);
     let mut pages = 0;
@@ -2483,7 +2483,7 @@ fn reader_loop(db: &DbUrl, lib: Uuid, stop: &AtomicBool) -> Res<ReaderSamples> {
                     eprintln!("reader: query failed: {}", pg(&e));
                 }
                 if c.is_closed() {
-                    c = chronicle::db::connect(db).map_err(|e| format!("reader: {}", pg(&e)))?;
+                    c = chronicle::db::connect(db).map_err(|e| format!("reader: {e}"))?;
                 }
                 q.cursor = None;
                 pages = 0;

@@ -533,7 +533,34 @@ pub struct DbUrl {
     /// `passfile=` of the connection string: the password file to use instead of
     /// `PGPASSFILE` or `~/.pgpass`.
     passfile: Option<String>,
+    /// libpq's `connect_timeout`: how long a whole connection may take, the TCP connect
+    /// and the startup exchange (TLS, authentication) included, per host tried.
+    /// `CONNECT_TIMEOUT` when unset; `None` (wait indefinitely) for `connect_timeout=0`.
+    pub connect_timeout: Option<Duration>,
     masked: String,
+}
+
+/// `connect_timeout` when the connection string does not set it (as libpq's
+/// documentation recommends: a value that fits an unhurried network).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TCP keepalive and `tcp_user_timeout` defaults, for a connection string that does not
+/// set them: a peer that goes silent mid-statement (a host gone, a network that drops
+/// packets) is found after about a minute instead of the operating system's two hours.
+/// Keepalive probes start after `KEEPALIVES_IDLE` without traffic, every
+/// `KEEPALIVES_INTERVAL`, and `KEEPALIVES_COUNT` unanswered ones drop the connection;
+/// data the peer has not acknowledged for `TCP_USER_TIMEOUT` drops it too (Linux).
+pub const KEEPALIVES_IDLE: Duration = Duration::from_secs(30);
+pub const KEEPALIVES_INTERVAL: Duration = Duration::from_secs(10);
+pub const KEEPALIVES_COUNT: u32 = 3;
+pub const TCP_USER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// libpq's reading of `connect_timeout`: whole seconds; zero or negative is no limit; the
+/// least limit is 2 s.
+fn parse_connect_timeout(value: &str) -> Result<Option<Duration>, String> {
+    let secs: i64 =
+        value.trim().parse().map_err(|_| format!("connect_timeout {value:?} is not a whole number of seconds"))?;
+    Ok((secs > 0).then(|| Duration::from_secs(secs.max(2) as u64)))
 }
 
 impl std::fmt::Debug for DbUrl {
@@ -585,11 +612,32 @@ impl DbUrl {
         let mut ssl_mode = SslMode::Prefer;
         let mut ssl_root_cert = None;
         let mut passfile = None;
+        let mut connect_timeout = Some(CONNECT_TIMEOUT);
+        let mut keepalives_count = None;
+        let mut tcp_settings_given = Vec::new();
         let mut password: Option<Vec<u8>> = None;
         let mut url_user: Option<String> = None;
         // Settings the driver does not know: taken out of the text it parses.
         let mut take_ours = |key: &str, value: &str| -> Result<bool, String> {
             match key {
+                // Ours: the driver's bounds only the TCP connect (set from ours below).
+                "connect_timeout" => {
+                    connect_timeout = parse_connect_timeout(value)?;
+                    Ok(true)
+                }
+                // libpq's name; the driver knows it as keepalives_retries.
+                "keepalives_count" | "keepalives_retries" => {
+                    let n = value
+                        .trim()
+                        .parse::<u32>()
+                        .map_err(|_| format!("{key} {value:?} is not a number of probes"))?;
+                    keepalives_count = Some(n);
+                    Ok(true)
+                }
+                "keepalives_idle" | "keepalives_interval" | "tcp_user_timeout" => {
+                    tcp_settings_given.push(key.to_string());
+                    Ok(false)
+                }
                 "sslmode" => {
                     ssl_mode = match value {
                         "disable" => SslMode::Disable,
@@ -719,6 +767,21 @@ impl DbUrl {
         // The driver's mode says whether to ask the server for TLS; what is checked of
         // its certificate is the connector's part (db::tls). Unix sockets never use TLS
         // (the server does not offer it there), as with libpq.
+        match connect_timeout {
+            Some(t) => config.connect_timeout(t),
+            // The driver has no "indefinitely" to go back to: a day stands for it.
+            None => config.connect_timeout(Duration::from_secs(86_400)),
+        };
+        config.keepalives_retries(keepalives_count.unwrap_or(KEEPALIVES_COUNT));
+        if !tcp_settings_given.iter().any(|k| k == "keepalives_idle") {
+            config.keepalives_idle(KEEPALIVES_IDLE);
+        }
+        if !tcp_settings_given.iter().any(|k| k == "keepalives_interval") {
+            config.keepalives_interval(KEEPALIVES_INTERVAL);
+        }
+        if !tcp_settings_given.iter().any(|k| k == "tcp_user_timeout") {
+            config.tcp_user_timeout(TCP_USER_TIMEOUT);
+        }
         let socket_only = config.get_hostaddrs().is_empty() && config.get_hosts().iter().all(is_unix_socket);
         config.ssl_mode(match ssl_mode {
             _ if socket_only => postgres::config::SslMode::Disable,
@@ -726,7 +789,7 @@ impl DbUrl {
             SslMode::Prefer => postgres::config::SslMode::Prefer,
             SslMode::Require | SslMode::VerifyCa | SslMode::VerifyFull => postgres::config::SslMode::Require,
         });
-        Ok(DbUrl { config, ssl_mode, ssl_root_cert, passfile, masked: mask_password(raw) })
+        Ok(DbUrl { config, ssl_mode, ssl_root_cert, passfile, connect_timeout, masked: mask_password(raw) })
     }
 
     /// Makes every session read-only (`default_transaction_read_only`), on top of the
@@ -995,6 +1058,42 @@ mod tests {
         for bad in ["", "s", ".", "1..2", "1x", "-5", "NaN", "inf", "1e9"] {
             assert!(parse_duration(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn connect_timeout_and_keepalives_default_and_read_like_libpq() {
+        let parse = |s: &str| DbUrl::parse(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        let u = parse("postgres://u@h/db");
+        assert_eq!(u.connect_timeout, Some(CONNECT_TIMEOUT));
+        assert_eq!(u.config.get_connect_timeout(), Some(&CONNECT_TIMEOUT));
+        assert!(u.config.get_keepalives());
+        assert_eq!(u.config.get_keepalives_idle(), KEEPALIVES_IDLE);
+        assert_eq!(u.config.get_keepalives_interval(), Some(KEEPALIVES_INTERVAL));
+        assert_eq!(u.config.get_keepalives_retries(), Some(KEEPALIVES_COUNT));
+        assert_eq!(u.config.get_tcp_user_timeout(), Some(&TCP_USER_TIMEOUT));
+
+        for (raw, want) in [
+            ("postgres://u@h/db?connect_timeout=5", Some(5)),
+            ("host=h user=u connect_timeout=5", Some(5)),
+            ("postgres://u@h/db?connect_timeout=1", Some(2)),
+            ("postgres://u@h/db?connect_timeout=0", None),
+            ("postgres://u@h/db?connect_timeout=-3", None),
+        ] {
+            assert_eq!(parse(raw).connect_timeout, want.map(Duration::from_secs), "{raw}");
+        }
+        let e = DbUrl::parse("postgres://u@h/db?connect_timeout=soon").unwrap_err();
+        assert!(e.contains("connect_timeout") && e.contains("soon"), "{e}");
+
+        let u =
+            parse("postgres://u@h/db?keepalives_idle=5&keepalives_interval=2&keepalives_count=7&tcp_user_timeout=9");
+        assert_eq!(u.config.get_keepalives_idle(), Duration::from_secs(5));
+        assert_eq!(u.config.get_keepalives_interval(), Some(Duration::from_secs(2)));
+        assert_eq!(u.config.get_keepalives_retries(), Some(7));
+        assert_eq!(u.config.get_tcp_user_timeout(), Some(&Duration::from_secs(9)));
+        assert_eq!(parse("host=h keepalives_retries=4").config.get_keepalives_retries(), Some(4));
+        assert!(!parse("postgres://u@h/db?keepalives=0").config.get_keepalives());
+        // 0 is the system's default, as in libpq: none of ours then.
+        assert_eq!(parse("postgres://u@h/db?tcp_user_timeout=0").config.get_tcp_user_timeout(), None);
     }
 
     #[test]

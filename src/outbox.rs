@@ -663,6 +663,19 @@ pub fn reclaim_stuck(
     RetryOutcome::from_statuses(&rows)
 }
 
+/// How many rows are `processing` under a claim other than those in `$1` (another
+/// worker's, running or dead), and how long until the last of their leases runs out.
+pub const CLAIMED_ELSEWHERE: &str = "
+    SELECT count(*), coalesce(extract(epoch FROM max(lease_until) - now()), 0)::float8
+    FROM chronicle_outbox_events
+    WHERE status = 'processing' AND NOT coalesce(claim_token = ANY ($1::uuid[]), false)";
+
+/// Rows held by claims other than `ours`, and the seconds until the last lease of them ends.
+pub fn claimed_elsewhere(client: &mut impl GenericClient, ours: &[Uuid]) -> Result<(i64, f64), postgres::Error> {
+    let r = client.query_one(CLAIMED_ELSEWHERE, &[&ours])?;
+    Ok((r.try_get(0)?, r.try_get(1)?))
+}
+
 /// The gauges an operator watches, sampled in one query (docs/DESIGN.md §6). Each figure is
 /// its own sub-select on a partial index, so the cost follows the live rows (pending,
 /// processing, failed), never the `done` history: a scan of the whole outbox every second

@@ -1,8 +1,9 @@
 //! A server that refuses us (wrong credentials, a role that may not log in, an unknown
 //! database) is exit 3 at once for a one-shot command, `migrate --wait` included: waiting
-//! does not change its answer. The worker waits instead, as the contract asks of it, but
-//! says so as an error an operator sees, answers `/readyz` with 503, and resumes by itself
-//! when let in; a smoke run that never reached its database says that nothing ran.
+//! does not change its answer; so is a bounded worker run (`OUTBOX_RUN_SECONDS`,
+//! `--until-empty`) refused at start, or ended before it ever reached its database. An
+//! unbounded worker waits instead, as the contract asks of it, but says so as an error
+//! an operator sees, answers `/readyz` with 503, and resumes by itself when let in.
 
 #![cfg_attr(not(unix), allow(unused_imports, dead_code))] // Unix-only tests are marked #[cfg(unix)]
 
@@ -12,7 +13,10 @@ use std::time::{Duration, Instant};
 
 #[cfg(unix)]
 use crate::util::signal;
-use crate::util::{chronicle_cmd, count, free_port, insert_events, run, wait_until, worker_cmd, LoginRole, TestDb};
+use crate::util::{
+    chronicle_cmd, count, free_port, http_get, insert_events, metric_sum, run, wait_until, worker_cmd, LoginRole,
+    TestDb,
+};
 
 /// The same server as `db`, as another role (with the harness's password, if any).
 fn url_as(db: &TestDb, user: &str, dbname: &str) -> String {
@@ -43,18 +47,17 @@ fn a_one_shot_command_refused_by_the_server_exits_3_at_once_even_with_wait() {
     }
 }
 
-/// The worker waits for a server that refuses it (an operator may be fixing the grant),
-/// but logs the refusal as an error once, not once per attempt, and a smoke run that
-/// ends this way says nothing was projected.
+/// An unbounded worker waits for a server that refuses it (an operator may be fixing the
+/// grant), but logs the refusal as an error once, not once per attempt, and is not ready.
+#[cfg(unix)]
 #[test]
-fn a_worker_refused_at_start_reports_an_error_once_and_its_smoke_run_says_nothing_ran() {
+fn an_unbounded_worker_refused_at_start_waits_and_reports_an_error_once() {
     let db = TestDb::new();
     for (what, url, code) in refused_urls(&db) {
         let port = free_port();
         let mut child = chronicle_cmd(&["worker"])
             .env("DATABASE_URL", &url)
             .env("OUTBOX_METRICS_PORT", port.to_string())
-            .env("OUTBOX_RUN_SECONDS", "4")
             .stderr(Stdio::piped())
             .spawn()
             .unwrap();
@@ -62,38 +65,58 @@ fn a_worker_refused_at_start_reports_an_error_once_and_its_smoke_run_says_nothin
             run(chronicle_cmd(&["healthcheck", "--timeout", "1s"]).env("OUTBOX_METRICS_PORT", port.to_string())).code
                 == Some(0)
         });
+        wait_until(Duration::from_secs(20), "several refused attempts", || {
+            http_get(port, "/metrics").is_some_and(|m| metric_sum(&m, "chronicle_outbox_db_errors_total") >= 3.0)
+        });
         let ready =
             run(chronicle_cmd(&["healthcheck", "--ready", "--timeout", "1s"])
                 .env("OUTBOX_METRICS_PORT", port.to_string()));
         assert_eq!(ready.code, Some(1), "{what}: /readyz must not be ready while refused: {ready}");
+        assert!(child.try_wait().unwrap().is_none(), "{what}: an unbounded worker gave up on a refusal");
+        signal(child.id(), "TERM");
         let mut stderr = String::new();
         child.stderr.take().unwrap().read_to_string(&mut stderr).unwrap();
         let status = child.wait().unwrap();
-        assert_eq!(
-            status.code(),
-            Some(0),
-            "{what}: OUTBOX_RUN_SECONDS ends the worker as the contract says:\n{stderr}"
-        );
+        assert_eq!(status.code(), Some(0), "{what}: stopped while waiting:\n{stderr}");
         let refusals: Vec<&str> = stderr.lines().filter(|l| l.contains("refuses our connections")).collect();
         assert_eq!(refusals.len(), 1, "{what}: one error line, not one per attempt:\n{stderr}");
         assert!(refusals[0].contains("ERROR") && refusals[0].contains(code), "{what}: {}", refusals[0]);
-        assert!(
-            stderr.lines().any(|l| l.contains("ERROR") && l.contains("nothing was projected")),
-            "{what}: the smoke run does not say it never ran:\n{stderr}"
-        );
     }
 }
 
+/// A bounded run (`OUTBOX_RUN_SECONDS`, `--until-empty`) refused at start exits 3 at once:
+/// the server will not change its mind before the run ends, and a smoke run must not
+/// pass without having run.
 #[test]
-fn a_smoke_run_that_never_reached_its_database_says_so_and_ends_on_time() {
+fn a_bounded_run_refused_at_start_exits_3_at_once() {
+    let db = TestDb::new();
+    for (what, url, code) in refused_urls(&db) {
+        for (args, run_seconds) in [(&["worker"][..], Some("60")), (&["worker", "--until-empty"][..], None)] {
+            let mut cmd = chronicle_cmd(args);
+            cmd.env("DATABASE_URL", &url).env("OUTBOX_METRICS_PORT", "0");
+            if let Some(s) = run_seconds {
+                cmd.env("OUTBOX_RUN_SECONDS", s);
+            }
+            let started = Instant::now();
+            let r = run(&mut cmd);
+            assert_eq!(r.code, Some(3), "{what}, {args:?}: {r}");
+            assert!(started.elapsed() < Duration::from_secs(10), "{what}, {args:?}: took {:?}", started.elapsed());
+            assert!(r.stderr.contains(code) && r.stderr.contains("cannot connect to postgresql://"), "{what}: {r}");
+        }
+    }
+}
+
+/// A smoke run that never reached its database fails (exit 3), says why, and ends on time.
+#[test]
+fn a_smoke_run_that_never_reached_its_database_exits_3_on_time() {
     let started = Instant::now();
     let r = run(chronicle_cmd(&["worker"])
         .env("DATABASE_URL", format!("postgresql://u:pw@127.0.0.1:{}/db", free_port()))
         .env("OUTBOX_METRICS_PORT", "0")
         .env("OUTBOX_RUN_SECONDS", "1"));
-    assert!(started.elapsed() < Duration::from_secs(10), "OUTBOX_RUN_SECONDS=1 took {:?}", started.elapsed());
-    assert_eq!(r.code, Some(0), "{r}");
-    assert!(r.stderr.contains("nothing was projected"), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(2), "OUTBOX_RUN_SECONDS=1 took {:?}", started.elapsed());
+    assert_eq!(r.code, Some(3), "{r}");
+    assert!(r.stderr.contains("nothing was projected") && r.stderr.contains("Connection refused"), "{r}");
     assert!(!r.stderr.contains(":pw@"), "the password is printed: {r}");
 }
 

@@ -134,8 +134,8 @@ fn smoke_fails_when_the_worker_logs_an_error_or_exits_non_zero() {
     let db = TestDb::new();
     let dir = std::env::temp_dir().join(format!("chronicle-scripts-{}-{}", std::process::id(), db.name));
     std::fs::create_dir_all(&dir).unwrap();
-    // A chronicle that is the real one except for `worker`: the worker of a smoke run that
-    // never reached its database logs this ERROR line and exits 0 (its contract).
+    // A chronicle that is the real one except for `worker`: one that logs an ERROR line
+    // and exits 0 all the same, and one that exits 3 (a run that never reached its database).
     let error_line = "[2026-01-01T00:00:00.000Z ERROR chronicle::worker] OUTBOX_RUN_SECONDS (2s) reached before \
                       the database at x was reachable (no answer): nothing was projected; stopping";
     for (name, worker, expect) in [

@@ -12,6 +12,7 @@ mod fail_fast;
 mod isolation;
 #[cfg(target_os = "linux")] // ulimit, setpriv and /proc
 mod metrics_endpoint;
+mod network;
 mod ops;
 mod outbox;
 mod panics;

@@ -525,6 +525,113 @@ impl Proxy {
     }
 }
 
+/// A server that accepts TCP connections and never answers (a stopped postmaster, a
+/// half-open path): the connections it accepted are kept open, unread, for the test's life.
+pub struct SilentServer {
+    pub port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl SilentServer {
+    pub fn start() -> SilentServer {
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("silent server port");
+        let port = listener.local_addr().expect("silent server address").port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        std::thread::spawn(move || {
+            let mut held = Vec::new();
+            for conn in listener.incoming().flatten() {
+                held.push(conn);
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            }
+        });
+        SilentServer { port, accepted }
+    }
+
+    /// How many connections it has accepted.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// A URL for it, with these extra parameters (`connect_timeout=2`).
+    pub fn url(&self, params: &str) -> String {
+        format!("postgresql://u:pw@127.0.0.1:{}/db?sslmode=disable{params}", self.port)
+    }
+}
+
+/// A TCP proxy on loopback in front of the test server that can stop forwarding without
+/// closing anything (a network gone silent mid-statement) and resume, and counts the
+/// connections made through it.
+pub struct PausableProxy {
+    pub port: u16,
+    paused: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl PausableProxy {
+    pub fn start(target: &Server) -> PausableProxy {
+        use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+        use std::sync::Arc;
+        let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("proxy port");
+        let port = listener.local_addr().expect("proxy address").port();
+        let target =
+            format!("{}:{}", if target.host.starts_with('/') { "127.0.0.1" } else { &target.host }, target.port);
+        let paused = Arc::new(AtomicBool::new(false));
+        let accepted = Arc::new(AtomicUsize::new(0));
+        let (p, a) = (paused.clone(), accepted.clone());
+        std::thread::spawn(move || {
+            for client in listener.incoming().flatten() {
+                a.fetch_add(1, Ordering::SeqCst);
+                let Ok(upstream) = std::net::TcpStream::connect(&target) else { continue };
+                let (Ok(c_r), Ok(u_w)) = (client.try_clone(), upstream.try_clone()) else { continue };
+                for (mut from, mut to) in [(c_r, u_w), (upstream, client)] {
+                    let paused = p.clone();
+                    std::thread::spawn(move || {
+                        use std::io::{Read, Write};
+                        let mut buf = [0u8; 16 * 1024];
+                        loop {
+                            let n = match from.read(&mut buf) {
+                                Ok(0) | Err(_) => break,
+                                Ok(n) => n,
+                            };
+                            // Paused: what was read is held, nothing more is read or sent.
+                            while paused.load(Ordering::SeqCst) {
+                                std::thread::sleep(std::time::Duration::from_millis(10));
+                            }
+                            if to.write_all(&buf[..n]).is_err() {
+                                break;
+                            }
+                        }
+                        let _ = to.shutdown(std::net::Shutdown::Both);
+                    });
+                }
+            }
+        });
+        PausableProxy { port, paused, accepted }
+    }
+
+    pub fn pause(&self) {
+        self.paused.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    pub fn resume(&self) {
+        self.paused.store(false, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many connections were made through it.
+    pub fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The test database's URL through the proxy.
+    pub fn url(&self, db: &TestDb) -> String {
+        let mut server = db.server.clone();
+        server.host = "127.0.0.1".into();
+        server.port = self.port;
+        server.url(&db.name)
+    }
+}
+
 /// Inserts `n` valid events (BookRenamed, with Chinese and English titles) into one
 /// library by plain SQL, as the application would. Returns the library id.
 pub fn insert_events(c: &mut Client, n: i64) -> uuid::Uuid {

@@ -160,6 +160,28 @@ fn after_kill_9_mid_drain_another_worker_finishes_exactly_once() {
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events"), 20_000, "one delivery per event");
 }
 
+/// `--until-empty` after a worker died holding claims: the claims whose lease has expired
+/// are reclaimed and projected, and those whose lease has not are waited for (said in the
+/// log), before it decides the outbox is empty; it does not leave them pending.
+#[test]
+fn until_empty_projects_a_dead_workers_claims_before_it_stops() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    insert_events(&mut c, 3000);
+    let expired =
+        chronicle::outbox::claim_batch(&mut c, 1000, "dead", uuid::Uuid::now_v7(), Duration::from_millis(1)).unwrap();
+    let live =
+        chronicle::outbox::claim_batch(&mut c, 1000, "dead", uuid::Uuid::now_v7(), Duration::from_secs(3)).unwrap();
+    assert_eq!((expired.len(), live.len()), (1000, 1000));
+    let started = Instant::now();
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "200"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(60), "took {:?}", started.elapsed());
+    assert_fully_projected(&mut c);
+    assert!(r.stderr.contains("claimed by another worker"), "the wait for the live claims is not said: {r}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_outbox_events"), 3000, "one delivery per event");
+}
+
 #[test]
 fn two_processes_sharing_a_worker_id_never_process_a_row_twice() {
     let db = TestDb::new();

@@ -23,18 +23,24 @@ pub fn help() -> Help {
          130 at once. A panic while projecting one event fails that event alone (projection_panicked); a \
          panic anywhere else stops the worker the same way, then exits 70. An unreachable database is waited \
          for, never fatal; one that refuses us (credentials, database name) too, reported as an error at most \
-         once a minute.",
+         once a minute. A bounded run (OUTBOX_RUN_SECONDS, --until-empty) is different: refused at start, or \
+         ended before it ever reached its database, it exits 3.",
     )
     .usage(&["chronicle worker [FLAGS]"])
     .flags_titled(
         "FLAGS (each also read from its environment variable; the flag wins):",
         config::WORKER_SETTINGS,
-        &[("--until-empty", "Stop once nothing is ready to claim (batch jobs, tests).".into())],
+        &[(
+            "--until-empty",
+            "Stop once nothing is ready to claim and no row is held by another worker's claim (a dead worker's \
+             claims are reclaimed and projected first; batch jobs, tests)."
+                .into(),
+        )],
     )
     .examples(&[
         "DATABASE_URL=postgresql+psycopg://wordloom@localhost:5435/wordloom_test \\",
         "    chronicle worker",
-        "OUTBOX_RUN_SECONDS=2 chronicle worker   # smoke run: about 2 s, then exit 0",
+        "OUTBOX_RUN_SECONDS=2 chronicle worker   # smoke run: about 2 s, then exit 0 (3: no database)",
         "chronicle worker --concurrency 4 --batch-size 500 --until-empty",
     ])
 }

@@ -167,7 +167,7 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
                     shared.db_ok(&mut *conn);
                     reconnect.reset();
                     if r.claimed == 0 && ClaimFloor::may_be_empty(r.from) {
-                        if until_empty {
+                        if until_empty && super::settled_for_until_empty(shared, &mut *conn) {
                             return;
                         }
                         log::trace!("nothing ready to claim: idle for up to {:?}", shared.cfg.poll_interval);

@@ -4,19 +4,22 @@
 //! Each background service has one job and is a `*_once` function inside a dumb loop
 //! (River's shape): `reclaim_once`, `prune_once`, `claim::ClaimThread::run_once`. A test
 //! can run one turn against a database without starting a worker (tests/worker.rs does
-//! for the reclaim loop). Database trouble never ends the process: every loop logs the
-//! change of state once, waits with backoff and resumes by itself. A panic in one of its
-//! threads outside a projection, a bug, does: every thread is stopped as on a stop, and the
-//! worker exits 70 (`panics`). Signals are the command's business (`cmd/worker.rs`): it
-//! asks the worker to stop through `Shared`.
+//! for the reclaim loop). Database trouble never ends the process once it has reached its
+//! database: every loop logs the change of state once, waits with backoff and resumes by
+//! itself (a bounded run that never reached it ends with exit 3: `wait_for_schema`). No
+//! wait on the network outlasts a stop: connections are made in slices the caller can
+//! abandon (`db::connect_until`), and shutdown gives up on a database that does not
+//! answer. A panic in one of its threads outside a projection, a bug, ends the process:
+//! every thread is stopped as on a stop, and the worker exits 70 (`panics`). Signals are
+//! the command's business (`cmd/worker.rs`): it asks the worker to stop through `Shared`.
 
 pub mod claim;
 pub mod panics;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
-use std::thread::JoinHandle;
+use std::thread::{JoinHandle, ThreadId};
 use std::time::{Duration, Instant};
 
 use postgres::fallible_iterator::FallibleIterator;
@@ -43,8 +46,9 @@ pub struct Shared {
     wake: (Mutex<u64>, Condvar),
     /// Claim tokens currently held by this process, for the lease keeper.
     pub held_claims: Mutex<HashSet<Uuid>>,
-    /// Cancel tokens of the claim threads' connections, to interrupt them on shutdown.
-    cancel_tokens: Mutex<Vec<CancelToken>>,
+    /// The cancel token of each claim thread's current connection, to interrupt it on
+    /// shutdown: one per thread, replaced when the thread reconnects.
+    cancel_tokens: Mutex<HashMap<ThreadId, CancelToken>>,
     /// Whether the database answers and has our schema (for /readyz).
     pub ready: Arc<AtomicBool>,
     /// Whether the database was last seen unreachable, so it is logged once per change.
@@ -65,6 +69,8 @@ pub struct Shared {
     stop_channel: String,
     /// The first panic outside a projection (`panics`): the worker stops, and exits 70.
     panicked: OnceLock<ThreadPanic>,
+    /// Set once `--until-empty` has said it waits for rows claimed by other workers.
+    until_empty_waiting: AtomicBool,
 }
 
 impl Shared {
@@ -76,7 +82,7 @@ impl Shared {
             stop: AtomicBool::new(false),
             wake: (Mutex::new(0), Condvar::new()),
             held_claims: Mutex::new(HashSet::new()),
-            cancel_tokens: Mutex::new(Vec::new()),
+            cancel_tokens: Mutex::new(HashMap::new()),
             ready: Arc::new(AtomicBool::new(false)),
             db_down: AtomicBool::new(false),
             server: Mutex::new(None),
@@ -85,6 +91,7 @@ impl Shared {
             outbox_analyze_refused: AtomicBool::new(false),
             stop_channel: format!("chronicle_stop_{}", Uuid::now_v7().simple()),
             panicked: OnceLock::new(),
+            until_empty_waiting: AtomicBool::new(false),
         })
     }
 
@@ -194,9 +201,28 @@ impl Shared {
         }
     }
 
+    /// Records the cancel token of the calling thread's current connection, in place of
+    /// the one of its connection before (a connection that is gone needs no cancel).
     pub fn register_cancel(&self, t: CancelToken) {
         if let Ok(mut v) = self.cancel_tokens.lock() {
-            v.push(t);
+            v.insert(std::thread::current().id(), t);
+        }
+    }
+
+    /// The cancel token registered by `thread`, if any.
+    fn cancel_token_of(&self, thread: ThreadId) -> Option<CancelToken> {
+        self.cancel_tokens.lock().ok().and_then(|v| v.get(&thread).cloned())
+    }
+
+    /// Records a failed connection attempt as `db_error` does a database error.
+    pub fn connect_error(&self, context: &str, err: &db::ConnectError) {
+        if let Some(e) = err.driver() {
+            return self.db_error(context, e);
+        }
+        Metrics::add(&self.metrics.db_errors, 1);
+        self.ready.store(false, Ordering::Relaxed);
+        if !self.db_down.swap(true, Ordering::SeqCst) {
+            log::warn!("database unreachable ({context}): {err}; retrying with backoff");
         }
     }
 }
@@ -209,7 +235,12 @@ impl Reconnect {
         Reconnect(Duration::from_millis(100))
     }
     pub fn wait(&mut self, shared: &Shared) {
-        shared.idle_wait(self.0);
+        self.wait_until(shared, None);
+    }
+    /// As `wait`, ending at `end` at the latest.
+    pub fn wait_until(&mut self, shared: &Shared, end: Option<Instant>) {
+        let wait = end.map_or(self.0, |end| self.0.min(end.saturating_duration_since(Instant::now())));
+        shared.idle_wait(wait);
         self.0 = (self.0 * 2).min(Duration::from_secs(5));
     }
     pub fn reset(&mut self) {
@@ -253,7 +284,8 @@ pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
     // OUTBOX_RUN_SECONDS counts from here: a smoke run ends on time even when the
     // database never answers.
     let started = Instant::now();
-    if !wait_for_schema(&shared, started)? {
+    let bounded = until_empty || cfg.run_for.is_some();
+    if !wait_for_schema(&shared, started, bounded)? {
         if shared.panicked().is_none() {
             log::info!("stopped before the database was reachable");
         }
@@ -363,28 +395,36 @@ fn spawn(name: &str, f: impl FnOnce() + Send + 'static) -> Result<JoinHandle<()>
 }
 
 /// Waits (with backoff, until stopped) for the database, then checks the schema: behind
-/// or ahead of this binary is an error. Returns false if stopped while waiting. A server
-/// that refuses us (wrong credentials, a role that may not log in, an unknown database)
-/// is waited for too, as the contract asks of the worker, but reported as an error (see
-/// `RefusalLog`); so is an `OUTBOX_RUN_SECONDS` that ends before the database ever
-/// answered, so a smoke run that never ran does not read like one that did.
-fn wait_for_schema(shared: &Shared, started: Instant) -> Result<bool> {
+/// or ahead of this binary is an error. Returns false if stopped while waiting.
+///
+/// A bounded run (`OUTBOX_RUN_SECONDS`, `--until-empty`) that ends before the database
+/// ever answered is an error (exit 3), so a smoke run that never ran is not read as one
+/// that did; so is a server that refuses such a run (wrong credentials, a role that may
+/// not log in, an unknown database): it will not change its mind before the run ends. An
+/// unbounded worker waits for a refusing server too, as the contract asks of it,
+/// reporting it as an error (see `RefusalLog`). Every wait, a connection attempt's
+/// included, ends as soon as the worker is asked to stop or its run time is up.
+fn wait_for_schema(shared: &Shared, started: Instant, bounded: bool) -> Result<bool> {
     let url = &shared.cfg.database_url;
+    let run_end = shared.cfg.run_for.map(|d| started + d);
     let mut backoff = Reconnect::new();
     let mut last_error = None;
     loop {
-        if shared.stopping() {
-            return Ok(false);
-        }
-        if let Some(limit) = shared.cfg.run_for.filter(|d| started.elapsed() >= *d) {
+        let ran_out = run_end.is_some_and(|end| Instant::now() >= end);
+        if shared.stopping() || ran_out {
+            if !bounded {
+                return Ok(false);
+            }
             let why = last_error.unwrap_or_else(|| "no answer".to_string());
-            log::error!(
-                "OUTBOX_RUN_SECONDS ({limit:?}) reached before the database at {url} was reachable ({why}): \
-                 nothing was projected; stopping"
-            );
-            return Ok(false);
+            let end = match shared.cfg.run_for {
+                Some(limit) if ran_out => format!("OUTBOX_RUN_SECONDS ({limit:?}) reached"),
+                _ => "stopped".to_string(),
+            };
+            return Err(AppError::unreachable(format!(
+                "{end} before the database at {url} was reachable ({why}): nothing was projected"
+            )));
         }
-        match db::connect(url) {
+        match db::connect_until(url, run_end, &|| shared.stopping()) {
             Ok(mut client) => {
                 shared.db_ok(&mut client);
                 let st = migrate::status(&mut client)?;
@@ -400,17 +440,19 @@ fn wait_for_schema(shared: &Shared, started: Instant) -> Result<bool> {
                 shared.ready.store(true, Ordering::Relaxed);
                 return Ok(true);
             }
-            Err(e) if db::is_refusal(&e) => {
+            Err(e) if e.is_refusal() && bounded => return Err(db::connect_failure(url, e)),
+            Err(db::ConnectError::Stopped) => {}
+            Err(e) if e.is_refusal() => {
                 Metrics::add(&shared.metrics.db_errors, 1);
                 shared.ready.store(false, Ordering::Relaxed);
                 shared.refusals.report(url, &e);
-                last_error = Some(db::describe_error(&e));
-                backoff.wait(shared);
+                last_error = Some(e.to_string());
+                backoff.wait_until(shared, run_end);
             }
-            Err(e) if db::is_connection_error(&e) => {
-                shared.db_error("at start", &e);
-                last_error = Some(db::describe_error(&e));
-                backoff.wait(shared);
+            Err(e) if e.is_connection_error() => {
+                shared.connect_error("at start", &e);
+                last_error = Some(e.to_string());
+                backoff.wait_until(shared, run_end);
             }
             Err(e) => return Err(db::connect_failure(url, e)),
         }
@@ -435,18 +477,7 @@ pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
     match outbox::reclaim_stuck(&mut *c, shared.cfg.max_processing, shared.cfg.max_attempts) {
         Ok(o) => {
             shared.db_ok(&mut *c);
-            let n = o.retried + o.exhausted;
-            if n > 0 {
-                log::warn!(
-                    "reclaimed {n} stuck row(s): {} back to pending, {} failed (max_attempts_exceeded)",
-                    o.retried,
-                    o.exhausted
-                );
-                Metrics::add(&shared.metrics.reclaimed, n);
-                for _ in 0..o.exhausted {
-                    shared.metrics.terminal_failure(ErrorReason::MaxAttemptsExceeded);
-                }
-            }
+            note_reclaimed(shared, &o);
         }
         Err(e) => return shared.db_error("while reclaiming stuck rows", &e),
     }
@@ -469,6 +500,58 @@ pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
             shared.outbox_analyze_refused.store(true, Ordering::Relaxed);
         }
         Err(e) => shared.db_error("while checking the outbox's planner statistics", &e),
+    }
+}
+
+/// Logs and counts what a reclaim did; how many rows it reclaimed.
+fn note_reclaimed(shared: &Shared, o: &outbox::RetryOutcome) -> u64 {
+    let n = o.retried + o.exhausted;
+    if n > 0 {
+        log::warn!(
+            "reclaimed {n} stuck row(s): {} back to pending, {} failed (max_attempts_exceeded)",
+            o.retried,
+            o.exhausted
+        );
+        Metrics::add(&shared.metrics.reclaimed, n);
+        for _ in 0..o.exhausted {
+            shared.metrics.terminal_failure(ErrorReason::MaxAttemptsExceeded);
+        }
+    }
+    n
+}
+
+/// For `--until-empty`, once a claim thread found nothing ready: whether the outbox is
+/// done with. Rows claimed by a worker that died are not: those whose lease has expired
+/// are reclaimed here at once (the claim thread projects them next), and those whose
+/// lease has not are waited for (said once in the log), as are the rows a running worker
+/// holds, until it completes them.
+pub fn settled_for_until_empty(shared: &Shared, conn: &mut impl GenericClient) -> bool {
+    match outbox::reclaim_stuck(conn, shared.cfg.max_processing, shared.cfg.max_attempts) {
+        Ok(o) if note_reclaimed(shared, &o) > 0 => return false,
+        Ok(_) => {}
+        Err(e) => {
+            shared.db_error("while reclaiming stuck rows before stopping (--until-empty)", &e);
+            return false;
+        }
+    }
+    let ours: Vec<Uuid> = shared.held_claims.lock().map(|h| h.iter().copied().collect()).unwrap_or_default();
+    match outbox::claimed_elsewhere(conn, &ours) {
+        Ok((0, _)) => true,
+        Ok((n, lease_left)) => {
+            if !shared.until_empty_waiting.swap(true, Ordering::SeqCst) {
+                log::info!(
+                    "--until-empty: nothing is ready, but {n} row(s) are claimed by another worker (one still \
+                     running, or one that stopped without giving them back): waiting for them to be completed or \
+                     for their lease to run out (the last in {:.0} s), to reclaim and project them",
+                    lease_left.max(0.0)
+                );
+            }
+            false
+        }
+        Err(e) => {
+            shared.db_error("while looking for rows claimed elsewhere (--until-empty)", &e);
+            false
+        }
     }
 }
 
@@ -563,10 +646,10 @@ const LISTENER_WAIT: Duration = Duration::from_secs(1);
 fn listen_loop(shared: &Shared) {
     let mut backoff = Reconnect::new();
     while !shared.stopping() {
-        let mut client = match db::connect(&shared.cfg.database_url) {
+        let mut client = match db::connect_until(&shared.cfg.database_url, None, &|| shared.stopping()) {
             Ok(c) => c,
             Err(e) => {
-                log::debug!("listener cannot connect: {}", db::describe_error(&e));
+                log::debug!("listener cannot connect: {e}");
                 backoff.wait(shared);
                 continue;
             }
@@ -665,13 +748,21 @@ fn log_exit(shared: &Shared, pool: &db::Pool) {
         }
         _ => String::new(),
     };
-    let backlog = match pool.get_timeout(Duration::from_secs(2)) {
-        Ok(mut c) => match outbox::sample_gauges(&mut *c, shared.cfg.max_processing) {
-            Ok(g) => format!("{} pending, {} processing", g.pending, g.inflight),
-            Err(e) => format!("unknown ({})", db::describe_error(&e)),
-        },
-        Err(e) => format!("unknown ({e})"),
-    };
+    let (pool, max_processing) = (pool.clone(), shared.cfg.max_processing);
+    // Not asked of a database that was not answering when the worker stopped.
+    let answers = shared.ready.load(Ordering::Relaxed);
+    let backlog = answers
+        .then(|| {
+            within(Duration::from_secs(3), move || match pool.get_timeout(Duration::from_secs(2)) {
+                Ok(mut c) => match outbox::sample_gauges(&mut *c, max_processing) {
+                    Ok(g) => format!("{} pending, {} processing", g.pending, g.inflight),
+                    Err(e) => format!("unknown ({})", db::describe_error(&e)),
+                },
+                Err(e) => format!("unknown ({e})"),
+            })
+        })
+        .flatten()
+        .unwrap_or_else(|| "unknown (the database did not answer in time)".to_string());
     log::info!(
         "processed {processed}{rate}; failed {}, retries {}, reclaimed {}; backlog now: {backlog}",
         m.terminal_failed_total(),
@@ -688,18 +779,41 @@ fn shutdown(shared: &Shared, pool: &db::Pool, claimers: Vec<JoinHandle<()>>, ser
     shared.request_stop();
     let panicked = shared.panicked().is_some();
     let grace = shutdown_grace(shared.cfg.lease, panicked);
-    let mut finished = wait_finished(&claimers, Instant::now() + grace);
+    let mut finished = wait_finished(&claimers, Instant::now() + SHUTDOWN_PROBE_AFTER.min(grace));
+    if !finished && !database_answers(shared, pool) {
+        shared.ready.store(false, Ordering::Relaxed);
+        log::warn!(
+            "the database does not answer: not waiting for in-flight batches (their rows return to pending \
+             when their lease runs out)"
+        );
+        return;
+    }
+    finished = finished || wait_finished(&claimers, Instant::now() + grace);
     let hard_deadline = Instant::now() + grace + Duration::from_secs(if panicked { 1 } else { 2 });
     if !finished {
         log::warn!("in-flight batches did not finish within {grace:?}: interrupting them and releasing their rows");
         // A cancel stops only the statement running when it arrives: a thread between two
-        // statements then would block on its next one. So the claim threads' statements
-        // are cancelled again until every thread has finished (a release that a cancel
-        // interrupts is tried again: `claim::release_on_shutdown`).
+        // statements then would block on its next one. So the statement of each claim
+        // thread still running is cancelled again until it has finished (a release that a
+        // cancel interrupts is tried again: `claim::release_on_shutdown`): one cancel
+        // request at a time per thread, on the thread's current connection, each on a
+        // thread of its own so that a server that never answers one holds nothing up.
+        let mut cancels: HashMap<ThreadId, JoinHandle<()>> = HashMap::new();
         while !finished && Instant::now() < hard_deadline {
-            if let Ok(tokens) = shared.cancel_tokens.lock() {
-                for t in tokens.iter() {
-                    let _ = db::cancel_query(&shared.cfg.database_url, t);
+            for claimer in claimers.iter().filter(|h| !h.is_finished()) {
+                let id = claimer.thread().id();
+                if cancels.get(&id).is_some_and(|c| !c.is_finished()) {
+                    continue;
+                }
+                let Some(token) = shared.cancel_token_of(id) else { continue };
+                let url = shared.cfg.database_url.clone();
+                let cancel = spawn("cancel", move || {
+                    if let Err(e) = db::cancel_query(&url, &token) {
+                        log::debug!("could not cancel a claim thread's statement: {e}");
+                    }
+                });
+                if let Ok(cancel) = cancel {
+                    cancels.insert(id, cancel);
                 }
             }
             finished = wait_finished(&claimers, (Instant::now() + Duration::from_millis(250)).min(hard_deadline));
@@ -739,6 +853,41 @@ fn release_held_claims(shared: &Shared, pool: &db::Pool) {
     }
 }
 
+/// How long shutdown waits for in-flight batches before it looks whether the database
+/// still answers at all (`database_answers`).
+const SHUTDOWN_PROBE_AFTER: Duration = Duration::from_millis(150);
+
+/// How long the database may take to answer at shutdown before it is taken not to answer
+/// at all: a server that answers does in far less.
+const SHUTDOWN_PROBE_LIMIT: Duration = Duration::from_millis(500);
+
+/// Whether the database answers within `SHUTDOWN_PROBE_LIMIT`: a `SELECT 1` on a
+/// connection the pool has idle (one round trip), else a new connection. A claim thread
+/// waiting on a network gone silent (a path that drops packets, a server that stopped
+/// answering) would not finish in any grace period, nor would a cancel request reach the
+/// server: shutdown then stops waiting at once.
+fn database_answers(shared: &Shared, pool: &db::Pool) -> bool {
+    let url = &shared.cfg.database_url;
+    if let Some(mut c) = pool.try_get() {
+        match within(SHUTDOWN_PROBE_LIMIT, move || c.simple_query("SELECT 1").map(|_| ())) {
+            Some(Ok(())) => return true,
+            None => {
+                log::debug!("at shutdown, the database at {url} does not answer within {SHUTDOWN_PROBE_LIMIT:?}");
+                return false;
+            }
+            // That connection was broken: a new one says whether the database answers.
+            Some(Err(e)) => log::debug!("at shutdown, an idle connection is broken: {}", db::describe_error(&e)),
+        }
+    }
+    match db::connect_until(url, Some(Instant::now() + SHUTDOWN_PROBE_LIMIT), &|| false) {
+        Ok(_) => true,
+        Err(e) => {
+            log::debug!("at shutdown, the database at {url} does not answer: {e}");
+            false
+        }
+    }
+}
+
 /// Wakes the listener for shutdown, through a connection the pool has idle (the claim
 /// threads' are, once they have finished); without one, the listener stops at the end of
 /// its wait (`LISTENER_WAIT`).
@@ -747,9 +896,24 @@ fn notify_listener_of_shutdown(shared: &Shared, pool: &db::Pool) {
         log::debug!("no idle connection to notify the listener of shutdown with");
         return;
     };
-    if let Err(e) = c.execute("SELECT pg_notify($1, '')", &[&shared.stop_channel]) {
-        log::debug!("could not notify the listener of shutdown: {}", db::describe_error(&e));
+    let channel = shared.stop_channel.clone();
+    match within(LISTENER_WAIT, move || c.execute("SELECT pg_notify($1, '')", &[&channel])) {
+        Some(Ok(_)) => {}
+        Some(Err(e)) => log::debug!("could not notify the listener of shutdown: {}", db::describe_error(&e)),
+        None => log::debug!("the database did not answer the listener's shutdown notification in time"),
     }
+}
+
+/// Runs `f` on a thread of its own and waits for its result up to `limit`: for a
+/// statement at exit, where a server gone silent must not hold the process (the thread
+/// is then left to end with it).
+fn within<T: Send + 'static>(limit: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    spawn("exit-query", move || {
+        let _ = tx.send(f());
+    })
+    .ok()?;
+    rx.recv_timeout(limit).ok()
 }
 
 /// Waits until every one of `threads` has finished, or `until`; whether they all have.
