@@ -370,3 +370,14 @@ fn the_code_lists_every_column_of_chronicle_entries() {
     readable.sort();
     assert_eq!(keys, readable, "timeline::EntryRow");
 }
+
+#[test]
+fn migrate_refuses_a_database_that_is_not_utf8_naming_its_encoding() {
+    let db = TestDb::sql_ascii();
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("has encoding SQL_ASCII; chronicle needs UTF8"), "{r}");
+    assert!(r.stderr.contains("CREATE DATABASE <name> ENCODING 'UTF8' TEMPLATE template0"), "{r}");
+    let mut c = db.client();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'chronicle%'"), 0, "nothing created");
+}

@@ -739,3 +739,46 @@ fn a_backlog_batch_is_claimed_by_the_transaction_that_completes_the_batch_before
         assert_eq!(pair[1].0, pair[0].1, "claimed as the batch before it was completed: {batches:?}");
     }
 }
+
+#[test]
+fn an_event_that_is_not_utf8_in_a_sql_ascii_database_fails_alone() {
+    let db = TestDb::sql_ascii();
+    db.apply_migrations_unchecked();
+    let mut c = db.client();
+    insert_events(&mut c, 5);
+    // SQL_ASCII takes any byte: one event's title, and another's request id, are not UTF-8.
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at)
+         VALUES ('00000000-0000-7000-8000-000000000001', gen_random_uuid(), 'book', gen_random_uuid(),
+                 'BookRenamed', '{\"title\": \"a\"}', E'{\"title\": \"caf\\xe9\"}', now());
+         INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at, request_id)
+         VALUES ('00000000-0000-7000-8000-000000000002', gen_random_uuid(), 'book', gen_random_uuid(),
+                 'BookCreated', '{\"title\": \"b\"}', now(), E'req-\\xff');",
+    )
+    .unwrap();
+    insert_events(&mut c, 5);
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "50"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let failed: Vec<(String, String, i32)> = c
+        .query(
+            "SELECT event_id::text, error_reason, attempts FROM chronicle_outbox_events WHERE status = 'failed'
+             ORDER BY event_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        failed,
+        vec![
+            ("00000000-0000-7000-8000-000000000001".into(), "invalid_payload".into(), 1),
+            ("00000000-0000-7000-8000-000000000002".into(), "invalid_payload".into(), 1),
+        ],
+        "{r}"
+    );
+    assert_eq!(outbox_by_status(&mut c).get("done"), Some(&10), "the good events are projected: {r}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 10);
+    let s = run(&mut db.chronicle(&["status", "--json"]));
+    assert!(s.stdout.contains("invalid_payload"), "status shows the failures: {s}");
+}

@@ -20,7 +20,8 @@ Applied migrations are recorded (version, name, checksum, time) in chronicle_sch
 a changed or unknown applied migration is refused (exit 1). Concurrent runs wait for each
 other on an advisory lock and apply nothing twice. Up to date: does nothing.
 An existing chronicle_events (created by the application) is adopted when it matches the
-contract, and refused with the list of differences otherwise.
+contract, and refused with the list of differences otherwise. A database whose encoding
+is not UTF8 (SQL_ASCII, LATIN1, ...) is refused (exit 1) before anything is changed.
 
 USAGE:
     chronicle migrate [--status] [--wait DURATION]
