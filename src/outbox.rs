@@ -927,7 +927,3 @@ pub const RECORD_FAILED_DELIVERIES: &str = "
     WHERE NOT EXISTS (SELECT 1 FROM chronicle_outbox_events o
                       WHERE o.event_id = f.event_id AND o.status = 'failed'
                         AND o.error_reason = f.reason)";
-
-/// any → gone, for `erase`: the deliveries of events that have no event left (the
-/// database's erasure trigger removes those of the events it deletes).
-pub const ERASE_DELIVERIES: &str = "DELETE FROM chronicle_outbox_events WHERE event_id = ANY($1) RETURNING event_id";

@@ -35,6 +35,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(9, "outbox_reclaims", "0009_outbox_reclaims.sql"),
     migration!(10, "rebuild_deliveries", "0010_rebuild_deliveries.sql"),
     migration!(11, "search_index_pending_list_per_transaction", "0011_search_index_pending_list_per_transaction.sql"),
+    migration!(12, "erasure_guard", "0012_erasure_guard.sql"),
 ];
 
 /// The schema version this binary expects.
