@@ -81,7 +81,9 @@ pub fn run(args: Args) -> Result<()> {
         )));
     }
     if args.json {
-        println!("{}", render_json(&shown));
+        let line = terminal::json(&render_json(&shown))
+            .map_err(|e| AppError::failed(format!("while writing the event as JSON: {e}")).caused_by(e))?;
+        println!("{line}");
     } else {
         print!("{}", render_text(args.event_id, &shown));
     }
