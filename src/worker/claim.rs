@@ -274,6 +274,7 @@ pub fn run_once(
         hold(shared, token, false);
         return Ok(report);
     }
+    shared.note_claimed();
 
     let backlog = is_full(projected.len(), cfg.batch_size);
     // While a backlog lasts, the transaction that completes this batch claims the next

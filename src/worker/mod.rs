@@ -126,8 +126,8 @@ impl Shared {
     ///
     /// Wake-ups cost what they are worth. Any role may notify the outbox channel, and each
     /// notification answered costs a claim transaction per idle thread. So when this thread
-    /// answered a notification and no batch of this process has claimed rows since
-    /// (`note_work`), the notifications that follow within `timeout` of that one are
+    /// answered a notification and no claim of this process has taken rows since
+    /// (`note_claimed`), the notifications that follow within `timeout` of that one are
     /// coalesced: the thread answers them once, at the end of that `timeout`. A flood costs
     /// each thread at most about one claim per `timeout` beyond the work there is, and a
     /// row hidden in it waits at most `timeout`, as with polling alone. A notification that
@@ -159,6 +159,16 @@ impl Shared {
         let answering = g.all == seen.all && g.notified != seen.notified && !self.stopping();
         let answered = answering.then(|| (Instant::now(), g.work));
         ANSWERED_AT.with(|a| a.set(answered));
+    }
+
+    /// Records that a claim took rows, as soon as it has them: the notifications answered
+    /// meanwhile brought work, and a claim thread holding back notifications
+    /// (`idle_wait_since`) answers them again at once.
+    pub fn note_claimed(&self) {
+        if let Ok(mut g) = self.wake.0.lock() {
+            g.work = g.work.wrapping_add(1);
+        }
+        self.wake.1.notify_all();
     }
 
     /// Records a database error: counted, and logged once when the database goes away.
@@ -199,14 +209,8 @@ impl Shared {
         }
     }
 
-    /// Records a batch that claimed rows and ran from `started` until now (on the claim
-    /// thread that ran it: the wake-up that released it, if any, was worth it).
+    /// Records a batch that claimed rows and ran from `started` until now.
     pub fn note_work(&self, started: Instant) {
-        if let Ok(mut g) = self.wake.0.lock() {
-            g.work = g.work.wrapping_add(1);
-        }
-        // A claim thread holding back notifications (`idle_wait_since`) answers again.
-        self.wake.1.notify_all();
         if let Ok(mut span) = self.work_span.lock() {
             let first = span.map_or(started, |(first, _)| first.min(started));
             *span = Some((first, Instant::now()));
@@ -222,7 +226,7 @@ impl Shared {
 
 /// The wake-up counters: `all` counts the wake-ups of every thread (stop, a claim
 /// thread's end, the listener's start), `notified` the notifications of the outbox
-/// channel (claim threads only), `work` the batches that claimed rows.
+/// channel (claim threads only), `work` the claims that took rows.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct Wakeups {
     all: u64,
