@@ -34,7 +34,7 @@ pub struct Shared {
     /// Set once: stop claiming, finish or release, exit.
     pub stop: AtomicBool,
     /// Bumped by the listener to wake idle claim threads at once, on stop to wake every
-    /// waiting thread, and by every batch that claimed rows (`Wakeups`).
+    /// waiting thread, and by every claim that took rows (`Wakeups`).
     wake: (Mutex<Wakeups>, Condvar),
     /// Claim tokens currently held by this process, for the lease keeper.
     pub held_claims: Mutex<HashSet<Uuid>>,
@@ -139,7 +139,7 @@ impl Shared {
         let unproven = ANSWERED_AT.with(|a| a.get()).filter(|&(at, work)| work == g.work && at + timeout > entered);
         if let Some((at, work)) = unproven {
             // Deaf to notifications (not to stop) until `timeout` after the one answered,
-            // or until a batch claims rows.
+            // or until a claim takes rows.
             g = match self.wake.1.wait_timeout_while(g, at + timeout - entered, |w| {
                 w.all == seen.all && w.work == work && !self.stopping()
             }) {
