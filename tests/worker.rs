@@ -837,5 +837,5 @@ fn a_flood_of_notifications_costs_about_one_claim_per_thread_per_poll_interval()
         "5,000 notifications in {elapsed:?} made {made} claims; at most {allowed} expected \
          ({threads} threads, poll interval {poll:?})"
     );
-    assert!(latency < poll * 3, "projected {latency:?} after the insert");
+    assert!(latency < poll * 4, "projected {latency:?} after the insert");
 }
