@@ -36,17 +36,19 @@ pub fn init(env: &Env, format: &str) {
     }
     if format == "json" {
         b.format(|buf, record| {
-            let line = serde_json::json!({
+            // Escaped as text is: a log line quotes event fields and database messages.
+            let line = crate::terminal::json(&serde_json::json!({
                 "ts": chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
                 "level": record.level().as_str(),
                 "target": record.target(),
                 "msg": record.args().to_string(),
-            });
+            }))?;
             writeln!(buf, "{line}")
         });
     } else {
         // env_logger's own layout, with the message made safe for a terminal: log lines
-        // quote event fields and database messages, which may hold escape sequences.
+        // quote event fields and database messages, which may hold escape sequences. One
+        // record is one line: a line break in it (a worker id, a message) is escaped too.
         b.format(|buf, record| {
             writeln!(
                 buf,
@@ -54,7 +56,7 @@ pub fn init(env: &Env, format: &str) {
                 buf.timestamp_millis(),
                 record.level(),
                 record.target(),
-                crate::terminal::printable_lines(&record.args().to_string())
+                crate::terminal::printable(&record.args().to_string())
             )
         });
     }

@@ -227,9 +227,18 @@ pub const CLAIM_BATCH: &str = "
 /// from, so that the plan made once is the one of a few index, TID and primary-key
 /// lookups whatever the table held when it was made: an empty outbox, one never
 /// analyzed, statistics from a quiet day.
+///
+/// And one setting of how the claim's rows are read: in a `SQL_ASCII` database (which
+/// `migrate` refuses, but which may have been migrated by an older version) text is stored
+/// unchecked, and the server, converting a row to the driver's UTF-8, fails the whole
+/// claim on one invalid byte (`22021`), every time, with the good events behind it. There
+/// the claim takes the bytes as stored (`client_encoding` `SQL_ASCII`: no conversion),
+/// and the driver, reading the event, finds the one that is not UTF-8: it fails alone,
+/// `invalid_payload` (`event::read_event`). Any other database is left converting.
 pub const CLAIM_PLANNER_SETTINGS: &str = "SET LOCAL plan_cache_mode = force_generic_plan; \
      SET LOCAL enable_seqscan = off; SET LOCAL enable_bitmapscan = off; SET LOCAL enable_sort = off; \
-     SET LOCAL jit = off";
+     SET LOCAL jit = off; \
+     SELECT set_config('client_encoding', 'SQL_ASCII', true) WHERE current_setting('server_encoding') = 'SQL_ASCII'";
 
 /// `CLAIM_BATCH` with the event columns filled in: the text that is prepared or run.
 pub fn claim_batch_sql() -> String {
@@ -1090,7 +1099,3 @@ pub const RESOLVE_FAILED_BY_REBUILD: &str = concat!(
     )
     SELECT count(*) FROM resolved"
 );
-
-/// any → gone, for `erase`: the deliveries of events that have no event left (the
-/// database's erasure trigger removes those of the events it deletes).
-pub const ERASE_DELIVERIES: &str = "DELETE FROM chronicle_outbox_events WHERE event_id = ANY($1) RETURNING event_id";

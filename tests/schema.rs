@@ -371,3 +371,56 @@ fn the_code_lists_every_column_of_chronicle_entries() {
     readable.sort();
     assert_eq!(keys, readable, "timeline::EntryRow");
 }
+
+#[test]
+fn migrate_refuses_a_database_that_is_not_utf8_naming_its_encoding() {
+    let db = TestDb::sql_ascii();
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(1), "{r}");
+    assert!(r.stderr.contains("has encoding SQL_ASCII; chronicle needs UTF8"), "{r}");
+    assert!(r.stderr.contains("CREATE DATABASE <name> ENCODING 'UTF8' TEMPLATE template0"), "{r}");
+    let mut c = db.client();
+    assert_eq!(count(&mut c, "SELECT count(*) FROM pg_tables WHERE tablename LIKE 'chronicle%'"), 0, "nothing created");
+}
+
+/// A function that trusts the caller's search_path runs whatever the caller put first
+/// on it (its own `pg_has_role`, its own table): every function the migrations create
+/// pins it.
+#[test]
+fn every_function_of_the_migrations_pins_its_search_path() {
+    let db = TestDb::new();
+    let rows = db
+        .client()
+        .query(
+            "SELECT p.proname::text, coalesce(array_to_string(p.proconfig, ' '), '')
+             FROM pg_proc p
+             WHERE p.pronamespace = current_schema()::regnamespace
+               AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_proc'::regclass
+                                                           AND d.objid = p.oid AND d.deptype = 'e')
+             ORDER BY 1",
+            &[],
+        )
+        .unwrap();
+    let functions: Vec<(String, String)> = rows.iter().map(|r| (r.get(0), r.get(1))).collect();
+    let names: Vec<&str> = functions.iter().map(|f| f.0.as_str()).collect();
+    for expected in ["chronicle_events_enqueue", "chronicle_events_record_erasure", "chronicle_events_refuse_change"] {
+        assert!(names.contains(&expected), "{expected} not found in {names:?}");
+    }
+    for (name, config) in &functions {
+        assert!(config.contains("search_path="), "{name} does not pin its search_path ({config:?})");
+    }
+}
+
+/// `chronicle_erasures` is a contract (docs/DESIGN.md §2.5, docs/operations.md): each of
+/// its columns is named there.
+#[test]
+fn the_docs_name_every_column_of_chronicle_erasures() {
+    let db = TestDb::new();
+    let design = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/DESIGN.md")).unwrap();
+    let section = &design[design.find("### 2.5").expect("§2.5")..design.find("## 3.").expect("§3")];
+    let operations = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/docs/operations.md")).unwrap();
+    for (column, _, _) in table_columns(&db, "chronicle_erasures").iter().filter(|c| c.0 != "id") {
+        assert!(section.contains(&format!("`{column}`")), "docs/DESIGN.md §2.5 does not name {column}");
+        assert!(operations.contains(&format!("`{column}`")), "docs/operations.md does not name {column}");
+    }
+}

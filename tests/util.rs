@@ -807,3 +807,38 @@ impl Drop for LoginRole<'_> {
         ));
     }
 }
+
+impl TestDb {
+    /// A fresh database with no schema in the `SQL_ASCII` encoding, which stores text
+    /// unchecked (`chronicle migrate` refuses it).
+    pub fn sql_ascii() -> TestDb {
+        let server = server();
+        let name = format!("chronicle_test_{}_{}_ascii", std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        server
+            .connect("postgres")
+            .batch_execute(&format!(
+                "CREATE DATABASE {name} ENCODING 'SQL_ASCII' TEMPLATE template0 LC_COLLATE 'C' LC_CTYPE 'C'"
+            ))
+            .unwrap_or_else(|e| panic!("creating test database {name} on {}: {e}", server.origin));
+        TestDb { name, server: server.clone() }
+    }
+
+    /// Applies the embedded migrations and records them as `migrate` does, without its
+    /// checks: a database migrated by a version that did not check the encoding.
+    pub fn apply_migrations_unchecked(&self) {
+        let mut c = self.client();
+        c.batch_execute(
+            "CREATE TABLE chronicle_schema_migrations (version integer PRIMARY KEY, name text NOT NULL,
+               checksum text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now(), duration_ms bigint NOT NULL)",
+        )
+        .unwrap();
+        for m in chronicle::db::migrate::MIGRATIONS {
+            c.batch_execute(m.sql).unwrap_or_else(|e| panic!("migration {}: {e}", m.version));
+            c.execute(
+                "INSERT INTO chronicle_schema_migrations (version, name, checksum, duration_ms) VALUES ($1, $2, $3, 0)",
+                &[&m.version, &m.name, &chronicle::db::migrate::checksum(m.sql)],
+            )
+            .unwrap();
+        }
+    }
+}

@@ -893,3 +893,103 @@ fn a_completion_that_lost_half_its_batch_settles_the_other_half_in_the_same_turn
     assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 3);
     assert!(log.contains("lost the claim on 5 row(s)"), "{log}");
 }
+
+#[test]
+fn an_event_that_is_not_utf8_in_a_sql_ascii_database_fails_alone() {
+    let db = TestDb::sql_ascii();
+    db.apply_migrations_unchecked();
+    let mut c = db.client();
+    insert_events(&mut c, 5);
+    // SQL_ASCII takes any byte: one event's title, and another's request id, are not UTF-8.
+    c.batch_execute(
+        "INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, before, after, occurred_at)
+         VALUES ('00000000-0000-7000-8000-000000000001', gen_random_uuid(), 'book', gen_random_uuid(),
+                 'BookRenamed', '{\"title\": \"a\"}', E'{\"title\": \"caf\\xe9\"}', now());
+         INSERT INTO chronicle_events (id, library_id, entity_type, entity_id, event_type, after, occurred_at, request_id)
+         VALUES ('00000000-0000-7000-8000-000000000002', gen_random_uuid(), 'book', gen_random_uuid(),
+                 'BookCreated', '{\"title\": \"b\"}', now(), E'req-\\xff');",
+    )
+    .unwrap();
+    insert_events(&mut c, 5);
+    let r = run(&mut worker_cmd(&db, &["--until-empty", "--batch-size", "50"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let failed: Vec<(String, String, i32)> = c
+        .query(
+            "SELECT event_id::text, error_reason, attempts FROM chronicle_outbox_events WHERE status = 'failed'
+             ORDER BY event_id",
+            &[],
+        )
+        .unwrap()
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        failed,
+        vec![
+            ("00000000-0000-7000-8000-000000000001".into(), "invalid_payload".into(), 1),
+            ("00000000-0000-7000-8000-000000000002".into(), "invalid_payload".into(), 1),
+        ],
+        "{r}"
+    );
+    assert_eq!(outbox_by_status(&mut c).get("done"), Some(&10), "the good events are projected: {r}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), 10);
+    let s = run(&mut db.chronicle(&["status", "--json"]));
+    assert!(s.stdout.contains("invalid_payload"), "status shows the failures: {s}");
+}
+
+/// Any role may notify the outbox channel. A flood of notifications with nothing to claim
+/// costs each claim thread about one claim per poll interval (as polling alone does), not
+/// one per notification; and a row written after the flood is still projected at once.
+#[cfg(unix)]
+#[test]
+fn a_flood_of_notifications_costs_about_one_claim_per_thread_per_poll_interval() {
+    use crate::util::{signal, Cluster};
+    // pg_stat_statements counts the claim statement's executions as they happen.
+    let cluster = Cluster::start(&["fsync=off", "shared_preload_libraries=pg_stat_statements"])
+        .unwrap_or_else(|e| panic!("starting a throwaway cluster: {e}"));
+    let db = TestDb::empty_on(&cluster.server);
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let mut c = db.client();
+    c.batch_execute("CREATE EXTENSION pg_stat_statements").unwrap();
+    let claims = |c: &mut postgres::Client| {
+        count(c, "SELECT coalesce(sum(calls), 0)::bigint FROM pg_stat_statements WHERE query LIKE '%WITH lead AS%'")
+    };
+    let (threads, poll) = (2u32, Duration::from_millis(500));
+    let child = worker_cmd(&db, &["--concurrency", &threads.to_string()])
+        .env("OUTBOX_POLL_INTERVAL_SECONDS", "0.5")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_until(Duration::from_secs(20), "the worker to listen and to claim", || {
+        count(&mut c, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'LISTEN chronicle_outbox%'") == 1
+            && claims(&mut c) >= i64::from(threads)
+    });
+
+    let started = Instant::now();
+    let before = claims(&mut c);
+    for _ in 0..5_000 {
+        c.batch_execute("NOTIFY chronicle_outbox").unwrap();
+    }
+    let (after, elapsed) = (claims(&mut c), started.elapsed());
+    let polls = elapsed.as_secs_f64() / poll.as_secs_f64();
+    let allowed = (f64::from(threads) * (polls + 3.0)).ceil() as i64;
+    let made = after - before;
+
+    // Work behind the flood is not held up by it.
+    insert_events(&mut c, 3);
+    let inserted = Instant::now();
+    wait_until(Duration::from_secs(20), "the events to be projected", || {
+        count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'done'") == 3
+    });
+    let latency = inserted.elapsed();
+    signal(child.id(), "TERM");
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        made <= allowed,
+        "5,000 notifications in {elapsed:?} made {made} claims; at most {allowed} expected \
+         ({threads} threads, poll interval {poll:?})"
+    );
+    assert!(latency < poll * 4, "projected {latency:?} after the insert");
+}

@@ -184,7 +184,9 @@ pub fn run(args: Args) -> Result<()> {
         .map_err(|e| AppError::db("while setting chronicle.library_id", e))?;
     let page = timeline::page(&mut client, &args.query).map_err(|e| AppError::db("while reading the timeline", e))?;
     if args.json {
-        println!("{}", page_json(&page)?);
+        let line = crate::terminal::json(&page_json(&page)?)
+            .map_err(|e| AppError::failed(format!("while writing the entries as JSON: {e}")).caused_by(e))?;
+        println!("{line}");
     } else {
         print!("{}", page_table(&page, args.wide));
     }

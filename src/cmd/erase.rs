@@ -4,7 +4,6 @@
 
 use chrono::{DateTime, Utc};
 use lexopt::prelude::*;
-use postgres::GenericClient;
 use serde_json::json;
 use uuid::Uuid;
 
@@ -36,7 +35,9 @@ pub fn help() -> Help {
     .verbatim(&["GRANT chronicle_eraser TO dpo;"])
     .text(
         "The audit row is written by the database itself in the same transaction, so an event deleted any \
-         other way still leaves one (with the connected role as erased_by).\n\n\
+         other way still leaves one (with the connected role as erased_by). Beside --by and --reason it records \
+         the roles the database saw (db_session_user, db_current_user), the transaction's time and the rows it \
+         deleted.\n\n\
          Ids with nothing to erase are reported. If no given id has anything, nothing is written (no audit \
          row) and the exit code is 1.",
     )
@@ -126,40 +127,25 @@ pub struct Erasure {
 pub const TAKE_REBUILD_LOCK: &str = "SELECT pg_try_advisory_xact_lock($1)";
 
 /// The deliberate path around the append-only trigger, for this transaction only, with
-/// who and why for the audit row the database writes (migration 8: the role running this
-/// must own the tables or be a member of `chronicle_eraser`).
+/// who and why for the audit row the database writes, and the ids to erase in
+/// `chronicle.erase_extra_ids`: for an id with no event left, the database deletes its
+/// deliveries and entries too (migrations 8 and 12: the role running this must own the
+/// tables or be a member of `chronicle_eraser`).
 pub const ALLOW_ERASE: &str = "SELECT set_config('chronicle.allow_erase', 'on', true),
                                       set_config('chronicle.erased_by', $1, true),
-                                      set_config('chronicle.erase_reason', $2, true)";
+                                      set_config('chronicle.erase_reason', $2, true),
+                                      set_config('chronicle.erase_extra_ids', $3, true)";
 
-/// The events to erase (erasures are serialised by the rebuild lock): ids without one may
-/// still have a delivery or an entry (left by hand, or by a restore) and are cleaned up
-/// too.
-pub const FIND_EVENTS: &str = "SELECT id FROM chronicle_events WHERE id = ANY($1)";
-
-/// For ids without an event: their deliveries first (`outbox::ERASE_DELIVERIES`; a worker
-/// completing one holds its row, so this waits for it to commit and the next statement
-/// sees its entry, or the worker's fenced completion finds the row gone), then entries.
-pub const ERASE_ENTRIES: &str = "DELETE FROM chronicle_entries WHERE id = ANY($1) RETURNING id";
-
-/// What was cleaned up for ids without an event, for the audit row of the event DELETE.
-pub const PASS_EXTRAS: &str = "SELECT set_config('chronicle.erase_extra_ids', $1, true),
-                                      set_config('chronicle.erase_extra_deliveries', $2, true),
-                                      set_config('chronicle.erase_extra_entries', $3, true)";
-
-/// The events go; the database's statement trigger deletes their deliveries and entries
-/// and writes the audit row, whose id it leaves in `chronicle.erasure_id`.
+/// The events go (erasures are serialised by the rebuild lock). The database's statement
+/// trigger deletes their deliveries and entries, and those left of the other ids, counts
+/// what it deleted, and writes the audit row, whose id it leaves in `chronicle.erasure_id`
+/// (unset when nothing at all was deleted).
 pub const ERASE_EVENTS: &str = "DELETE FROM chronicle_events WHERE id = ANY($1) RETURNING id";
 pub const AUDIT_ID: &str = "SELECT nullif(current_setting('chronicle.erasure_id', true), '')::bigint";
 
-/// The audit row when no event was left to delete (only deliveries or entries were).
-pub const RECORD_ERASURE: &str = "
-    INSERT INTO chronicle_erasures (event_ids, erased_by, reason, events_erased, deliveries_erased, entries_erased)
-    VALUES ($1, $2, $3, 0, $4, $5)
-    RETURNING id";
-
 pub const READ_ERASURE: &str = "
-    SELECT id, erased_at, events_erased, deliveries_erased, entries_erased FROM chronicle_erasures WHERE id = $1";
+    SELECT id, erased_at, events_erased, deliveries_erased, entries_erased, event_ids
+    FROM chronicle_erasures WHERE id = $1";
 
 /// Erases `ids` in one transaction; `Ok(None)` (nothing written) when none of them has
 /// any row.
@@ -176,52 +162,28 @@ pub fn erase(client: &mut postgres::Client, ids: &[Uuid], by: &str, reason: &str
              nothing was erased; run the erase again once the rebuild has finished",
         ));
     }
-    tx.execute(ALLOW_ERASE, &[&by, &reason]).map_err(ctx("while enabling the erase path"))?;
-    let with_event = ids_of(&mut tx, FIND_EVENTS, ids).map_err(ctx("while finding the events"))?;
-    let without: Vec<Uuid> = ids.iter().copied().filter(|id| !with_event.contains(id)).collect();
-    let deliveries =
-        ids_of(&mut tx, crate::outbox::ERASE_DELIVERIES, &without).map_err(ctx("while erasing deliveries"))?;
-    let entries = ids_of(&mut tx, ERASE_ENTRIES, &without).map_err(ctx("while erasing entries"))?;
-    let extras: Vec<Uuid> =
-        without.iter().copied().filter(|id| deliveries.contains(id) || entries.contains(id)).collect();
-    let audit_id: Option<i64> = if with_event.is_empty() {
-        if extras.is_empty() {
-            return Ok(None); // rolled back on drop
-        }
-        let (d, n) = (deliveries.len() as i32, entries.len() as i32);
-        let row = tx
-            .query_one(RECORD_ERASURE, &[&extras, &by, &reason, &d, &n])
-            .map_err(ctx("while recording the erasure"))?;
-        Some(row.try_get(0).map_err(ctx("while recording the erasure"))?)
-    } else {
-        let list = extras.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
-        let (d, n) = (deliveries.len().to_string(), entries.len().to_string());
-        tx.execute(PASS_EXTRAS, &[&list, &d, &n]).map_err(ctx("while erasing events"))?;
-        ids_of(&mut tx, ERASE_EVENTS, &with_event).map_err(ctx("while erasing events"))?;
-        tx.query_one(AUDIT_ID, &[]).and_then(|r| r.try_get(0)).map_err(ctx("while reading the audit row"))?
+    let list = ids.iter().map(Uuid::to_string).collect::<Vec<_>>().join(",");
+    tx.execute(ALLOW_ERASE, &[&by, &reason, &list]).map_err(ctx("while enabling the erase path"))?;
+    tx.execute(ERASE_EVENTS, &[&ids]).map_err(ctx("while erasing events"))?;
+    let audit_id: Option<i64> =
+        tx.query_one(AUDIT_ID, &[]).and_then(|r| r.try_get(0)).map_err(ctx("while reading the audit row"))?;
+    let Some(audit_id) = audit_id else {
+        return Ok(None); // nothing was deleted; rolled back on drop
     };
-    let audit_id = audit_id.ok_or_else(|| {
-        AppError::failed(
-            "the database wrote no audit row for the erasure (is migration 8 applied?): nothing was erased",
-        )
-    })?;
     let row = tx.query_one(READ_ERASURE, &[&audit_id]).map_err(ctx("while reading the audit row"))?;
     let get = |i: usize| row.try_get::<_, i32>(i).map_err(ctx("while reading the audit row"));
+    let recorded: Vec<Uuid> = row.try_get(5).map_err(ctx("while reading the audit row"))?;
     let erasure = Erasure {
         erasure_id: audit_id,
         erased_at: row.try_get(1).map_err(ctx("while reading the audit row"))?,
-        event_ids: ids.iter().copied().filter(|id| with_event.contains(id) || extras.contains(id)).collect(),
-        not_found: ids.iter().copied().filter(|id| !with_event.contains(id) && !extras.contains(id)).collect(),
+        event_ids: ids.iter().copied().filter(|id| recorded.contains(id)).collect(),
+        not_found: ids.iter().copied().filter(|id| !recorded.contains(id)).collect(),
         events_erased: get(2)?,
         deliveries_erased: get(3)?,
         entries_erased: get(4)?,
     };
     tx.commit().map_err(ctx("while committing the erasure"))?;
     Ok(Some(erasure))
-}
-
-fn ids_of(client: &mut impl GenericClient, sql: &str, ids: &[Uuid]) -> Result<Vec<Uuid>, postgres::Error> {
-    client.query(sql, &[&ids])?.iter().map(|r| r.try_get(0)).collect()
 }
 
 pub fn run(args: Args) -> Result<()> {

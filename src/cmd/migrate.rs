@@ -22,7 +22,8 @@ pub fn help() -> Help {
          unknown applied migration is refused (exit 1). Concurrent runs wait for each other on an advisory lock \
          and apply nothing twice. Up to date: does nothing.\n\n\
          An existing chronicle_events (created by the application) is adopted when it matches the contract, \
-         and refused with the list of differences otherwise.",
+         and refused with the list of differences otherwise. A database whose encoding is not UTF8 (SQL_ASCII, \
+         LATIN1, ...) is refused (exit 1) before anything is changed.",
     )
     .usage(&["chronicle migrate [--status] [--wait DURATION]"])
     .flags(

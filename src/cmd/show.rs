@@ -11,7 +11,7 @@ use crate::db;
 use crate::error::{AppError, Result};
 use crate::help::Help;
 use crate::ops::{self, Columns, Shown};
-use crate::terminal::{Align, Table};
+use crate::terminal::{self, Align, Table};
 
 pub const SUMMARY: &str = "One event, every delivery of it (errors, replays), its entry";
 
@@ -76,7 +76,9 @@ pub fn run(args: Args) -> Result<()> {
         )));
     }
     if args.json {
-        println!("{}", render_json(&shown));
+        let line = terminal::json(&render_json(&shown))
+            .map_err(|e| AppError::failed(format!("while writing the event as JSON: {e}")).caused_by(e))?;
+        println!("{line}");
     } else {
         print!("{}", render_text(args.event_id, &shown));
     }

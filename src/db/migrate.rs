@@ -36,6 +36,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(10, "rebuild_deliveries", "0010_rebuild_deliveries.sql"),
     migration!(11, "search_index_pending_list_per_transaction", "0011_search_index_pending_list_per_transaction.sql"),
     migration!(12, "projection_panicked", "0012_projection_panicked.sql"),
+    migration!(13, "erasure_guard", "0013_erasure_guard.sql"),
 ];
 
 /// The schema version this binary expects.
@@ -158,7 +159,43 @@ pub fn migrate(client: &mut Client) -> Result<Report> {
     result
 }
 
+/// The server's encoding for this database, and its name.
+const SELECT_ENCODING: &str = "SELECT current_setting('server_encoding'), current_database()::text";
+
+/// Refuses a database whose encoding is not UTF-8. In `SQL_ASCII` PostgreSQL stores text
+/// without checking it, so one invalid byte in an event reaches the worker; in any other
+/// encoding an event's text may hold characters the read model and the search index
+/// then cannot, or hold differently.
+fn check_encoding(client: &mut Client) -> Result<()> {
+    let (encoding, database): (String, String) = client
+        .query_one(SELECT_ENCODING, &[])
+        .and_then(|r| Ok((r.try_get(0)?, r.try_get(1)?)))
+        .map_err(|e| AppError::db("while reading the database's encoding", e))?;
+    match encoding_refusal(&encoding, &database) {
+        Some(why) => Err(AppError::failed(why)),
+        None => Ok(()),
+    }
+}
+
+/// Why a database of this encoding is refused, or None for UTF-8. Pure.
+fn encoding_refusal(encoding: &str, database: &str) -> Option<String> {
+    if encoding.eq_ignore_ascii_case("UTF8") {
+        return None;
+    }
+    let why = if encoding.eq_ignore_ascii_case("SQL_ASCII") {
+        "events are UTF-8 text, and SQL_ASCII stores any byte unchecked"
+    } else {
+        "events are UTF-8 text"
+    };
+    Some(format!(
+        "the database {database:?} has encoding {encoding}; chronicle needs UTF8 ({why}): nothing was migrated. Create a UTF8 database (with a UTF-8 locale: C.UTF-8, en_US.UTF-8, ...) \
+         and migrate that one: CREATE DATABASE <name> ENCODING 'UTF8' TEMPLATE template0 \
+         LC_COLLATE 'C.UTF-8' LC_CTYPE 'C.UTF-8'"
+    ))
+}
+
 fn migrate_locked(client: &mut Client) -> Result<Report> {
+    check_encoding(client)?;
     client
         .batch_execute(CREATE_TRACKING_TABLE)
         .map_err(|e| AppError::db("while creating chronicle_schema_migrations", e))?;
@@ -315,6 +352,16 @@ mod tests {
     fn checksum_ignores_line_endings() {
         assert_eq!(checksum("a;\r\nb;\r\n"), checksum("a;\nb;\n"));
         assert_ne!(checksum("a;\n"), checksum("b;\n"));
+    }
+
+    #[test]
+    fn only_a_utf8_database_is_migrated() {
+        assert_eq!(encoding_refusal("UTF8", "app"), None);
+        for encoding in ["SQL_ASCII", "LATIN1", "WIN1252", "EUC_JP"] {
+            let why = encoding_refusal(encoding, "app").expect(encoding);
+            assert!(why.contains(&format!("has encoding {encoding}")), "{why}");
+            assert!(why.contains("ENCODING 'UTF8' TEMPLATE template0"), "{why}");
+        }
     }
 
     #[test]

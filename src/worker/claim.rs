@@ -249,6 +249,7 @@ impl<'a> ClaimThread<'a> {
         self.suspects_first = !self.suspects_first;
         self.floor.record(from, report.claimed, report.lowest_id, self.shared.cfg.batch_size, Instant::now());
         if !projected.is_empty() {
+            self.shared.note_claimed();
             if let Err(e) = self.complete(conn, prepared, token, projected, &mut report) {
                 hold(self.shared, token, false);
                 return Err(e);

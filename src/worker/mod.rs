@@ -42,8 +42,9 @@ pub struct Shared {
     pub metrics: Arc<Metrics>,
     /// Set once: stop claiming, finish or release, exit.
     pub stop: AtomicBool,
-    /// Bumped by the listener (and on stop) to wake idle claim threads at once.
-    wake: (Mutex<u64>, Condvar),
+    /// Bumped by the listener to wake idle claim threads at once, on stop to wake every
+    /// waiting thread, and by every claim that took rows (`Wakeups`).
+    wake: (Mutex<Wakeups>, Condvar),
     /// Claim tokens currently held by this process, for the lease keeper.
     pub held_claims: Mutex<HashSet<Uuid>>,
     /// The cancel token of each claim thread's current connection, to interrupt it on
@@ -80,7 +81,7 @@ impl Shared {
             cfg,
             metrics,
             stop: AtomicBool::new(false),
-            wake: (Mutex::new(0), Condvar::new()),
+            wake: (Mutex::new(Wakeups::default()), Condvar::new()),
             held_claims: Mutex::new(HashSet::new()),
             cancel_tokens: Mutex::new(HashMap::new()),
             ready: Arc::new(AtomicBool::new(false)),
@@ -130,29 +131,86 @@ impl Shared {
         }
     }
 
+    /// Wakes every waiting thread: the claim threads, and the services' and supervisor's
+    /// waits (`idle_wait`).
     pub fn wake_all(&self) {
         if let Ok(mut g) = self.wake.0.lock() {
-            *g = g.wrapping_add(1);
+            g.all = g.all.wrapping_add(1);
         }
         self.wake.1.notify_all();
     }
 
-    /// Sleeps up to `timeout`, or less if woken (a notification, or stop).
+    /// Wakes the idle claim threads on a notification (new work may be ready), and nothing
+    /// else: the services keep their own pace whatever the notifications.
+    pub fn wake_claimers(&self) {
+        if let Ok(mut g) = self.wake.0.lock() {
+            g.notified = g.notified.wrapping_add(1);
+        }
+        self.wake.1.notify_all();
+    }
+
+    /// Sleeps up to `timeout`, or less if woken by `wake_all` (stop, a claim thread's end).
     pub fn idle_wait(&self, timeout: Duration) {
-        self.idle_wait_since(self.wakeups(), timeout);
-    }
-
-    /// How many wake-ups there have been: read it before looking for work, then pass it
-    /// to `idle_wait_since`, so a wake-up in between is not lost.
-    pub fn wakeups(&self) -> u64 {
-        self.wake.0.lock().map(|g| *g).unwrap_or(0)
-    }
-
-    /// Sleeps up to `timeout`, or not at all if woken since `seen` was read, or less if
-    /// woken meanwhile (a notification, or stop).
-    pub fn idle_wait_since(&self, seen: u64, timeout: Duration) {
         let Ok(g) = self.wake.0.lock() else { return };
-        let _ = self.wake.1.wait_timeout_while(g, timeout, |v| *v == seen && !self.stopping());
+        let seen = g.all;
+        let _ = self.wake.1.wait_timeout_while(g, timeout, |w| w.all == seen && !self.stopping());
+    }
+
+    /// The wake-ups so far: read them before looking for work, then pass them to
+    /// `idle_wait_since`, so a wake-up in between is not lost.
+    pub fn wakeups(&self) -> Wakeups {
+        self.wake.0.lock().map(|g| *g).unwrap_or_default()
+    }
+
+    /// A claim thread's idle wait, after a claim that found nothing: up to `timeout` (the
+    /// poll interval), not at all if woken since `seen` was read, or less if woken
+    /// meanwhile (a notification, or stop).
+    ///
+    /// Wake-ups cost what they are worth. Any role may notify the outbox channel, and each
+    /// notification answered costs a claim transaction per idle thread. So when this thread
+    /// answered a notification and no claim of this process has taken rows since
+    /// (`note_claimed`), the notifications that follow within `timeout` of that one are
+    /// coalesced: the thread answers them once, at the end of that `timeout`. A flood costs
+    /// each thread at most about one claim per `timeout` beyond the work there is, and a
+    /// row hidden in it waits at most `timeout`, as with polling alone. A notification that
+    /// brought work (to this thread or another) changes nothing: the next one is answered
+    /// at once, as before.
+    pub fn idle_wait_since(&self, seen: Wakeups, timeout: Duration) {
+        let entered = Instant::now();
+        let Ok(mut g) = self.wake.0.lock() else { return };
+        let unproven = ANSWERED_AT.with(|a| a.get()).filter(|&(at, work)| work == g.work && at + timeout > entered);
+        if let Some((at, work)) = unproven {
+            // Deaf to notifications (not to stop) until `timeout` after the one answered,
+            // or until a claim takes rows.
+            g = match self.wake.1.wait_timeout_while(g, at + timeout - entered, |w| {
+                w.all == seen.all && w.work == work && !self.stopping()
+            }) {
+                Ok((g, _)) => g,
+                Err(_) => return,
+            };
+        }
+        let left = timeout.saturating_sub(entered.elapsed());
+        let g = match self
+            .wake
+            .1
+            .wait_timeout_while(g, left, |w| w.all == seen.all && w.notified == seen.notified && !self.stopping())
+        {
+            Ok((g, _)) => g,
+            Err(_) => return,
+        };
+        let answering = g.all == seen.all && g.notified != seen.notified && !self.stopping();
+        let answered = answering.then(|| (Instant::now(), g.work));
+        ANSWERED_AT.with(|a| a.set(answered));
+    }
+
+    /// Records that a claim took rows, as soon as it has them: the notifications answered
+    /// meanwhile brought work, and a claim thread holding back notifications
+    /// (`idle_wait_since`) answers them again at once.
+    pub fn note_claimed(&self) {
+        if let Ok(mut g) = self.wake.0.lock() {
+            g.work = g.work.wrapping_add(1);
+        }
+        self.wake.1.notify_all();
     }
 
     /// Records a database error: counted, and logged once when the database goes away.
@@ -225,6 +283,22 @@ impl Shared {
             log::warn!("database unreachable ({context}): {err}; retrying with backoff");
         }
     }
+}
+
+/// The wake-up counters: `all` counts the wake-ups of every thread (stop, a claim
+/// thread's end, the listener's start), `notified` the notifications of the outbox
+/// channel (claim threads only), `work` the claims that took rows.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Wakeups {
+    all: u64,
+    notified: u64,
+    work: u64,
+}
+
+thread_local! {
+    /// On a claim thread: when it last answered a notification, and `Wakeups::work` then
+    /// (`Shared::idle_wait_since`).
+    static ANSWERED_AT: std::cell::Cell<Option<(Instant, u64)>> = const { std::cell::Cell::new(None) };
 }
 
 /// Backoff for reconnect loops: 100 ms doubling to 5 s.
@@ -642,7 +716,10 @@ pub fn pooled(shared: &Shared, pool: &db::Pool, what: &str) -> Option<db::Pooled
 const LISTENER_WAIT: Duration = Duration::from_secs(1);
 
 /// Keeps one connection listening on `chronicle_outbox` and wakes idle claim threads
-/// when the enqueue trigger notifies. Polling stays the fallback.
+/// when the enqueue trigger notifies. Polling stays the fallback. Any role may notify the
+/// channel: the notifications already received when one arrives are taken with it, as
+/// one wake-up, and the claim threads coalesce the wake-ups that find nothing to claim
+/// (`Shared::idle_wait_since`).
 fn listen_loop(shared: &Shared) {
     let mut backoff = Reconnect::new();
     while !shared.stopping() {
@@ -672,14 +749,28 @@ fn listen_loop(shared: &Shared) {
             // A fresh iterator each turn: the driver's timeout is not re-armed after it
             // fires once, and a spent one returns at once without ever waiting on the
             // socket again (a busy loop that never sees a notification).
-            match notifications.timeout_iter(LISTENER_WAIT).next() {
+            let next = notifications.timeout_iter(LISTENER_WAIT).next();
+            match next {
                 Ok(Some(n)) if n.channel() == shared.stop_channel => {
                     log::debug!("listener: stopping on the worker's shutdown notification");
                     return;
                 }
                 Ok(Some(_)) => {
-                    log::debug!("notified: waking idle claim threads");
-                    shared.wake_all()
+                    // Those already received (a burst) are one wake-up with this one.
+                    let mut pending = notifications.iter();
+                    let mut taken = 1u64;
+                    loop {
+                        match pending.next() {
+                            Ok(Some(n)) if n.channel() == shared.stop_channel => {
+                                log::debug!("listener: stopping on the worker's shutdown notification");
+                                return;
+                            }
+                            Ok(Some(_)) => taken += 1,
+                            Ok(None) | Err(_) => break, // an error shows again on the next wait
+                        }
+                    }
+                    log::trace!("notified ({taken}): waking idle claim threads");
+                    shared.wake_claimers()
                 }
                 Ok(None) => {}
                 Err(e) => {
