@@ -628,20 +628,27 @@ pub const PENDING_COUNTED_UP_TO: i64 = 10_000;
 /// claimed (not waiting for a retry), the one the worker claims next; the oldest pending
 /// row of any kind comes with it. Both are the smallest id, the order the worker claims
 /// in: found at the start of the pending index, the ready one after the rows ahead of it
-/// that wait for a retry.
+/// that wait for a retry, looked for among the same first `$2` rows (NULL when none of
+/// them is ready), so a pile of rows waiting for their retry costs no more than the
+/// count; with it, the age of the last row counted, which the ready row after them is
+/// not much older than (`sample_gauges`).
 pub const SAMPLE_GAUGES: &str = "
     SELECT
         p.counted, p.last_counted_id,
-        coalesce((SELECT extract(epoch FROM now() - created_at) FROM chronicle_outbox_events
-                  WHERE status = 'pending' AND (next_retry_at IS NULL OR next_retry_at <= now())
-                  ORDER BY id LIMIT 1), 0)::float8,
+        (SELECT extract(epoch FROM now() - h.created_at)
+         FROM (SELECT id, created_at, next_retry_at FROM chronicle_outbox_events
+               WHERE status = 'pending' ORDER BY id LIMIT $2) h
+         WHERE h.next_retry_at IS NULL OR h.next_retry_at <= now()
+         ORDER BY h.id LIMIT 1)::float8,
         coalesce((SELECT extract(epoch FROM now() - created_at) FROM chronicle_outbox_events
                   WHERE status = 'pending' ORDER BY id LIMIT 1), 0)::float8,
         (SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing'),
         (SELECT count(*) FROM chronicle_outbox_events
          WHERE status = 'processing'
            AND (lease_until < now() OR claimed_at < now() - make_interval(secs => $1))),
-        (SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed')
+        (SELECT count(*) FROM chronicle_outbox_events WHERE status = 'failed'),
+        (SELECT extract(epoch FROM now() - created_at) FROM chronicle_outbox_events
+         WHERE id = p.last_counted_id)::float8
     FROM (SELECT count(*) AS counted, max(id) AS last_counted_id
           FROM (SELECT id FROM chronicle_outbox_events WHERE status = 'pending' ORDER BY id LIMIT $2) c) p";
 
@@ -682,6 +689,8 @@ pub fn estimate_pending(counted: i64, last_counted_id: i64, last_pending_id: i64
 pub struct Gauges {
     /// Counted up to the limit the sample was given, estimated beyond it (`pending_estimated`).
     pub pending: i64,
+    /// Whether `pending` is an estimate; and then, when every row counted waits for a
+    /// retry, `oldest_pending_age_seconds` too.
     pub pending_estimated: bool,
     /// The oldest row ready to be claimed: `pending` and not waiting for a retry.
     pub oldest_pending_age_seconds: f64,
@@ -701,10 +710,11 @@ pub fn sample_gauges(
 ) -> Result<Gauges, postgres::Error> {
     let r = client.query_one(SAMPLE_GAUGES, &[&max_processing.as_secs_f64(), &pending_counted_up_to])?;
     let counted: i64 = r.try_get(0)?;
+    let oldest_ready: Option<f64> = r.try_get(2)?;
     let mut g = Gauges {
         pending: counted,
         pending_estimated: false,
-        oldest_pending_age_seconds: r.try_get(2)?,
+        oldest_pending_age_seconds: oldest_ready.unwrap_or(0.0),
         oldest_pending_with_retries_age_seconds: r.try_get(3)?,
         inflight: r.try_get(4)?,
         stuck: r.try_get(5)?,
@@ -718,6 +728,11 @@ pub fn sample_gauges(
             if last_pending_id > last_counted_id {
                 g.pending = estimate_pending(counted, last_counted_id, last_pending_id, e.try_get(1)?);
                 g.pending_estimated = true;
+                // Every row counted waits for a retry: the oldest ready row comes after the
+                // last of them, created about when it was or later.
+                if oldest_ready.is_none() {
+                    g.oldest_pending_age_seconds = r.try_get::<_, Option<f64>>(7)?.unwrap_or(0.0);
+                }
             }
         }
     }

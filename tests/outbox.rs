@@ -149,6 +149,21 @@ fn the_oldest_pending_age_is_of_the_oldest_ready_row() {
     c.batch_execute("UPDATE chronicle_outbox_events SET next_retry_at = now() - interval '1 second'").unwrap();
     let g = sample(&mut c);
     assert!(g.oldest_pending_age_seconds >= 3600.0, "its retry is due: it is ready: {g:?}");
+
+    // More rows wait for a retry than the sample counts: the ready rows after them are not
+    // looked for one by one; their age is the last counted row's, and said to be estimated.
+    insert_events(&mut c, 10);
+    c.batch_execute(
+        "UPDATE chronicle_outbox_events SET next_retry_at = now() + interval '1 hour', attempts = 1
+         WHERE id IN (SELECT id FROM chronicle_outbox_events ORDER BY id LIMIT 3)",
+    )
+    .unwrap();
+    let limited = outbox::sample_gauges(&mut c, Duration::from_secs(600), Some(3)).expect("sampling the gauges");
+    assert!(limited.pending_estimated, "{limited:?}");
+    assert!((600.0..1200.0).contains(&limited.oldest_pending_age_seconds), "the third row's age: {limited:?}");
+    let exact = outbox::sample_gauges(&mut c, Duration::from_secs(600), None).expect("sampling the gauges");
+    assert!(!exact.pending_estimated && exact.pending == 13, "{exact:?}");
+    assert!(exact.oldest_pending_age_seconds < 600.0, "the first of the 10 new rows: {exact:?}");
 }
 
 #[test]
