@@ -46,6 +46,13 @@
 //!   at each size `inject`, both rebuilds (seconds, peak RSS), the drain of a fresh
 //!   backlog into the full tables, the page queries and a deep keyset page, `status`,
 //!   `verify` and `show`, and the disk bytes per event.
+//! - gauges (`--only gauges`, never part of the full run): the worker's gauge sampler
+//!   (`outbox::sample_gauges` as the worker calls it: its statements and their round
+//!   trips) over an outbox grown through `--gauge-sizes` pending rows (default 10,000,
+//!   1,000,000 and 10,000,000), written straight into the outbox; at each size, once
+//!   analyzed (as the worker's analyze leaves it after a burst) and once vacuumed too:
+//!   median and p99 of `GAUGE_SAMPLES` samples, the estimate against the true count, and
+//!   the exact count the sampler no longer makes, for comparison.
 //!
 //! Progress goes to stderr, the report (machine, server, the table) to stdout.
 
@@ -106,6 +113,9 @@ struct Plan {
     reductions: Vec<String>,
     /// `--peers`: run the peer job queue beside the runbook's drain.
     peers: bool,
+    /// The pending rows of the gauges section, ascending: one outbox grows through them
+    /// (`--gauge-sizes`).
+    gauge_sizes: Vec<u64>,
 }
 
 impl Plan {
@@ -131,14 +141,14 @@ impl Plan {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a list of sections")?;
                     let list: Vec<String> = v.split(',').map(|s| s.trim().to_string()).collect();
-                    let known = ["drain", "latency", "rebuild", "queries", "memory", "scale"];
+                    let known = ["drain", "latency", "rebuild", "queries", "memory", "scale", "gauges"];
                     if let Some(bad) = list.iter().find(|s| !known.contains(&s.as_str())) {
                         return Err(format!("--only: unknown section {bad:?} (known: {})", known.join(", ")));
                     }
                     only = Some(list);
                 }
                 "--small" | "--big" | "--grid" | "--latency-seconds" | "--queries" | "--rebuild-on-big"
-                | "--scale-sizes" => {
+                | "--scale-sizes" | "--gauge-sizes" => {
                     let v = args.next().ok_or(format!("{a} needs a value"))?;
                     overrides.push((a.clone(), v));
                 }
@@ -146,7 +156,8 @@ impl Plan {
                     println!(
                         "cargo bench --bench bench [-- [--quick] [--runs N] [--small N] [--big N] [--grid N] \
                          [--latency-seconds S] [--queries N] [--rebuild-on-big yes|no] \
-                         [--only drain,latency,rebuild,queries,memory,scale] [--scale-sizes N,N,…] [--peers] \
+                         [--only drain,latency,rebuild,queries,memory,scale,gauges] [--scale-sizes N,N,…] \
+                         [--gauge-sizes N,N,…] [--peers] \
                          [--keep]]\n\n\
                          --peers: the drain section also runs graphile-worker 0.18 (benches/peers/, needs node \
                          and npm; BENCH_NODE / BENCH_NPM name them) at its performance preset on as many jobs as \
@@ -157,7 +168,10 @@ impl Plan {
                          each size: inject, rebuild (seconds, peak RSS), the drain of a 40,000-delivery backlog \
                          (--quick: 5,000), \
                          page p99, status/verify/show, disk bytes per event. 10,000,000 events need about 25 GB \
-                         of disk plus the swap's shadow table."
+                         of disk plus the swap's shadow table.\n\n\
+                         `--only gauges` grows one outbox through --gauge-sizes pending rows (default \
+                         10000,1000000,10000000; --quick: 10000,100000) and times the worker's gauge sample at \
+                         each size. 10,000,000 rows need about 3 GB of disk."
                     );
                     std::process::exit(0);
                 }
@@ -180,6 +194,7 @@ impl Plan {
                 scale_backlog: 5_000,
                 reductions: Vec::new(),
                 peers,
+                gauge_sizes: vec![10_000, 100_000],
             }
         } else {
             // The target sizes: rebuilds of 1,000,000 events, `--runs` times in each mode
@@ -208,6 +223,7 @@ impl Plan {
                         .into(),
                 ],
                 peers,
+                gauge_sizes: vec![10_000, 1_000_000, 10_000_000],
             }
         };
         for (k, v) in overrides {
@@ -227,11 +243,20 @@ impl Plan {
                         .map(|s| s.trim().replace('_', "").parse::<u64>().map_err(|_| format!("invalid {k} {v:?}")))
                         .collect::<Res<Vec<u64>>>()?;
                 }
+                "--gauge-sizes" => {
+                    p.gauge_sizes = v
+                        .split(',')
+                        .map(|s| s.trim().replace('_', "").parse::<u64>().map_err(|_| format!("invalid {k} {v:?}")))
+                        .collect::<Res<Vec<u64>>>()?;
+                }
                 _ => unreachable!(),
             }
         }
         if p.scale_sizes.is_empty() || p.scale_sizes.windows(2).any(|w| w[0] >= w[1]) {
             return Err(format!("--scale-sizes must be ascending sizes ({:?})", p.scale_sizes));
+        }
+        if p.gauge_sizes.is_empty() || p.gauge_sizes.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!("--gauge-sizes must be ascending sizes ({:?})", p.gauge_sizes));
         }
         if p.scale_sizes[0] <= p.scale_backlog {
             return Err(format!(
@@ -252,6 +277,11 @@ impl Plan {
     /// The scale section runs only when `--only` names it.
     fn wants_scale(&self) -> bool {
         self.only.as_ref().is_some_and(|o| o.iter().any(|x| x == "scale"))
+    }
+
+    /// The gauges section runs only when `--only` names it.
+    fn wants_gauges(&self) -> bool {
+        self.only.as_ref().is_some_and(|o| o.iter().any(|x| x == "gauges"))
     }
 }
 
@@ -355,7 +385,8 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 
 /// The order of the sections in the table (the runs happen in another order, so one
 /// dataset serves several sections).
-const SECTIONS: &[&str] = &["raw limits", "inject", "drain", "memory", "latency", "rebuild", "queries", "scale"];
+const SECTIONS: &[&str] =
+    &["raw limits", "inject", "drain", "memory", "latency", "rebuild", "queries", "scale", "gauges"];
 
 fn render_table(rows: &[Row]) -> String {
     let mut rows: Vec<&Row> = rows.iter().collect();
@@ -553,8 +584,8 @@ fn run() -> Res<()> {
     b.notes.push(format!(
         "Whole run: {:.1} min ({}); load average at the end: {}.",
         elapsed.as_secs_f64() / 60.0,
-        if b.plan.wants_scale() {
-            "the scale section has no time budget".to_string()
+        if b.plan.wants_scale() || b.plan.wants_gauges() {
+            "the scale and gauges sections have no time budget".to_string()
         } else if elapsed <= BUDGET || b.plan.quick {
             "within the 15-minute budget".to_string()
         } else {
@@ -848,6 +879,9 @@ impl Bench {
         }
         if self.plan.wants_scale() {
             self.scale_section()?;
+        }
+        if self.plan.wants_gauges() {
+            self.gauges_section()?;
         }
         Ok(())
     }
@@ -2007,9 +2041,126 @@ const SCALE_COMMANDS: [&[&str]; 4] = [&["status"], &["status", "--exact"], &["ve
 /// Share of each size step's new events that goes to the one large library, in tenths.
 const SCALE_LARGE_TENTHS: u64 = 7;
 
+/// Gauge samples timed per size and state in the gauges section.
+const GAUGE_SAMPLES: usize = 200;
+
 impl Bench {
     /// One database grows through `--scale-sizes`; at each size the same measures. A
     /// failure stops the growth: the sizes completed are reported, and the run fails.
+    /// The gauge sampler over an outbox grown through `--gauge-sizes` pending rows. The
+    /// rows are written straight into the outbox (the sampler reads nothing else), behind
+    /// a small history of the other states: done rows, a claim in flight, a few failed
+    /// rows and a few waiting for a retry.
+    fn gauges_section(&mut self) -> Res<()> {
+        self.reset_all()?;
+        let mut c = self.connect()?;
+        self.sql(
+            &mut c,
+            "INSERT INTO chronicle_outbox_events (event_id, status, attempts, processed_at)
+             SELECT lpad(to_hex(g), 32, 'f')::uuid, 'done', 1, now() FROM generate_series(1, 1000) g;
+             INSERT INTO chronicle_outbox_events (event_id, status, attempts, claim_token, claimed_by, claimed_at,
+                                                  lease_until)
+             SELECT lpad(to_hex(g), 32, 'e')::uuid, 'processing', 1, gen_random_uuid(), 'bench', now(),
+                    now() + interval '1 hour'
+             FROM generate_series(1, 100) g;
+             INSERT INTO chronicle_outbox_events (event_id, status, attempts, error_reason, error)
+             SELECT lpad(to_hex(g), 32, 'd')::uuid, 'failed', 1, 'invalid_payload', 'bench'
+             FROM generate_series(1, 10) g;
+             INSERT INTO chronicle_outbox_events (event_id, attempts, next_retry_at, error)
+             SELECT lpad(to_hex(g), 32, 'c')::uuid, 1, now() + interval '1 hour', 'transient: bench'
+             FROM generate_series(1, 10) g;",
+        )?;
+        // The 10 rows waiting for a retry are pending too.
+        let mut have = 10u64;
+        for n in self.plan.gauge_sizes.clone() {
+            // In chunks of a million, so the progress shows and no one statement holds
+            // all of it.
+            let t = Instant::now();
+            while have < n {
+                let chunk = (n - have).min(1_000_000);
+                self.sql(
+                    &mut c,
+                    &format!(
+                        "INSERT INTO chronicle_outbox_events (event_id)
+                         SELECT lpad(to_hex(g), 32, '0')::uuid FROM generate_series({}, {}) g",
+                        have + 1,
+                        have + chunk
+                    ),
+                )?;
+                have += chunk;
+            }
+            self.progress(&format!(
+                "gauges: the outbox holds {} pending rows ({:.1} s to fill)",
+                thousands(n as i64),
+                t.elapsed().as_secs_f64()
+            ));
+            for (state, prepare) in [
+                ("analyzed", "ANALYZE chronicle_outbox_events"),
+                ("vacuumed", "VACUUM ANALYZE chronicle_outbox_events"),
+            ] {
+                self.sql(&mut c, prepare)?;
+                self.checkpoint(&mut c);
+                self.gauge_samples(&mut c, n, state)?;
+            }
+            let mut exact = Vec::new();
+            for _ in 0..self.plan.runs {
+                let t = Instant::now();
+                self.count(&mut c, "SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending'")?;
+                exact.push(t.elapsed().as_secs_f64() * 1e3);
+            }
+            self.push(
+                "gauges",
+                format!("for comparison: the exact count of {} pending rows (vacuumed)", thousands(n as i64)),
+                exact,
+                Unit::Ms,
+                None,
+                "`SELECT count(*) … WHERE status = 'pending'`, what each sample read before",
+            );
+        }
+        Ok(())
+    }
+
+    /// `GAUGE_SAMPLES` gauge samples as the worker takes them, after a few to warm up.
+    fn gauge_samples(&mut self, c: &mut Client, pending: u64, state: &str) -> Res<()> {
+        let limit = Some(chronicle::outbox::PENDING_COUNTED_UP_TO);
+        let sample = |c: &mut Client| {
+            chronicle::outbox::sample_gauges(c, Duration::from_secs(600), limit)
+                .map_err(|e| format!("sampling the gauges: {}", pg(&e)))
+        };
+        for _ in 0..5 {
+            sample(c)?;
+        }
+        let mut ms = Vec::with_capacity(GAUGE_SAMPLES);
+        let mut last = None;
+        for _ in 0..GAUGE_SAMPLES {
+            let t = Instant::now();
+            last = Some(sample(c)?);
+            ms.push(t.elapsed().as_secs_f64() * 1e3);
+        }
+        let g = last.ok_or("no gauge sample")?;
+        let mut sorted = ms.clone();
+        sorted.sort_by(|a, b| a.total_cmp(b));
+        let truth = pending as f64;
+        self.push(
+            "gauges",
+            format!("one gauge sample, {} pending rows, {state}", thousands(pending as i64)),
+            ms,
+            Unit::Ms,
+            Some(Target::AtMost(20.0)),
+            format!(
+                "p99 {}; pending {}{} ({:+.2} % of {}); oldest ready {:.0} s, with retries {:.0} s",
+                fmt_value(quantile(&sorted, 0.99), Unit::Ms),
+                if g.pending_estimated { "~" } else { "" },
+                thousands(g.pending),
+                (g.pending as f64 - truth) / truth * 100.0,
+                thousands(pending as i64),
+                g.oldest_pending_age_seconds,
+                g.oldest_pending_with_retries_age_seconds
+            ),
+        );
+        Ok(())
+    }
+
     fn scale_section(&mut self) -> Res<()> {
         self.reset_all()?;
         let sizes = self.plan.scale_sizes.clone();

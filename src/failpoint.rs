@@ -6,8 +6,8 @@
 //! boundary that catches a projection's panic) and `complete` (inside the completing
 //! transaction). One more in the turn of each of the worker's other threads, where a panic
 //! stops the whole worker: `claim-loop` (a claim thread's turn, outside the projection),
-//! `reclaim`, `lease-keeper`, `gauges`, `prune`, `listener` and `metrics` (the metrics
-//! endpoint's thread).
+//! `reclaim`, `analyze`, `lease-keeper`, `gauges`, `rebuild-runs`, `prune`, `listener` and
+//! `metrics` (the metrics endpoint's thread).
 //!
 //! The environment variable `FAILPOINTS` (the `fail` crate's syntax) configures them in a
 //! process, e.g. `FAILPOINTS='project=return(abort@crash_me)'` or

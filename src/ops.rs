@@ -256,7 +256,7 @@ pub fn libraries(client: &mut impl GenericClient, limit: u64) -> Result<Vec<Libr
 
 pub fn status(client: &mut Client, max_processing: Duration, mode: CountMode) -> Result<Status, postgres::Error> {
     let mut tx = client.build_transaction().isolation_level(IsolationLevel::RepeatableRead).read_only(true).start()?;
-    let live = crate::outbox::sample_gauges(&mut tx, max_processing)?;
+    let live = crate::outbox::sample_gauges(&mut tx, max_processing, None)?;
     // Exact counts need no estimate, so not even the catalog read.
     let estimates = match mode {
         CountMode::Exact => std::collections::HashMap::new(),

@@ -685,14 +685,35 @@ pub fn claimed_elsewhere(client: &mut impl GenericClient, ours: &[Uuid]) -> Resu
     Ok((r.try_get(0)?, r.try_get(1)?))
 }
 
+/// How many `pending` rows the gauges count one by one; beyond it they estimate
+/// (`estimate_pending`). Counting reads an index entry per row, every second in every
+/// worker: past this many, a rebuild's millions of deliveries would make each sample take
+/// seconds.
+pub const PENDING_COUNTED_UP_TO: i64 = 10_000;
+
 /// The gauges an operator watches, sampled in one query (docs/DESIGN.md §6). Each figure is
 /// its own sub-select on a partial index, so the cost follows the live rows (pending,
 /// processing, failed), never the `done` history: a scan of the whole outbox every second
-/// cost 138 ms at 1.2 M rows (BENCHMARKS.md). "Oldest pending" is the row with the
-/// smallest id, the order the worker claims in.
+/// read it all (BENCHMARKS.md).
+///
+/// The pending rows are counted in id order up to `$2` (NULL: all of them), so the count
+/// walks the pending index and stops there; with it comes the last id it counted, from
+/// which `ESTIMATE_PENDING` goes on. "Oldest pending" is the oldest row *ready* to be
+/// claimed (not waiting for a retry), the one the worker claims next; the oldest pending
+/// row of any kind comes with it. Both are the smallest id, the order the worker claims
+/// in: found at the start of the pending index, the ready one after the rows ahead of it
+/// that wait for a retry, looked for among the same first `$2` rows (NULL when none of
+/// them is ready), so a pile of rows waiting for their retry costs no more than the
+/// count; with it, the age of the last row counted, which the ready row after them is
+/// not much older than (`sample_gauges`).
 pub const SAMPLE_GAUGES: &str = "
     SELECT
-        (SELECT count(*) FROM chronicle_outbox_events WHERE status = 'pending'),
+        p.counted, p.last_counted_id,
+        (SELECT extract(epoch FROM now() - h.created_at)
+         FROM (SELECT id, created_at, next_retry_at FROM chronicle_outbox_events
+               WHERE status = 'pending' ORDER BY id LIMIT $2) h
+         WHERE h.next_retry_at IS NULL OR h.next_retry_at <= now()
+         ORDER BY h.id LIMIT 1)::float8,
         coalesce((SELECT extract(epoch FROM now() - created_at) FROM chronicle_outbox_events
                   WHERE status = 'pending' ORDER BY id LIMIT 1), 0)::float8,
         (SELECT count(*) FROM chronicle_outbox_events WHERE status = 'processing'),
@@ -702,26 +723,97 @@ pub const SAMPLE_GAUGES: &str = "
         (SELECT count(DISTINCT f.event_id) FROM chronicle_outbox_events f
          WHERE f.status = 'failed'
            AND NOT EXISTS (SELECT 1 FROM chronicle_outbox_events s WHERE s.event_id = f.event_id
-                           AND (s.status IN ('pending', 'processing') OR (s.status = 'done' AND s.id > f.id))))";
+                           AND (s.status IN ('pending', 'processing') OR (s.status = 'done' AND s.id > f.id)))),
+        (SELECT extract(epoch FROM now() - created_at) FROM chronicle_outbox_events
+         WHERE id = p.last_counted_id)::float8
+    FROM (SELECT count(*) AS counted, max(id) AS last_counted_id
+          FROM (SELECT id FROM chronicle_outbox_events WHERE status = 'pending' ORDER BY id LIMIT $2) c) p";
+
+/// What the estimate of the pending rows beyond the counted ones starts from: the last
+/// pending id (the end of the pending index), and the planner's own estimate of the
+/// pending rows, as it makes it (the share of `pending` among the status values its last
+/// `ANALYZE` sampled, times its row estimate scaled to the table's current size in
+/// pages); NULL without statistics. Reads the end of one index and the catalog only.
+pub const ESTIMATE_PENDING: &str = "
+    SELECT
+        (SELECT id FROM chronicle_outbox_events WHERE status = 'pending' ORDER BY id DESC LIMIT 1),
+        (SELECT CASE WHEN c.reltuples < 0 OR c.relpages = 0 THEN NULL
+                     ELSE c.reltuples / c.relpages * (pg_relation_size(c.oid) / current_setting('block_size')::float8)
+                          * (SELECT f.freq
+                             FROM pg_stats s
+                             CROSS JOIN LATERAL unnest(s.most_common_vals::text::text[], s.most_common_freqs) AS f(val, freq)
+                             WHERE s.schemaname = n.nspname AND s.tablename = c.relname AND s.attname = 'status'
+                               AND NOT s.inherited AND f.val = 'pending')
+                END::float8
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+         WHERE c.oid = 'chronicle_outbox_events'::regclass)";
+
+/// The pending rows past `counted` (the first rows of the pending index, in id order, the
+/// last of them `last_counted_id`), estimated: the planner's estimate, kept within what is
+/// certain. At least the rows counted; at most those plus one per id after the last one
+/// counted up to the last pending id (ids are unique, so no more rows can be pending). The
+/// claims take rows in id order, so past the first rows (those that wait for a retry, the
+/// ready ones being claimed) a backlog is nearly every id: that bound is close while a
+/// backlog drains, and corrects statistics taken before it drained. Without statistics,
+/// the bound.
+pub fn estimate_pending(counted: i64, last_counted_id: i64, last_pending_id: i64, planner: Option<f64>) -> i64 {
+    let upper = counted.saturating_add(last_pending_id.saturating_sub(last_counted_id).max(0));
+    let estimate = planner.filter(|p| p.is_finite()).map_or(upper, |p| p.round().min(i64::MAX as f64) as i64);
+    estimate.clamp(counted, upper)
+}
 
 #[derive(Debug, Default, Clone, Copy, PartialEq)]
 pub struct Gauges {
+    /// Counted up to the limit the sample was given, estimated beyond it (`pending_estimated`).
     pub pending: i64,
+    /// Whether `pending` is an estimate; and then, when every row counted waits for a
+    /// retry, `oldest_pending_age_seconds` too.
+    pub pending_estimated: bool,
+    /// The oldest row ready to be claimed: `pending` and not waiting for a retry.
     pub oldest_pending_age_seconds: f64,
+    /// The oldest `pending` row, ready or waiting for a retry.
+    pub oldest_pending_with_retries_age_seconds: f64,
     pub inflight: i64,
     pub stuck: i64,
     pub failed: i64,
 }
 
-pub fn sample_gauges(client: &mut impl GenericClient, max_processing: Duration) -> Result<Gauges, postgres::Error> {
-    let r = client.query_one(SAMPLE_GAUGES, &[&max_processing.as_secs_f64()])?;
-    Ok(Gauges {
-        pending: r.try_get(0)?,
-        oldest_pending_age_seconds: r.try_get(1)?,
-        inflight: r.try_get(2)?,
-        stuck: r.try_get(3)?,
-        failed: r.try_get(4)?,
-    })
+/// Samples the gauges, counting the pending rows up to `pending_counted_up_to` (None: all
+/// of them, as `chronicle status` does) and estimating beyond (`estimate_pending`).
+pub fn sample_gauges(
+    client: &mut impl GenericClient,
+    max_processing: Duration,
+    pending_counted_up_to: Option<i64>,
+) -> Result<Gauges, postgres::Error> {
+    let r = client.query_one(SAMPLE_GAUGES, &[&max_processing.as_secs_f64(), &pending_counted_up_to])?;
+    let counted: i64 = r.try_get(0)?;
+    let oldest_ready: Option<f64> = r.try_get(2)?;
+    let mut g = Gauges {
+        pending: counted,
+        pending_estimated: false,
+        oldest_pending_age_seconds: oldest_ready.unwrap_or(0.0),
+        oldest_pending_with_retries_age_seconds: r.try_get(3)?,
+        inflight: r.try_get(4)?,
+        stuck: r.try_get(5)?,
+        failed: r.try_get(6)?,
+    };
+    if let (Some(limit), Some(last_counted_id)) = (pending_counted_up_to, r.try_get::<_, Option<i64>>(1)?) {
+        if counted >= limit {
+            let e = client.query_one(ESTIMATE_PENDING, &[])?;
+            // None: the rows counted were claimed since; nothing is pending past them.
+            let last_pending_id = e.try_get::<_, Option<i64>>(0)?.unwrap_or(last_counted_id);
+            if last_pending_id > last_counted_id {
+                g.pending = estimate_pending(counted, last_counted_id, last_pending_id, e.try_get(1)?);
+                g.pending_estimated = true;
+                // Every row counted waits for a retry: the oldest ready row comes after the
+                // last of them, created about when it was or later.
+                if oldest_ready.is_none() {
+                    g.oldest_pending_age_seconds = r.try_get::<_, Option<f64>>(7)?.unwrap_or(0.0);
+                }
+            }
+        }
+    }
+    Ok(g)
 }
 
 /// Which `failed` rows a replay takes (`chronicle replay-failed`).
@@ -1099,3 +1191,26 @@ pub const RESOLVE_FAILED_BY_REBUILD: &str = concat!(
     )
     SELECT count(*) FROM resolved"
 );
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_pending_estimate_stays_between_the_rows_counted_and_the_ids_after_them() {
+        // 10,000 counted up to id 10,500; pending ids run to 1,010,500: at most 1,010,000.
+        let (counted, last, end) = (10_000, 10_500, 1_010_500);
+        assert_eq!(estimate_pending(counted, last, end, Some(600_000.0)), 600_000, "the planner's, within bounds");
+        assert_eq!(
+            estimate_pending(counted, last, end, Some(5_000_000.0)),
+            1_010_000,
+            "statistics from before a drain"
+        );
+        assert_eq!(estimate_pending(counted, last, end, Some(12.0)), 10_000, "never fewer than counted");
+        assert_eq!(estimate_pending(counted, last, end, None), 1_010_000, "no statistics: the ids' bound");
+        assert_eq!(estimate_pending(counted, last, end, Some(f64::NAN)), 1_010_000);
+        assert_eq!(estimate_pending(counted, last, last, Some(9e18)), 10_000, "nothing past the last counted");
+        assert_eq!(estimate_pending(counted, last, 7, Some(1.0)), 10_000, "a last id before the counted ones");
+        assert_eq!(estimate_pending(counted, 0, i64::MAX, Some(f64::INFINITY)), i64::MAX);
+    }
+}

@@ -284,13 +284,19 @@ fn a_client_that_pipelines_without_reading_is_dropped_and_costs_little() {
     assert!(closed.is_some(), "the server kept a connection that does not read its answers ({sent} bytes sent)");
     assert!(peak <= 64 * 1024, "peak RSS {peak} kB over 64 MB");
     drop(s);
+    // Once the client is gone the process goes back to idle: a second of it using less
+    // than a quarter of a CPU comes, however slow the machine (a server still answering
+    // the dropped pipeline would use a whole one).
     let left = Instant::now();
-    std::thread::sleep(Duration::from_secs(2));
-    let cpu_then = w.cpu();
-    std::thread::sleep(Duration::from_secs(2));
-    let used = w.cpu() - cpu_then;
-    eprintln!("CPU used 2 to 4 s after the client left: {used:?} ({:?} after)", left.elapsed());
-    assert!(used < Duration::from_millis(500), "still busy 2 s after the client left: {used:?} of CPU in 2 s");
+    let mut windows = Vec::new();
+    wait_until(Duration::from_secs(90), "the worker to be idle again after the client left", || {
+        let cpu_then = w.cpu();
+        std::thread::sleep(Duration::from_secs(1));
+        let used = w.cpu() - cpu_then;
+        windows.push(used);
+        used < Duration::from_millis(250)
+    });
+    eprintln!("CPU per second after the client left: {windows:?} (idle {:?} after)", left.elapsed());
     assert_eq!(w.get("/metrics").map(|(s, _)| s), Some(200));
 }
 
@@ -321,11 +327,13 @@ fn idle_and_slow_connections_do_not_delay_a_scrape_and_idle_ones_are_closed() {
         std::thread::sleep(Duration::from_millis(500));
     }
     eprintln!("2,000 idle + 200 slow connections: slowest of 5 scrapes {worst:?}");
-    assert!(worst < Duration::from_secs(1), "a scrape took {worst:?}");
+    // A scrape that had to wait for a connection to be given up would wait for the first
+    // idle ones to time out (10 s) or the slow ones (30 s).
+    assert!(worst < Duration::from_secs(8), "a scrape took {worst:?}");
     // Idle connections are closed by the server (over the cap of 512, or idle for 10 s),
     // and slow ones too, 30 s after their opening, though they keep sending.
     for s in idle.iter().step_by(100) {
-        assert_closed_within(s, Duration::from_secs(20), "an idle connection");
+        assert_closed_within(s, Duration::from_secs(60), "an idle connection");
     }
     // The slow ones go on sending a byte every 2 s, so no idle timeout closes them.
     let readers: Vec<TcpStream> = slow.iter().step_by(20).map(|s| s.try_clone().expect("clone")).collect();
@@ -341,8 +349,9 @@ fn idle_and_slow_connections_do_not_delay_a_scrape_and_idle_ones_are_closed() {
             }
         })
     };
+    // Closed 30 s after their opening; a machine slow to get there gets till 120 s.
     for s in &readers {
-        assert_closed_within(s, Duration::from_secs(45).saturating_sub(slow_opened.elapsed()), "a slow connection");
+        assert_closed_within(s, Duration::from_secs(120).saturating_sub(slow_opened.elapsed()), "a slow connection");
     }
     eprintln!("every sampled connection closed {:?} after opening", opened.elapsed());
     stop.store(true, std::sync::atomic::Ordering::SeqCst);

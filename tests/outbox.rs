@@ -73,9 +73,97 @@ fn a_row_processing_past_max_processing_is_reclaimed_even_with_a_live_lease() {
     outbox::claim_batch(&mut c, 10, "w", Uuid::now_v7(), LEASE).unwrap();
     assert_eq!(outbox::reclaim_stuck(&mut c, Duration::from_secs(600), 10).unwrap().retried, 0);
     c.execute("UPDATE chronicle_outbox_events SET claimed_at = now() - interval '11 minutes'", &[]).unwrap();
-    let g = outbox::sample_gauges(&mut c, Duration::from_secs(600)).unwrap();
+    let g = outbox::sample_gauges(&mut c, Duration::from_secs(600), Some(outbox::PENDING_COUNTED_UP_TO)).unwrap();
     assert_eq!((g.inflight, g.stuck), (1, 1));
     assert_eq!(outbox::reclaim_stuck(&mut c, Duration::from_secs(600), 10).unwrap().retried, 1);
+}
+
+/// Past the rows the gauges count, the backlog is estimated, said so, and kept between
+/// what was counted and the ids after it; under the limit, or with nothing pending past the
+/// rows counted, it is exact.
+#[test]
+fn the_pending_gauge_counts_up_to_its_limit_and_estimates_beyond_it() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    let sample = |c: &mut postgres::Client, limit: Option<i64>| {
+        outbox::sample_gauges(c, Duration::from_secs(600), limit).expect("sampling the gauges")
+    };
+    insert_events(&mut c, 50);
+    let g = sample(&mut c, Some(100));
+    assert_eq!((g.pending, g.pending_estimated), (50, false), "under the limit: counted");
+    let g = sample(&mut c, Some(50));
+    assert_eq!((g.pending, g.pending_estimated), (50, false), "at the limit with nothing past it: counted");
+
+    insert_events(&mut c, 4950);
+    // Before any statistics: the bound the ids give, exact here (no gaps).
+    let g = sample(&mut c, Some(100));
+    assert!(g.pending_estimated, "{g:?}");
+    assert_eq!(g.pending, 5000, "{g:?}");
+    // Half of them done, the statistics taken: the planner's share of pending rows.
+    c.batch_execute(
+        "UPDATE chronicle_outbox_events SET status = 'done', processed_at = now(), attempts = 1
+         WHERE id IN (SELECT id FROM chronicle_outbox_events ORDER BY id DESC LIMIT 2500);
+         ANALYZE chronicle_outbox_events",
+    )
+    .unwrap();
+    let g = sample(&mut c, Some(100));
+    assert!(g.pending_estimated, "{g:?}");
+    assert!((2000..=2500).contains(&g.pending), "2,500 pending, about as many as the statistics say: {g:?}");
+    assert_eq!(sample(&mut c, None).pending, 2500, "no limit: counted");
+    // Statistics from before a drain: bounded by the ids still pending.
+    c.batch_execute(
+        "ANALYZE chronicle_outbox_events;
+         UPDATE chronicle_outbox_events SET status = 'done', processed_at = now(), attempts = 1
+         WHERE id IN (SELECT id FROM chronicle_outbox_events WHERE status = 'pending' ORDER BY id LIMIT 2000)",
+    )
+    .unwrap();
+    let g = sample(&mut c, Some(100));
+    assert!(g.pending_estimated, "{g:?}");
+    assert_eq!(g.pending, 500, "the 500 ids left after the 2,000 drained: {g:?}");
+}
+
+/// The oldest pending age is of the row a claim would take next: a row waiting for its
+/// retry does not count there, and has a gauge of its own.
+#[test]
+fn the_oldest_pending_age_is_of_the_oldest_ready_row() {
+    let db = TestDb::new();
+    let mut c = db.client();
+    let sample = |c: &mut postgres::Client| {
+        outbox::sample_gauges(c, Duration::from_secs(600), Some(outbox::PENDING_COUNTED_UP_TO))
+            .expect("sampling the gauges")
+    };
+    let g = sample(&mut c);
+    assert_eq!((g.oldest_pending_age_seconds, g.oldest_pending_with_retries_age_seconds), (0.0, 0.0));
+    insert_events(&mut c, 3);
+    c.batch_execute(
+        "UPDATE chronicle_outbox_events SET created_at = now() - interval '1 hour', attempts = 1,
+                next_retry_at = now() + interval '1 hour', error = 'transient: test'
+         WHERE id = (SELECT min(id) FROM chronicle_outbox_events);
+         UPDATE chronicle_outbox_events SET created_at = now() - interval '10 minutes'
+         WHERE id <> (SELECT min(id) FROM chronicle_outbox_events)",
+    )
+    .unwrap();
+    let g = sample(&mut c);
+    assert!((600.0..1200.0).contains(&g.oldest_pending_age_seconds), "the oldest ready row: {g:?}");
+    assert!(g.oldest_pending_with_retries_age_seconds >= 3600.0, "the row waiting for its retry: {g:?}");
+    c.batch_execute("UPDATE chronicle_outbox_events SET next_retry_at = now() - interval '1 second'").unwrap();
+    let g = sample(&mut c);
+    assert!(g.oldest_pending_age_seconds >= 3600.0, "its retry is due: it is ready: {g:?}");
+
+    // More rows wait for a retry than the sample counts: the ready rows after them are not
+    // looked for one by one; their age is the last counted row's, and said to be estimated.
+    insert_events(&mut c, 10);
+    c.batch_execute(
+        "UPDATE chronicle_outbox_events SET next_retry_at = now() + interval '1 hour', attempts = 1
+         WHERE id IN (SELECT id FROM chronicle_outbox_events ORDER BY id LIMIT 3)",
+    )
+    .unwrap();
+    let limited = outbox::sample_gauges(&mut c, Duration::from_secs(600), Some(3)).expect("sampling the gauges");
+    assert!(limited.pending_estimated, "{limited:?}");
+    assert!((600.0..1200.0).contains(&limited.oldest_pending_age_seconds), "the third row's age: {limited:?}");
+    let exact = outbox::sample_gauges(&mut c, Duration::from_secs(600), None).expect("sampling the gauges");
+    assert!(!exact.pending_estimated && exact.pending == 13, "{exact:?}");
+    assert!(exact.oldest_pending_age_seconds < 600.0, "the first of the 10 new rows: {exact:?}");
 }
 
 #[test]

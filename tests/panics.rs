@@ -138,8 +138,10 @@ fn a_panic_in_any_background_thread_stops_the_worker_with_exit_70_and_gives_its_
     insert_events(&mut c, 40);
     for (point, thread) in [
         ("reclaim", "reclaim"),
+        ("analyze", "analyze"),
         ("lease-keeper", "lease-keeper"),
         ("gauges", "gauges"),
+        ("rebuild-runs", "rebuild-runs"),
         ("listener", "listener"),
         ("metrics", "metrics-http"),
         ("prune", "prune"),

@@ -40,7 +40,7 @@ pub fn help() -> Help {
     .examples(&[
         "DATABASE_URL=postgresql+psycopg://wordloom@localhost:5435/wordloom_test \\",
         "    chronicle worker",
-        "OUTBOX_RUN_SECONDS=2 chronicle worker   # smoke run: 2 s, exit 0 (3: no database)",
+        "OUTBOX_RUN_SECONDS=2 chronicle worker  # 2 s smoke run (exit 3: no database)",
         "chronicle worker --concurrency 4 --batch-size 500 --until-empty",
     ])
 }

@@ -123,11 +123,17 @@ impl Metrics {
         family(&mut out, "chronicle_build_info", "gauge", "Build information; always 1.");
         out.push_str(&format!("chronicle_build_info{{{lbl},version=\"{}\"}} 1\n", env!("CARGO_PKG_VERSION")));
 
-        let gauge_rows: [(&str, &str, Option<f64>); 6] = [
+        let pending_help = format!(
+            "Outbox rows waiting to be projected (backlog): counted up to {}, estimated beyond \
+             (chronicle_outbox_pending_estimated).",
+            crate::outbox::PENDING_COUNTED_UP_TO
+        );
+        let gauge_rows: [(&str, &str, Option<f64>); 8] = [
+            ("chronicle_outbox_pending_events", &pending_help, gauges.map(|g| g.pending as f64)),
             (
-                "chronicle_outbox_pending_events",
-                "Outbox rows waiting to be projected (backlog).",
-                gauges.map(|g| g.pending as f64),
+                "chronicle_outbox_pending_estimated",
+                "1 when chronicle_outbox_pending_events and chronicle_outbox_lag_events are estimated, 0 when counted.",
+                gauges.map(|g| if g.pending_estimated { 1.0 } else { 0.0 }),
             ),
             (
                 "chronicle_outbox_lag_events",
@@ -136,8 +142,13 @@ impl Metrics {
             ),
             (
                 "chronicle_outbox_oldest_pending_age_seconds",
-                "Age of the oldest pending outbox row.",
+                "Age of the oldest outbox row ready to be claimed (pending, not waiting for a retry).",
                 gauges.map(|g| g.oldest_pending_age_seconds),
+            ),
+            (
+                "chronicle_outbox_oldest_pending_with_retries_age_seconds",
+                "Age of the oldest pending outbox row, ready or waiting for a retry.",
+                gauges.map(|g| g.oldest_pending_with_retries_age_seconds),
             ),
             (
                 "chronicle_outbox_inflight_events",
@@ -290,13 +301,22 @@ mod tests {
         m.processed.fetch_add(3, Ordering::Relaxed);
         m.terminal_failure(ErrorReason::InvalidPayload);
         m.batch_duration.observe(0.003);
-        *m.gauges.lock().unwrap() =
-            Some(Gauges { pending: 5, oldest_pending_age_seconds: 1.5, inflight: 2, stuck: 0, failed: 1 });
+        *m.gauges.lock().unwrap() = Some(Gauges {
+            pending: 5,
+            pending_estimated: false,
+            oldest_pending_age_seconds: 1.5,
+            oldest_pending_with_retries_age_seconds: 7.25,
+            inflight: 2,
+            stuck: 0,
+            failed: 1,
+        });
         let text = m.render();
         for name in [
             "chronicle_outbox_pending_events",
+            "chronicle_outbox_pending_estimated",
             "chronicle_outbox_lag_events",
             "chronicle_outbox_oldest_pending_age_seconds",
+            "chronicle_outbox_oldest_pending_with_retries_age_seconds",
             "chronicle_outbox_inflight_events",
             "chronicle_outbox_stuck_processing_events",
             "chronicle_outbox_failed_events",
@@ -321,6 +341,12 @@ mod tests {
         assert!(text.contains("error_reason=\"invalid_payload\"} 1\n"));
         assert!(text.contains("chronicle_outbox_pending_events{worker_id=\"c\\\"1\"} 5\n"));
         assert!(text.contains("chronicle_outbox_lag_events{worker_id=\"c\\\"1\"} 7\n"), "lag = pending + processing");
+        assert!(text.contains("chronicle_outbox_pending_estimated{worker_id=\"c\\\"1\"} 0\n"), "{text}");
+        assert!(text.contains("chronicle_outbox_oldest_pending_age_seconds{worker_id=\"c\\\"1\"} 1.5\n"), "{text}");
+        assert!(
+            text.contains("chronicle_outbox_oldest_pending_with_retries_age_seconds{worker_id=\"c\\\"1\"} 7.25\n"),
+            "{text}"
+        );
         assert!(
             text.contains("chronicle_outbox_batch_duration_seconds_bucket{worker_id=\"c\\\"1\",le=\"0.005\"} 1\n"),
             "{text}"

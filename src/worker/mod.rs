@@ -1,17 +1,21 @@
-//! The projector worker: claim threads, the reclaim loop, the lease keeper, the gauge
-//! sampler and the listener, started and stopped together.
+//! The projector worker: claim threads, the reclaim loop, the outbox's analyze, the lease
+//! keeper, the gauge sampler, the rebuild runs' closing and the listener, started and
+//! stopped together.
 //!
 //! Each background service has one job and is a `*_once` function inside a dumb loop
-//! (River's shape): `reclaim_once`, `prune_once`, `claim::ClaimThread::run_once`. A test
-//! can run one turn against a database without starting a worker (tests/worker.rs does
-//! for the reclaim loop). Database trouble never ends the process once it has reached its
-//! database: every loop logs the change of state once, waits with backoff and resumes by
-//! itself (a bounded run that never reached it ends with exit 3: `wait_for_schema`). No
-//! wait on the network outlasts a stop: connections are made in slices the caller can
-//! abandon (`db::connect_until`), and shutdown gives up on a database that does not
-//! answer. A panic in one of its threads outside a projection, a bug, ends the process:
-//! every thread is stopped as on a stop, and the worker exits 70 (`panics`). Signals are
-//! the command's business (`cmd/worker.rs`): it asks the worker to stop through `Shared`.
+//! (River's shape): `reclaim_once`, `analyze_once`, `sample_gauges_once`,
+//! `close_rebuild_runs_once` (its thread then samples the runs it may have closed,
+//! `sample_rebuild_runs_once`), `prune_once`, `claim::ClaimThread::run_once`. A test can
+//! run one turn against a database without starting a worker (tests/worker.rs does for
+//! the reclaim loop and the analyze). Database trouble never ends the process once it has
+//! reached its database: every loop logs the change of state once, waits with backoff and
+//! resumes by itself (a bounded run that never reached it ends with exit 3:
+//! `wait_for_schema`). No wait on the network outlasts a stop: connections are made in
+//! slices the caller can abandon (`db::connect_until`), and shutdown gives up on a
+//! database that does not answer. A panic in one of its threads outside a projection, a
+//! bug, ends the process: every thread is stopped as on a stop, and the worker exits 70
+//! (`panics`). Signals are the command's business (`cmd/worker.rs`): it asks the worker to
+//! stop through `Shared`.
 
 pub mod claim;
 pub mod panics;
@@ -63,7 +67,7 @@ pub struct Shared {
     /// time spent working, for the drain rate the exit line reports.
     work_span: Mutex<Option<(Instant, Instant)>>,
     /// Set once this role is known not to be allowed to analyze the outbox
-    /// (`reclaim_once` stops trying, having said so once).
+    /// (`analyze_once` stops trying, having said so once).
     outbox_analyze_refused: AtomicBool,
     /// The channel only this process's listener listens on: shutdown notifies it, so the
     /// listener stops at once instead of at the end of its wait for notifications.
@@ -377,7 +381,7 @@ pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
 
     let pool = db::pool(
         &session_url(cfg),
-        cfg.concurrency + 3 + u32::from(cfg.done_retention.is_some()),
+        cfg.concurrency + 5 + u32::from(cfg.done_retention.is_some()),
         shared.refusals.clone(),
     )?;
     let active_claimers = Arc::new(AtomicUsize::new(cfg.concurrency as usize));
@@ -396,12 +400,20 @@ pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
         let (s, p) = (shared.clone(), pool.clone());
         services.push(spawn("reclaim", move || every(&s, "reclaim", s.cfg.reclaim_interval, || reclaim_once(&s, &p)))?);
         let (s, p) = (shared.clone(), pool.clone());
+        services.push(spawn("analyze", move || every(&s, "analyze", s.cfg.reclaim_interval, || analyze_once(&s, &p)))?);
+        let (s, p) = (shared.clone(), pool.clone());
         let tick = (s.cfg.lease / 3).min(s.cfg.reclaim_interval);
         services.push(spawn("lease-keeper", move || every(&s, "lease-keeper", tick, || extend_leases_once(&s, &p)))?);
         let (s, p) = (shared.clone(), pool.clone());
-        services.push(spawn("gauges", move || {
+        services
+            .push(spawn("gauges", move || every(&s, "gauges", Duration::from_secs(1), || sample_gauges_once(&s, &p)))?);
+        let (s, p) = (shared.clone(), pool.clone());
+        services.push(spawn("rebuild-runs", move || {
             let mut last_run_seen = 0;
-            every(&s, "gauges", Duration::from_secs(1), || sample_gauges_once(&s, &p, &mut last_run_seen))
+            every(&s, "rebuild-runs", Duration::from_secs(1), || {
+                close_rebuild_runs_once(&s, &p);
+                sample_rebuild_runs_once(&s, &p, &mut last_run_seen);
+            })
         })?);
         if shared.cfg.listen {
             let s = shared.clone();
@@ -544,8 +556,7 @@ fn every(shared: &Shared, name: &str, interval: Duration, mut f: impl FnMut()) {
 }
 
 /// One turn of the reclaim loop: stuck rows back to pending (or failed when out of
-/// attempts), counted; and an `ANALYZE` of the outbox when its planner statistics are
-/// missing or stale (`outbox::analyze_if_stale`).
+/// attempts), counted.
 pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
     let Some(mut c) = pooled(shared, pool, "reclaim") else { return };
     match outbox::reclaim_stuck(&mut *c, shared.cfg.max_processing, shared.cfg.max_attempts) {
@@ -553,14 +564,22 @@ pub fn reclaim_once(shared: &Shared, pool: &db::Pool) {
             shared.db_ok(&mut *c);
             note_reclaimed(shared, &o);
         }
-        Err(e) => return shared.db_error("while reclaiming stuck rows", &e),
+        Err(e) => shared.db_error("while reclaiming stuck rows", &e),
     }
+}
+
+/// One turn of the analyze service: an `ANALYZE` of the outbox when its planner statistics
+/// are missing or stale (`outbox::analyze_if_stale`), which the claims and the gauges'
+/// estimate plan from. Routine (a new outbox, a burst before autovacuum's next pass), so
+/// logged at debug; a role that may not analyze is said once, as a warning.
+pub fn analyze_once(shared: &Shared, pool: &db::Pool) {
     if shared.outbox_analyze_refused.load(Ordering::Relaxed) {
         return;
     }
+    let Some(mut c) = pooled(shared, pool, "analyze") else { return };
     match outbox::analyze_if_stale(&mut *c) {
         Ok(Analyze::Fresh) => {}
-        Ok(Analyze::Analyzed) => log::info!(
+        Ok(Analyze::Analyzed) => log::debug!(
             "analyzed chronicle_outbox_events: its planner statistics were missing or older than a large \
              share of its rows"
         ),
@@ -659,22 +678,36 @@ pub fn prune_once(shared: &Shared, pool: &db::Pool, retention: Duration) {
     }
 }
 
-/// Samples the outbox gauges, and the rebuild runs finished since the last sample (each
-/// observed once in the rebuild histogram; the newest set the timestamps).
-fn sample_gauges_once(shared: &Shared, pool: &db::Pool, last_run_seen: &mut i64) {
+/// One turn of the gauge sampler: the outbox gauges, the pending rows counted up to
+/// `outbox::PENDING_COUNTED_UP_TO` and estimated beyond.
+pub fn sample_gauges_once(shared: &Shared, pool: &db::Pool) {
     let Some(mut c) = pooled(shared, pool, "gauges") else { return };
-    match outbox::sample_gauges(&mut *c, shared.cfg.max_processing) {
+    match outbox::sample_gauges(&mut *c, shared.cfg.max_processing, Some(outbox::PENDING_COUNTED_UP_TO)) {
         Ok(g) => {
             shared.mark_ready();
             if let Ok(mut slot) = shared.metrics.gauges.lock() {
                 *slot = Some(g);
             }
         }
-        Err(e) => return shared.db_error("while sampling gauges", &e),
+        Err(e) => shared.db_error("while sampling gauges", &e),
     }
-    if let Err(e) = crate::rebuild::finish_queued_runs(&mut *c) {
-        shared.db_error("while closing rebuilds delivered through the outbox", &e);
+}
+
+/// One turn of the rebuild runs' closing: the runs through the outbox (`--emit-outbox`)
+/// whose deliveries are all done or failed are finished (`rebuild::finish_queued_runs`).
+pub fn close_rebuild_runs_once(shared: &Shared, pool: &db::Pool) {
+    let Some(mut c) = pooled(shared, pool, "rebuild runs") else { return };
+    match crate::rebuild::finish_queued_runs(&mut *c) {
+        Ok(n) if n > 0 => log::debug!("closed {n} rebuild run(s) delivered through the outbox"),
+        Ok(_) => {}
+        Err(e) => shared.db_error("while closing rebuilds delivered through the outbox", &e),
     }
+}
+
+/// One turn of the rebuild runs' sampler: the runs finished since the last turn, each
+/// observed once in the rebuild histogram; the newest set the timestamps.
+pub fn sample_rebuild_runs_once(shared: &Shared, pool: &db::Pool, last_run_seen: &mut i64) {
+    let Some(mut c) = pooled(shared, pool, "rebuild runs") else { return };
     match crate::rebuild::finished_runs_after(&mut *c, *last_run_seen) {
         Ok(runs) => {
             let m = &shared.metrics;
@@ -808,7 +841,7 @@ fn supervise(shared: &Shared, active_claimers: &AtomicUsize, started: Instant) {
 fn log_progress(shared: &Shared, since: Option<(Instant, u64)>) -> u64 {
     let m = &shared.metrics;
     let processed = Metrics::get(&m.processed);
-    let backlog = m.gauges.lock().ok().and_then(|g| *g).map(|g| g.pending.to_string()).unwrap_or_else(|| "?".into());
+    let backlog = m.gauges.lock().ok().and_then(|g| *g).map(|g| pending_text(&g)).unwrap_or_else(|| "?".into());
     let rate = since
         .map(|(t, p)| (processed.saturating_sub(p)) as f64 / t.elapsed().as_secs_f64().max(1e-3))
         .map(|r| format!(", {r:.0} events/s"))
@@ -820,6 +853,11 @@ fn log_progress(shared: &Shared, since: Option<(Instant, u64)>) -> u64 {
         Metrics::get(&m.reclaimed)
     );
     processed
+}
+
+/// The pending rows as the gauges have them: "~1200000" when estimated.
+fn pending_text(g: &outbox::Gauges) -> String {
+    format!("{}{}", if g.pending_estimated { "~" } else { "" }, g.pending)
 }
 
 /// The last line: what this process did, at the rate it drained while it had work (the
@@ -845,10 +883,12 @@ fn log_exit(shared: &Shared, pool: &db::Pool) {
     let backlog = answers
         .then(|| {
             within(Duration::from_secs(3), move || match pool.get_timeout(Duration::from_secs(2)) {
-                Ok(mut c) => match outbox::sample_gauges(&mut *c, max_processing) {
-                    Ok(g) => format!("{} pending, {} processing", g.pending, g.inflight),
-                    Err(e) => format!("unknown ({})", db::describe_error(&e)),
-                },
+                Ok(mut c) => {
+                    match outbox::sample_gauges(&mut *c, max_processing, Some(outbox::PENDING_COUNTED_UP_TO)) {
+                        Ok(g) => format!("{} pending, {} processing", pending_text(&g), g.inflight),
+                        Err(e) => format!("unknown ({})", db::describe_error(&e)),
+                    }
+                }
                 Err(e) => format!("unknown ({e})"),
             })
         })
