@@ -103,64 +103,23 @@ pub const STORED_EVENT_BYTES: &str = "octet_length(e.entity_type)::bigint + octe
 /// pending → processing: the oldest ready rows, skipping rows other workers hold, each
 /// attempt counted, with their events loaded in the same round trip.
 ///
-/// Crash isolation: a row that came back from an expired lease (`reclaims` > 0) is a
-/// suspect. Suspects are claimed alone, never with healthy rows, and in a claim of
-/// `$1 >> reclaims` rows (of the oldest suspect; at least one): every reclaim halves the
-/// claim, so an event that kills the process is cornered in a claim of its own within
-/// log2(batch) crashes and fails `max_attempts_exceeded` alone. `$5` says whether
-/// suspects go first this turn; the worker alternates, so suspects never starve the
-/// healthy backlog (and are taken anyway when nothing healthy is ready).
-///
-/// Healthy rows are taken from id `$8` up. The pending index keeps an entry for every row
-/// that has left `pending` until a vacuum removes it, and a walk from the lowest id steps
-/// over all of them: over a backlog, claim after claim, a cost that grows with the number
-/// of rows drained since the last vacuum. A claim thread draining a backlog therefore
-/// starts where its previous claim started, and from 0 again after a claim that found
-/// less than a full batch and at least once a second (`worker::claim::ClaimFloor`), so a row
-/// that went back to `pending` below it (a retry coming due, a release, a replay, a
-/// delivery that committed after later ones) waits at most that second longer.
-///
-/// Size limits: each candidate is measured once here: its stored size
-/// (`STORED_EVENT_BYTES`) when that is over `$6`, else its size as text (`EVENT_BYTES`).
-/// Rows are taken in order until their total passes `$7` (the first always), and an
-/// event over `$6` is claimed without being loaded (the worker fails it): an over-limit
-/// event costs one cheap measure and fails on the first claim that sees it. `sized` and
-/// `picked` are MATERIALIZED: inlined, the planner may run the measure once per row of
-/// the join that follows (a claim over a few large events then ran past the statement
-/// timeout, every time, and the backlog behind them stalled).
-///
-/// Each candidate's event is looked up once, in `sized`, which keeps its columns for the
-/// result: a materialized row keeps a large value as its TOAST pointer, so nothing is read
-/// there, and the final select returns the columns only of events within `$6`.
-///
-/// No step's cost depends on the planner's row estimates, which are wrong exactly when it
-/// matters: statistics taken while the outbox was quiet say almost nothing is pending, and
-/// a join planned for one row then met a backlog of thousands (a claim of 50 compared each
-/// with every pending row). So the event is fetched by a `LIMIT 1` lateral lookup (always
-/// its primary key), the update finds its rows by the `ctid`s the lock returned (a TID
-/// scan: the rows are locked by this statement, so they are still `pending` and still
-/// there), and the result keeps the rows the update reached through a hashed set, with
-/// their attempt counted as the update counted it (`attempts` + 1 of the locked row).
-/// A row updated by a transaction that committed after this statement's snapshot is
-/// locked in its new version, which the update does not see: it stays `pending`,
-/// unclaimed and uncounted, for the next claim. The scans left to choose are the walk of
-/// the pending (or suspect) index in id order, the walk of the primary key in id order
-/// filtering on the status, and the lookups above; the worker's settings for the claim
-/// (`CLAIM_PLANNER_SETTINGS`) leave the planner nothing else, so the one plan it makes
-/// per connection holds for an empty outbox, a never-analyzed one, and a burst alike.
-/// Between the two walks only the statistics decide: ones taken while a backlog waited
-/// make every row look pending, and the primary key's walk then reads the `done` rows a
-/// drain left; the worker analyzes such an outbox again (`analyze_if_stale`).
-///
-/// The lease is measured from this statement (`statement_timestamp()`), not from the
-/// start of its transaction (`now()`): a claim made at the end of the transaction that
-/// completes the batch before it (`worker::claim`) would otherwise commit rows whose lease
-/// a slow completion had already used up, for the reclaim loop to take back.
-///
-/// `plan` looks for a ready healthy row only when there is a suspect and `$5` does not
-/// already decide, and looks for it in id order, so it walks the pending index:
-/// unordered, the planner may take a sequential scan that reads the whole `done` history
-/// first.
+/// - Suspects (`reclaims` > 0, back from an expired lease) are claimed alone, `$1 >>
+///   reclaims` at a time, so an event that kills the process is cornered in a claim of its
+///   own within log2(batch) crashes. `$5` says whether they go first this turn (the worker
+///   alternates, so they never starve the healthy backlog).
+/// - Healthy rows are taken from id `$8` up (`worker::claim::ClaimFloor`): the pending
+///   index keeps entries for rows that left `pending` until a vacuum, and a walk from the
+///   lowest id would step over all of them at every claim of a backlog.
+/// - Size limits: a candidate over `$6` is claimed without being loaded (the worker fails
+///   it); rows are taken until their total passes `$7`. `sized` and `picked` are
+///   MATERIALIZED so each size is measured once, not once per row of a later join.
+/// - No step depends on the planner's row estimates (wrong exactly after a burst): the
+///   event is a `LIMIT 1` primary-key lookup, the update finds its rows by the `ctid`s the
+///   lock returned, and `CLAIM_PLANNER_SETTINGS` leave only the index walks, so one plan
+///   per connection holds for an empty outbox and a backlog alike. A row updated by a
+///   transaction that committed after the snapshot stays `pending` for the next claim.
+/// - The lease counts from the statement's clock, not the transaction's: a claim chained
+///   into a slow completion gets its whole lease.
 pub const CLAIM_BATCH: &str = "
     WITH lead AS (
         SELECT reclaims FROM chronicle_outbox_events
