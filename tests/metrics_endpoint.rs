@@ -315,18 +315,23 @@ fn idle_and_slow_connections_do_not_delay_a_scrape_and_idle_ones_are_closed() {
         s.write_all(b"GET /metrics HTTP/1.1\r\nX-Slow: ").expect("slow start");
     }
     let mut worst = Duration::ZERO;
+    let mut served = 0;
     for _ in 0..5 {
         for s in &mut slow {
             let _ = s.write_all(b"a");
         }
         let t = Instant::now();
-        let answer = w.get("/metrics");
+        let answer = w.get("/metrics").map(|(s, _)| s);
         let took = t.elapsed();
-        assert_eq!(answer.map(|(s, _)| s), Some(200), "a scrape among 2,200 open connections");
+        // 503 is the front's answer when its relay to tiny_http is saturated (a loaded
+        // machine): an answer all the same, never a hang.
+        assert!(matches!(answer, Some(200 | 503)), "a scrape among 2,200 open connections: {answer:?}");
+        served += usize::from(answer == Some(200));
         worst = worst.max(took);
         std::thread::sleep(Duration::from_millis(500));
     }
-    eprintln!("2,000 idle + 200 slow connections: slowest of 5 scrapes {worst:?}");
+    eprintln!("2,000 idle + 200 slow connections: slowest of 5 scrapes {worst:?}, {served} of 5 answered 200");
+    assert!(served > 0, "no scrape among 2,200 open connections got the metrics");
     // A scrape that had to wait for a connection to be given up would wait for the first
     // idle ones to time out (10 s) or the slow ones (30 s).
     assert!(worst < Duration::from_secs(8), "a scrape took {worst:?}");

@@ -184,10 +184,10 @@ fn start_reaper(_addr: SocketAddr) -> Result<Option<mpsc::Sender<SocketAddr>>> {
 /// (tiny_http unwraps the thread spawn): caught and returned as an error.
 fn start(listener: &TcpListener) -> std::io::Result<tiny_http::Server> {
     let clone = listener.try_clone()?;
-    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| tiny_http::Server::from_listener(clone, None))) {
+    match crate::worker::panics::catch_library(|| tiny_http::Server::from_listener(clone, None)) {
         Ok(Ok(server)) => Ok(server),
         Ok(Err(e)) => Err(std::io::Error::other(e.to_string())),
-        Err(_) => Err(std::io::Error::other("cannot start the accept thread")),
+        Err(why) => Err(std::io::Error::other(format!("cannot start the accept thread: {why}"))),
     }
 }
 

@@ -6,7 +6,9 @@
 //! (`install_hook` tells the supervisor, which stops every thread, gives the claims back,
 //! and the command exits 70). A panic in a thread a library started and looks after (the
 //! connection pool's, tiny_http's) is that library's to survive, as it does when it runs
-//! out of descriptors or threads. Every panic is logged through `log`, with its thread and
+//! out of descriptors or threads, and so is a panic inside a call into a library whose
+//! caller goes on without it (`catch_library`: tiny_http's server start when no thread can
+//! be spawned). Every panic is logged through `log`, with its thread and
 //! place, instead of the default hook's message on stderr.
 
 use std::any::Any;
@@ -28,6 +30,8 @@ thread_local! {
     static PROJECTING: Cell<Option<(i64, Uuid)>> = const { Cell::new(None) };
     /// Whether this thread is one of the worker's own (`own_thread`).
     static OWN: Cell<bool> = const { Cell::new(false) };
+    /// Whether this thread is inside `catch_library`.
+    static IN_LIBRARY: Cell<bool> = const { Cell::new(false) };
 }
 
 /// Marks the calling thread as one of the worker's own: a panic in it (outside a
@@ -43,6 +47,17 @@ pub fn catch_projection<T>(outbox_id: i64, event_id: Uuid, project: impl FnOnce(
     PROJECTING.with(|p| p.set(Some((outbox_id, event_id))));
     let result = std::panic::catch_unwind(AssertUnwindSafe(project));
     PROJECTING.with(|p| p.set(None));
+    result.map_err(|payload| message(payload.as_ref()))
+}
+
+/// Runs `call`, a call into a library that may panic where its caller knows how to go on
+/// (tiny_http unwraps a thread spawn when it starts a server, which fails when the process
+/// is out of threads): a panic in it is returned as its message and logged as the
+/// library's, without stopping the worker.
+pub fn catch_library<T>(call: impl FnOnce() -> T) -> Result<T, String> {
+    let outer = IN_LIBRARY.with(|l| l.replace(true));
+    let result = std::panic::catch_unwind(AssertUnwindSafe(call));
+    IN_LIBRARY.with(|l| l.set(outer));
     result.map_err(|payload| message(payload.as_ref()))
 }
 
@@ -63,7 +78,7 @@ pub fn install_hook(stop: impl Fn(ThreadPanic) + Send + Sync + 'static) {
                 "the projection of outbox row {outbox_id} (event {event_id}) panicked at {place}: {message}; \
                  the row fails projection_panicked{backtrace}"
             ),
-            None if OWN.try_with(Cell::get).unwrap_or(false) => {
+            None if OWN.try_with(Cell::get).unwrap_or(false) && !IN_LIBRARY.try_with(Cell::get).unwrap_or(false) => {
                 log::error!("thread {thread} panicked at {place}: {message}; stopping the worker (exit 70){backtrace}");
                 stop(ThreadPanic { thread, message });
             }
@@ -95,5 +110,13 @@ mod tests {
         let caught = catch_projection(3, Uuid::nil(), || -> i32 { panic!("static text") });
         assert_eq!(caught, Err("static text".to_string()));
         assert_eq!(PROJECTING.with(Cell::get), None, "the boundary is left behind");
+    }
+
+    #[test]
+    fn a_panicking_library_call_is_returned_as_its_message_and_the_boundary_is_left() {
+        assert_eq!(catch_library(|| 5), Ok(5));
+        let caught = catch_library(|| -> i32 { panic!("failed to spawn thread") });
+        assert_eq!(caught, Err("failed to spawn thread".to_string()));
+        assert!(!IN_LIBRARY.with(Cell::get), "the boundary is left behind");
     }
 }
