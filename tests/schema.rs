@@ -330,13 +330,22 @@ fn the_code_lists_every_column_of_chronicle_events() {
     assert_eq!(keys, sorted, "input::NewEvent (event_to_json)");
 }
 
-/// The same for `chronicle_entries`: what the projector writes, and every column but the
-/// search vector in what readers get (`timeline::EntryRow`, the rows of `entries --json`).
+/// The same for `chronicle_entries`: what the projector writes (and what the worker
+/// compares the table with before it writes), and every column but the search vector in
+/// what readers get (`timeline::EntryRow`, the rows of `entries --json`).
 /// `timeline::SELECT_PAGE` is compared with `ENTRY_COLUMNS` by a unit test.
 #[test]
 fn the_code_lists_every_column_of_chronicle_entries() {
     let db = TestDb::new();
-    let names: Vec<String> = table_columns(&db, "chronicle_entries").into_iter().map(|c| c.0).collect();
+    let table = table_columns(&db, "chronicle_entries");
+    let contract: Vec<(String, String, bool)> = chronicle::worker::read_model::ENTRIES_CONTRACT
+        .iter()
+        .map(|c| (c.name.to_string(), c.udt.to_string(), c.not_null))
+        .collect();
+    assert_eq!(contract, table, "worker::read_model::ENTRIES_CONTRACT (what the worker checks before it writes)");
+    let mut c = db.client();
+    assert_eq!(chronicle::worker::read_model::differences(&mut c).unwrap(), Vec::<String>::new());
+    let names: Vec<String> = table.into_iter().map(|c| c.0).collect();
     assert_eq!(list_names(chronicle::entries::ENTRY_COLUMNS), names, "entries::ENTRY_COLUMNS");
     assert_eq!(
         list_names(list_after(chronicle::entries::UPSERT_ENTRIES, "INSERT INTO")),

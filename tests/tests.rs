@@ -16,6 +16,7 @@ mod network;
 mod ops;
 mod outbox;
 mod panics;
+mod pause;
 mod read_model;
 mod rebuild;
 mod schema;

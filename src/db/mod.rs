@@ -7,7 +7,9 @@
 pub mod migrate;
 pub mod tls;
 
-pub use crate::sqlstate::{describe_error, is_connection_error, is_refusal, is_transient};
+pub use crate::sqlstate::{
+    describe_error, is_connection_error, is_refusal, is_transient, pause_reason, says_nothing_of_the_value, PauseReason,
+};
 
 use std::error::Error as _;
 use std::sync::atomic::{AtomicUsize, Ordering};

@@ -588,8 +588,11 @@ fn respond(req: tiny_http::Request, metrics: &Metrics, ready: &AtomicBool) -> st
         "/metrics" | "/healthz" | "/readyz" if !is_get => (405, "method not allowed\n".to_string(), "text/plain"),
         "/metrics" => (200, metrics.render(), "text/plain; version=0.0.4; charset=utf-8"),
         "/healthz" => (200, "{\"status\":\"ok\"}\n".to_string(), "application/json"),
-        "/readyz" if ready.load(Ordering::Relaxed) => (200, "{\"status\":\"ready\"}\n".to_string(), "application/json"),
-        "/readyz" => (503, "{\"status\":\"not ready\"}\n".to_string(), "application/json"),
+        "/readyz" => match metrics.paused() {
+            Some(p) => (503, p.readyz_body(), "application/json"),
+            None if ready.load(Ordering::Relaxed) => (200, "{\"status\":\"ready\"}\n".to_string(), "application/json"),
+            None => (503, "{\"status\":\"not ready\"}\n".to_string(), "application/json"),
+        },
         _ => (404, "not found\n".to_string(), "text/plain"),
     };
     let mut resp = tiny_http::Response::from_string(body).with_status_code(status);

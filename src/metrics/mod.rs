@@ -12,6 +12,7 @@ use std::sync::Mutex;
 
 use crate::error_reason::ErrorReason;
 use crate::outbox::Gauges;
+use crate::sqlstate::PauseReason;
 
 /// A histogram with fixed buckets (seconds).
 pub struct Histogram {
@@ -71,6 +72,37 @@ pub struct Metrics {
     /// Rebuild timestamps (seconds since the epoch) as last read from the database.
     pub rebuild_last_finished: Mutex<Option<f64>>,
     pub rebuild_last_success: Mutex<Option<f64>>,
+    /// Set while the worker is paused by a fault of the system (`worker::Shared::pause`).
+    pub paused: Mutex<Option<Paused>>,
+}
+
+/// Why the worker is paused: `chronicle_worker_paused` and the body of `/readyz`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Paused {
+    pub reason: PauseReason,
+    /// The SQLSTATE of the error that paused it, when an error did.
+    pub sqlstate: Option<String>,
+    /// The error, described (`db::describe_error`) or the difference found.
+    pub error: String,
+    /// The step that met it: `claiming`, `completing`, `checking the read model`.
+    pub during: &'static str,
+    /// When it paused, seconds since the epoch.
+    pub since: f64,
+}
+
+impl Paused {
+    /// The JSON body of `/readyz` while paused.
+    pub fn readyz_body(&self) -> String {
+        let body = serde_json::json!({
+            "status": "paused",
+            "reason": self.reason.as_str(),
+            "sqlstate": self.sqlstate,
+            "error": self.error,
+            "during": self.during,
+            "since": self.since,
+        });
+        format!("{body}\n")
+    }
 }
 
 impl Metrics {
@@ -91,6 +123,7 @@ impl Metrics {
             gauges: Mutex::new(None),
             rebuild_last_finished: Mutex::new(None),
             rebuild_last_success: Mutex::new(None),
+            paused: Mutex::new(None),
         }
     }
 
@@ -107,6 +140,11 @@ impl Metrics {
 
     pub fn terminal_failed_total(&self) -> u64 {
         self.terminal_failed.iter().map(|c| c.load(Ordering::Relaxed)).sum()
+    }
+
+    /// Why the worker is paused, if it is.
+    pub fn paused(&self) -> Option<Paused> {
+        self.paused.lock().ok().and_then(|p| p.clone())
     }
 
     pub fn get(counter: &AtomicU64) -> u64 {
@@ -217,6 +255,19 @@ impl Metrics {
                 "chronicle_outbox_terminal_failed_total{{{lbl},error_reason=\"{reason}\"}} {}\n",
                 Self::get(c)
             ));
+        }
+
+        family(
+            &mut out,
+            "chronicle_worker_paused",
+            "gauge",
+            "1 while the worker is paused by a fault of the system (privileges, schema, resources, read_only, \
+             shutdown, deterministic), by reason; 0 otherwise.",
+        );
+        let paused = self.paused().map(|p| p.reason);
+        for reason in PauseReason::ALL {
+            let v = u8::from(paused == Some(reason));
+            out.push_str(&format!("chronicle_worker_paused{{{lbl},reason=\"{reason}\"}} {v}\n"));
         }
 
         histogram(
@@ -334,6 +385,7 @@ mod tests {
             "chronicle_rebuild_last_finished_timestamp_seconds",
             "chronicle_rebuild_last_success_timestamp_seconds",
             "chronicle_build_info",
+            "chronicle_worker_paused",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
@@ -355,6 +407,29 @@ mod tests {
         for line in text.lines().filter(|l| !l.starts_with('#')) {
             assert!(line.contains("worker_id="), "{line}");
         }
+    }
+
+    #[test]
+    fn the_paused_gauge_is_one_for_the_reason_and_zero_for_the_others() {
+        let m = Metrics::new("w");
+        let text = m.render();
+        assert!(text.contains("chronicle_worker_paused{worker_id=\"w\",reason=\"privileges\"} 0\n"), "{text}");
+        *m.paused.lock().unwrap() = Some(Paused {
+            reason: PauseReason::Resources,
+            sqlstate: Some("53100".into()),
+            error: "could not extend file \"base/1/2\": No space left on device".into(),
+            during: "completing",
+            since: 1.5,
+        });
+        let text = m.render();
+        assert!(text.contains("chronicle_worker_paused{worker_id=\"w\",reason=\"resources\"} 1\n"), "{text}");
+        let ones = text.lines().filter(|l| l.starts_with("chronicle_worker_paused{") && l.ends_with(" 1")).count();
+        assert_eq!(ones, 1, "{text}");
+        let body: serde_json::Value = serde_json::from_str(&m.paused().unwrap().readyz_body()).unwrap();
+        assert_eq!(body["status"], "paused");
+        assert_eq!(body["reason"], "resources");
+        assert_eq!(body["sqlstate"], "53100");
+        assert!(body["error"].as_str().unwrap().contains("No space left"), "{body}");
     }
 
     #[test]

@@ -7,10 +7,11 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use postgres::error::SqlState;
 use postgres::{Client, Statement};
 use uuid::Uuid;
 
-use crate::db;
+use crate::db::{self, PauseReason};
 use crate::entries;
 use crate::error_reason::ErrorReason;
 use crate::failpoint::{self, Hit};
@@ -19,7 +20,13 @@ use crate::outbox::{self, ClaimRequest, Claimed, Failure, SizeLimits};
 use crate::projection::{self, Entry};
 use crate::retry::{backoff, Jitter};
 
-use super::{panics, pooled, Reconnect, Shared};
+use super::{panics, pooled, read_model, Reconnect, Shared};
+
+/// The steps a pause is met in (`Shared::pause`): a pause met in one ends when that step
+/// succeeds again.
+pub const CLAIMING: &str = "claiming";
+pub const COMPLETING: &str = "completing";
+pub const CHECKING: &str = "checking the read model";
 
 /// What one turn did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -34,6 +41,9 @@ pub struct BatchReport {
     pub lowest_id: Option<i64>,
     /// The floor the turn's claim started from (`ClaimRequest::floor`).
     pub from: i64,
+    /// The batch met a fault of the system: the worker is paused and the rows were given
+    /// back (or will be, `ClaimThread::unsettled`), none judged.
+    pub paused: bool,
 }
 
 /// A claim this thread holds: its rows, held as they came, for its turn to project and
@@ -135,18 +145,50 @@ impl Prepared {
 }
 
 /// The loop of one claim thread: a turn, then sleep when idle (woken by the listener).
+///
+/// On every connection it takes, the thread first compares the read model with what this
+/// version writes (`read_model::differences`): a difference pauses the worker until a
+/// check finds none. A fault of the system met by a turn (`db::PauseReason`) pauses it
+/// too: the thread tries again after a backoff of up to `PAUSE_PROBE_MAX`, each try a
+/// normal turn whose claim is given back while the fault lasts, and the first turn that
+/// settles its batch (or, for a pause met while claiming, claims without error) resumes.
 pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
     let mut thread = ClaimThread::new(shared);
     let mut reconnect = Reconnect::new();
+    let mut probe = Reconnect::new();
     while !shared.stopping() {
         let Some(mut conn) = pooled(shared, pool, "claim") else {
             reconnect.wait(shared);
             continue;
         };
+        match read_model::differences(&mut *conn) {
+            Ok(drift) if drift.is_empty() => {
+                if shared.paused().is_some_and(|p| p.during == CHECKING) {
+                    shared.resume();
+                }
+            }
+            Ok(drift) => {
+                let error =
+                    format!("the read model chronicle_entries is not what this chronicle writes: {}", drift.join("; "));
+                shared.pause(CHECKING, PauseReason::Schema, None, error);
+                drop(conn);
+                probe.wait(shared);
+                continue;
+            }
+            Err(e) => {
+                shared.db_error("while checking the read model", &e);
+                drop(conn);
+                reconnect.wait(shared);
+                continue;
+            }
+        }
         let mut prepared = match Prepared::new(&mut conn) {
             Ok(p) => p,
             Err(e) => {
-                shared.db_error("while preparing the claim statements", &e);
+                match Pause::of(&e).filter(|p| !p.connection_lost) {
+                    Some(p) => shared.pause(CLAIMING, p.reason, p.sqlstate, p.error),
+                    None => shared.db_error("while preparing the claim statements", &e),
+                }
                 drop(conn);
                 reconnect.wait(shared);
                 continue;
@@ -163,9 +205,20 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             let wakeups = shared.wakeups();
             failpoint::check("claim-loop", None);
             match thread.run_once(&mut conn, &mut prepared) {
+                Ok(r) if r.paused => {
+                    shared.db_ok(&mut *conn);
+                    reconnect.reset();
+                    probe.wait(shared);
+                }
                 Ok(r) => {
                     shared.db_ok(&mut *conn);
                     reconnect.reset();
+                    if r.claimed > 0 {
+                        probe.reset();
+                        shared.resume();
+                    } else if shared.paused().is_some_and(|p| p.during == CLAIMING) {
+                        shared.resume();
+                    }
                     if r.claimed == 0 && ClaimFloor::may_be_empty(r.from) {
                         if until_empty && super::settled_for_until_empty(shared, &mut *conn) {
                             return;
@@ -174,13 +227,22 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
                         shared.idle_wait_since(wakeups, shared.cfg.poll_interval);
                     }
                 }
-                Err(e) => {
-                    shared.db_error("while claiming a batch", &e);
-                    if conn.is_closed() || db::is_connection_error(&e) {
-                        break;
+                Err(e) => match Pause::of(&e).filter(|p| !p.connection_lost && !conn.is_closed()) {
+                    // Nothing was claimed (or what was is given back by a later turn): no
+                    // attempt is spent.
+                    Some(p) => {
+                        Metrics::add(&shared.metrics.db_errors, 1);
+                        shared.pause(CLAIMING, p.reason, p.sqlstate, p.error);
+                        probe.wait(shared);
                     }
-                    reconnect.wait(shared);
-                }
+                    None => {
+                        shared.db_error("while claiming a batch", &e);
+                        if conn.is_closed() || db::is_connection_error(&e) {
+                            break;
+                        }
+                        reconnect.wait(shared);
+                    }
+                },
             }
         }
         drop(conn);
@@ -188,12 +250,49 @@ pub fn claim_loop(shared: &Shared, pool: &db::Pool, until_empty: bool) {
             reconnect.wait(shared);
         }
     }
-    // Stopping: a batch the last completion claimed is given back, on any connection.
-    if thread.carried.is_some() {
+    // Stopping: a batch the last completion claimed is given back, on any connection, and
+    // so are the rows of a pause not given back yet.
+    if thread.carried.is_some() || thread.unsettled.is_some() {
         if let Some(mut conn) = pooled(shared, pool, "claim") {
             thread.release_carried(&mut conn);
+            if let Some((token, ids)) = thread.unsettled.take() {
+                release_on_shutdown(&mut conn, &ids, token);
+            }
         }
     }
+}
+
+/// A fault of the system met by a batch (`db::PauseReason`): the worker pauses.
+#[derive(Debug, Clone)]
+struct Pause {
+    reason: PauseReason,
+    sqlstate: Option<String>,
+    error: String,
+    /// The error ended the connection (a server shutting down, `57P0x`): the rows are
+    /// given back on the next one, and the worker reports the database unreachable rather
+    /// than paused.
+    connection_lost: bool,
+}
+
+impl Pause {
+    fn of(e: &postgres::Error) -> Option<Pause> {
+        db::pause_reason(e).map(|reason| Pause {
+            reason,
+            sqlstate: e.code().map(|c| c.code().to_string()),
+            error: db::describe_error(e),
+            connection_lost: db::is_connection_error(e),
+        })
+    }
+}
+
+/// How a completion ended.
+enum Settle {
+    /// Committed: the rows done or failed, and the next batch when it was chained.
+    Done(Completed, Option<Vec<postgres::Row>>),
+    /// A fault of the system: nothing committed, nothing judged.
+    Pause(Pause),
+    /// Any other database error: the rows are retried with backoff.
+    Failed(postgres::Error),
 }
 
 /// One claim thread's state from turn to turn, and its turn (`run_once`) in three steps:
@@ -209,6 +308,10 @@ pub struct ClaimThread<'a> {
     /// A batch claimed by the last completion, kept across a reconnection: its rows are
     /// fenced on its token, not on a connection.
     carried: Option<Carried>,
+    /// The rows (and claim token) of a batch a pause could not give back yet (the
+    /// connection was lost, or the release failed too): given back before the next claim.
+    /// Fenced on the token: rows reclaimed meanwhile are left alone.
+    unsettled: Option<(Uuid, Vec<i64>)>,
 }
 
 impl<'a> ClaimThread<'a> {
@@ -219,6 +322,7 @@ impl<'a> ClaimThread<'a> {
             suspects_first: false,
             floor: ClaimFloor::default(),
             carried: None,
+            unsettled: None,
         }
     }
 
@@ -232,6 +336,15 @@ impl<'a> ClaimThread<'a> {
     /// was claimed is returned; once rows are claimed, every outcome is handled here (done,
     /// failed, retried, released, or left for the reclaim loop if the connection is gone).
     pub fn run_once(&mut self, conn: &mut Client, prepared: &mut Prepared) -> Result<BatchReport, postgres::Error> {
+        if let Some((token, ids)) = self.unsettled.take() {
+            match outbox::release_claim(conn, &ids, token) {
+                Ok(n) => log::debug!("gave back {n} row(s) of a paused batch"),
+                Err(e) => {
+                    self.unsettled = Some((token, ids));
+                    return Err(e);
+                }
+            }
+        }
         let Carried { token, started, from, rows } = self.claim(conn, prepared)?;
         let projected = match self.project(rows) {
             Ok(p) => p,
@@ -256,7 +369,7 @@ impl<'a> ClaimThread<'a> {
             }
         }
         hold(self.shared, token, false);
-        if report.claimed == 0 {
+        if report.claimed == 0 || report.paused {
             return Ok(report);
         }
         let m = &self.shared.metrics;
@@ -355,25 +468,44 @@ impl<'a> ClaimThread<'a> {
                 Err(f) => failures.push(f),
             }
         }
-        let result = complete(conn, prepared, &ok, &failures, token, backlog, chain.as_ref()).or_else(|e| {
-            if db::is_transient(&e) {
-                Err(e)
-            } else {
+        let pause_code = shared.paused().and_then(|p| p.sqlstate);
+        let settle = match complete(conn, prepared, &ok, &failures, token, backlog, chain.as_ref()) {
+            Ok((c, next)) => Settle::Done(c, next),
+            Err(e) => match Pause::of(&e) {
+                Some(p) => Settle::Pause(p),
+                None if db::is_transient(&e) => Settle::Failed(e),
                 // A deterministic database error on the batch: find the entries the read
-                // model refuses, one savepoint each, and fail only those.
-                complete_isolating(conn, &ok, &failures, token).map(|c| (c, None))
-            }
-        });
-        let result = result.map(|(c, next)| {
-            match next {
-                Some(rows) if !rows.is_empty() => {
-                    self.carried = Some(Carried { token: next_token, started: Instant::now(), from: next_from, rows })
+                // model refuses, one savepoint each, and fail only those, unless it
+                // refuses them all alike (`refused_alike`).
+                None => match complete_isolating(conn, &ok, &failures, token, pause_code.as_deref()) {
+                    Ok(Isolated::Settled(c)) => Settle::Done(c, None),
+                    Ok(Isolated::RefusedAlike(p)) => Settle::Pause(p),
+                    Err(e) => Pause::of(&e).map_or(Settle::Failed(e), Settle::Pause),
+                },
+            },
+        };
+        let result = match settle {
+            Settle::Done(c, next) => {
+                match next {
+                    Some(rows) if !rows.is_empty() => {
+                        self.carried =
+                            Some(Carried { token: next_token, started: Instant::now(), from: next_from, rows })
+                    }
+                    Some(_) => self.floor.record(next_from, 0, None, cfg.batch_size, Instant::now()),
+                    None => {}
                 }
-                Some(_) => self.floor.record(next_from, 0, None, cfg.batch_size, Instant::now()),
-                None => {}
+                Ok(c)
             }
-            c
-        });
+            Settle::Pause(p) => {
+                // The chained claim rolled back with the completion: it holds nothing.
+                if chain.is_some() {
+                    hold(shared, next_token, false);
+                }
+                let ids: Vec<i64> = held.iter().map(|(id, _)| *id).collect();
+                return self.pause_batch(conn, token, ids, p, report);
+            }
+            Settle::Failed(e) => Err(e),
+        };
         if chain.is_some() && self.carried.is_none() {
             hold(shared, next_token, false);
         }
@@ -427,6 +559,43 @@ impl<'a> ClaimThread<'a> {
             }
         }
         Ok(())
+    }
+
+    /// A batch met a fault of the system (`Pause`): the worker pauses (unless the fault
+    /// ended the connection: the database is then reported unreachable), and the rows are
+    /// given back with their attempt (`outbox::release_claim`): no event is judged and no
+    /// attempt spent. Rows that cannot be given back now are kept (`unsettled`) for the
+    /// next turn; an error is returned only when the connection is gone.
+    fn pause_batch(
+        &mut self,
+        conn: &mut Client,
+        token: Uuid,
+        ids: Vec<i64>,
+        p: Pause,
+        report: &mut BatchReport,
+    ) -> Result<(), postgres::Error> {
+        let shared = self.shared;
+        Metrics::add(&shared.metrics.db_errors, 1);
+        if !p.connection_lost {
+            shared.pause(COMPLETING, p.reason, p.sqlstate, p.error);
+            report.paused = true;
+        }
+        match outbox::release_claim(conn, &ids, token) {
+            Ok(n) => {
+                report.released = n;
+                report.lease_lost = ids.len() as u64 - n;
+                Ok(())
+            }
+            Err(e) => {
+                log::debug!("could not give back a paused batch now: {}", db::describe_error(&e));
+                self.unsettled = Some((token, ids));
+                report.paused = true;
+                if conn.is_closed() || db::is_connection_error(&e) {
+                    return Err(e);
+                }
+                Ok(())
+            }
+        }
     }
 
     /// On shutdown: gives back a batch claimed by the last completion and not yet
@@ -614,23 +783,36 @@ fn complete(
     })
 }
 
+/// What the isolating completion found.
+enum Isolated {
+    /// Committed: the entries written, those refused failed alone.
+    Settled(Completed),
+    /// Every entry was refused alike (`refused_alike`): nothing committed, the worker
+    /// pauses.
+    RefusedAlike(Pause),
+}
+
 /// The completion after a deterministic database error: the rows this claim still holds
 /// are locked first (`outbox::lock_held`), so none is reclaimed before it is settled and
 /// none lost meanwhile gets an entry; then each of their entries in its own savepoint:
 /// those the read model refuses fail with `rejected_by_read_model`, the rest are done, and
 /// the deterministic failures among them fail. The rows lost are left to their new holder.
-/// Costs a round trip per entry, only on this rare path.
+/// When the read model refuses every entry alike (`refused_alike`), nothing is committed
+/// and the worker pauses instead: the read model is at fault, not the events. Costs a
+/// round trip per entry, only on this rare path.
 fn complete_isolating(
     conn: &mut Client,
     ok: &[(i64, Entry)],
     failures: &[Failure],
     token: Uuid,
-) -> Result<Completed, postgres::Error> {
+    paused_code: Option<&str>,
+) -> Result<Isolated, postgres::Error> {
     let mut tx = conn.transaction()?;
     let claimed: Vec<i64> = ok.iter().map(|(id, _)| *id).chain(failures.iter().map(|f| f.outbox_id)).collect();
     let held = outbox::lock_held(&mut tx, &claimed, token)?;
     let mut written = Vec::new();
     let mut rejected = Vec::new();
+    let mut refusals = Vec::new();
     for (id, entry) in ok.iter().filter(|(id, _)| held.contains(id)) {
         let mut sp = tx.savepoint("entry")?;
         match entries::upsert_entries(&mut sp, &[entry]) {
@@ -640,6 +822,9 @@ fn complete_isolating(
             }
             Err(e) if !db::is_transient(&e) => {
                 drop(sp);
+                if let Some(code) = e.code() {
+                    refusals.push(code.clone());
+                }
                 rejected.push(Failure {
                     outbox_id: *id,
                     error_reason: ErrorReason::RejectedByReadModel,
@@ -649,6 +834,26 @@ fn complete_isolating(
             Err(e) => return Err(e),
         }
     }
+    if written.is_empty() && refusals.len() == rejected.len() {
+        if let Some(code) = refused_alike(&refusals, paused_code) {
+            let first = rejected.first().map(|f| f.error.clone()).unwrap_or_default();
+            let summary = format!("every entry of a batch of {} was refused alike: {first}", rejected.len());
+            let drift = read_model::differences(&mut tx)?;
+            let pause = if !drift.is_empty() {
+                Some((PauseReason::Schema, format!("{summary}; the read model differs: {}", drift.join("; "))))
+            } else if db::says_nothing_of_the_value(&code) || paused_code == Some(code.code()) {
+                Some((PauseReason::Deterministic, summary))
+            } else {
+                None
+            };
+            if let Some((reason, error)) = pause {
+                // Dropped unsettled: rolled back, nothing judged.
+                drop(tx);
+                let sqlstate = Some(code.code().to_string());
+                return Ok(Isolated::RefusedAlike(Pause { reason, sqlstate, error, connection_lost: false }));
+            }
+        }
+    }
     // Locked above: every row written is still held, and marked.
     let marked = outbox::mark_done(&mut tx, &written, token)?;
     let done: HashSet<i64> = marked.iter().map(|d| d.outbox_id).collect();
@@ -656,7 +861,23 @@ fn complete_isolating(
         failures.iter().filter(|f| held.contains(&f.outbox_id)).chain(&rejected).cloned().collect();
     let failed_reasons = outbox::mark_failed(&mut tx, &all_failures, token)?;
     tx.commit()?;
-    Ok(Completed { done, latencies: latencies(&marked), failed_reasons, rejected })
+    Ok(Isolated::Settled(Completed { done, latencies: latencies(&marked), failed_reasons, rejected }))
+}
+
+/// Whether the read model's refusals of every entry of a batch (`codes`, one per entry)
+/// say that the system is at fault rather than the events: the same SQLSTATE for each of
+/// more than one entry, or, for a batch of one, the SQLSTATE the worker is already paused
+/// for (one entry alone cannot tell a bad event from a bad table; while paused for that
+/// error, it tells nothing new). Returns that SQLSTATE. The caller then pauses when the
+/// read model differs from what this version writes, or when the code judges no value
+/// (`db::says_nothing_of_the_value`): a run of events that each carry a bad value (class
+/// 22, 23) into a read model that is as this version expects fails one by one.
+fn refused_alike(codes: &[SqlState], paused_code: Option<&str>) -> Option<SqlState> {
+    let first = codes.first()?;
+    if codes.iter().any(|c| c != first) {
+        return None;
+    }
+    (codes.len() > 1 || paused_code == Some(first.code())).then(|| first.clone())
 }
 
 #[cfg(test)]
@@ -688,6 +909,18 @@ mod tests {
         assert_eq!(f.next(t0 + ClaimFloor::FULL_SCAN_EVERY), 0, "a second since the last claim from 0");
         f.record(0, 50, Some(20), 50, t0 + ClaimFloor::FULL_SCAN_EVERY);
         assert_eq!(f.next(t0 + Duration::from_millis(1500)), 20, "the second counts from the last claim from 0");
+    }
+
+    #[test]
+    fn a_batch_is_refused_alike_only_by_one_code_for_more_than_one_entry() {
+        let code = |c: &str| SqlState::from_code(c);
+        let alike = [code("42804"), code("42804"), code("42804")];
+        assert_eq!(refused_alike(&alike, None), Some(code("42804")));
+        assert_eq!(refused_alike(&[code("42804"), code("23514")], None), None, "two kinds: each entry's own");
+        assert_eq!(refused_alike(&[code("22001")], None), None, "a batch of one cannot tell");
+        assert_eq!(refused_alike(&[code("22001")], Some("22001")), Some(code("22001")), "paused for it already");
+        assert_eq!(refused_alike(&[code("22001")], Some("42501")), None);
+        assert_eq!(refused_alike(&[], None), None);
     }
 
     #[test]

@@ -19,6 +19,7 @@
 
 pub mod claim;
 pub mod panics;
+pub mod read_model;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -35,7 +36,7 @@ use crate::db::{self, migrate};
 use crate::error::{AppError, Result};
 use crate::error_reason::ErrorReason;
 use crate::failpoint;
-use crate::metrics::{http, Metrics};
+use crate::metrics::{http, Metrics, Paused};
 use crate::outbox::{self, Analyze};
 
 use panics::ThreadPanic;
@@ -230,6 +231,39 @@ impl Shared {
         }
     }
 
+    /// Pauses the worker for a fault of the system (`db::PauseReason`), met `during` a step
+    /// (`"claiming"`, `"completing"`, `"checking the read model"`): `/readyz` answers 503
+    /// with the reason, `chronicle_worker_paused` says it, and the claim threads give back
+    /// what they claimed and try again with backoff (`claim::claim_loop`). One ERROR line
+    /// when the worker pauses or the reason changes, none while it stays paused for it.
+    pub fn pause(&self, during: &'static str, reason: db::PauseReason, sqlstate: Option<String>, error: String) {
+        let Ok(mut slot) = self.metrics.paused.lock() else { return };
+        if slot.as_ref().is_some_and(|p| p.reason == reason && p.sqlstate == sqlstate) {
+            return;
+        }
+        log::error!(
+            "paused ({reason}) while {during}: {error}; no event is failed and no attempt spent for it: claims are \
+             given back, and the worker tries again with backoff (at most every {:?}) and resumes by itself once \
+             the cause is gone",
+            PAUSE_PROBE_MAX
+        );
+        let since = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        *slot = Some(Paused { reason, sqlstate, error, during, since });
+    }
+
+    /// Why the worker is paused, if it is.
+    pub fn paused(&self) -> Option<Paused> {
+        self.metrics.paused()
+    }
+
+    /// Ends a pause (a batch completed, or the step that paused the worker succeeded):
+    /// one line, with how long it lasted.
+    pub fn resume(&self) {
+        let Some(p) = self.metrics.paused.lock().ok().and_then(|mut s| s.take()) else { return };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+        log::info!("resumed: the cause of the pause ({}) is gone after {:.1} s", p.reason, (now - p.since).max(0.0));
+    }
+
     /// Records that the database answered on `conn`. The first time, and when it answers
     /// again after it was lost, says which server answered (one query): a reconnection is
     /// counted, and logged as a switch when another server answers than before.
@@ -304,6 +338,9 @@ thread_local! {
     /// (`Shared::idle_wait_since`).
     static ANSWERED_AT: std::cell::Cell<Option<(Instant, u64)>> = const { std::cell::Cell::new(None) };
 }
+
+/// The longest a paused claim thread waits before it tries again.
+pub const PAUSE_PROBE_MAX: Duration = Duration::from_secs(5);
 
 /// Backoff for reconnect loops: 100 ms doubling to 5 s.
 pub struct Reconnect(Duration);
@@ -521,6 +558,16 @@ fn wait_for_schema(shared: &Shared, started: Instant, bounded: bool) -> Result<b
                         st.pending.len(),
                         st.pending[0].version,
                         st.pending[0].name
+                    )));
+                }
+                let drift = read_model::differences(&mut client)
+                    .map_err(|e| AppError::db("while checking the read model chronicle_entries", e))?;
+                if !drift.is_empty() {
+                    return Err(AppError::failed(format!(
+                        "the read model chronicle_entries is not what this chronicle writes (docs/DESIGN.md §2):\n  - \
+                         {}\nrestore it (`chronicle migrate --status` lists the migrations) or run the chronicle \
+                         that matches it",
+                        drift.join("\n  - ")
                     )));
                 }
                 shared.ready.store(true, Ordering::Relaxed);
