@@ -925,8 +925,9 @@ fn log_exit(shared: &Shared, pool: &db::Pool) {
         _ => String::new(),
     };
     let (pool, max_processing) = (pool.clone(), shared.cfg.max_processing);
-    // Not asked of a database that was not answering when the worker stopped.
-    let answers = shared.ready.load(Ordering::Relaxed);
+    // Not asked of a database that was not answering when the worker stopped (readiness is
+    // no guide: it ends with the stop).
+    let answers = !shared.db_down.load(Ordering::SeqCst);
     let backlog = answers
         .then(|| {
             within(Duration::from_secs(3), move || match pool.get_timeout(Duration::from_secs(2)) {
@@ -960,6 +961,7 @@ fn shutdown(shared: &Shared, pool: &db::Pool, claimers: Vec<JoinHandle<()>>, ser
     let mut finished = wait_finished(&claimers, Instant::now() + SHUTDOWN_PROBE_AFTER.min(grace));
     if !finished && !database_answers(shared, pool) {
         shared.ready.store(false, Ordering::Relaxed);
+        shared.db_down.store(true, Ordering::SeqCst);
         log::warn!(
             "the database does not answer: not waiting for in-flight batches (their rows return to pending \
              when their lease runs out)"
