@@ -871,3 +871,105 @@ fn a_worker_marks_a_rebuild_that_died() {
     assert!(row["finished_at"].is_string() && row["success"] == false, "{row}");
     assert_eq!(row["rerun"], "chronicle rebuild --truncate", "{row}");
 }
+
+/// A throwaway cluster, stopped when the test ends (pass or fail).
+#[cfg(unix)]
+struct OwnCluster(crate::util::Cluster);
+
+#[cfg(unix)]
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = self.0.pg_ctl(&["stop", "-m", "immediate"]);
+    }
+}
+
+/// The server restarts under a rebuild, in each mode, while the command is held at a fail
+/// point: `status` shows the run `running` while its session holds the rebuild lock, and
+/// `died` once the restart has ended that session, though the process itself still lives.
+/// An interrupted `--truncate --emit-outbox` emptied nothing. Running the command again
+/// cleans up and ends with a read model `verify` finds exact.
+#[cfg(unix)]
+#[test]
+fn a_server_restart_under_a_rebuild_leaves_it_died_and_running_it_again_ends_exact() {
+    let cluster = OwnCluster(
+        crate::util::Cluster::start(&["fsync=off"]).unwrap_or_else(|e| panic!("starting a throwaway cluster: {e}")),
+    );
+    let db = TestDb::empty_on(&cluster.0.server);
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let r = run(&mut db.chronicle(&["inject", "--count", "1200", "--libraries", "3", "--seed", "5"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let log = cluster.0.dir.join("log").display().to_string();
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&[], "rebuild-batch", "1*off->return(stall)"),
+        (&["--truncate"], "rebuild-after-truncate", "return(stall)"),
+        (&["--truncate", "--emit-outbox"], "rebuild-enqueued", "return(stall)"),
+        (&["--emit-outbox"], "rebuild-enqueued", "return(stall)"),
+        (&["--swap"], "rebuild-batch", "1*off->return(stall)"),
+        (&["--swap"], "swap-before-swap", "return(stall)"),
+    ];
+    for (n, (flags, point, action)) in cases.iter().enumerate() {
+        let name = format!("{} at {point}", if flags.is_empty() { "direct".to_string() } else { flags.join(" ") });
+        let mut c = db.client();
+        let entries_before = count(&mut c, "SELECT count(*) FROM chronicle_entries");
+        let stderr_path = cluster.0.dir.join(format!("rebuild-{n}.stderr"));
+        let mut child = rebuild_cmd(&db, flags)
+            .env("FAILPOINTS", format!("{point}={action}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .expect("starting chronicle rebuild");
+        crate::util::wait_until(
+            Duration::from_secs(60),
+            &format!("{name}: the rebuild to reach its fail point"),
+            || std::fs::read_to_string(&stderr_path).unwrap_or_default().contains("stalling until killed"),
+        );
+        let died_run = count(&mut c, "SELECT max(id) FROM chronicle_rebuild_runs");
+        if flags.contains(&"--truncate") && *point == "rebuild-enqueued" {
+            // Held before its commit, the run holds the read model's lock (the TRUNCATE),
+            // which status's count of entries would wait for: the run's session is seen
+            // holding the rebuild lock instead.
+            let holds = count(
+                &mut c,
+                &format!(
+                    "SELECT count(*) FROM pg_locks l JOIN chronicle_rebuild_runs r ON l.pid = r.backend_pid
+                     WHERE r.id = {died_run} AND l.locktype = 'advisory' AND l.granted"
+                ),
+            );
+            assert_eq!(holds, 1, "{name}: the run's session holds the rebuild lock");
+        } else {
+            let (row, _) = last_rebuild(&db);
+            assert_eq!((row["id"].as_i64(), row["state"].as_str()), (Some(died_run), Some("running")), "{name}: {row}");
+        }
+        drop(c);
+
+        let mode = if n % 2 == 0 { "fast" } else { "immediate" };
+        let out = cluster.0.pg_ctl(&["restart", "-m", mode, "-w", "-t", "60", "-l", &log]);
+        assert!(out.status.success(), "{name}: pg_ctl restart failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(child.try_wait().unwrap().is_none(), "{name}: the command still lives, held at its fail point");
+        let (row, _) = last_rebuild(&db);
+        assert_eq!((row["id"].as_i64(), row["state"].as_str()), (Some(died_run), Some("died")), "{name}: {row}");
+        let _ = child.kill();
+        let _ = child.wait();
+
+        let mut c = db.client();
+        if *point == "rebuild-enqueued" {
+            assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), entries_before, "{name}");
+            assert_eq!(
+                count(
+                    &mut c,
+                    &format!("SELECT count(*) FROM chronicle_outbox_events WHERE rebuild_run_id = {died_run}")
+                ),
+                0,
+                "{name}: nothing queued"
+            );
+        }
+        let leaves = flags.contains(&"--swap").then_some("chronicle_entries_rebuild");
+        if let Some(table) = leaves {
+            assert!(table_exists(&mut c, table), "{name}: leaves {table}");
+        }
+        rerun_after_died(&db, &mut c, died_run, flags, leaves, &name);
+    }
+}
