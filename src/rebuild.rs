@@ -258,11 +258,11 @@ fn clean_up_after_died_runs(client: &mut Client) -> Result<Vec<String>> {
             (r.try_get(0).map_err(ctx)?, r.try_get(1).map_err(ctx)?, r.try_get(2).map_err(ctx)?);
         let what = match mode.as_str() {
             "direct" | "truncate" => "the read model it was rewriting may miss entries or hold stale ones",
-            "swap" => "the read model it was replacing was left as it was",
+            "swap" => "the read model serving stayed whole: the old one, or the new one if it had swapped",
             _ => "it had queued nothing",
         };
         done.push(format!(
-            "rebuild run #{id} ({mode}) had died before it finished: marked died ({what}; `{}` does its work again)",
+            "rebuild run #{id} ({mode}) had died before it finished: marked died ({what}; its command: `{}`)",
             rerun_command(&mode, library)
         ));
     }
