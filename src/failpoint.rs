@@ -7,7 +7,11 @@
 //! transaction). One more in the turn of each of the worker's other threads, where a panic
 //! stops the whole worker: `claim-loop` (a claim thread's turn, outside the projection),
 //! `reclaim`, `analyze`, `lease-keeper`, `gauges`, `rebuild-runs`, `prune`, `listener` and
-//! `metrics` (the metrics endpoint's thread).
+//! `metrics` (the metrics endpoint's thread). In `chronicle rebuild`: `rebuild-after-truncate`
+//! (`--truncate`, the entries emptied, none written yet), `rebuild-batch` (after each batch
+//! of entries written), `rebuild-enqueued` (`--emit-outbox`, its transaction not committed
+//! yet), `swap-before-swap` (the shadow table loaded, the swap not begun) and
+//! `swap-after-swap` (swapped, the old table not dropped yet).
 //!
 //! The environment variable `FAILPOINTS` (the `fail` crate's syntax) configures them in a
 //! process, e.g. `FAILPOINTS='project=return(abort@crash_me)'` or

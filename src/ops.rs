@@ -53,6 +53,12 @@ pub struct RebuildRun {
     pub failures_by_reason: Value,
     pub success: Option<bool>,
     pub error: Option<String>,
+    /// `running`, `queued` (`--emit-outbox`: waiting for its deliveries), `succeeded`,
+    /// `failed`, `died` (its process is gone: it no longer holds the rebuild lock), or
+    /// `unknown` (unfinished, read on a standby, which cannot see the primary's locks).
+    pub state: String,
+    /// For a run that died: the command that does its work again.
+    pub rerun: Option<String>,
     /// For a run through the outbox (`--emit-outbox`): when its deliveries were queued,
     /// and where they stand. The run is finished when none is waiting any more.
     pub deliveries: Option<RunDeliveries>,
@@ -192,11 +198,15 @@ pub const STATUS_FAILED_BY_REASON: &str = concat!(
     ORDER BY r.n DESC, r.error_reason"
 );
 
-/// The latest rebuild run (running or finished).
-pub const STATUS_LAST_REBUILD: &str = "
+/// The latest rebuild run (running or finished), with its state (`$1`: the rebuild
+/// lock's key, see `rebuild::RUN_STATE`).
+pub const STATUS_LAST_REBUILD: &str = concat!(
+    "
     SELECT r.id, r.mode, r.library_id, r.started_at, r.finished_at, r.events_total, r.rows_written, r.failures,
            r.failures_by_reason, r.success, r.error, r.queued_at, r.deliveries_queued,
-           d.done, d.failed, d.waiting
+           d.done, d.failed, d.waiting, ",
+    crate::rebuild::rebuild_run_state!(),
+    "
     FROM chronicle_rebuild_runs r
     LEFT JOIN LATERAL (
         SELECT count(*) FILTER (WHERE o.status = 'done') AS done,
@@ -205,7 +215,8 @@ pub const STATUS_LAST_REBUILD: &str = "
         FROM chronicle_outbox_events o WHERE r.queued_at IS NOT NULL AND o.rebuild_run_id = r.id
     ) d ON true
     ORDER BY r.started_at DESC, r.id DESC
-    LIMIT 1";
+    LIMIT 1"
+);
 
 /// Reads the whole status in one snapshot.
 /// One library that has events, for `chronicle libraries`.
@@ -313,9 +324,14 @@ pub fn status(client: &mut Client, max_processing: Duration, mode: CountMode) ->
             Ok(FailedReason { error_reason: r.try_get(0)?, count: r.try_get(1)?, example_event_id: r.try_get(2)? })
         })
         .collect::<Result<Vec<_>, postgres::Error>>()?;
-    let last_rebuild = match tx.query_opt(STATUS_LAST_REBUILD, &[])? {
+    let last_rebuild = match tx.query_opt(STATUS_LAST_REBUILD, &[&crate::rebuild::REBUILD_LOCK_KEY])? {
         None => None,
         Some(r) => Some(RebuildRun {
+            state: r.try_get(16)?,
+            rerun: match r.try_get::<_, String>(16)?.as_str() {
+                "died" => Some(crate::rebuild::rerun_command(&r.try_get::<_, String>(1)?, r.try_get(2)?)),
+                _ => None,
+            },
             id: r.try_get(0)?,
             mode: r.try_get(1)?,
             library_id: r.try_get(2)?,

@@ -94,6 +94,8 @@ pub struct Report {
     pub queued: Option<Queued>,
     /// Failed deliveries closed (`done`) because this run wrote their event's entry.
     pub failures_resolved: u64,
+    /// What this run found left by runs that died, and cleaned up (in words).
+    pub cleaned_up: Vec<String>,
     /// The events this run could not project (`--swap` does not read them again when it
     /// catches up).
     pub failed_events: HashSet<Uuid>,
@@ -164,9 +166,122 @@ pub struct Progress {
 /// from running during a rebuild, which could write back an erased event's entry).
 pub const REBUILD_LOCK_KEY: i64 = 0x6368_726f_6e72_6231;
 
+/// The run holds the rebuild lock in the session that records it (`backend_pid`) for as
+/// long as it runs: that is how a run that died is told from one that runs.
 const START_RUN: &str = "
-    INSERT INTO chronicle_rebuild_runs (mode, library_id, started_by) VALUES ($1, $2, $3)
+    INSERT INTO chronicle_rebuild_runs (mode, library_id, started_by, backend_pid)
+    VALUES ($1, $2, $3, pg_backend_pid())
     RETURNING id";
+
+/// SQL true when the rebuild run `r` is still running: the session that recorded it
+/// (`r.backend_pid`; any session for a run recorded before that column) still holds the
+/// rebuild lock (`$1`) in this database. `pg_locks` shows a bigint advisory key as
+/// (classid, objid), its high and low 32 bits, with objsubid 1. The session asking is left
+/// out: a rebuild asks while holding the lock itself. A session's locks end with it (its
+/// process ended, lost its connection, or the server restarted).
+macro_rules! rebuild_run_is_live {
+    () => {
+        "EXISTS (SELECT 1 FROM pg_locks l
+                 WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+                   AND ((l.classid::bigint << 32) | l.objid::bigint) = $1::bigint
+                   AND l.database = (SELECT d.oid FROM pg_database d WHERE d.datname = current_database())
+                   AND l.pid <> pg_backend_pid()
+                   AND (r.backend_pid IS NULL OR l.pid = r.backend_pid))"
+    };
+}
+
+/// Marks the runs that died (unfinished, nothing queued, not running: see `rebuild_run_is_live`)
+/// finished and not successful, their `error` starting with "died:". Returns each one's
+/// id, mode and library. `$1`: the rebuild lock's key.
+pub const MARK_DIED_RUNS: &str = concat!(
+    "
+    UPDATE chronicle_rebuild_runs r
+    SET finished_at = now(), success = false,
+        error = concat_ws('; ', 'died: its process ended, or lost its database session (a server \
+                   restart), before the run finished; what it wrote stays written, what it did not was not done', r.error)
+    WHERE r.finished_at IS NULL AND r.queued_at IS NULL AND NOT ",
+    rebuild_run_is_live!(),
+    "
+    RETURNING r.id, r.mode, r.library_id"
+);
+
+/// The state of rebuild run `r` as `status` shows it: `succeeded`, `failed`, `died`,
+/// `queued` (an `--emit-outbox` run waiting for its deliveries), `running`, or `unknown`
+/// (unfinished, read on a standby, which cannot see the primary's locks). `$1`: the
+/// rebuild lock's key.
+macro_rules! rebuild_run_state {
+    () => {
+        concat!(
+            "CASE WHEN r.finished_at IS NOT NULL THEN
+              CASE WHEN r.success THEN 'succeeded' WHEN r.error LIKE 'died:%' THEN 'died' ELSE 'failed' END
+          WHEN r.queued_at IS NOT NULL THEN 'queued'
+          WHEN pg_is_in_recovery() THEN 'unknown'
+          WHEN ",
+            $crate::rebuild::rebuild_run_is_live!(),
+            " THEN 'running'
+          ELSE 'died' END"
+        )
+    };
+}
+pub(crate) use {rebuild_run_is_live, rebuild_run_state};
+
+/// The tables a `--swap` that died leaves behind: its shadow (before the swap), or the
+/// replaced read model (between the swap and its drop).
+const SELECT_LEFTOVER_TABLES: &str = "
+    SELECT t FROM unnest(ARRAY['chronicle_entries_rebuild', 'chronicle_entries_replaced']) t
+    WHERE to_regclass(t) IS NOT NULL";
+
+/// The command that does again what a run of `mode` (over `library`) set out to do.
+pub fn rerun_command(mode: &str, library: Option<Uuid>) -> String {
+    let flags = match mode {
+        "truncate" => " --truncate",
+        "emit-outbox" => " --emit-outbox",
+        "truncate+emit-outbox" => " --truncate --emit-outbox",
+        "swap" => " --swap",
+        _ => "",
+    };
+    let scope = library.map(|l| format!(" --library-id {l}")).unwrap_or_default();
+    format!("chronicle rebuild{flags}{scope}")
+}
+
+/// Under the rebuild lock, before a run starts: marks the runs that died (no rebuild can
+/// be running but this one) and drops what a `--swap` that died left behind. Returns what
+/// it did, in words.
+fn clean_up_after_died_runs(client: &mut Client) -> Result<Vec<String>> {
+    let mut done = Vec::new();
+    let died = client
+        .query(MARK_DIED_RUNS, &[&REBUILD_LOCK_KEY])
+        .map_err(|e| AppError::db("while marking the rebuild runs that died", e))?;
+    for r in &died {
+        let ctx = |e| AppError::db("while marking the rebuild runs that died", e);
+        let (id, mode, library): (i64, String, Option<Uuid>) =
+            (r.try_get(0).map_err(ctx)?, r.try_get(1).map_err(ctx)?, r.try_get(2).map_err(ctx)?);
+        let what = match mode.as_str() {
+            "direct" | "truncate" => "the read model it was rewriting may miss entries or hold stale ones",
+            "swap" => "the read model serving stayed whole: the old one, or the new one if it had swapped",
+            _ => "it had queued nothing",
+        };
+        done.push(format!(
+            "rebuild run #{id} ({mode}) had died before it finished: marked died ({what}; its command: `{}`)",
+            rerun_command(&mode, library)
+        ));
+    }
+    let leftovers = client
+        .query(SELECT_LEFTOVER_TABLES, &[])
+        .map_err(|e| AppError::db("while looking for the tables of a --swap that died", e))?;
+    for r in &leftovers {
+        let table: String = r.try_get(0).map_err(|e| AppError::db("while looking for a --swap's tables", e))?;
+        // A name from the fixed list above, never input.
+        client
+            .batch_execute(&format!("DROP TABLE IF EXISTS {table}"))
+            .map_err(|e| AppError::db(&format!("while dropping {table}, left by a --swap that died"), e))?;
+        done.push(format!("dropped {table}, left behind by a --swap that died"));
+    }
+    for line in &done {
+        log::warn!("rebuild: {line}");
+    }
+    Ok(done)
+}
 
 const FINISH_RUN: &str = "
     UPDATE chronicle_rebuild_runs
@@ -228,8 +343,17 @@ const FINISH_QUEUED_RUNS: &str = "
 
 /// Closes the `--emit-outbox` runs whose deliveries are all done or failed (see
 /// `FINISH_QUEUED_RUNS`); returns how many. The worker calls it as it samples its gauges.
+/// It also marks the runs that died (`MARK_DIED_RUNS`), and counts them with the others.
 pub fn finish_queued_runs(client: &mut impl GenericClient) -> Result<u64, postgres::Error> {
-    Ok(client.query(FINISH_QUEUED_RUNS, &[])?.len() as u64)
+    let queued = client.query(FINISH_QUEUED_RUNS, &[])?.len() as u64;
+    let died = client.query(MARK_DIED_RUNS, &[&REBUILD_LOCK_KEY])?;
+    for r in &died {
+        log::warn!(
+            "rebuild run #{} had died before it finished (its session no longer holds the rebuild lock): marked died",
+            r.try_get::<_, i64>(0)?
+        );
+    }
+    Ok(queued + died.len() as u64)
 }
 
 const COUNT_EVENTS: &str = "SELECT count(*) FROM chronicle_events WHERE ($1::uuid IS NULL OR library_id = $1)";
@@ -249,27 +373,29 @@ pub fn rebuild(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Pro
     if !locked {
         return Err(AppError::failed("another rebuild is running on this database; wait for it to finish"));
     }
-    let result = run_locked(client, opts, progress);
+    let result = clean_up_after_died_runs(client).and_then(|cleaned| run_locked(client, opts, cleaned, progress));
     let _ = client.execute("SELECT pg_advisory_unlock($1)", &[&REBUILD_LOCK_KEY]);
     result
 }
 
-fn run_locked(client: &mut Client, opts: &Options, progress: &mut dyn FnMut(Progress)) -> Result<Report> {
+fn run_locked(
+    client: &mut Client,
+    opts: &Options,
+    cleaned_up: Vec<String>,
+    progress: &mut dyn FnMut(Progress),
+) -> Result<Report> {
     let started = Instant::now();
     let run_id: i64 = client
         .query_one(START_RUN, &[&opts.mode.name(), &opts.library_id, &opts.started_by])
         .and_then(|r| r.try_get(0))
         .map_err(|e| AppError::db("while recording the rebuild run", e))?;
-    let mut report = Report { run_id, mode: opts.mode.name(), ..Default::default() };
+    let mut report = Report { run_id, mode: opts.mode.name(), cleaned_up, ..Default::default() };
     let outcome = run_mode(client, opts, &mut report, started, progress);
     report.seconds = started.elapsed().as_secs_f64();
     let mut error = outcome.as_ref().err().map(|e| e.to_string());
     if error.is_none() && matches!(opts.mode, Mode::EmitOutbox | Mode::TruncateEmitOutbox) {
-        // Finished only when its deliveries are: the worker closes the run.
-        let queued = client.execute(RECORD_QUEUED, &[&run_id, &report.events_total, &(report.rows_written as i64)]);
-        if let Err(e) = queued {
-            log::warn!("could not record the deliveries of rebuild run {run_id}: {}", db::describe_error(&e));
-        }
+        // Recorded as queued with its deliveries: finished only when they are (the worker
+        // closes the run).
         return outcome.map(|()| report);
     }
     // Entries written by this run close the failed deliveries of their events (also
@@ -319,27 +445,20 @@ fn run_mode(
         .query_one(COUNT_EVENTS, &[&opts.library_id])
         .and_then(|r| r.try_get(0))
         .map_err(|e| AppError::db("while counting events", e))?;
-    if matches!(opts.mode, Mode::Truncate | Mode::TruncateEmitOutbox) {
-        let r = match opts.library_id {
-            None => client.execute(TRUNCATE_ENTRIES, &[]),
-            Some(lib) => client.execute(DELETE_LIBRARY_ENTRIES, &[&lib]),
-        };
-        r.map_err(|e| AppError::db("while emptying chronicle_entries", e))?;
+    if opts.mode == Mode::Truncate {
+        // A run that dies from here on leaves the read model partly filled: it is marked
+        // died, and running it again fills it.
+        empty_entries(client, opts.library_id).map_err(|e| AppError::db("while emptying chronicle_entries", e))?;
+        crate::failpoint::check("rebuild-after-truncate", None);
     }
     match opts.mode {
         Mode::EmitOutbox | Mode::TruncateEmitOutbox => {
-            let why = format!("rebuild run #{} ({}) delivers every event again", report.run_id, opts.mode.name());
-            // One statement: it adopts the live deliveries, locking them, so it may meet a
-            // worker completing some of them (a deadlock, a serialization failure): then
-            // it is tried again, as a batch write is.
+            // It adopts the live deliveries, locking them, so it may meet a worker
+            // completing some of them (a deadlock, a serialization failure): then it is
+            // tried again, as a batch write is.
             let mut retries = 0;
             let queued = loop {
-                let attempt = client
-                    .query_one(outbox::ENQUEUE_FOR_REBUILD, &[&opts.library_id, &report.run_id, &opts.started_by, &why])
-                    .and_then(|r| {
-                        let n = |i: usize| r.try_get::<_, i64>(i).map(|n| n.max(0) as u64);
-                        Ok(Queued { new: n(0)?, replayed: n(1)?, adopted: n(2)? })
-                    });
+                let attempt = enqueue_once(client, opts, report);
                 match attempt {
                     Err(e) if db::is_transient(&e) && !db::is_connection_error(&e) && retries < WRITE_RETRIES => {
                         retries += 1;
@@ -367,6 +486,35 @@ fn run_mode(
         }
         Mode::Swap => swap::run(client, opts, report, started, progress),
     }
+}
+
+/// Empties the entries of the scope: the whole table, or one library's rows.
+fn empty_entries(client: &mut impl GenericClient, library: Option<Uuid>) -> Result<u64, postgres::Error> {
+    match library {
+        None => client.execute(TRUNCATE_ENTRIES, &[]),
+        Some(lib) => client.execute(DELETE_LIBRARY_ENTRIES, &[&lib]),
+    }
+}
+
+/// An `--emit-outbox` run's work, in one transaction: one delivery per event of the scope,
+/// then (`--truncate`) the entries emptied, and the run recorded as queued. A run that
+/// dies before the commit did none of it (the read model is never left empty with nothing
+/// queued to fill it); after, the workers do the rest.
+fn enqueue_once(client: &mut Client, opts: &Options, report: &Report) -> Result<Queued, postgres::Error> {
+    let why = format!("rebuild run #{} ({}) delivers every event again", report.run_id, opts.mode.name());
+    let mut tx = client.transaction()?;
+    let r = tx.query_one(outbox::ENQUEUE_FOR_REBUILD, &[&opts.library_id, &report.run_id, &opts.started_by, &why])?;
+    let n = |i: usize| r.try_get::<_, i64>(i).map(|n| n.max(0) as u64);
+    let queued = Queued { new: n(0)?, replayed: n(1)?, adopted: n(2)? };
+    if opts.mode == Mode::TruncateEmitOutbox {
+        // Last: the read model's lock is held from here to the commit only.
+        empty_entries(&mut tx, opts.library_id)?;
+    }
+    let total = (queued.new + queued.replayed + queued.adopted) as i64;
+    tx.execute(RECORD_QUEUED, &[&report.run_id, &report.events_total, &total])?;
+    crate::failpoint::check("rebuild-enqueued", None);
+    tx.commit()?;
+    Ok(queued)
 }
 
 /// A batch of events as read: each one readable, or not (it then fails alone).
@@ -424,6 +572,7 @@ impl Tally<'_> {
         self.done += w.events;
         let total = self.report.events_total as u64;
         (self.progress)(Progress { done: self.done, total, elapsed: self.started.elapsed() });
+        crate::failpoint::check("rebuild-batch", None);
     }
 
     fn take(&mut self, outcome: Result<Written>) {

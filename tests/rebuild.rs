@@ -703,3 +703,273 @@ fn a_rebuild_that_projects_a_failed_event_closes_its_failed_delivery() {
     assert_eq!(row.get::<_, Option<String>>(5), None);
     assert_eq!((run_row["success"].as_bool(), run_row["error"].as_str()), (Some(true), None), "{run_row}");
 }
+
+// ---------------------------------------------------------------------------------
+// Interrupted runs: marked died, their leftovers cleaned up, the read model exact again.
+
+/// One way to interrupt a run: the rebuild's flags and the fail point that stops it.
+struct Interruption {
+    flags: &'static [&'static str],
+    failpoint: &'static str,
+    /// Whether the read model has drifted once it is interrupted (what running again mends).
+    drifts: bool,
+    /// The table the interrupted `--swap` leaves behind, if any.
+    leaves: Option<&'static str>,
+}
+
+const INTERRUPTIONS: &[Interruption] = &[
+    Interruption { flags: &["--truncate"], failpoint: "rebuild-after-truncate", drifts: true, leaves: None },
+    Interruption { flags: &["--truncate"], failpoint: "rebuild-batch", drifts: true, leaves: None },
+    Interruption { flags: &[], failpoint: "rebuild-batch", drifts: false, leaves: None },
+    Interruption {
+        flags: &["--truncate", "--emit-outbox"],
+        failpoint: "rebuild-enqueued",
+        drifts: false,
+        leaves: None,
+    },
+    Interruption { flags: &["--emit-outbox"], failpoint: "rebuild-enqueued", drifts: false, leaves: None },
+    Interruption {
+        flags: &["--swap"],
+        failpoint: "rebuild-batch",
+        drifts: false,
+        leaves: Some("chronicle_entries_rebuild"),
+    },
+    Interruption {
+        flags: &["--swap"],
+        failpoint: "swap-before-swap",
+        drifts: false,
+        leaves: Some("chronicle_entries_rebuild"),
+    },
+    Interruption {
+        flags: &["--swap"],
+        failpoint: "swap-after-swap",
+        drifts: false,
+        leaves: Some("chronicle_entries_replaced"),
+    },
+];
+
+/// `chronicle rebuild` with `flags`, in small batches on one writer (so a batch fail
+/// point has batches to stop between).
+fn rebuild_cmd(db: &TestDb, flags: &[&str]) -> std::process::Command {
+    let mut args = vec!["rebuild", "--batch-size", "300", "--writers", "1"];
+    args.extend_from_slice(flags);
+    db.chronicle(&args)
+}
+
+fn table_exists(c: &mut Client, table: &str) -> bool {
+    c.query_one("SELECT to_regclass($1) IS NOT NULL", &[&table]).unwrap().get(0)
+}
+
+fn unfinished_runs(c: &mut Client) -> i64 {
+    count(c, "SELECT count(*) FROM chronicle_rebuild_runs WHERE finished_at IS NULL AND queued_at IS NULL")
+}
+
+/// `chronicle verify`'s verdict: exit 0 when the read model is exact.
+fn verify_is_clean(db: &TestDb) -> bool {
+    let r = run(&mut db.chronicle(&["verify"]));
+    assert!(matches!(r.code, Some(0 | 1)), "verify: {r}");
+    r.code == Some(0)
+}
+
+/// After an interruption: the run is shown died (with the command that does its work
+/// again), running that command says what it cleaned up, and ends with an exact read model.
+fn rerun_after_died(db: &TestDb, c: &mut Client, died_run: i64, flags: &[&str], leaves: Option<&str>, case: &str) {
+    let (row, text) = last_rebuild(db);
+    assert_eq!((row["id"].as_i64(), row["state"].as_str()), (Some(died_run), Some("died")), "{case}: {row}");
+    let rerun = ["chronicle rebuild"].into_iter().chain(flags.iter().copied()).collect::<Vec<_>>().join(" ");
+    assert_eq!(row["rerun"].as_str(), Some(rerun.as_str()), "{case}: {row}");
+    assert!(text.contains("DIED") && text.contains(&format!("`{rerun}`")), "{case}: {text}");
+
+    let mut args = flags.to_vec();
+    args.push("--json");
+    let r = run(&mut rebuild_cmd(db, &args));
+    assert_eq!(r.code, Some(0), "{case}: {r}");
+    let report: Value = serde_json::from_str(&r.stdout).unwrap();
+    let cleaned: Vec<&str> = report["cleaned_up"].as_array().unwrap().iter().filter_map(|v| v.as_str()).collect();
+    assert!(
+        cleaned.iter().any(|l| l.starts_with(&format!("rebuild run #{died_run} ("))),
+        "{case}: the run says it found #{died_run} dead: {report}"
+    );
+    if let Some(table) = leaves {
+        assert!(cleaned.iter().any(|l| l.starts_with(&format!("dropped {table}"))), "{case}: {report}");
+    }
+    assert!(!table_exists(c, "chronicle_entries_rebuild") && !table_exists(c, "chronicle_entries_replaced"), "{case}");
+    if flags.contains(&"--emit-outbox") {
+        let r = run(&mut worker_cmd(db, &["--until-empty"]));
+        assert_eq!(r.code, Some(0), "{case}: {r}");
+    }
+    let (died, error): (Option<bool>, Option<String>) = {
+        let r = c.query_one("SELECT success, error FROM chronicle_rebuild_runs WHERE id = $1", &[&died_run]).unwrap();
+        (r.get(0), r.get(1))
+    };
+    assert_eq!(died, Some(false), "{case}");
+    assert!(error.as_deref().is_some_and(|e| e.starts_with("died:")), "{case}: {error:?}");
+    assert_eq!(unfinished_runs(c), 0, "{case}: no run left running");
+    let (row, _) = last_rebuild(db);
+    assert!(matches!(row["state"].as_str(), Some("succeeded" | "queued")), "{case}: {row}");
+    assert!(verify_is_clean(db), "{case}: verify after running it again");
+}
+
+/// A rebuild that stops anywhere, in each mode, leaves nothing half-done for good: it is
+/// shown died at once (its process is gone), an interrupted `--emit-outbox` changed
+/// nothing (with `--truncate`: the read model is not emptied with nothing queued to refill
+/// it), and running the same command again cleans up what the dead run left and ends with
+/// a read model `verify` finds exact.
+#[test]
+fn a_rebuild_killed_anywhere_is_marked_died_and_running_it_again_ends_exact() {
+    let db = injected_and_drained("1200");
+    let mut c = db.client();
+    assert!(verify_is_clean(&db));
+    for (n, case) in INTERRUPTIONS.iter().enumerate() {
+        let name = format!(
+            "{} at {}",
+            if case.flags.is_empty() { "direct".into() } else { case.flags.join(" ") },
+            case.failpoint
+        );
+        let entries_before = count(&mut c, "SELECT count(*) FROM chronicle_entries");
+        // The second batch for the batch point: one is written, the rest is not.
+        let action = if case.failpoint == "rebuild-batch" { "1*off->return(abort)" } else { "return(abort)" };
+        let r = run(rebuild_cmd(&db, case.flags).env("FAILPOINTS", format!("{}={action}", case.failpoint)));
+        assert_ne!(r.code, Some(0), "{name}: the fail point stops it: {r}");
+        assert!(r.stderr.contains(&format!("fail point {}", case.failpoint)), "{name}: {r}");
+        let died_run = count(&mut c, "SELECT max(id) FROM chronicle_rebuild_runs");
+        assert_eq!(died_run, n as i64 * 2 + 1, "{name}: one run per command");
+        if let Some(table) = case.leaves {
+            assert!(table_exists(&mut c, table), "{name}: leaves {table}");
+        }
+        if case.failpoint == "rebuild-enqueued" {
+            assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), entries_before, "{name}");
+            assert_eq!(
+                count(
+                    &mut c,
+                    &format!("SELECT count(*) FROM chronicle_outbox_events WHERE rebuild_run_id = {died_run}")
+                ),
+                0,
+                "{name}: nothing queued"
+            );
+        }
+        assert_eq!(!verify_is_clean(&db), case.drifts, "{name}: verify once interrupted");
+        rerun_after_died(&db, &mut c, died_run, case.flags, case.leaves, &name);
+    }
+}
+
+/// A running worker marks a run that died, so the metrics and `status` say so without
+/// waiting for the next rebuild.
+#[test]
+fn a_worker_marks_a_rebuild_that_died() {
+    let db = injected_and_drained("300");
+    let mut c = db.client();
+    let r = run(rebuild_cmd(&db, &["--truncate"]).env("FAILPOINTS", "rebuild-after-truncate=return(abort)"));
+    assert_ne!(r.code, Some(0), "{r}");
+    assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_rebuild_runs WHERE finished_at IS NULL"), 1);
+    worker_until(&db, "the worker to mark the run died", |m| {
+        crate::util::metric_sum(m, "chronicle_rebuild_last_finished_timestamp_seconds") > 0.0
+    });
+    let (row, _) = last_rebuild(&db);
+    assert_eq!(row["state"], "died", "{row}");
+    assert!(row["error"].as_str().is_some_and(|e| e.starts_with("died:")), "{row}");
+    assert!(row["finished_at"].is_string() && row["success"] == false, "{row}");
+    assert_eq!(row["rerun"], "chronicle rebuild --truncate", "{row}");
+}
+
+/// A throwaway cluster, stopped when the test ends (pass or fail).
+#[cfg(unix)]
+struct OwnCluster(crate::util::Cluster);
+
+#[cfg(unix)]
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        let _ = self.0.pg_ctl(&["stop", "-m", "immediate"]);
+    }
+}
+
+/// The server restarts under a rebuild, in each mode, while the command is held at a fail
+/// point: `status` shows the run `running` while its session holds the rebuild lock, and
+/// `died` once the restart has ended that session, though the process itself still lives.
+/// An interrupted `--truncate --emit-outbox` emptied nothing. Running the command again
+/// cleans up and ends with a read model `verify` finds exact.
+#[cfg(unix)]
+#[test]
+fn a_server_restart_under_a_rebuild_leaves_it_died_and_running_it_again_ends_exact() {
+    let cluster = OwnCluster(
+        crate::util::Cluster::start(&["fsync=off"]).unwrap_or_else(|e| panic!("starting a throwaway cluster: {e}")),
+    );
+    let db = TestDb::empty_on(&cluster.0.server);
+    let r = run(&mut db.chronicle(&["migrate"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let r = run(&mut db.chronicle(&["inject", "--count", "1200", "--libraries", "3", "--seed", "5"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let r = run(&mut worker_cmd(&db, &["--until-empty"]));
+    assert_eq!(r.code, Some(0), "{r}");
+    let log = cluster.0.dir.join("log").display().to_string();
+    let cases: &[(&[&str], &str, &str)] = &[
+        (&[], "rebuild-batch", "1*off->return(stall)"),
+        (&["--truncate"], "rebuild-after-truncate", "return(stall)"),
+        (&["--truncate", "--emit-outbox"], "rebuild-enqueued", "return(stall)"),
+        (&["--emit-outbox"], "rebuild-enqueued", "return(stall)"),
+        (&["--swap"], "rebuild-batch", "1*off->return(stall)"),
+        (&["--swap"], "swap-before-swap", "return(stall)"),
+    ];
+    for (n, (flags, point, action)) in cases.iter().enumerate() {
+        let name = format!("{} at {point}", if flags.is_empty() { "direct".to_string() } else { flags.join(" ") });
+        let mut c = db.client();
+        let entries_before = count(&mut c, "SELECT count(*) FROM chronicle_entries");
+        let stderr_path = cluster.0.dir.join(format!("rebuild-{n}.stderr"));
+        let mut child = rebuild_cmd(&db, flags)
+            .env("FAILPOINTS", format!("{point}={action}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&stderr_path).unwrap())
+            .spawn()
+            .expect("starting chronicle rebuild");
+        crate::util::wait_until(
+            Duration::from_secs(60),
+            &format!("{name}: the rebuild to reach its fail point"),
+            || std::fs::read_to_string(&stderr_path).unwrap_or_default().contains("stalling until killed"),
+        );
+        let died_run = count(&mut c, "SELECT max(id) FROM chronicle_rebuild_runs");
+        if flags.contains(&"--truncate") && *point == "rebuild-enqueued" {
+            // Held before its commit, the run holds the read model's lock (the TRUNCATE),
+            // which status's count of entries would wait for: the run's session is seen
+            // holding the rebuild lock instead.
+            let holds = count(
+                &mut c,
+                &format!(
+                    "SELECT count(*) FROM pg_locks l JOIN chronicle_rebuild_runs r ON l.pid = r.backend_pid
+                     WHERE r.id = {died_run} AND l.locktype = 'advisory' AND l.granted"
+                ),
+            );
+            assert_eq!(holds, 1, "{name}: the run's session holds the rebuild lock");
+        } else {
+            let (row, _) = last_rebuild(&db);
+            assert_eq!((row["id"].as_i64(), row["state"].as_str()), (Some(died_run), Some("running")), "{name}: {row}");
+        }
+        drop(c);
+
+        let mode = if n % 2 == 0 { "fast" } else { "immediate" };
+        let out = cluster.0.pg_ctl(&["restart", "-m", mode, "-w", "-t", "60", "-l", &log]);
+        assert!(out.status.success(), "{name}: pg_ctl restart failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(child.try_wait().unwrap().is_none(), "{name}: the command still lives, held at its fail point");
+        let (row, _) = last_rebuild(&db);
+        assert_eq!((row["id"].as_i64(), row["state"].as_str()), (Some(died_run), Some("died")), "{name}: {row}");
+        let _ = child.kill();
+        let _ = child.wait();
+
+        let mut c = db.client();
+        if *point == "rebuild-enqueued" {
+            assert_eq!(count(&mut c, "SELECT count(*) FROM chronicle_entries"), entries_before, "{name}");
+            assert_eq!(
+                count(
+                    &mut c,
+                    &format!("SELECT count(*) FROM chronicle_outbox_events WHERE rebuild_run_id = {died_run}")
+                ),
+                0,
+                "{name}: nothing queued"
+            );
+        }
+        let leaves = flags.contains(&"--swap").then_some("chronicle_entries_rebuild");
+        if let Some(table) = leaves {
+            assert!(table_exists(&mut c, table), "{name}: leaves {table}");
+        }
+        rerun_after_died(&db, &mut c, died_run, flags, leaves, &name);
+    }
+}

@@ -30,8 +30,8 @@ pub fn help() -> Help {
             "--emit-outbox",
             "give every event one pending delivery for the workers, instead of projecting here: a new one, or \
              its failed one sent back (replayed, with the audit), or the pending or processing one it already has \
-             (counted in the run); with --truncate, the read model is emptied first (the runbook's pair). The run \
-             is finished when its deliveries are; it succeeds only if none failed and every event it delivered \
+             (counted in the run); with --truncate, the read model is also emptied, in the same transaction (a run \
+             interrupted before it commits changed nothing). The run is finished when its deliveries are; it succeeds only if none failed and every event it delivered \
              has an entry",
         ),
         (
@@ -47,7 +47,11 @@ pub fn help() -> Help {
          on and exits 1 at the end. An event whose delivery had failed and whose entry the rebuild writes has \
          that delivery closed (done, naming the run, keeping the failure it had). Every run is recorded in \
          chronicle_rebuild_runs with its verdict and, when it failed, why. Progress goes to stderr. Only one \
-         rebuild runs at a time per database.",
+         rebuild runs at a time per database.\n\n\
+         A run interrupted anywhere (killed, its connection lost, the server restarted) is marked died by the \
+         next rebuild or by a running worker (`chronicle status` shows it, with the command to run again); the \
+         next rebuild also drops the tables a --swap that died left behind, and says what it cleaned up. Running \
+         the interrupted command again finishes its work.",
     )
     .usage(&[
         "chronicle rebuild [--truncate] [--emit-outbox | --swap] [--library-id ID]",
@@ -71,7 +75,7 @@ pub fn help() -> Help {
             ),
             (
                 "--json",
-                r#"Print the report as JSON: {"run_id", "mode", "library_id", "events_total", "rows_written", "failures", "failures_by_reason", "failures_resolved", "deliveries", "seconds", "swap_lock_held_ms"}; deliveries (--emit-outbox, else null): {"new", "replayed", "adopted"}."#
+                r#"Print the report as JSON: {"run_id", "mode", "library_id", "events_total", "rows_written", "failures", "failures_by_reason", "failures_resolved", "deliveries", "seconds", "swap_lock_held_ms", "cleaned_up"}; deliveries (--emit-outbox, else null): {"new", "replayed", "adopted"}; cleaned_up: what this run found left by runs that died and cleaned up, in words."#
                     .into(),
             ),
         ],
@@ -188,9 +192,13 @@ pub fn run(args: Args) -> Result<()> {
             })),
             "seconds": report.seconds,
             "swap_lock_held_ms": report.swap_lock_held.map(|d| d.as_secs_f64() * 1000.0),
+            "cleaned_up": report.cleaned_up,
         });
         println!("{out}");
     } else {
+        for line in &report.cleaned_up {
+            println!("cleaned up: {line}");
+        }
         let what = if matches!(args.mode, Mode::EmitOutbox | Mode::TruncateEmitOutbox) {
             "deliveries enqueued"
         } else {

@@ -169,16 +169,26 @@ pub fn render_text(st: &Status) -> String {
         None => s.push_str("  (never)\n"),
         Some(r) => {
             let scope = r.library_id.map(|l| format!("library {l}")).unwrap_or_else(|| "all libraries".into());
-            let outcome = match r.success {
-                None if r.finished_at.is_none() && r.deliveries.is_some() => {
-                    "queued: finished when the workers have delivered it".to_string()
+            let error = || printable(r.error.as_deref().unwrap_or("(no message)"));
+            let outcome = match (r.state.as_str(), r.success) {
+                ("queued", _) => "queued: finished when the workers have delivered it".to_string(),
+                ("running", _) => "running".to_string(),
+                ("unknown", _) => "running, or died (a standby cannot tell)".to_string(),
+                ("died", _) if r.finished_at.is_none() => {
+                    "DIED: its process is gone (it no longer holds the rebuild lock)".to_string()
                 }
-                None if r.finished_at.is_none() => "running (or died)".to_string(),
-                None => "unknown".to_string(),
-                Some(true) => "success".to_string(),
-                Some(false) => format!("FAILED: {}", printable(r.error.as_deref().unwrap_or("(no message)"))),
+                ("died", _) => format!("DIED: {}", error()),
+                (_, Some(true)) => "success".to_string(),
+                (_, Some(false)) => format!("FAILED: {}", error()),
+                (_, None) => "unknown".to_string(),
             };
             s.push_str(&format!("  run #{} {} ({scope}): {outcome}\n", r.id, printable(&r.mode)));
+            if let Some(cmd) = &r.rerun {
+                s.push_str(&format!(
+                    "  to do its work: `{}` (which also cleans up what the dead run left)\n",
+                    printable(cmd)
+                ));
+            }
             s.push_str(&format!(
                 "  started {}  finished {}\n",
                 r.started_at.to_rfc3339(),

@@ -37,6 +37,7 @@ pub const MIGRATIONS: &[Migration] = &[
     migration!(11, "search_index_pending_list_per_transaction", "0011_search_index_pending_list_per_transaction.sql"),
     migration!(12, "projection_panicked", "0012_projection_panicked.sql"),
     migration!(13, "erasure_guard", "0013_erasure_guard.sql"),
+    migration!(14, "rebuild_run_liveness", "0014_rebuild_run_liveness.sql"),
 ];
 
 /// The schema version this binary expects.

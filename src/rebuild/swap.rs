@@ -27,7 +27,7 @@ use crate::outbox::{SizeLimits, EVENT_BYTES};
 const SHADOW: &str = "chronicle_entries_rebuild";
 
 /// The replaced table between the swap and its drop (left behind only by a process that
-/// died in between: dropped by the next `--swap`).
+/// died in between: dropped by the next rebuild, as is a shadow left behind).
 const REPLACED: &str = "chronicle_entries_replaced";
 
 const CREATE_SHADOW: &str = "
@@ -127,11 +127,13 @@ fn load_and_swap(
         .map_err(|e| AppError::db("while analyzing the shadow table", e))?;
     // Most of what was written during the load, without holding any lock.
     report.rows_written += catch_up(client, report, &opts.sizes)?;
+    crate::failpoint::check("swap-before-swap", None);
 
     for attempt in 1..=SWAP_TRIES {
         match swap_once(client, report, &renames, &opts.sizes) {
             Ok(held) => {
                 report.swap_lock_held = Some(held);
+                crate::failpoint::check("swap-after-swap", None);
                 // The swap is done; a failure to drop the old table only leaves it behind.
                 if let Err(e) = client.batch_execute(&format!("DROP TABLE IF EXISTS {REPLACED}")) {
                     log::warn!(
