@@ -222,10 +222,13 @@ impl Shared {
     }
 
     /// Records a database error: counted, and logged once when the database goes away, or
-    /// when it turns connections away for lack of slots (`short_of_slots`).
+    /// when it turns connections away for lack of slots (53300, which only a connection
+    /// attempt meets: `short_of_slots`). Another error of class 53 (a disk full, out of
+    /// memory) met by a statement is logged as it is.
     pub fn db_error(&self, context: &str, err: &postgres::Error) {
         Metrics::add(&self.metrics.db_errors, 1);
-        if let Some(cause) = crate::sqlstate::connection_shortage(err) {
+        let no_slots = err.code() == Some(&postgres::error::SqlState::TOO_MANY_CONNECTIONS);
+        if let Some(cause) = crate::sqlstate::connection_shortage(err).filter(|_| no_slots) {
             self.refusals.note_shortage(err);
             self.short_of_slots(context, cause, &db::describe_error(err));
         } else if db::is_connection_error(err) {
