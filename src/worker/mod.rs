@@ -270,8 +270,8 @@ impl Shared {
     /// Records that the server turned a connection away for lack of slots (or of another
     /// resource): logged once, naming the cause, until no attempt has been turned away for
     /// `SLOTS_QUIET` (`slots_back`). The database answers on the connections the worker
-    /// has, so this is not an outage: neither logged nor counted as one, and the worker
-    /// stays ready while they work.
+    /// has, so this is not an outage: not logged as one (nor its end as a reconnection),
+    /// and the worker stays ready while they work.
     fn short_of_slots(&self, context: &str, cause: &str, err: &str) {
         if !self.slots_short.swap(true, Ordering::SeqCst) {
             log::warn!(
