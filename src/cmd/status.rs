@@ -120,8 +120,8 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
-/// The outbox's dead rows and what holds back the vacuum horizon, one line; and a warning
-/// line while it is held back past `horizon::WARN_AFTER_SECONDS`.
+/// The outbox's dead rows and what holds back the vacuum horizon, a section of one line;
+/// and a warning line while it is held back past `horizon::WARN_AFTER_SECONDS`.
 fn horizon_text(h: &Horizon) -> String {
     let oldest = match h.oldest() {
         Some((holder, seconds)) => format!(
@@ -131,7 +131,7 @@ fn horizon_text(h: &Horizon) -> String {
         ),
         None => "not held back by any transaction".to_string(),
     };
-    let mut s = format!("  dead rows: {}; vacuum horizon: {oldest}\n", h.outbox_dead_rows);
+    let mut s = format!("\nVACUUM\n  dead rows: {}; vacuum horizon: {oldest}\n", h.outbox_dead_rows);
     if let Some(w) = horizon::warning(h) {
         s.push_str(&format!("  WARNING: {}\n", printable(&w)));
     }
@@ -254,18 +254,18 @@ mod tests {
         let quiet = horizon_text(&held(12.0));
         assert_eq!(
             quiet,
-            "  dead rows: 1200000; vacuum horizon: held back 12.0 s by transaction (pid 42 (user app, application \
+            "\nVACUUM\n  dead rows: 1200000; vacuum horizon: held back 12.0 s by transaction (pid 42 (user app, application \
              psql, idle in transaction))\n"
         );
         let loud = horizon_text(&held(horizon::WARN_AFTER_SECONDS + 1.0));
-        let warning = loud.lines().nth(1).expect("a warning line");
+        let warning = loud.lines().nth(3).expect("a warning line");
         assert!(
             warning.starts_with("  WARNING: the vacuum horizon is held back by a transaction open for 301 s"),
             "{loud}"
         );
         assert_eq!(
             horizon_text(&Horizon::default()),
-            "  dead rows: 0; vacuum horizon: not held back by any transaction\n"
+            "\nVACUUM\n  dead rows: 0; vacuum horizon: not held back by any transaction\n"
         );
     }
 }
