@@ -89,6 +89,12 @@ pub struct Status {
     pub last_rebuild: Option<RebuildRun>,
     /// Set when the server read is a standby (a read replica): how far behind it is.
     pub standby: Option<Standby>,
+    /// What holds back the vacuum horizon, and the outbox's dead rows (null when this
+    /// role may not read the views it comes from).
+    pub horizon: Option<crate::outbox::horizon::Horizon>,
+    /// Whether the horizon is held back past `horizon::WARN_AFTER_SECONDS` (the text
+    /// output then prints a warning).
+    pub horizon_held_back: bool,
 }
 
 /// How `status` arrived at its figures for the large tables.
@@ -359,8 +365,40 @@ pub fn status(client: &mut Client, max_processing: Duration, mode: CountMode) ->
         None => None,
         Some(r) => Some(Standby { replay_lag_seconds: r.try_get(0)?, replay_lag_bytes: r.try_get(1)? }),
     };
+    let horizon = status_horizon(&mut tx)?;
+    let horizon_held_back = horizon.as_ref().is_some_and(crate::outbox::horizon::held_back);
     tx.commit()?;
-    Ok(Status { outbox, failed_by_reason, events, entries, events_without_entry, counts, last_rebuild, standby })
+    Ok(Status {
+        outbox,
+        failed_by_reason,
+        events,
+        entries,
+        events_without_entry,
+        counts,
+        last_rebuild,
+        standby,
+        horizon,
+        horizon_held_back,
+    })
+}
+
+/// The vacuum horizon for `status`, in a savepoint: a role that may not read its views
+/// gets none, and the rest of the status.
+fn status_horizon(
+    tx: &mut postgres::Transaction<'_>,
+) -> Result<Option<crate::outbox::horizon::Horizon>, postgres::Error> {
+    let mut sp = tx.transaction()?;
+    match crate::outbox::horizon::sample_horizon(&mut sp) {
+        Ok(h) => {
+            sp.commit()?;
+            Ok(Some(h))
+        }
+        Err(e) if e.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            sp.rollback()?;
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
 }
 
 /// A row as (column, value) pairs in the table's column order, every column included

@@ -24,6 +24,7 @@ use uuid::Uuid;
 use crate::error_reason::ErrorReason;
 use crate::event::{read_event, Event, Unreadable, EVENT_COLUMNS};
 
+pub mod horizon;
 pub mod replay_report;
 
 /// A row claimed for projection, with its event: None if the event no longer exists or

@@ -35,6 +35,21 @@ pub fn is_refusal(err: &postgres::Error) -> bool {
     err.code().is_some_and(|code| code.code().starts_with("28") || *code == SqlState::INVALID_CATALOG_NAME)
 }
 
+/// What a connection attempt's error says when the server was reached and lacks the
+/// resources to take one more connection (class 53): its cause in words, for the log, which
+/// otherwise reads as an unreachable server. `too_many_connections` (53300) is the usual
+/// one: `max_connections`, or a role's or database's `CONNECTION LIMIT`, reached.
+pub fn connection_shortage(err: &postgres::Error) -> Option<&'static str> {
+    let code = err.code()?;
+    if *code == SqlState::TOO_MANY_CONNECTIONS {
+        Some("the server has no connection slots left")
+    } else if code.code().starts_with("53") {
+        Some("the server lacks the resources to accept a connection")
+    } else {
+        None
+    }
+}
+
 /// Whether retrying the same work later may succeed (docs/DESIGN.md §3 "transient"): the
 /// connection or server is in trouble, or we lost a race (serialization failure,
 /// deadlock), or hit a lock or statement timeout.

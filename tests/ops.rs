@@ -376,6 +376,8 @@ fn assert_status_matches(db: &TestDb, c: &mut Client) -> Value {
             "events",
             "events_without_entry",
             "failed_by_reason",
+            "horizon",
+            "horizon_held_back",
             "last_rebuild",
             "outbox",
             "standby"

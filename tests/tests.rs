@@ -9,6 +9,7 @@ mod credentials;
 mod eraser_role;
 mod events;
 mod fail_fast;
+mod horizon;
 mod isolation;
 #[cfg(target_os = "linux")] // ulimit, setpriv and /proc
 mod metrics_endpoint;

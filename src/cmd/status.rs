@@ -8,6 +8,7 @@ use crate::db;
 use crate::error::{AppError, Result};
 use crate::help::Help;
 use crate::ops::{self, CountMode, Counts, Status};
+use crate::outbox::horizon::{self, Horizon};
 use crate::terminal::{printable, Align, Table};
 
 pub const SUMMARY: &str = "The outbox by state, failures by reason, coverage, last rebuild";
@@ -19,7 +20,9 @@ pub fn help() -> Help {
         "Answer \"is the projector healthy?\" in one read-only snapshot: the outbox by state (with the age of the \
          oldest pending row and the stuck rows), the failing events (those whose current delivery failed, each \
          counted once however many failed deliveries it has) by error_reason with an example event each, events \
-         against entries (and events that have no entry), and the last rebuild run. Informational: exits 0 \
+         against entries (and events that have no entry), the last rebuild run, and the outbox's dead rows with \
+         what holds back the vacuum horizon (a warning past {horizon} s, when vacuum cannot remove them and the \
+         drain slows). Informational: exits 0 \
          whatever it finds (3 if the database is unreachable).\n\n\
          Exact counts read the events, the entries and the whole outbox, which takes seconds on tens of \
          millions of events. So beyond {limit} events (by the planner's estimate) the events, the entries and \
@@ -27,6 +30,7 @@ pub fn help() -> Help {
          that have a pending, processing or failed delivery (chronicle verify finds the others); the output \
          says which it did. The pending, processing, stuck and failed rows are always exact.",
         limit = thousands(ops::EXACT_COUNTS_UP_TO),
+        horizon = horizon::WARN_AFTER_SECONDS,
     ))
     .usage(&["chronicle status [--json] [--exact | --estimate]"])
     .flags(
@@ -37,7 +41,8 @@ pub fn help() -> Help {
             (
                 "--json",
                 "Print one JSON object: outbox, failed_by_reason, events, entries, events_without_entry, counts \
-                 (\"exact\" or \"estimated\"), last_rebuild, standby (see docs/operations.md)."
+                 (\"exact\" or \"estimated\"), last_rebuild, standby, horizon, horizon_held_back (see \
+                 docs/operations.md)."
                     .into(),
             ),
         ],
@@ -115,6 +120,24 @@ pub fn run(args: Args) -> Result<()> {
     Ok(())
 }
 
+/// The outbox's dead rows and what holds back the vacuum horizon, a section of one line;
+/// and a warning line while it is held back past `horizon::WARN_AFTER_SECONDS`.
+fn horizon_text(h: &Horizon) -> String {
+    let oldest = match h.oldest() {
+        Some((holder, seconds)) => format!(
+            "held back {seconds:.1} s by {}{}",
+            holder.as_str().replace('_', " "),
+            h.of(holder).held_by.as_deref().map(|b| format!(" ({})", printable(b))).unwrap_or_default()
+        ),
+        None => "not held back by any transaction".to_string(),
+    };
+    let mut s = format!("\nVACUUM\n  dead rows: {}; vacuum horizon: {oldest}\n", h.outbox_dead_rows);
+    if let Some(w) = horizon::warning(h) {
+        s.push_str(&format!("  WARNING: {}\n", printable(&w)));
+    }
+    s
+}
+
 /// The status as a readable table.
 pub fn render_text(st: &Status) -> String {
     let o = &st.outbox;
@@ -135,6 +158,9 @@ pub fn render_text(st: &Status) -> String {
     outbox.row(["done", &format!("{about}{}", o.done), ""]);
     outbox.row(["failed", &o.failed.to_string(), "events whose delivery failed, each counted once"]);
     s.push_str(&outbox.render());
+    if let Some(h) = &st.horizon {
+        s.push_str(&horizon_text(h));
+    }
     s.push_str("\nFAILED BY REASON (events)\n");
     if st.failed_by_reason.is_empty() {
         s.push_str("  (none)\n");
@@ -214,4 +240,42 @@ pub fn render_text(st: &Status) -> String {
         }
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::horizon::HolderAge;
+
+    fn held(seconds: f64) -> Horizon {
+        Horizon {
+            transaction: HolderAge {
+                age_seconds: Some(seconds),
+                age_transactions: Some(3),
+                held_by: Some("pid 42 (user app, application psql, idle in transaction)".into()),
+            },
+            outbox_dead_rows: 1_200_000,
+            ..Horizon::default()
+        }
+    }
+
+    #[test]
+    fn the_horizon_line_names_the_holder_and_warns_only_past_the_threshold() {
+        let quiet = horizon_text(&held(12.0));
+        assert_eq!(
+            quiet,
+            "\nVACUUM\n  dead rows: 1200000; vacuum horizon: held back 12.0 s by transaction (pid 42 (user app, application \
+             psql, idle in transaction))\n"
+        );
+        let loud = horizon_text(&held(horizon::WARN_AFTER_SECONDS + 1.0));
+        let warning = loud.lines().nth(3).expect("a warning line");
+        assert!(
+            warning.starts_with("  WARNING: the vacuum horizon is held back by a transaction open for 301 s"),
+            "{loud}"
+        );
+        assert_eq!(
+            horizon_text(&Horizon::default()),
+            "\nVACUUM\n  dead rows: 0; vacuum horizon: not held back by any transaction\n"
+        );
+    }
 }

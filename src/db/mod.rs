@@ -333,9 +333,14 @@ pub fn pool(url: &DbUrl, size: u32, refusals: Arc<RefusalLog>) -> Result<Pool> {
 /// allowed to log in, a dropped database): an error an operator must fix, logged at error
 /// level at most once a minute while it lasts, naming the server (password masked) and
 /// its reason. One per worker process, shared by its connection attempts.
+///
+/// It also keeps the latest attempt the server turned away for lack of connection slots
+/// (`sqlstate::connection_shortage`), which the pool's callers learn only as a timeout:
+/// the worker names that cause instead of an unreachable server (`recent_shortage`).
 #[derive(Debug, Default)]
 pub struct RefusalLog {
     last_logged: std::sync::Mutex<Option<Instant>>,
+    shortage: std::sync::Mutex<Option<(Instant, &'static str, String)>>,
 }
 
 const REFUSAL_LOG_EVERY: Duration = Duration::from_secs(60);
@@ -350,6 +355,22 @@ impl RefusalLog {
                  database name; this message repeats at most once a minute while it lasts)"
             );
         }
+    }
+
+    /// Notes an attempt the server turned away for lack of connection slots (or of another
+    /// resource); any other error is not one.
+    pub fn note_shortage(&self, e: &postgres::Error) {
+        let Some(cause) = crate::sqlstate::connection_shortage(e) else { return };
+        if let Ok(mut s) = self.shortage.lock() {
+            *s = Some((Instant::now(), cause, describe_error(e)));
+        }
+    }
+
+    /// The cause and the error of the latest attempt turned away for lack of connection
+    /// slots, if one was within `within`.
+    pub fn recent_shortage(&self, within: Duration) -> Option<(&'static str, String)> {
+        let s = self.shortage.lock().ok()?;
+        s.as_ref().filter(|(at, _, _)| at.elapsed() <= within).map(|(_, cause, e)| (*cause, e.clone()))
     }
 }
 
@@ -366,6 +387,9 @@ impl r2d2::HandleError<ConnectError> for PoolErrors {
         if err.is_refusal() {
             self.refusals.report(&self.url, &err);
         } else {
+            if let Some(e) = err.driver() {
+                self.refusals.note_shortage(e);
+            }
             log::debug!("cannot open a connection to {}: {err}", self.url);
         }
     }

@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
 use crate::error_reason::ErrorReason;
+use crate::outbox::horizon::{Holder, Horizon};
 use crate::outbox::Gauges;
 use crate::sqlstate::PauseReason;
 
@@ -69,6 +70,9 @@ pub struct Metrics {
     pub rebuild_duration: Histogram,
     /// Sampled from the database by one background query; `None` until the first sample.
     pub gauges: Mutex<Option<Gauges>>,
+    /// The vacuum horizon and the outbox's dead rows, sampled less often; `None` until
+    /// the first sample (or when the views cannot be read).
+    pub horizon: Mutex<Option<Horizon>>,
     /// Rebuild timestamps (seconds since the epoch) as last read from the database.
     pub rebuild_last_finished: Mutex<Option<f64>>,
     pub rebuild_last_success: Mutex<Option<f64>>,
@@ -121,6 +125,7 @@ impl Metrics {
             projection_latency: Histogram::new(LATENCY_BUCKETS),
             rebuild_duration: Histogram::new(REBUILD_BUCKETS),
             gauges: Mutex::new(None),
+            horizon: Mutex::new(None),
             rebuild_last_finished: Mutex::new(None),
             rebuild_last_success: Mutex::new(None),
             paused: Mutex::new(None),
@@ -210,6 +215,9 @@ impl Metrics {
                 out.push_str(&format!("{name}{{{lbl}}} {}\n", fmt_f64(v)));
             }
         }
+
+        let horizon = self.horizon.lock().map(|h| h.clone()).unwrap_or(None);
+        render_horizon(&mut out, &lbl, horizon.as_ref());
 
         let counters: [(&str, &str, &AtomicU64); 7] = [
             ("chronicle_outbox_processed_total", "Events projected into entries and marked done.", &self.processed),
@@ -312,6 +320,51 @@ impl Metrics {
     }
 }
 
+/// The vacuum horizon's gauges, one series per kind of holder (0 when none of that kind
+/// holds it back; the age in seconds left out where it is not known: for replication,
+/// and for another role's transaction without `pg_read_all_stats`), and the outbox's dead
+/// rows. Nothing before the first sample.
+fn render_horizon(out: &mut String, lbl: &str, horizon: Option<&Horizon>) {
+    let seconds = "chronicle_db_oldest_xmin_age_seconds";
+    family(
+        out,
+        seconds,
+        "gauge",
+        "Age of the oldest transaction holding back the vacuum horizon, by holder (transaction, \
+         prepared_transaction); 0 when none does.",
+    );
+    for holder in [Holder::Transaction, Holder::PreparedTransaction] {
+        let Some(age) = horizon.map(|h| h.of(holder)) else { break };
+        let value = if age.held_by.is_none() { Some(0.0) } else { age.age_seconds };
+        if let Some(v) = value {
+            out.push_str(&format!("{seconds}{{{lbl},holder=\"{}\"}} {}\n", holder.as_str(), fmt_f64(v)));
+        }
+    }
+    let xids = "chronicle_db_oldest_xmin_age_transactions";
+    family(
+        out,
+        xids,
+        "gauge",
+        "Transactions started since the snapshot of the oldest holder of the vacuum horizon, by holder \
+         (transaction, prepared_transaction, replication); 0 when none does.",
+    );
+    for holder in Holder::ALL {
+        let Some(age) = horizon.map(|h| h.of(holder)) else { break };
+        let v = age.age_transactions.unwrap_or(0);
+        out.push_str(&format!("{xids}{{{lbl},holder=\"{}\"}} {v}\n", holder.as_str()));
+    }
+    let dead = "chronicle_outbox_dead_rows";
+    family(
+        out,
+        dead,
+        "gauge",
+        "Dead row versions in the outbox table that vacuum has not removed yet (the statistics' n_dead_tup).",
+    );
+    if let Some(h) = horizon {
+        out.push_str(&format!("{dead}{{{lbl}}} {}\n", h.outbox_dead_rows));
+    }
+}
+
 fn family(out: &mut String, name: &str, kind: &str, help: &str) {
     out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} {kind}\n"));
 }
@@ -386,6 +439,9 @@ mod tests {
             "chronicle_rebuild_last_success_timestamp_seconds",
             "chronicle_build_info",
             "chronicle_worker_paused",
+            "chronicle_db_oldest_xmin_age_seconds",
+            "chronicle_db_oldest_xmin_age_transactions",
+            "chronicle_outbox_dead_rows",
         ] {
             assert!(text.contains(&format!("# TYPE {name} ")), "{name} missing");
         }
@@ -430,6 +486,38 @@ mod tests {
         assert_eq!(body["reason"], "resources");
         assert_eq!(body["sqlstate"], "53100");
         assert!(body["error"].as_str().unwrap().contains("No space left"), "{body}");
+    }
+
+    #[test]
+    fn the_horizon_renders_one_series_per_holder_and_leaves_out_unknown_ages() {
+        use crate::outbox::horizon::HolderAge;
+        let m = Metrics::new("w");
+        let text = m.render();
+        assert!(!text.contains("chronicle_db_oldest_xmin_age_seconds{"), "nothing before the first sample: {text}");
+        *m.horizon.lock().unwrap() = Some(Horizon {
+            transaction: HolderAge { age_seconds: None, age_transactions: Some(12), held_by: Some("pid 7".into()) },
+            prepared_transaction: HolderAge {
+                age_seconds: Some(301.5),
+                age_transactions: Some(40),
+                held_by: Some("prepared transaction 'x'".into()),
+            },
+            replication: HolderAge::default(),
+            outbox_dead_rows: 1_200_000,
+        });
+        let text = m.render();
+        assert!(
+            !text.contains("chronicle_db_oldest_xmin_age_seconds{worker_id=\"w\",holder=\"transaction\"}"),
+            "{text}"
+        );
+        for line in [
+            "chronicle_db_oldest_xmin_age_seconds{worker_id=\"w\",holder=\"prepared_transaction\"} 301.5\n",
+            "chronicle_db_oldest_xmin_age_transactions{worker_id=\"w\",holder=\"transaction\"} 12\n",
+            "chronicle_db_oldest_xmin_age_transactions{worker_id=\"w\",holder=\"prepared_transaction\"} 40\n",
+            "chronicle_db_oldest_xmin_age_transactions{worker_id=\"w\",holder=\"replication\"} 0\n",
+            "chronicle_outbox_dead_rows{worker_id=\"w\"} 1200000\n",
+        ] {
+            assert!(text.contains(line), "{line} missing:\n{text}");
+        }
     }
 
     #[test]

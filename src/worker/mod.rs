@@ -1,9 +1,9 @@
 //! The projector worker: claim threads, the reclaim loop, the outbox's analyze, the lease
-//! keeper, the gauge sampler, the rebuild runs' closing and the listener, started and
-//! stopped together.
+//! keeper, the gauge sampler (and, less often, the vacuum horizon), the rebuild runs'
+//! closing and the listener, started and stopped together.
 //!
 //! Each background service has one job and is a `*_once` function inside a dumb loop
-//! (River's shape): `reclaim_once`, `analyze_once`, `sample_gauges_once`,
+//! (River's shape): `reclaim_once`, `analyze_once`, `sample_gauges_once`, `sample_horizon_once`,
 //! `close_rebuild_runs_once` (its thread then samples the runs it may have closed,
 //! `sample_rebuild_runs_once`), `prune_once`, `claim::ClaimThread::run_once`. A test can
 //! run one turn against a database without starting a worker (tests/worker.rs does for
@@ -59,6 +59,9 @@ pub struct Shared {
     pub ready: Arc<AtomicBool>,
     /// Whether the database was last seen unreachable, so it is logged once per change.
     db_down: AtomicBool,
+    /// Whether the server was last seen turning connections away for lack of slots
+    /// (`db::RefusalLog::recent_shortage`), so it is logged once per change.
+    slots_short: AtomicBool,
     /// The server (address and port) the database last answered from: a reconnection to
     /// another one (a failover to a standby of a multi-host URL) is logged as a switch.
     server: Mutex<Option<String>>,
@@ -91,6 +94,7 @@ impl Shared {
             cancel_tokens: Mutex::new(HashMap::new()),
             ready: Arc::new(AtomicBool::new(false)),
             db_down: AtomicBool::new(false),
+            slots_short: AtomicBool::new(false),
             server: Mutex::new(None),
             refusals: Arc::new(db::RefusalLog::default()),
             work_span: Mutex::new(None),
@@ -218,10 +222,17 @@ impl Shared {
         self.wake.1.notify_all();
     }
 
-    /// Records a database error: counted, and logged once when the database goes away.
+    /// Records a database error: counted, and logged once when the database goes away, or
+    /// when it turns connections away for lack of slots (53300, which only a connection
+    /// attempt meets: `short_of_slots`). Another error of class 53 (a disk full, out of
+    /// memory) met by a statement is logged as it is.
     pub fn db_error(&self, context: &str, err: &postgres::Error) {
         Metrics::add(&self.metrics.db_errors, 1);
-        if db::is_connection_error(err) {
+        let no_slots = err.code() == Some(&postgres::error::SqlState::TOO_MANY_CONNECTIONS);
+        if let Some(cause) = crate::sqlstate::connection_shortage(err).filter(|_| no_slots) {
+            self.refusals.note_shortage(err);
+            self.short_of_slots(context, cause, &db::describe_error(err));
+        } else if db::is_connection_error(err) {
             self.ready.store(false, Ordering::Relaxed);
             if !self.db_down.swap(true, Ordering::SeqCst) {
                 log::warn!("database unreachable ({context}): {}; retrying with backoff", db::describe_error(err));
@@ -268,6 +279,7 @@ impl Shared {
     /// again after it was lost, says which server answered (one query): a reconnection is
     /// counted, and logged as a switch when another server answers than before.
     pub fn db_ok(&self, conn: &mut impl GenericClient) {
+        self.slots_back();
         let recovered = self.db_down.swap(false, Ordering::SeqCst);
         let known = self.server.lock().map(|s| s.is_some()).unwrap_or(true);
         if !recovered && known {
@@ -286,6 +298,36 @@ impl Shared {
                 log::warn!("database reachable again at another server: {now} (was {before}); resuming there")
             }
             _ => log::info!("database reachable again at {now}; resuming"),
+        }
+    }
+
+    /// Records that the server turned a connection away for lack of slots (or of another
+    /// resource): logged once, naming the cause, until no attempt has been turned away for
+    /// `SLOTS_QUIET` (`slots_back`). The database answers on the connections the worker
+    /// has, so this is not an outage: not logged as one (nor its end as a reconnection),
+    /// and the worker stays ready while they work.
+    fn short_of_slots(&self, context: &str, cause: &str, err: &str) {
+        if !self.slots_short.swap(true, Ordering::SeqCst) {
+            log::warn!(
+                "{cause} ({context}): {err}; working on the connections this worker has and retrying the others \
+                 with backoff (raise max_connections or the role's or database's CONNECTION LIMIT, or lower \
+                 OUTBOX_CONCURRENCY or the number of workers)"
+            );
+        }
+    }
+
+    /// Says the server has connection slots again, once no attempt has been turned away
+    /// for `SLOTS_QUIET` while the database answers.
+    fn slots_back(&self) {
+        if self.slots_short.load(Ordering::SeqCst)
+            && self.refusals.recent_shortage(SLOTS_QUIET).is_none()
+            && self.slots_short.swap(false, Ordering::SeqCst)
+        {
+            log::info!(
+                "the server has accepted this worker's connections again (none turned away for lack of slots \
+                 for {} s)",
+                SLOTS_QUIET.as_secs()
+            );
         }
     }
 
@@ -322,6 +364,15 @@ impl Shared {
         }
     }
 }
+
+/// How long no connection attempt may have been turned away for lack of slots before the
+/// worker says the server accepts its connections again: longer than the pool's wait for
+/// a connection, so one shortage is one warning, not one per attempt.
+const SLOTS_QUIET: Duration = Duration::from_secs(30);
+
+/// A failure to get a pooled connection comes after the pool's wait (5 s) for one: an
+/// attempt turned away for lack of slots this recently is its cause.
+const SHORTAGE_SEEN_WITHIN: Duration = Duration::from_secs(10);
 
 /// The wake-up counters: `all` counts the wake-ups of every thread (stop, a claim
 /// thread's end, the listener's start), `notified` the notifications of the outbox
@@ -442,8 +493,17 @@ pub fn run(shared: Arc<Shared>, until_empty: bool) -> Result<()> {
         let tick = (s.cfg.lease / 3).min(s.cfg.reclaim_interval);
         services.push(spawn("lease-keeper", move || every(&s, "lease-keeper", tick, || extend_leases_once(&s, &p)))?);
         let (s, p) = (shared.clone(), pool.clone());
-        services
-            .push(spawn("gauges", move || every(&s, "gauges", Duration::from_secs(1), || sample_gauges_once(&s, &p)))?);
+        // The horizon on the gauges' thread, less often: no connection more.
+        services.push(spawn("gauges", move || {
+            let mut horizon = HorizonState::default();
+            every(&s, "gauges", Duration::from_secs(1), || {
+                sample_gauges_once(&s, &p);
+                if horizon.sampled_at.is_none_or(|t| t.elapsed() >= outbox::horizon::SAMPLE_EVERY) {
+                    horizon.sampled_at = Some(Instant::now());
+                    sample_horizon_once(&s, &p, &mut horizon);
+                }
+            })
+        })?);
         let (s, p) = (shared.clone(), pool.clone());
         services.push(spawn("rebuild-runs", move || {
             let mut last_run_seen = 0;
@@ -740,6 +800,55 @@ pub fn sample_gauges_once(shared: &Shared, pool: &db::Pool) {
     }
 }
 
+/// What the horizon sampler remembers between turns: when it last sampled (the gauges'
+/// thread runs it every `horizon::SAMPLE_EVERY`), whether it warned of a horizon held
+/// back (so the log says it once per change), and whether this role may not read the
+/// views it samples (said once; then it stops trying).
+#[derive(Debug, Default)]
+pub struct HorizonState {
+    pub sampled_at: Option<Instant>,
+    pub warned: bool,
+    pub refused: bool,
+}
+
+/// One turn of the horizon sampler: the age of the oldest holder of the vacuum horizon and
+/// the outbox's dead rows (`outbox::horizon`), exported, and a warning in the log when the
+/// horizon is held back past `horizon::WARN_AFTER_SECONDS`, once per change.
+pub fn sample_horizon_once(shared: &Shared, pool: &db::Pool, state: &mut HorizonState) {
+    use outbox::horizon;
+    if state.refused {
+        return;
+    }
+    let Some(mut c) = pooled(shared, pool, "horizon") else { return };
+    match horizon::sample_horizon(&mut *c) {
+        Ok(h) => {
+            match horizon::warning(&h) {
+                Some(w) if !state.warned => log::warn!("{w}"),
+                None if state.warned => log::info!(
+                    "the vacuum horizon is no longer held back past {:.0} s: vacuum can remove the outbox's dead \
+                     rows again ({} now)",
+                    horizon::WARN_AFTER_SECONDS,
+                    h.outbox_dead_rows
+                ),
+                _ => {}
+            }
+            state.warned = horizon::held_back(&h);
+            if let Ok(mut slot) = shared.metrics.horizon.lock() {
+                *slot = Some(h);
+            }
+        }
+        Err(e) if e.code() == Some(&postgres::error::SqlState::INSUFFICIENT_PRIVILEGE) => {
+            log::warn!(
+                "cannot sample the vacuum horizon (this role may not read pg_stat_activity, pg_prepared_xacts or \
+                 pg_replication_slots): {}; its gauges stay empty",
+                db::describe_error(&e)
+            );
+            state.refused = true;
+        }
+        Err(e) => shared.db_error("while sampling the vacuum horizon", &e),
+    }
+}
+
 /// One turn of the rebuild runs' closing: the runs through the outbox (`--emit-outbox`)
 /// whose deliveries are all done or failed are finished (`rebuild::finish_queued_runs`).
 pub fn close_rebuild_runs_once(shared: &Shared, pool: &db::Pool) {
@@ -781,6 +890,10 @@ pub fn pooled(shared: &Shared, pool: &db::Pool, what: &str) -> Option<db::Pooled
         Ok(c) => Some(c),
         Err(e) => {
             Metrics::add(&shared.metrics.db_errors, 1);
+            if let Some((cause, err)) = shared.refusals.recent_shortage(SHORTAGE_SEEN_WITHIN) {
+                shared.short_of_slots(what, cause, &err);
+                return None;
+            }
             shared.ready.store(false, Ordering::Relaxed);
             if !shared.db_down.swap(true, Ordering::SeqCst) {
                 log::warn!("database unreachable ({what}): {e}; retrying with backoff");
