@@ -26,6 +26,7 @@
 use std::collections::HashSet;
 
 use chrono::{DateTime, SecondsFormat, Utc};
+use postgres::types::ToSql;
 use postgres::{Client, GenericClient, IsolationLevel};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
@@ -347,30 +348,39 @@ fn note(f: &mut Finding, id: Uuid) {
     }
 }
 
-/// A batch of events in the scope of the content check, after `$1` in id order, whose
-/// entry is of projection version `$4`: at most `$8` events, and once their text passes
-/// `$6` bytes no more (at least one); an event over `$5` bytes is measured, not loaded.
-/// `$2` library, `$3` since, `$7` only these ids (the sample's). Columns: id, bytes, then
+/// A batch of events in the scope of the content check whose entry is of projection
+/// version `$3`, in keyset order: at most `$7` events, and once their text passes `$5`
+/// bytes no more (at least one); an event over `$4` bytes is measured, not loaded. `$2`
+/// since, `$6` only these ids (the sample's). Over every library the walk follows the
+/// primary key (`$1`: the last id); in one library (`$8`) it follows the library's
+/// `(occurred_at, id)` index (`$1`: the last time, as text, which holds any time the
+/// table can, `$9`: the last id). Columns: id, the keyset time as text, the size, then
 /// `EVENT_COLUMNS` (NULL for an event not loaded).
-pub fn read_compared_events() -> String {
+pub fn read_compared_events(by_library: bool) -> String {
+    let (keyset, order) = if by_library {
+        ("e.library_id = $8 AND (e.occurred_at, e.id) > ($1::text::timestamptz, $9::uuid)", ["occurred_at", "id"])
+    } else {
+        ("e.id > $1::text::uuid", ["id", "id"])
+    };
+    let (s_order, k_order) = (format!("s.{}, s.{}", order[0], order[1]), format!("k.{}, k.{}", order[0], order[1]));
     format!(
-        "SELECT k.id, k.bytes, e.* FROM (
-             SELECT s.id, s.bytes,
-                    coalesce(sum(CASE WHEN s.bytes <= $5::bigint THEN s.bytes ELSE 0 END)
-                             OVER (ORDER BY s.id ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
-             FROM (SELECT e.id, {EVENT_BYTES} AS bytes
+        "SELECT k.id, k.keyset_at, k.bytes, e.* FROM (
+             SELECT s.id, s.occurred_at, s.occurred_at::text AS keyset_at, s.bytes,
+                    coalesce(sum(CASE WHEN s.bytes <= $4::bigint THEN s.bytes ELSE 0 END)
+                             OVER (ORDER BY {s_order} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
+             FROM (SELECT e.id, e.occurred_at, {EVENT_BYTES} AS bytes
                    FROM chronicle_events e
-                   JOIN chronicle_entries n ON n.id = e.id AND n.projection_version = $4
-                   WHERE e.id > $1
-                     AND ($2::uuid IS NULL OR e.library_id = $2)
-                     AND ($3::timestamptz IS NULL OR e.occurred_at >= $3)
-                     AND ($7::uuid[] IS NULL OR e.id = ANY($7))
-                   ORDER BY e.id LIMIT $8) s
+                   JOIN chronicle_entries n ON n.id = e.id AND n.projection_version = $3
+                   WHERE {keyset}
+                     AND ($2::timestamptz IS NULL OR e.occurred_at >= $2)
+                     AND ($6::uuid[] IS NULL OR e.id = ANY($6))
+                   ORDER BY e.{}, e.{} LIMIT $7) s
          ) k
          LEFT JOIN LATERAL (SELECT {EVENT_COLUMNS} FROM chronicle_events
-                            WHERE id = k.id AND k.bytes <= $5::bigint) e ON true
-         WHERE k.before < $6::bigint
-         ORDER BY k.id"
+                            WHERE id = k.id AND k.bytes <= $4::bigint) e ON true
+         WHERE k.before < $5::bigint
+         ORDER BY {k_order}",
+        order[0], order[1]
     )
 }
 
@@ -401,7 +411,7 @@ pub fn check_content(
 ) -> Result<(Content, i64), postgres::Error> {
     let mut content = Content::new(opts);
     let mut rewritten = 0;
-    let read = read_compared_events();
+    let read = read_compared_events(library_id.is_some());
     match (opts.sample, sampler) {
         (Some(n), Some(sampler)) => {
             let mut tx = sampler.build_transaction().read_only(true).start()?;
@@ -435,23 +445,35 @@ fn walk(
     let max_event = opts.sizes.max_event_bytes.min(i64::MAX as u64) as i64;
     let max_batch = opts.sizes.batch_max_bytes.clamp(1, i64::MAX as u64) as i64;
     let limit = opts.batch.max(1);
-    let mut after = Uuid::nil();
+    // The keyset: the last (time as text, id); the first batch starts before any.
+    let (mut after_at, mut after_id) = ("-infinity".to_string(), Uuid::nil());
     let mut rewritten = 0;
     loop {
-        let rows = client.query(
-            read,
-            &[&after, &library_id, &opts.since, &PROJECTION_VERSION, &max_event, &max_batch, &ids, &limit],
-        )?;
+        let after_text = after_id.to_string();
+        let common: [&(dyn ToSql + Sync); 6] = [&opts.since, &PROJECTION_VERSION, &max_event, &max_batch, &ids, &limit];
+        let rows = match library_id {
+            Some(library) => {
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&after_at];
+                params.extend(common);
+                params.extend([&library as &(dyn ToSql + Sync), &after_id]);
+                client.query(read, &params)?
+            }
+            None => {
+                let mut params: Vec<&(dyn ToSql + Sync)> = vec![&after_text];
+                params.extend(common);
+                client.query(read, &params)?
+            }
+        };
         let Some(tail) = rows.last() else { return Ok(rewritten) };
-        after = tail.try_get(0)?;
+        (after_at, after_id) = (tail.try_get(1)?, tail.try_get(0)?);
         let mut projected: Vec<Entry> = Vec::with_capacity(rows.len());
         for r in &rows {
-            let bytes: i64 = r.try_get(1)?;
+            let bytes: i64 = r.try_get(2)?;
             if opts.sizes.too_large(bytes).is_some() {
                 content.not_projectable += 1;
                 continue;
             }
-            match read_event(r, 2)?.ok().map(|ev| projection::project(&ev)) {
+            match read_event(r, 3)?.ok().map(|ev| projection::project(&ev)) {
                 Some(Ok(entry)) => projected.push(entry),
                 _ => content.not_projectable += 1,
             }

@@ -58,7 +58,7 @@ pub fn help() -> Help {
          then projects them (or run `chronicle worker --until-empty`). Exit 0 when everything found was fixed, \
          1 when failed deliveries remain for replay-failed.",
     )
-    .usage(&["chronicle verify [--library-id ID] [--since TIME] [--sample N] [--fix] [--json]"])
+    .usage(&["chronicle verify [--library-id ID] [--since TIME] [--sample N] [--batch-size N] [--fix] [--json]"])
     .flags(
         SETTINGS,
         &[
@@ -72,6 +72,12 @@ pub fn help() -> Help {
             (
                 "--sample N",
                 "Compare the content of N entries drawn at random (of the scope, and since TIME if given).".into(),
+            ),
+            (
+                "--batch-size N",
+                "Events read and compared per batch (1 to 50000, default 1000; a batch also stops once its \
+                 events' text passes OUTBOX_BATCH_MAX_BYTES)."
+                    .into(),
             ),
             (
                 "--fix",
@@ -105,6 +111,7 @@ pub struct Args {
     pub library_id: Option<Uuid>,
     pub since: Option<DateTime<Utc>>,
     pub sample: Option<i64>,
+    pub batch_size: i64,
     pub fix: bool,
     pub json: bool,
     pub sizes: SizeLimits,
@@ -114,6 +121,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
     let mut src = Sources::new(env);
     let mut library_id = None;
     let (mut since, mut sample) = (None, None);
+    let mut batch_size = ContentOptions::default().batch;
     let mut fix = false;
     let mut json = false;
     while let Some(arg) = p.next()? {
@@ -131,6 +139,12 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
                     .map_err(|why| AppError::usage(format!("invalid --sample {v:?}: {why}")))?;
                 sample = Some(n as i64);
             }
+            Long("batch-size") => {
+                let v = string_value(p, "batch-size")?;
+                batch_size = parse_count(v.trim(), 1, 50_000)
+                    .map_err(|why| AppError::usage(format!("invalid --batch-size {v:?}: {why}")))?
+                    as i64;
+            }
             Long("fix") => fix = true,
             Long("json") => json = true,
             _ => return Err(arg.unexpected().into()),
@@ -143,7 +157,7 @@ pub fn parse(p: &mut lexopt::Parser, env: &Env) -> Result<Option<Args>> {
         max_event_bytes: src.count(&config::MAX_EVENT_BYTES)?.unwrap_or(defaults.max_event_bytes),
         batch_max_bytes: src.count(&config::BATCH_MAX_BYTES)?.unwrap_or(defaults.batch_max_bytes),
     };
-    Ok(Some(Args { database_url, library_id, since, sample, fix, json, sizes }))
+    Ok(Some(Args { database_url, library_id, since, sample, batch_size, fix, json, sizes }))
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -159,8 +173,8 @@ pub fn run(args: Args) -> Result<()> {
         since: args.since,
         sample: args.sample,
         fix: args.fix,
+        batch: args.batch_size,
         sizes: args.sizes,
-        ..Default::default()
     };
     let (content, rewritten) = verify::check_content(&mut client, sampler.as_mut(), args.library_id, &opts)
         .map_err(|e| AppError::db("while comparing the entries' content with their events' projection", e))?;
@@ -302,6 +316,7 @@ mod tests {
             &["--sample", "0"],
             &["--sample", "many"],
             &["--since", "yesterday"],
+            &["--batch-size", "0"],
         ] {
             assert_eq!(parse_args(bad).unwrap_err().kind(), Kind::Usage, "{bad:?}");
         }
