@@ -195,8 +195,7 @@ fn verify_sample_and_since_compare_only_what_they_name() {
 fn verify_walks_every_entry_once_across_batches() {
     let db = TestDb::new();
     let mut c = projected(&db, "250");
-    let damaged =
-        c.execute("UPDATE chronicle_entries SET details = '{}' WHERE right(id::text, 1) < '8'", &[]).unwrap();
+    let damaged = c.execute("UPDATE chronicle_entries SET details = '{}' WHERE right(id::text, 1) < '8'", &[]).unwrap();
     assert!(damaged > 0 && damaged < 250, "{damaged}");
     let (r, v) = verify(&db, &["--batch-size", "7"]);
     assert_eq!(r.code, Some(1), "{r}");

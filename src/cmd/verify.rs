@@ -58,7 +58,10 @@ pub fn help() -> Help {
          then projects them (or run `chronicle worker --until-empty`). Exit 0 when everything found was fixed, \
          1 when failed deliveries remain for replay-failed.",
     )
-    .usage(&["chronicle verify [--library-id ID] [--since TIME] [--sample N] [--batch-size N] [--fix] [--json]"])
+    .usage(&[
+        "chronicle verify [--library-id ID] [--since TIME] [--sample N]",
+        "                 [--batch-size N] [--fix] [--json]",
+    ])
     .flags(
         SETTINGS,
         &[
