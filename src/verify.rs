@@ -370,7 +370,10 @@ pub fn read_compared_events(by_library: bool) -> String {
                              OVER (ORDER BY {s_order} ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before
              FROM (SELECT e.id, e.occurred_at, {EVENT_BYTES} AS bytes
                    FROM chronicle_events e
-                   JOIN chronicle_entries n ON n.id = e.id AND n.projection_version = $3
+                   -- One lookup per event, in keyset order: a join would be planned as
+                   -- a merge over the whole entries table, for every batch.
+                   CROSS JOIN LATERAL (SELECT 1 FROM chronicle_entries n
+                                       WHERE n.id = e.id AND n.projection_version = $3 LIMIT 1) n
                    WHERE {keyset}
                      AND ($2::timestamptz IS NULL OR e.occurred_at >= $2)
                      AND ($6::uuid[] IS NULL OR e.id = ANY($6))
