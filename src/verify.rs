@@ -404,8 +404,9 @@ pub const LOCK_EVENTS_TO_REWRITE: &str = "SELECT id FROM chronicle_events WHERE 
 /// Re-projects the events of the scope and compares each result with its stored entry,
 /// column by column (`entries::compare_entries`), in batches. With `opts.fix`, each
 /// batch's differing entries are rewritten before the next batch is read. Without it,
-/// only reads: it may run on a replica. `sampler` is a second connection, used only for
-/// a sample (its random order is read through a portal while `client` compares).
+/// only reads: it may run on a replica. `sampler` is a second connection, which a sample
+/// needs (its random order is read through a portal while `client` compares); without
+/// one, the whole scope is compared, and the report says so.
 pub fn check_content(
     client: &mut Client,
     sampler: Option<&mut Client>,
@@ -430,7 +431,10 @@ pub fn check_content(
             }
             tx.commit()?;
         }
-        _ => rewritten += walk(client, &read, library_id, None, opts, &mut content)?,
+        _ => {
+            content.sample = None;
+            rewritten += walk(client, &read, library_id, None, opts, &mut content)?;
+        }
     }
     Ok((content, rewritten))
 }
