@@ -45,14 +45,18 @@
 //!   `--scale-sizes` (default 1, 3 and 10 million events, most of them in one library);
 //!   at each size `inject`, both rebuilds (seconds, peak RSS), the drain of a fresh
 //!   backlog into the full tables, the page queries and a deep keyset page, `status`,
-//!   `verify` and `show`, and the disk bytes per event.
+//!   `verify` and `show`, and the disk bytes per event;
 //! - gauges (`--only gauges`, never part of the full run): the worker's gauge sampler
 //!   (`outbox::sample_gauges` as the worker calls it: its statements and their round
 //!   trips) over an outbox grown through `--gauge-sizes` pending rows (default 10,000,
 //!   1,000,000 and 10,000,000), written straight into the outbox; at each size, once
 //!   analyzed (as the worker's analyze leaves it after a burst) and once vacuumed too:
 //!   median and p99 of `GAUGE_SAMPLES` samples, the estimate against the true count, and
-//!   the exact count the sampler no longer makes, for comparison.
+//!   the exact count the sampler no longer makes, for comparison;
+//! - verify (`--only verify`, never part of the full run): one database grown through
+//!   `--verify-sizes` (default 1 million events); at each size the full content check of
+//!   `verify` (events/s, peak RSS), beside `rebuild --truncate` of the same events and
+//!   `verify --sample 1000`.
 //!
 //! Progress goes to stderr, the report (machine, server, the table) to stdout.
 
@@ -109,6 +113,8 @@ struct Plan {
     scale_sizes: Vec<u64>,
     /// Deliveries of the scale section's drain backlog.
     scale_backlog: u64,
+    /// The sizes of the verify section, in events, ascending (`--verify-sizes`).
+    verify_sizes: Vec<u64>,
     /// What was reduced from the target sizes, said in the report.
     reductions: Vec<String>,
     /// `--peers`: run the peer job queue beside the runbook's drain.
@@ -141,14 +147,14 @@ impl Plan {
                 "--only" => {
                     let v = args.next().ok_or("--only needs a list of sections")?;
                     let list: Vec<String> = v.split(',').map(|s| s.trim().to_string()).collect();
-                    let known = ["drain", "latency", "rebuild", "queries", "memory", "scale", "gauges"];
+                    let known = ["drain", "latency", "rebuild", "queries", "memory", "scale", "gauges", "verify"];
                     if let Some(bad) = list.iter().find(|s| !known.contains(&s.as_str())) {
                         return Err(format!("--only: unknown section {bad:?} (known: {})", known.join(", ")));
                     }
                     only = Some(list);
                 }
                 "--small" | "--big" | "--grid" | "--latency-seconds" | "--queries" | "--rebuild-on-big"
-                | "--scale-sizes" | "--gauge-sizes" => {
+                | "--scale-sizes" | "--gauge-sizes" | "--verify-sizes" => {
                     let v = args.next().ok_or(format!("{a} needs a value"))?;
                     overrides.push((a.clone(), v));
                 }
@@ -156,8 +162,8 @@ impl Plan {
                     println!(
                         "cargo bench --bench bench [-- [--quick] [--runs N] [--small N] [--big N] [--grid N] \
                          [--latency-seconds S] [--queries N] [--rebuild-on-big yes|no] \
-                         [--only drain,latency,rebuild,queries,memory,scale,gauges] [--scale-sizes N,N,…] \
-                         [--gauge-sizes N,N,…] [--peers] \
+                         [--only drain,latency,rebuild,queries,memory,scale,gauges,verify] [--scale-sizes N,N,…] \
+                         [--gauge-sizes N,N,…] [--verify-sizes N,N,…] [--peers] \
                          [--keep]]\n\n\
                          --peers: the drain section also runs graphile-worker 0.18 (benches/peers/, needs node \
                          and npm; BENCH_NODE / BENCH_NPM name them) at its performance preset on as many jobs as \
@@ -171,7 +177,10 @@ impl Plan {
                          of disk plus the swap's shadow table.\n\n\
                          `--only gauges` grows one outbox through --gauge-sizes pending rows (default \
                          10000,1000000,10000000; --quick: 10000,100000) and times the worker's gauge sample at \
-                         each size. 10,000,000 rows need about 3 GB of disk."
+                         each size. 10,000,000 rows need about 3 GB of disk.\n\n\
+                         `--only verify` grows one database through --verify-sizes (default 1000000; --quick: \
+                         20000) and measures at each size the full content check of `verify` (events/s, peak RSS), \
+                         `rebuild --truncate` of the same events and `verify --sample 1000`."
                     );
                     std::process::exit(0);
                 }
@@ -192,6 +201,7 @@ impl Plan {
                 only: None,
                 scale_sizes: vec![20_000, 60_000],
                 scale_backlog: 5_000,
+                verify_sizes: vec![20_000],
                 reductions: Vec::new(),
                 peers,
                 gauge_sizes: vec![10_000, 100_000],
@@ -213,6 +223,7 @@ impl Plan {
                 only: None,
                 scale_sizes: vec![1_000_000, 3_000_000, 10_000_000],
                 scale_backlog: 40_000,
+                verify_sizes: vec![1_000_000],
                 reductions: vec![
                     "rebuild --truncate and --swap: their runs use the 200,000-event drain dataset (the \
                      raw limits were measured on the same events); the 1,000,000-event library is rebuilt \
@@ -237,11 +248,16 @@ impl Plan {
                     p.latency_seconds = v.parse().map_err(|_| format!("invalid {k} {v:?}"))?;
                 }
                 "--rebuild-on-big" => p.rebuild_on_big = matches!(v.as_str(), "yes" | "true" | "1"),
-                "--scale-sizes" => {
-                    p.scale_sizes = v
+                "--scale-sizes" | "--verify-sizes" => {
+                    let sizes = v
                         .split(',')
                         .map(|s| s.trim().replace('_', "").parse::<u64>().map_err(|_| format!("invalid {k} {v:?}")))
                         .collect::<Res<Vec<u64>>>()?;
+                    if k == "--scale-sizes" {
+                        p.scale_sizes = sizes;
+                    } else {
+                        p.verify_sizes = sizes;
+                    }
                 }
                 "--gauge-sizes" => {
                     p.gauge_sizes = v
@@ -257,6 +273,9 @@ impl Plan {
         }
         if p.gauge_sizes.is_empty() || p.gauge_sizes.windows(2).any(|w| w[0] >= w[1]) {
             return Err(format!("--gauge-sizes must be ascending sizes ({:?})", p.gauge_sizes));
+        }
+        if p.verify_sizes.is_empty() || p.verify_sizes.windows(2).any(|w| w[0] >= w[1]) {
+            return Err(format!("--verify-sizes must be ascending sizes ({:?})", p.verify_sizes));
         }
         if p.scale_sizes[0] <= p.scale_backlog {
             return Err(format!(
@@ -282,6 +301,11 @@ impl Plan {
     /// The gauges section runs only when `--only` names it.
     fn wants_gauges(&self) -> bool {
         self.only.as_ref().is_some_and(|o| o.iter().any(|x| x == "gauges"))
+    }
+
+    /// So does the verify section.
+    fn wants_verify(&self) -> bool {
+        self.only.as_ref().is_some_and(|o| o.iter().any(|x| x == "verify"))
     }
 }
 
@@ -386,7 +410,7 @@ fn quantile(sorted: &[f64], q: f64) -> f64 {
 /// The order of the sections in the table (the runs happen in another order, so one
 /// dataset serves several sections).
 const SECTIONS: &[&str] =
-    &["raw limits", "inject", "drain", "memory", "latency", "rebuild", "queries", "scale", "gauges"];
+    &["raw limits", "inject", "drain", "memory", "latency", "rebuild", "queries", "scale", "gauges", "verify"];
 
 fn render_table(rows: &[Row]) -> String {
     let mut rows: Vec<&Row> = rows.iter().collect();
@@ -584,8 +608,8 @@ fn run() -> Res<()> {
     b.notes.push(format!(
         "Whole run: {:.1} min ({}); load average at the end: {}.",
         elapsed.as_secs_f64() / 60.0,
-        if b.plan.wants_scale() || b.plan.wants_gauges() {
-            "the scale and gauges sections have no time budget".to_string()
+        if b.plan.wants_scale() || b.plan.wants_gauges() || b.plan.wants_verify() {
+            "the scale, gauges and verify sections have no time budget".to_string()
         } else if elapsed <= BUDGET || b.plan.quick {
             "within the 15-minute budget".to_string()
         } else {
@@ -882,6 +906,84 @@ impl Bench {
         }
         if self.plan.wants_gauges() {
             self.gauges_section()?;
+        }
+        if self.plan.wants_verify() {
+            self.verify_section()?;
+        }
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------
+    // verify: the full content check
+
+    /// One database grown through `verify_sizes`: at each size the new events are
+    /// injected, the read model built by `rebuild --truncate` (timed, the reference), then
+    /// `verify` runs `runs` times (the full content check: every entry re-projected and
+    /// compared column by column), and `verify --sample 1000` once.
+    fn verify_section(&mut self) -> Res<()> {
+        self.reset_all()?;
+        let mut have = 0u64;
+        for (index, n) in self.plan.verify_sizes.clone().into_iter().enumerate() {
+            self.inject(n - have, 5, 90_001 + index as u64)?;
+            have = n;
+            let mut c = self.connect()?;
+            self.sql(&mut c, "TRUNCATE chronicle_outbox_events")?;
+            let size = thousands(self.count(&mut c, "SELECT count(*) FROM chronicle_events")?);
+            self.checkpoint(&mut c);
+            let v = self.json(&["rebuild", "--truncate", "--json"])?;
+            let rebuild_rate =
+                v["events_total"].as_f64().unwrap_or(f64::NAN) / v["seconds"].as_f64().unwrap_or(f64::NAN);
+            self.progress(&format!("verify: {size} events rebuilt at {rebuild_rate:.0} events/s"));
+            self.sql(&mut c, "VACUUM ANALYZE chronicle_events, chronicle_entries")?;
+            let (mut rates, mut peaks) = (Vec::new(), Vec::new());
+            for run in 0..self.plan.runs {
+                self.checkpoint(&mut c);
+                let started = Instant::now();
+                let (v, peak_mb) = self.json_with_peak(&["verify", "--json"])?;
+                let secs = started.elapsed().as_secs_f64();
+                let compared = v["compared"]["entries"].as_f64().unwrap_or(f64::NAN);
+                self.progress(&format!(
+                    "verify run {}: {compared} entries compared in {secs:.1} s, peak RSS {peak_mb:.1} MB",
+                    run + 1
+                ));
+                rates.push(compared / secs);
+                peaks.push(peak_mb);
+            }
+            self.push(
+                "verify",
+                format!("`verify` (full content check), {size} events"),
+                rates,
+                Unit::Rate,
+                None,
+                "entries compared (`compared.entries`) ÷ the process's wall time, presence checks included",
+            );
+            self.push(
+                "verify",
+                format!("`verify` peak RSS, {size} events"),
+                peaks,
+                Unit::Mb,
+                None,
+                "/proc/<pid>/status VmHWM polled every 20 ms",
+            );
+            self.push(
+                "verify",
+                format!("`rebuild --truncate`, the same {size} events"),
+                vec![rebuild_rate],
+                Unit::Rate,
+                None,
+                "`rebuild --json` events_total ÷ seconds: the reference",
+            );
+            self.checkpoint(&mut c);
+            let started = Instant::now();
+            self.json(&["verify", "--sample", "1000", "--json"])?;
+            self.push(
+                "verify",
+                format!("`verify --sample 1000`, {size} events"),
+                vec![started.elapsed().as_secs_f64()],
+                Unit::Secs,
+                None,
+                "wall time: the presence checks and 1,000 entries drawn at random",
+            );
         }
         Ok(())
     }
@@ -2036,7 +2138,9 @@ const SCALE_DRAINS: [(&str, Settings); 2] =
 
 /// The commands the scale section times (`show` gets an event id appended before `--json`).
 /// `status` twice: as it runs by default (estimating beyond 500,000 events) and `--exact`.
-const SCALE_COMMANDS: [&[&str]; 4] = [&["status"], &["status", "--exact"], &["verify"], &["show"]];
+/// `verify` with a sample of its content check: the presence checks grow with the tables;
+/// the full content check has its own section (`--only verify`).
+const SCALE_COMMANDS: [&[&str]; 4] = [&["status"], &["status", "--exact"], &["verify", "--sample", "1000"], &["show"]];
 
 /// Share of each size step's new events that goes to the one large library, in tenths.
 const SCALE_LARGE_TENTHS: u64 = 7;

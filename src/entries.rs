@@ -4,8 +4,11 @@
 //! crashed after committing) updates it instead of duplicating it; an entry built by a
 //! newer projection version is never overwritten by an older one (rolling deploys).
 
+use postgres::types::ToSql;
 use postgres::GenericClient;
 use postgres::ToStatement;
+
+use uuid::Uuid;
 
 use crate::projection::Entry;
 
@@ -75,6 +78,96 @@ pub const UPSERT_ENTRIES: &str = concat!(
 pub const INSERT_SHADOW_ENTRIES: &str =
     concat!("INSERT INTO chronicle_entries_rebuild (", entry_columns!(), ") ", entry_rows!());
 
+/// The columns of an entry that its event decides, in table order: every column but
+/// `id` (the key), `projection_version` (its own check: stale entries) and
+/// `projected_at` (when the entry was written, not what it says).
+pub const CONTENT_COLUMNS: [&str; 15] = [
+    "library_id",
+    "actor_user_id",
+    "entity_type",
+    "entity_id",
+    "event_type",
+    "occurred_at",
+    "created_at",
+    "request_id",
+    "client",
+    "ip",
+    "reason",
+    "summary",
+    "changed_fields",
+    "details",
+    "search",
+];
+
+/// The statement of `compare_entries`, over the columns given (`CONTENT_COLUMNS`).
+macro_rules! compare_entries {
+    ($($c:ident),*) => {
+        concat!(
+            "SELECT d.* FROM (SELECT p.id",
+            $(", p.", stringify!($c), " IS DISTINCT FROM n.", stringify!($c),)*
+            " FROM (",
+            entry_rows!(),
+            ") AS p(",
+            entry_columns!(),
+            ")
+            JOIN chronicle_entries n ON n.id = p.id AND n.projection_version = p.projection_version
+            WHERE false",
+            $(" OR p.", stringify!($c), " IS DISTINCT FROM n.", stringify!($c),)*
+            ") d"
+        )
+    };
+}
+
+/// Of a batch of projected entries, those whose stored entry, of the same projection
+/// version, differs from them: the id, then one flag per `CONTENT_COLUMNS` column. The
+/// projected values become column values through the very expressions of the write
+/// (`entry_rows!`: the same casts, the same search vector), so a column differs exactly
+/// when writing the entry again would change it. Reads only.
+pub const COMPARE_ENTRIES: &str = compare_entries!(
+    library_id,
+    actor_user_id,
+    entity_type,
+    entity_id,
+    event_type,
+    occurred_at,
+    created_at,
+    request_id,
+    client,
+    ip,
+    reason,
+    summary,
+    changed_fields,
+    details,
+    search
+);
+
+/// A stored entry that differs from its event's projection, and the columns that do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Differing {
+    pub id: Uuid,
+    pub columns: Vec<&'static str>,
+}
+
+/// Compares `entries` (projected now) with the stored entries of the same projection
+/// version (`COMPARE_ENTRIES`), in chunks of at most `WRITE_CHUNK_BYTES` of text. An
+/// entry not stored, or stored by another projection version, is not compared.
+pub fn compare_entries(client: &mut impl GenericClient, entries: &[&Entry]) -> Result<Vec<Differing>, postgres::Error> {
+    let mut differing = Vec::new();
+    for chunk in chunks(entries) {
+        let rows = with_entry_params(chunk, |params| client.query(COMPARE_ENTRIES, params))?;
+        for r in rows {
+            let mut columns = Vec::new();
+            for (i, column) in CONTENT_COLUMNS.iter().enumerate() {
+                if r.try_get::<_, bool>(i + 1)? {
+                    columns.push(*column);
+                }
+            }
+            differing.push(Differing { id: r.try_get(0)?, columns });
+        }
+    }
+    Ok(differing)
+}
+
 /// The search index's pending list limit for a worker's completing transaction, as a
 /// `SET LOCAL` (migration 11 leaves the limit to the writing session). GIN's fastupdate
 /// appends new entries to a pending list and merges it into the index in the insert that
@@ -111,18 +204,29 @@ pub fn write_entries<S: ToStatement + ?Sized>(
     entries: &[&Entry],
 ) -> Result<u64, postgres::Error> {
     let mut written = 0;
+    for chunk in chunks(entries) {
+        written += write_chunk(client, statement, chunk)?;
+    }
+    Ok(written)
+}
+
+/// `entries` in chunks of at most `WRITE_CHUNK_BYTES` of text (at least one entry each).
+fn chunks<'a, 'e>(entries: &'a [&'e Entry]) -> impl Iterator<Item = &'a [&'e Entry]> {
     let mut start = 0;
-    while start < entries.len() {
+    std::iter::from_fn(move || {
+        if start >= entries.len() {
+            return None;
+        }
         let mut end = start;
         let mut bytes = 0;
         while end < entries.len() && (end == start || bytes + text_bytes(entries[end]) <= WRITE_CHUNK_BYTES) {
             bytes += text_bytes(entries[end]);
             end += 1;
         }
-        written += write_chunk(client, statement, &entries[start..end])?;
+        let chunk = &entries[start..end];
         start = end;
-    }
-    Ok(written)
+        Some(chunk)
+    })
 }
 
 /// The bytes of an entry's variable-length text, as the statement's parameters carry it.
@@ -138,6 +242,11 @@ fn write_chunk<S: ToStatement + ?Sized>(
     if entries.is_empty() {
         return Ok(0);
     }
+    with_entry_params(entries, |params| client.execute(statement, params))
+}
+
+/// Calls `f` with `entries` as the 17 array parameters of `entry_rows!` (one per column).
+fn with_entry_params<R>(entries: &[&Entry], f: impl FnOnce(&[&(dyn ToSql + Sync)]) -> R) -> R {
     let ids: Vec<_> = entries.iter().map(|e| e.id).collect();
     let library_ids: Vec<_> = entries.iter().map(|e| e.library_id).collect();
     let actors: Vec<_> = entries.iter().map(|e| e.actor_user_id).collect();
@@ -155,28 +264,25 @@ fn write_chunk<S: ToStatement + ?Sized>(
     let details: Vec<&str> = entries.iter().map(|e| e.details.as_str()).collect();
     let search: Vec<&str> = entries.iter().map(|e| e.search_text.as_str()).collect();
     let versions: Vec<i32> = entries.iter().map(|e| e.projection_version).collect();
-    client.execute(
-        statement,
-        &[
-            &ids,
-            &library_ids,
-            &actors,
-            &entity_types,
-            &entity_ids,
-            &event_types,
-            &occurred,
-            &created,
-            &request_ids,
-            &clients,
-            &ips,
-            &reasons,
-            &summaries,
-            &changed,
-            &details,
-            &search,
-            &versions,
-        ],
-    )
+    f(&[
+        &ids,
+        &library_ids,
+        &actors,
+        &entity_types,
+        &entity_ids,
+        &event_types,
+        &occurred,
+        &created,
+        &request_ids,
+        &clients,
+        &ips,
+        &reasons,
+        &summaries,
+        &changed,
+        &details,
+        &search,
+        &versions,
+    ])
 }
 
 /// A Postgres array literal of `items` (`{"a","b\"c"}`): every element quoted, with
@@ -210,5 +316,16 @@ mod tests {
         assert_eq!(text_array_literal(["title"]), r#"{"title"}"#);
         assert_eq!(text_array_literal(["a b", "", "NULL"]), r#"{"a b","","NULL"}"#);
         assert_eq!(text_array_literal([r#"q"u\o{t},e"#]), r#"{"q\"u\\o{t},e"}"#);
+    }
+
+    #[test]
+    fn the_comparison_covers_every_column_but_the_key_version_and_write_time() {
+        let mut all: Vec<&str> = ENTRY_COLUMNS.split(',').map(str::trim).collect();
+        all.retain(|c| !["id", "projection_version", "projected_at"].contains(c));
+        assert_eq!(all, CONTENT_COLUMNS);
+        for c in CONTENT_COLUMNS {
+            let flag = format!("p.{c} IS DISTINCT FROM n.{c}");
+            assert_eq!(COMPARE_ENTRIES.matches(&flag).count(), 2, "{c}: one flag and one condition");
+        }
     }
 }

@@ -637,7 +637,10 @@ fn verify_finds_each_kind_of_drift_and_fix_heals_it() {
     // the events in flight; the orphan deleted.
     let (r, v) = verify(&db, &["--library-id", &lib_a, "--fix"]);
     assert_eq!(r.code, Some(0), "{r}");
-    assert_eq!(v["fixed"], json!({"missing_enqueued": 1, "stale_enqueued": 1, "orphans_deleted": 1}));
+    assert_eq!(
+        v["fixed"],
+        json!({"missing_enqueued": 1, "stale_enqueued": 1, "orphans_deleted": 1, "differing_rewritten": 0})
+    );
     let live: BTreeMap<Uuid, i64> = c
         .query("SELECT event_id, count(*) FROM chronicle_outbox_events WHERE status = 'pending' GROUP BY 1", &[])
         .unwrap()

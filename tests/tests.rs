@@ -27,4 +27,5 @@ mod tables;
 mod terminal_safety;
 #[cfg(unix)] // throwaway clusters with key files of mode 0600
 mod tls;
+mod verify;
 mod worker;
