@@ -177,7 +177,7 @@ const START_RUN: &str = "
 /// (`r.backend_pid`; any session for a run recorded before that column) still holds the
 /// rebuild lock (`$1`) in this database. `pg_locks` shows a bigint advisory key as
 /// (classid, objid), its high and low 32 bits, with objsubid 1. The session asking is left
-/// out: a rebuild asks while holding the lock itself. A session's locks end with it (its
+/// out: a rebuild asks while holding the lock itself. Locks held by a database session end with it (its
 /// process ended, lost its connection, or the server restarted).
 macro_rules! rebuild_run_is_live {
     () => {
