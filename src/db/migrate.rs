@@ -220,14 +220,17 @@ fn migrate_locked(client: &mut Client) -> Result<Report> {
     Ok(report)
 }
 
-/// A column of `chronicle_events` as the contract fixes it (docs/DESIGN.md §2).
+/// A column of a table as the contract fixes it (docs/DESIGN.md §2): its name, its type
+/// (`pg_type.typname`, as `information_schema.columns.udt_name` names it) and whether it
+/// is NOT NULL. `EVENTS_CONTRACT` here; the read model's in `worker::read_model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ContractColumn {
     pub name: &'static str,
     pub udt: &'static str,
     pub not_null: bool,
 }
 
-const fn col(name: &'static str, udt: &'static str, not_null: bool) -> ContractColumn {
+pub(crate) const fn col(name: &'static str, udt: &'static str, not_null: bool) -> ContractColumn {
     ContractColumn { name, udt, not_null }
 }
 

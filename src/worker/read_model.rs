@@ -8,22 +8,11 @@
 
 use postgres::GenericClient;
 
-/// One column this version writes: its name, its type (`pg_type.typname`, as
-/// `information_schema.columns.udt_name` names it) and whether it is NOT NULL.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Column {
-    pub name: &'static str,
-    pub udt: &'static str,
-    pub not_null: bool,
-}
-
-const fn col(name: &'static str, udt: &'static str, not_null: bool) -> Column {
-    Column { name, udt, not_null }
-}
+use crate::db::migrate::{col, ContractColumn};
 
 /// The columns of `chronicle_entries` as the migrations create them, in table order (a
 /// test compares them with the migrated table); `entries::UPSERT_ENTRIES` writes each.
-pub const ENTRIES_CONTRACT: &[Column] = &[
+pub const ENTRIES_CONTRACT: &[ContractColumn] = &[
     col("id", "uuid", true),
     col("library_id", "uuid", true),
     col("actor_user_id", "uuid", false),
