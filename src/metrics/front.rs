@@ -50,6 +50,11 @@ pub const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Connections open at once, at most (a lower open-file limit lowers it).
 pub const MAX_CONNECTIONS: usize = 512;
+
+/// The largest body a request of another method than GET or HEAD may declare to be
+/// answered 405 (the method is what is wrong); a larger one is answered 413. The body is
+/// never read either way.
+pub const SMALL_BODY: u64 = 8 * 1024;
 /// Connections open at once, at least, however low the open-file limit.
 pub const MIN_CONNECTIONS: usize = 8;
 /// Requests relayed to tiny_http at once.
@@ -97,8 +102,11 @@ pub enum Examined {
 pub enum Refusal {
     /// 400: not HTTP/1.x as `httparse` reads it.
     BadRequest,
-    /// 413: a declared body.
+    /// 413: a declared body (over [`SMALL_BODY`], or of a GET or HEAD).
     BodyNotAccepted,
+    /// 405: another method than GET or HEAD, declaring a body of at most [`SMALL_BODY`]
+    /// (without a body, tiny_http answers it 405 itself).
+    MethodNotAllowed,
     /// 414: a request line over [`LINE_LIMIT`].
     UriTooLong,
     /// 431: a header line over [`LINE_LIMIT`], a head over [`HEAD_LIMIT`], or too many fields.
@@ -110,6 +118,15 @@ impl Refusal {
         let (status, reason, message) = match self {
             Refusal::BadRequest => (400, "Bad Request", "bad request\n"),
             Refusal::BodyNotAccepted => (413, "Content Too Large", "this endpoint takes no request body\n"),
+            Refusal::MethodNotAllowed => {
+                let message = "this endpoint answers GET and HEAD only\n";
+                return format!(
+                    "HTTP/1.1 405 Method Not Allowed\r\nAllow: GET, HEAD\r\nContent-Type: text/plain; \
+                     charset=utf-8\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{message}",
+                    message.len()
+                )
+                .into_bytes();
+            }
             Refusal::UriTooLong => (414, "URI Too Long", "request line over 8 KiB\n"),
             Refusal::HeadersTooLarge => {
                 (431, "Request Header Fields Too Large", "header line over 8 KiB or headers over 64 KiB\n")
@@ -158,6 +175,9 @@ pub fn examine(buf: &[u8]) -> Examined {
         if field.name.eq_ignore_ascii_case("Content-Length") {
             match value.trim().parse::<u64>() {
                 Ok(0) => {}
+                Ok(n) if n <= SMALL_BODY && !matches!(req.method, Some("GET" | "HEAD")) => {
+                    return Examined::Refuse(Refusal::MethodNotAllowed)
+                }
                 Ok(_) => return Examined::Refuse(Refusal::BodyNotAccepted),
                 Err(_) => return Examined::Refuse(Refusal::BadRequest),
             }
@@ -681,6 +701,9 @@ mod tests {
             Some(Refusal::BodyNotAccepted)
         );
         assert_eq!(refused(b"GET / HTTP/1.1\r\nContent-Length: 1\r\n\r\n"), Some(Refusal::BodyNotAccepted));
+        assert_eq!(refused(b"POST / HTTP/1.1\r\nContent-Length: 2\r\n\r\nhi"), Some(Refusal::MethodNotAllowed));
+        assert_eq!(refused(b"PUT / HTTP/1.1\r\nContent-Length: 8192\r\n\r\n"), Some(Refusal::MethodNotAllowed));
+        assert_eq!(refused(b"PUT / HTTP/1.1\r\nContent-Length: 8193\r\n\r\n"), Some(Refusal::BodyNotAccepted));
         assert_eq!(refused(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n"), Some(Refusal::BodyNotAccepted));
         assert_eq!(refused(b"GET / HTTP/1.1\r\nContent-Length: lots\r\n\r\n"), Some(Refusal::BadRequest));
         assert_eq!(refused(b"\x16\x03\x01\x02\x00"), Some(Refusal::BadRequest));
