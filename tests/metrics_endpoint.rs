@@ -43,6 +43,12 @@ impl Worker {
                 None => cmd.env_remove(k),
             };
         }
+        if limits.contains("ulimit -n 64") {
+            // Each pooled connection costs several descriptors (its socket, its runtime's
+            // poller and waker, TLS): at 64, four claim threads and the services would leave
+            // the endpoint none to defend. One claim thread measures the endpoint alone.
+            cmd.env("OUTBOX_CONCURRENCY", "1");
+        }
         cmd.env("OUTBOX_METRICS_PORT", port.to_string())
             .env("OUTBOX_METRICS_BIND", "127.0.0.1")
             .env("OUTBOX_WORKER_ID", format!("pressure-{port}"))
